@@ -1,0 +1,508 @@
+"""One typed configuration schema for every stage.
+
+A YAML file sets only what differs from the defaults below; ``key.path=value`` overrides on the command line are
+applied on top (values parsed as YAML, so ``train.lr=3e-4`` is a float and ``cache.hidden_layers=[8,16]`` a list).
+Validation is strict: an unknown key, a wrong type, a value outside its range or a missing required value raises
+:class:`ConfigError` whose message is one line naming the key path, e.g.
+``train.variants.kd.response.temperature: expected float > 0, got "hot"``.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+REQUIRED: Any = object()  # sentinel default for values every config must set
+
+
+class ConfigError(ValueError):
+    """A configuration problem; ``str(err)`` is a single line naming the key path."""
+
+
+def _opt(default: Any = REQUIRED, doc: str = "", check: tuple[typing.Callable[[Any], bool], str] | None = None):
+    """A schema field: its default, a one-line meaning and an optional (predicate, description) range check."""
+    meta = {"doc": doc, "check": check}
+    if isinstance(default, (list, dict)) or dataclasses.is_dataclass(default):
+        snapshot = default
+        return field(default_factory=lambda: _copy(snapshot), metadata=meta)
+    if default is REQUIRED:
+        return field(default=REQUIRED, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _copy(value: Any) -> Any:
+    return copy.deepcopy(value)
+
+
+POSITIVE = (lambda v: v > 0, "> 0")
+NON_NEGATIVE = (lambda v: v >= 0, ">= 0")
+FRACTION = (lambda v: 0 <= v < 1, "in [0, 1)")
+UNIT = (lambda v: 0 <= v <= 1, "in [0, 1]")
+
+
+# --------------------------------------------------------------------------------------------------- models
+@dataclass
+class ModelConfig:
+    name_or_path: str = _opt(doc="hub name (org/model) or local directory; both load with from_pretrained")
+    revision: str | None = _opt(None, "hub revision (branch, tag or commit); ignored for local paths")
+    gguf_file: str | None = _opt(None, "GGUF file inside name_or_path to dequantize on load")
+    tokenizer: str | None = _opt(None, "tokenizer name or path when it differs from name_or_path")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = _opt("auto", "auto: bf16 on GPU, fp32 on CPU")
+    device_map: str | None = _opt(None, "'auto' spreads one model over all visible GPUs (teacher on a node)")
+    attn_implementation: str | None = _opt(None, "e.g. sdpa or flash_attention_2; None lets transformers pick")
+    trust_remote_code: bool = _opt(False, "allow custom modelling code from the hub")
+
+
+# ------------------------------------------------------------------------------------------------- manifest
+@dataclass
+class SourceConfig:
+    path: str = _opt(doc="datasets path: hub name, or a builder such as json/parquet with data_files")
+    name: str | None = _opt(None, "dataset config name")
+    data_files: str | list[str] | dict[str, str | list[str]] | None = _opt(None, "files for a local builder")
+    split: str = _opt("train", "split to read")
+    revision: str | None = _opt(None, "hub revision; recorded in the manifest")
+    weight: float = _opt(1.0, "mixture weight (relative; normalised over sources)", NON_NEGATIVE)
+    streaming: bool = _opt(False, "stream instead of downloading the whole split")
+    format: Literal["auto", "text", "alpaca", "prompt_response", "messages", "sharegpt"] = _opt(
+        "auto", "record shape; auto recognises each record's shape"
+    )
+    fields: dict[str, str] = _opt({}, "map canonical field -> this source's column, e.g. {text: body}")
+
+
+@dataclass
+class ManifestConfig:
+    sources: list[SourceConfig] = _opt([], "the dataset mixture")
+    seq_len: int = _opt(2048, "tokens per packed sequence", POSITIVE)
+    max_samples: int | None = _opt(None, "cap on documents drawn from the mixture (None: exhaust)", POSITIVE)
+    max_tokens: int | None = _opt(None, "cap on kept tokens (None: no cap)", POSITIVE)
+    min_chars: int = _opt(1, "drop documents shorter than this", NON_NEGATIVE)
+    max_chars: int | None = _opt(None, "drop documents longer than this", POSITIVE)
+    dedup: bool = _opt(True, "drop exact duplicates (hash of normalised text)")
+    val_fraction: float = _opt(0.01, "fraction of documents held out for validation", FRACTION)
+    rows_per_shard: int = _opt(1024, "packed sequences per Parquet shard", POSITIVE)
+    num_proc: int = _opt(1, "processes for datasets.map tokenization", POSITIVE)
+    chat_template: bool = _opt(True, "render chat-shaped records with the tokenizer's chat template if it has one")
+    compression: Literal["zstd", "snappy", "none"] = _opt("zstd", "Parquet compression")
+
+
+# ---------------------------------------------------------------------------------------------------- cache
+@dataclass
+class CacheConfig:
+    top_k: int = _opt(32, "teacher log-probs kept per position", POSITIVE)
+    temperature: float = _opt(1.0, "capture temperature of the stored log-probs", POSITIVE)
+    hidden_layers: list[int] = _opt([], "teacher hidden_states indices to store (0 = embeddings, i = block i out)")
+    hidden_dtype: Literal["float16", "bfloat16"] = _opt("float16", "storage dtype of hidden states")
+    hidden_every_n: int = _opt(1, "store hidden states at every n-th position", POSITIVE)
+    hidden_fraction: float | None = _opt(None, "store a random fraction of positions (index stored)", UNIT)
+    embed_layer: int | None = _opt(None, "hidden_states index masked-mean-pooled into a sequence embedding")
+    batch_size: int = _opt(8, "sequences per teacher forward", POSITIVE)
+    logits_chunk: int = _opt(1024, "positions per LM-head chunk (bounds peak logits memory)", POSITIVE)
+    compression: Literal["zstd", "snappy", "none"] = _opt("zstd", "Parquet compression")
+    compression_level: int | None = _opt(3, "codec level (zstd 1-22)")
+    log_every_s: float = _opt(30.0, "seconds between progress log lines", POSITIVE)
+
+
+# ---------------------------------------------------------------------------------------------------- train
+@dataclass
+class ResponseKDConfig:
+    weight: float = _opt(0.0, "weight of the top-k response loss", NON_NEGATIVE)
+    divergence: Literal["forward_kl", "reverse_kl", "jsd", "tvd"] = _opt("forward_kl", "divergence")
+    temperature: float = _opt(1.0, "tau; the loss is scaled by tau^2", POSITIVE)
+    tail: Literal["tail_bucket", "renormalize"] = _opt("tail_bucket", "k+1 classes with the exact tail, or over k")
+    jsd_beta: float = _opt(0.5, "beta of the generalized JSD", UNIT)
+
+
+@dataclass
+class FeatureKDConfig:
+    weight: float = _opt(0.0, "weight of the hidden-state loss", NON_NEGATIVE)
+    layer_pairs: list[list[int]] = _opt([], "[student hidden_states index, teacher hidden_states index] pairs")
+    metric: Literal["mse", "cosine"] = _opt("mse", "distance on normalised features")
+
+
+@dataclass
+class RelationKDConfig:
+    weight: float = _opt(0.0, "weight of the relation loss", NON_NEGATIVE)
+    student_layer: int = _opt(-1, "student hidden_states index pooled for relations (-1: last)")
+    distance_weight: float = _opt(25.0, "RKD distance term weight (Park et al. 2019)", NON_NEGATIVE)
+    angle_weight: float = _opt(50.0, "RKD angle term weight (Park et al. 2019)", NON_NEGATIVE)
+    pairwise_weight: float = _opt(0.0, "plain pairwise-similarity term weight", NON_NEGATIVE)
+    pairwise_metric: Literal["cosine", "euclidean", "dot"] = _opt("cosine", "similarity of the pairwise term")
+    gather_across_ranks: bool = _opt(True, "relations span the global batch")
+
+
+@dataclass
+class LossConfig:
+    ce_weight: float = _opt(1.0, "hard-label cross-entropy weight", NON_NEGATIVE)
+    response: ResponseKDConfig = _opt(ResponseKDConfig(), "response-based KD on cached top-k")
+    feature: FeatureKDConfig = _opt(FeatureKDConfig(), "feature-based KD through learned projectors")
+    relation: RelationKDConfig = _opt(RelationKDConfig(), "relation-based KD on pooled embeddings")
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = _opt(False, "train a LoRA adapter instead of all weights")
+    r: int = _opt(16, "adapter rank", POSITIVE)
+    alpha: int = _opt(32, "adapter scaling numerator", POSITIVE)
+    dropout: float = _opt(0.05, "adapter dropout", FRACTION)
+    target_modules: list[str] = _opt(["q_proj", "k_proj", "v_proj", "o_proj"], "modules wrapped")
+
+
+@dataclass
+class TrainConfig:
+    variants: dict[str, LossConfig] = _opt(
+        {
+            "ce": LossConfig(),
+            "kd": LossConfig(ce_weight=0.5, response=ResponseKDConfig(weight=0.5)),
+        },
+        "students to train: name -> loss recipe",
+    )
+    baseline_variant: str = _opt("ce", "the CE-only variant deltas are reported against")
+    max_steps: int = _opt(1000, "optimizer steps", POSITIVE)
+    micro_batch_size: int = _opt(8, "sequences per rank per forward", POSITIVE)
+    grad_accum_steps: int = _opt(1, "micro-batches per optimizer step", POSITIVE)
+    lr: float = _opt(3e-4, "peak learning rate", POSITIVE)
+    min_lr_ratio: float = _opt(0.1, "cosine floor as a fraction of lr", UNIT)
+    warmup_steps: int = _opt(100, "linear warmup steps", NON_NEGATIVE)
+    weight_decay: float = _opt(0.1, "AdamW decay (not on norms, biases or embeddings)", NON_NEGATIVE)
+    betas: list[float] = _opt([0.9, 0.95], "AdamW betas")
+    max_grad_norm: float = _opt(1.0, "gradient clipping norm", POSITIVE)
+    checkpoint_every: int = _opt(200, "optimizer steps between checkpoints", POSITIVE)
+    keep_checkpoints: int = _opt(2, "complete checkpoints kept", POSITIVE)
+    eval_every: int = _opt(200, "optimizer steps between validations", POSITIVE)
+    eval_batches: int | None = _opt(None, "validation micro-batches (None: whole held-out cache)", POSITIVE)
+    log_every: int = _opt(10, "optimizer steps between log lines", POSITIVE)
+    resume: Literal["auto", "never"] = _opt("auto", "auto: continue from the latest complete checkpoint")
+    mixed_precision: Literal["auto", "no", "bf16"] = _opt("auto", "auto: bf16 on GPU, fp32 on CPU")
+    distributed: Literal["ddp", "fsdp"] = _opt("ddp", "multi-GPU strategy")
+    gradient_checkpointing: bool = _opt(False, "trade compute for activation memory")
+    lora: LoraConfig = _opt(LoraConfig(), "parameter-efficient fine-tuning")
+    num_workers: int = _opt(0, "DataLoader workers per rank", NON_NEGATIVE)
+    shuffle_buffer: int = _opt(256, "rows in the shuffle buffer", POSITIVE)
+    threads: int | None = _opt(None, "torch CPU threads (None: torch default)", POSITIVE)
+
+
+# ------------------------------------------------------------------------------------------------- evaluate
+@dataclass
+class EvalTaskConfig:
+    name: str = _opt(doc="lm-eval task or group name")
+    num_fewshot: int = _opt(0, "few-shot examples", NON_NEGATIVE)
+    limit: int | None = _opt(None, "examples per task (tests and smoke runs only)", POSITIVE)
+
+
+@dataclass
+class EvaluateConfig:
+    tasks: list[EvalTaskConfig] = _opt([], "lm-evaluation-harness tasks")
+    local_tasks: bool = _opt(True, "register the project's offline tasks built from the held-out split")
+    batch_size: int = _opt(8, "lm-eval batch size", POSITIVE)
+    include_teacher: bool = _opt(True, "evaluate the teacher too (result reused while unchanged)")
+    ece_bins: int = _opt(15, "bins of the expected calibration error", POSITIVE)
+    intrinsic_batches: int | None = _opt(None, "held-out micro-batches for intrinsic metrics (None: all)", POSITIVE)
+
+
+# --------------------------------------------------------------------------------------------------- report
+@dataclass
+class ReportConfig:
+    plots: bool = _opt(True, "write PNG plots and embed them in summary.md")
+
+
+# ---------------------------------------------------------------------------------------------------- slurm
+@dataclass
+class SlurmResources:
+    nodes: int = _opt(1, "nodes", POSITIVE)
+    gpus_per_node: int = _opt(0, "GPUs per node", NON_NEGATIVE)
+    cpus_per_task: int = _opt(4, "CPU cores per task", POSITIVE)
+    mem_gb: int = _opt(16, "memory per node in GB", POSITIVE)
+    time_min: int = _opt(60, "wall-clock limit in minutes", POSITIVE)
+    array_tasks: int = _opt(1, "array tasks (cache stage: shards are split over them)", POSITIVE)
+
+
+@dataclass
+class SlurmConfig:
+    partition: str | None = _opt(None, "partition (None: cluster default)")
+    account: str | None = _opt(None, "account to charge")
+    qos: str | None = _opt(None, "quality of service")
+    signal_s: int = _opt(300, "seconds before the time limit that USR1 is sent", POSITIVE)
+    extra_args: list[str] = _opt([], "extra sbatch arguments for every stage")
+    python: str = _opt("python", "interpreter on the compute nodes")
+    stages: dict[str, SlurmResources] = _opt(
+        {
+            "manifest": SlurmResources(cpus_per_task=8, mem_gb=32, time_min=120),
+            "cache": SlurmResources(gpus_per_node=8, cpus_per_task=32, mem_gb=512, time_min=720),
+            "train": SlurmResources(gpus_per_node=8, cpus_per_task=32, mem_gb=512, time_min=1440),
+            "evaluate": SlurmResources(gpus_per_node=1, cpus_per_task=8, mem_gb=128, time_min=240),
+            "report": SlurmResources(cpus_per_task=2, mem_gb=8, time_min=30),
+        },
+        "resources per stage",
+    )
+
+
+@dataclass
+class MonitorConfig:
+    enabled: bool = _opt(True, "run monitor.py beside every stage")
+    interval_s: float = _opt(1.0, "seconds between samples", POSITIVE)
+
+
+# ----------------------------------------------------------------------------------------------------- root
+@dataclass
+class Config:
+    run_name: str = _opt(doc="names runs/<run_name>/ and logs/<run_name>/")
+    runs_dir: str = _opt("runs", "root of run directories")
+    logs_dir: str = _opt("logs", "root of log directories")
+    seed: int = _opt(0, "global seed (data order, init, sampling)")
+    teacher: ModelConfig = _opt(doc="the teacher model")
+    student: ModelConfig = _opt(doc="the student model (every variant starts from it)")
+    manifest: ManifestConfig = _opt(ManifestConfig(), "data mixture -> packed shards")
+    cache: CacheConfig = _opt(CacheConfig(), "teacher pass -> Parquet cache")
+    train: TrainConfig = _opt(TrainConfig(), "student distillation")
+    evaluate: EvaluateConfig = _opt(EvaluateConfig(), "lm-eval + teacher-relative metrics")
+    report: ReportConfig = _opt(ReportConfig(), "tables and plots")
+    slurm: SlurmConfig = _opt(SlurmConfig(), "cluster resources")
+    monitor: MonitorConfig = _opt(MonitorConfig(), "telemetry")
+
+
+# ------------------------------------------------------------------------------------------------ validation
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(json.dumps(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp) if a is not type(None))
+    if origin is list:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    if origin is dict:
+        return f"mapping of {_type_name(typing.get_args(tp)[1])}"
+    if dataclasses.is_dataclass(tp):
+        return "mapping"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _show(value: Any) -> str:
+    return json.dumps(value) if isinstance(value, (str, int, float, bool, type(None))) else repr(value)
+
+
+def _convert(tp: Any, value: Any, path: str) -> Any:
+    """Check ``value`` against type ``tp``; return the typed value or raise ConfigError naming ``path``."""
+    origin = typing.get_origin(tp)
+    expected = f"{path}: expected {_type_name(tp)}, got {_show(value)}"
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(arg, value, path)
+            except ConfigError:
+                continue
+        raise ConfigError(expected)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(expected)
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(expected)
+        (item_tp,) = typing.get_args(tp)
+        return [_convert(item_tp, v, f"{path}.{i}") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(expected)
+        _, item_tp = typing.get_args(tp)
+        return {str(k): _convert(item_tp, v, f"{path}.{k}") for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        if dataclasses.is_dataclass(value):
+            value = dataclasses.asdict(value)
+        if not isinstance(value, dict):
+            raise ConfigError(expected)
+        return _build(tp, value, path)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(expected)
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(expected)
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(expected)
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(expected)
+        return value
+    if tp is Any:
+        return value
+    raise TypeError(f"unsupported schema type {tp!r} at {path}")
+
+
+def _build(cls: type, data: dict, path: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    prefix = f"{path}." if path else ""
+    for key in data:
+        if key not in known:
+            raise ConfigError(f"{prefix}{key}: unknown key (expected one of: {', '.join(known)})")
+    kwargs = {}
+    for name, f in known.items():
+        key_path = f"{prefix}{name}"
+        check = f.metadata.get("check")
+        if name in data:
+            try:
+                value = _convert(hints[name], data[name], key_path)
+            except ConfigError as err:
+                if check is None or not str(err).startswith(f"{key_path}: expected "):
+                    raise
+                raise ConfigError(
+                    f"{key_path}: expected {_type_name(hints[name])} {check[1]}, got {_show(data[name])}"
+                ) from None
+        elif f.default is REQUIRED:
+            raise ConfigError(f"{key_path}: required value missing ({f.metadata.get('doc', '')})")
+        elif f.default is not dataclasses.MISSING:
+            value = f.default
+        else:
+            value = f.default_factory()
+        if check is not None and value is not None:
+            predicate, description = check
+            if not predicate(value):
+                raise ConfigError(f"{key_path}: expected {_type_name(hints[name])} {description}, got {_show(value)}")
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def _cross_checks(cfg: Config) -> None:
+    """Rules that span several keys."""
+    if not cfg.run_name or "/" in cfg.run_name:
+        raise ConfigError(f'run_name: expected a non-empty name without "/", got {_show(cfg.run_name)}')
+    if cfg.manifest.sources and sum(s.weight for s in cfg.manifest.sources) <= 0:
+        raise ConfigError("manifest.sources: expected weights summing to a positive number, got all zero")
+    if cfg.train.baseline_variant not in cfg.train.variants:
+        raise ConfigError(
+            f"train.baseline_variant: expected one of the variants ({', '.join(cfg.train.variants)}), "
+            f"got {_show(cfg.train.baseline_variant)}"
+        )
+    if len(cfg.train.betas) != 2 or not all(0 <= b < 1 for b in cfg.train.betas):
+        raise ConfigError(f"train.betas: expected two floats in [0, 1), got {cfg.train.betas}")
+    for name, loss in cfg.train.variants.items():
+        key = f"train.variants.{name}"
+        total = loss.ce_weight + loss.response.weight + loss.feature.weight + loss.relation.weight
+        if total <= 0:
+            raise ConfigError(f"{key}: expected at least one positive loss weight, got all zero")
+        for i, pair in enumerate(loss.feature.layer_pairs):
+            if len(pair) != 2:
+                raise ConfigError(f"{key}.feature.layer_pairs.{i}: expected [student_layer, teacher_layer]")
+            if loss.feature.weight > 0 and pair[1] not in cfg.cache.hidden_layers:
+                raise ConfigError(
+                    f"{key}.feature.layer_pairs.{i}: teacher layer {pair[1]} is not cached "
+                    f"(cache.hidden_layers={cfg.cache.hidden_layers})"
+                )
+        if loss.feature.weight > 0 and not loss.feature.layer_pairs:
+            raise ConfigError(f"{key}.feature.layer_pairs: expected at least one pair when feature.weight > 0")
+        if loss.relation.weight > 0 and cfg.cache.embed_layer is None:
+            raise ConfigError(f"{key}.relation.weight: needs cache.embed_layer set (pooled teacher embeddings)")
+    for stage in cfg.slurm.stages:
+        if stage not in STAGES:
+            raise ConfigError(f"slurm.stages.{stage}: unknown key (expected one of: {', '.join(STAGES)})")
+
+
+STAGES = ("manifest", "cache", "train", "evaluate", "report")
+
+
+# ------------------------------------------------------------------------------------------- overrides, load
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``a.b.c=value`` -> (["a", "b", "c"], yaml-parsed value)."""
+    if "=" not in text:
+        raise ConfigError(f"{text}: expected an override of the form key.path=value")
+    key, raw = text.split("=", 1)
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"{key}: expected a dotted key path")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_override(data: dict, parts: list[str], value: Any) -> None:
+    """Set ``data[p0][p1]...`` creating mappings on the way; numeric parts index into lists."""
+    node: Any = data
+    for i, part in enumerate(parts[:-1]):
+        if isinstance(node, list):
+            node = _list_item(node, part, parts[: i + 1])
+            continue
+        if node.get(part) is None:
+            node[part] = {}
+        node = node[part]
+        if not isinstance(node, (dict, list)):
+            raise ConfigError(f"{'.'.join(parts[: i + 1])}: is a value, cannot set {'.'.join(parts)}")
+    last = parts[-1]
+    if isinstance(node, list):
+        index = int(_list_index(node, last, parts))
+        node[index] = value
+    else:
+        node[last] = value
+
+
+def _list_index(node: list, part: str, parts: list[str]) -> int:
+    if not part.isdigit() or int(part) >= len(node):
+        raise ConfigError(f"{'.'.join(parts)}: expected a list index below {len(node)}")
+    return int(part)
+
+
+def _list_item(node: list, part: str, parts: list[str]) -> Any:
+    return node[_list_index(node, part, parts)]
+
+
+def from_dict(data: dict) -> Config:
+    """Validate a plain mapping into a :class:`Config`."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"<root>: expected a mapping, got {_show(data)}")
+    cfg = _build(Config, data, "")
+    _cross_checks(cfg)
+    return cfg
+
+
+def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML config, apply dotted overrides and validate."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read config ({err.strerror})") from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}:{where} invalid YAML ({getattr(err, 'problem', err)})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    for text in overrides:
+        parts, value = parse_override(text)
+        apply_override(data, parts, value)
+    return from_dict(data)
+
+
+def to_dict(obj: Any) -> Any:
+    """The resolved config (or a section of it) as plain data."""
+    return dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def section_hash(*sections: Any) -> str:
+    """Stable short hash of config sections (what a stage's output depends on)."""
+    blob = json.dumps([to_dict(s) for s in sections], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -1,0 +1,147 @@
+"""Loading teachers, students and tokenizers the same way in every stage, plus their fingerprints.
+
+Names and paths are interchangeable: ``name_or_path`` is a hub name (``meta-llama/Llama-3.1-70B-Instruct``) on a
+cluster, a local directory in tests and the demo. Offline (``HF_HUB_OFFLINE=1``) a hub name that is not in the
+local cache fails with one clear error naming the config key.
+
+Hidden-state indexing convention (shared by cache, train and evaluate): index ``i`` means
+``model(..., output_hidden_states=True).hidden_states[i]`` — 0 is the embedding output, ``i`` in 1..L the output
+of decoder block ``i``; for Llama-family models transformers applies the final norm to the last entry, so
+``hidden_states[L]`` is post-norm. Negative indices count from the end as in Python.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.config import ModelConfig
+from pipeline.rundir import PipelineError
+
+HIDDEN_INDEX_CONVENTION = "hf_hidden_states: 0=embeddings, i=output of decoder block i (last is post-norm)"
+
+
+def device() -> torch.device:
+    """The accelerator of this process (its local rank's GPU under a launcher), else the CPU."""
+    if torch.cuda.is_available():
+        import os
+
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def resolve_dtype(name: str, on: torch.device) -> torch.dtype:
+    """``auto`` is bf16 on GPU and fp32 on CPU (bf16 matmul on CPU runs ~500x slower than fp32 here)."""
+    if name == "auto":
+        return torch.bfloat16 if on.type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+def _describe_load_error(key: str, spec: ModelConfig, err: Exception) -> PipelineError:
+    where = spec.name_or_path
+    if not Path(where).exists() and "/" not in where.strip("./"):
+        hint = "no such local directory"
+    elif Path(where).exists():
+        hint = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+    else:
+        hint = "not a local directory and not loadable from the hub cache (offline?)"
+    return PipelineError(f"{key}.name_or_path: cannot load {where!r} ({hint})")
+
+
+def load_tokenizer(spec: ModelConfig, key: str = "teacher") -> Any:
+    """The tokenizer of ``spec`` (``spec.tokenizer`` when set)."""
+    from transformers import AutoTokenizer
+
+    source = spec.tokenizer or spec.name_or_path
+    kwargs: dict[str, Any] = {"revision": spec.revision, "trust_remote_code": spec.trust_remote_code}
+    if spec.gguf_file and not spec.tokenizer:
+        kwargs["gguf_file"] = spec.gguf_file
+    try:
+        return AutoTokenizer.from_pretrained(source, **kwargs)
+    except (OSError, ValueError) as err:
+        raise _describe_load_error(key, spec, err) from None
+
+
+def load_causal_lm(spec: ModelConfig, key: str, on: torch.device | None = None) -> torch.nn.Module:
+    """``AutoModelForCausalLM.from_pretrained`` with the config's dtype and placement.
+
+    With ``device_map`` set (e.g. ``auto`` for a teacher spread over a node's GPUs) accelerate places the layers and
+    ``on`` is ignored; otherwise the model is moved to ``on``.
+    """
+    from transformers import AutoModelForCausalLM
+
+    on = on or device()
+    kwargs: dict[str, Any] = {
+        "revision": spec.revision,
+        "dtype": resolve_dtype(spec.dtype, on),
+        "trust_remote_code": spec.trust_remote_code,
+    }
+    if spec.gguf_file:
+        kwargs["gguf_file"] = spec.gguf_file
+    if spec.attn_implementation:
+        kwargs["attn_implementation"] = spec.attn_implementation
+    if spec.device_map:
+        kwargs["device_map"] = spec.device_map
+    try:
+        model = AutoModelForCausalLM.from_pretrained(spec.name_or_path, **kwargs)
+    except (OSError, ValueError) as err:
+        raise _describe_load_error(key, spec, err) from None
+    if not spec.device_map:
+        model.to(on)
+    return model
+
+
+def vocab_hash(tokenizer: Any) -> str:
+    """Hash of the token -> id mapping (added tokens included): equal hashes mean interchangeable ids."""
+    vocab = tokenizer.get_vocab()
+    blob = json.dumps(sorted(vocab.items(), key=lambda kv: kv[1]), ensure_ascii=False)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
+
+
+def vocab_size(tokenizer: Any) -> int:
+    return len(tokenizer.get_vocab())
+
+
+def weights_fingerprint(spec: ModelConfig, model: torch.nn.Module | None = None) -> str:
+    """Cheap identity of a checkpoint: hub commit, or for a local directory its config and weight files' sizes
+    plus the first MiB of each (reading every byte of a 140 GB teacher to fingerprint it is not worth it)."""
+    digest = hashlib.sha256()
+    digest.update(spec.name_or_path.encode())
+    root = Path(spec.name_or_path)
+    if root.is_dir():
+        names = ("config.json", spec.gguf_file or "")
+        files = sorted(p for p in root.iterdir() if p.suffix in (".safetensors", ".bin", ".gguf") or p.name in names)
+        for path in files:
+            digest.update(path.name.encode())
+            digest.update(str(path.stat().st_size).encode())
+            with open(path, "rb") as fh:
+                digest.update(fh.read(1 << 20))
+    else:
+        commit = getattr(getattr(model, "config", None), "_commit_hash", None)
+        digest.update(str(spec.revision or commit or "").encode())
+    return digest.hexdigest()[:16]
+
+
+def num_hidden_states(model: torch.nn.Module) -> int:
+    """How many entries ``hidden_states`` has (layers + 1), for range checks on configured indices."""
+    return int(model.config.num_hidden_layers) + 1
+
+
+def check_layer_index(index: int, model: torch.nn.Module, key: str) -> int:
+    """Normalise a hidden_states index (negative from the end) or fail naming the config key."""
+    count = num_hidden_states(model)
+    if not -count <= index < count:
+        raise PipelineError(
+            f"{key}: hidden-state index {index} out of range for a model with {count - 1} layers "
+            f"(valid: {-count}..{count - 1}, {HIDDEN_INDEX_CONVENTION})"
+        )
+    return index % count
+
+
+def max_positions(model_or_config: Any) -> int | None:
+    cfg = getattr(model_or_config, "config", model_or_config)
+    return getattr(cfg, "max_position_embeddings", None)

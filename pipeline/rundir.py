@@ -1,0 +1,258 @@
+"""Run directories, atomic writes, completion markers and the wrapper every stage runs under.
+
+Layout (a contract other tools rely on)::
+
+    runs/<run>/<stage>/[<unit>/]...            stage outputs (unit: a training variant, an evaluated model)
+    runs/<run>/<stage>/[<unit>/]config.yaml    the fully resolved config the stage ran with
+    runs/<run>/<stage>/[<unit>/]_COMPLETE.json marker, written last: config hash, input fingerprints, summary
+    logs/<run>/<stage>/rank_<rank>.jsonl       structured logs (see jsonlog)
+
+Like datatrove's ``_run_for_rank``: the wrapper refuses to start while an upstream marker is missing, skips a unit
+whose marker matches the current config hash and input fingerprints (unless ``--force``), writes the resolved
+config, runs the stage and writes the marker only on success. Errors meant for users are :class:`PipelineError`:
+one line naming the file, column or key and what was expected; the process exits 1 (2 for config errors).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import hashlib
+import json
+import os
+import socket
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline import config as config_mod
+from pipeline.config import Config, ConfigError
+from pipeline.jsonlog import JsonLogger, open_logger, redact
+
+MARKER = "_COMPLETE.json"
+
+
+class PipelineError(RuntimeError):
+    """A failure the user can fix; the message is one line naming the culprit and what was expected."""
+
+
+# ------------------------------------------------------------------------------------------------ atomic I/O
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success rename it over ``path``, on failure delete it.
+
+    The rename is atomic on POSIX, so readers see the old file or the complete new one, never a torn write.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        with open(tmp_path, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp_path, path)
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_writable(directory: Path) -> None:
+    """Fail early, naming the directory, when outputs cannot be written there."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".write-test."):
+            pass
+    except OSError as err:
+        raise PipelineError(f"{directory}: output directory is not writable ({err.strerror})") from None
+
+
+# ------------------------------------------------------------------------------------------------- run dirs
+@dataclass
+class RunDir:
+    """Paths of one run: ``runs/<run>`` for outputs and ``logs/<run>`` for logs."""
+
+    root: Path
+    logs: Path
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> RunDir:
+        return cls(Path(cfg.runs_dir) / cfg.run_name, Path(cfg.logs_dir) / cfg.run_name)
+
+    def stage_dir(self, stage: str, unit: str | None = None) -> Path:
+        return self.root / stage / unit if unit else self.root / stage
+
+    def marker_path(self, stage: str, unit: str | None = None) -> Path:
+        return self.stage_dir(stage, unit) / MARKER
+
+    def read_marker(self, stage: str, unit: str | None = None) -> dict | None:
+        path = self.marker_path(stage, unit)
+        try:
+            return json.loads(path.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, json.JSONDecodeError) as err:
+            raise PipelineError(f"{path}: unreadable completion marker ({err}); rerun that stage") from None
+
+    def require(self, stage: str, unit: str | None = None) -> dict:
+        """The upstream marker, or a PipelineError naming what is missing and how to produce it."""
+        marker = self.read_marker(stage, unit)
+        if marker is None:
+            what = f"{stage} ({unit})" if unit else stage
+            raise PipelineError(
+                f"{self.marker_path(stage, unit)}: missing — upstream stage '{what}' has not completed; "
+                f"run it first (make {stage})"
+            )
+        return marker
+
+    def fingerprint(self, stage: str, unit: str | None = None) -> str:
+        """Identity of an upstream result: the hash of its marker (changes whenever it is redone)."""
+        return file_sha256(self.marker_path(stage, unit))[:16]
+
+    def write_marker(self, stage: str, unit: str | None, config_hash: str, inputs: dict, summary: dict) -> None:
+        job = os.environ.get("SLURM_JOB_ID")
+        atomic_write_json(
+            self.marker_path(stage, unit),
+            {
+                "stage": stage,
+                "unit": unit,
+                "config_hash": config_hash,
+                "inputs": inputs,
+                "summary": summary,
+                "finished_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+                "host": socket.gethostname(),
+                "slurm_job_id": job,
+            },
+        )
+
+
+# ------------------------------------------------------------------------------------------- stage wrapper
+@dataclass
+class StageContext:
+    """What a stage's ``run`` receives besides the config and run directory."""
+
+    log: JsonLogger
+    unit: str | None = None
+    args: argparse.Namespace = field(default_factory=argparse.Namespace)
+    force: bool = False
+
+
+@dataclass
+class StageSpec:
+    """How the wrapper drives one stage.
+
+    sections(cfg, unit) -> the config parts this unit's output depends on (hashed into the marker).
+    upstream(cfg, unit) -> the (stage, unit) markers that must exist before it starts.
+    units(cfg, args)    -> the units to run in this process ([None] for a single-output stage).
+    run(cfg, rd, ctx)   -> summary numbers; raise PipelineError for user-fixable problems.
+    complete(cfg, rd, ctx) -> whether the stage's marker may be written (array tasks: all shards done).
+    """
+
+    name: str
+    run: Callable[[Config, RunDir, StageContext], dict]
+    sections: Callable[[Config, str | None], tuple]
+    upstream: Callable[[Config, str | None], list[tuple[str, str | None]]] = lambda cfg, unit: []
+    units: Callable[[Config, argparse.Namespace], list[str | None]] = lambda cfg, args: [None]
+    add_args: Callable[[argparse.ArgumentParser], None] = lambda parser: None
+    complete: Callable[[Config, RunDir, StageContext], bool] = lambda cfg, rd, ctx: True
+
+
+def build_parser(stage: str, add_args: Callable[[argparse.ArgumentParser], None]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=f"python -m pipeline.{stage}", description=f"Run the {stage} stage.")
+    parser.add_argument("--config", required=True, help="YAML config file")
+    parser.add_argument("--force", action="store_true", help="redo the stage even if its marker matches")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=3e-4")
+    add_args(parser)
+    return parser
+
+
+def run_unit(spec: StageSpec, cfg: Config, rd: RunDir, ctx: StageContext) -> dict:
+    """Check upstream, skip if done, write the resolved config, run, write the marker last."""
+    unit = ctx.unit
+    inputs = {}
+    for stage, up_unit in spec.upstream(cfg, unit):
+        rd.require(stage, up_unit)
+        inputs[f"{stage}/{up_unit}" if up_unit else stage] = rd.fingerprint(stage, up_unit)
+    config_hash = config_mod.section_hash(*spec.sections(cfg, unit))
+    marker = rd.read_marker(spec.name, unit)
+    if marker and not ctx.force and marker.get("config_hash") == config_hash and marker.get("inputs") == inputs:
+        ctx.log.info("skipped", f"{rd.stage_dir(spec.name, unit)} is already complete (use --force to redo)")
+        return {**marker.get("summary", {}), "skipped": True}
+    out = rd.stage_dir(spec.name, unit)
+    check_writable(out)
+    if marker is not None:  # stale result: remove the marker first so a crash cannot leave it looking valid
+        rd.marker_path(spec.name, unit).unlink()
+    atomic_write_text(out / "config.yaml", redact(config_mod.dump_yaml(cfg)))
+    started = time.monotonic()
+    ctx.log.info("start", f"{spec.name}{' ' + unit if unit else ''}", config_hash=config_hash)
+    summary = spec.run(cfg, rd, ctx)
+    summary = {**summary, "duration_s": round(time.monotonic() - started, 3)}
+    if spec.complete(cfg, rd, ctx):
+        rd.write_marker(spec.name, unit, config_hash, inputs, summary)
+        ctx.log.info("complete", f"{spec.name}{' ' + unit if unit else ''}", **summary)
+    else:
+        ctx.log.info("task_done", "this task's share is done; the stage completes when every task has", **summary)
+    return summary
+
+
+def stage_main(spec: StageSpec, argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m pipeline.<stage>``; returns the process exit code."""
+    parser = build_parser(spec.name, spec.add_args)
+    args = parser.parse_args(argv)
+    try:
+        cfg = config_mod.load(args.config, args.overrides)
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
+    rd = RunDir.from_config(cfg)
+    log = open_logger(cfg.run_name, spec.name, rd.logs)
+    try:
+        units = spec.units(cfg, args)
+        for unit in units:
+            run_unit(spec, cfg, rd, StageContext(log=log, unit=unit, args=args, force=args.force))
+        return 0
+    except ConfigError as err:
+        log.error("config_error", str(err))
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
+    except PipelineError as err:
+        log.error("failed", str(err))
+        if not log.console:
+            print(f"error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        log.error("interrupted", "stopped by the user")
+        return 130
+    except Exception as err:  # unexpected: keep the traceback, in the log too
+        log.error("crashed", f"{type(err).__name__}: {err}", traceback=traceback.format_exc())
+        raise
+    finally:
+        log.close()
