@@ -1,0 +1,138 @@
+"""Packed-shard format: round trip, schema/metadata contract, atomic writes, manifest validation."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline import data_format as df
+from pipeline.rundir import PipelineError, file_sha256
+
+META = {"split": "train", "shard_index": 0, "seq_len": 6, "vocab_hash": "abc", "vocab_size": 384}
+
+
+def _arrays(rows: int = 3, seq_len: int = 6):
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 384, size=(rows, seq_len)).astype(np.int64)
+    mask = np.ones((rows, seq_len), dtype=np.int64)
+    mask[-1, 4:] = 0
+    starts = [np.array([0, 3]), np.array([], dtype=np.int64), np.array([2])][:rows]
+    return ids, mask, starts, np.arange(rows)
+
+
+def test_round_trip_and_schema(tmp_path):
+    ids, mask, starts, sids = _arrays()
+    info = df.write_packed_shard(tmp_path / "train-00000.parquet", ids, mask, starts, sids, META)
+    path = tmp_path / "train-00000.parquet"
+    assert info == {"file": path.name, "rows": 3, "sha256": file_sha256(path), "bytes": path.stat().st_size}
+    schema = pq.read_schema(path)
+    assert schema.field("sample_id").type == pa.int64()
+    assert schema.field("input_ids").type == pa.list_(pa.int32(), 6)
+    assert schema.field("attention_mask").type == pa.list_(pa.int8(), 6)
+    assert schema.field("doc_starts").type == pa.list_(pa.int32())
+    meta = json.loads(schema.metadata[b"pipeline.data"])
+    assert meta == {**META, "format_version": df.PACKED_FORMAT_VERSION}
+    got = df.read_packed_shard(path)
+    assert got["input_ids"].dtype == np.int32 and got["attention_mask"].dtype == np.int8
+    np.testing.assert_array_equal(got["input_ids"], ids)
+    np.testing.assert_array_equal(got["attention_mask"], mask)
+    np.testing.assert_array_equal(got["sample_id"], sids)
+    assert [a.tolist() for a in got["doc_starts"]] == [[0, 3], [], [2]]
+    assert df.read_packed_meta(path) == got["meta"]
+    assert not list(tmp_path.glob(".*.tmp")), "temp file left behind"
+
+
+def test_read_handles_multiple_row_groups(tmp_path):
+    ids, mask, starts, sids = _arrays()
+    path = tmp_path / "a.parquet"
+    df.write_packed_shard(path, ids, mask, starts, sids, META, compression="none")
+    table = pq.read_table(path)
+    pq.write_table(table, tmp_path / "b.parquet", row_group_size=1)  # several chunks per column when read back
+    got = df.read_packed_shard(tmp_path / "b.parquet")
+    np.testing.assert_array_equal(got["input_ids"], ids)
+    assert [a.tolist() for a in got["doc_starts"]] == [[0, 3], [], [2]]
+
+
+def test_write_is_deterministic(tmp_path):
+    ids, mask, starts, sids = _arrays()
+    a = df.write_packed_shard(tmp_path / "a.parquet", ids, mask, starts, sids, META)
+    b = df.write_packed_shard(tmp_path / "b.parquet", ids, mask, starts, sids, META)
+    assert a["sha256"] == b["sha256"]
+
+
+def test_failed_write_leaves_nothing(tmp_path):
+    ids, mask, starts, sids = _arrays()
+    with pytest.raises(ValueError, match="seq_len"):
+        df.write_packed_shard(tmp_path / "x.parquet", ids, mask, starts, sids, {**META, "seq_len": 7})
+    with pytest.raises(ValueError, match="attention_mask"):
+        df.write_packed_shard(tmp_path / "x.parquet", ids, mask * 2, starts, sids, META)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_foreign_parquet_is_rejected_naming_the_file(tmp_path):
+    path = tmp_path / "foreign.parquet"
+    pq.write_table(pa.table({"x": [1, 2]}), path)
+    with pytest.raises(PipelineError, match="foreign.parquet"):
+        df.read_packed_shard(path)
+    (tmp_path / "junk.parquet").write_text("not parquet")
+    with pytest.raises(PipelineError, match="junk.parquet: not a readable"):
+        df.read_packed_meta(tmp_path / "junk.parquet")
+
+
+def _manifest(tmp_path) -> dict:
+    ids, mask, starts, sids = _arrays()
+    train = df.write_packed_shard(tmp_path / df.shard_name("train", 0), ids, mask, starts, sids, META)
+    val = df.write_packed_shard(tmp_path / df.shard_name("val", 0), ids[:1], mask[:1], starts[:1], sids[:1], META)
+    manifest = {
+        "format_version": df.PACKED_FORMAT_VERSION,
+        "seq_len": 6,
+        "seed": 0,
+        "tokenizer": {"name_or_path": "t", "vocab_hash": "abc", "vocab_size": 384, "eos_token_id": 0},
+        "sources": [],
+        "counts": {},
+        "splits": {
+            "train": {"rows": 3, "tokens": 16, "shards": [train]},
+            "val": {"rows": 1, "tokens": 6, "shards": [val]},
+        },
+    }
+    (tmp_path / df.MANIFEST_FILE).write_text(json.dumps(manifest))
+    return manifest
+
+
+def test_read_manifest_valid(tmp_path):
+    manifest = _manifest(tmp_path)
+    assert df.read_manifest(tmp_path, verify_checksums=True) == manifest
+    assert df.shard_paths(manifest, tmp_path, "train") == [tmp_path / "train-00000.parquet"]
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda m: m.pop("seq_len"), "key seq_len missing"),
+        (lambda m: m.update(format_version=99), "format_version 99"),
+        (lambda m: m["tokenizer"].update(vocab_size="big"), "tokenizer.vocab_size has the wrong type"),
+        (lambda m: m["splits"].pop("val"), "splits.val missing"),
+        (lambda m: m["splits"]["train"].update(rows=4), "splits.train.rows is 4 but its shards hold 3"),
+        (lambda m: m["splits"]["train"]["shards"][0].update(file="gone.parquet"), "gone.parquet does not exist"),
+        (lambda m: m["splits"]["train"]["shards"][0].update(sha256="0" * 64), "sha256 differs"),
+    ],
+)
+def test_read_manifest_rejects(tmp_path, mutate, message):
+    manifest = _manifest(tmp_path)
+    mutate(manifest)
+    (tmp_path / df.MANIFEST_FILE).write_text(json.dumps(manifest))
+    with pytest.raises(PipelineError, match=message) as info:
+        df.read_manifest(tmp_path, verify_checksums=True)
+    assert "manifest.json" in str(info.value) or "parquet" in str(info.value)
+
+
+def test_read_manifest_missing_or_corrupt(tmp_path):
+    with pytest.raises(PipelineError, match="manifest.json: missing"):
+        df.read_manifest(tmp_path)
+    (tmp_path / df.MANIFEST_FILE).write_text("{not json")
+    with pytest.raises(PipelineError, match="manifest.json: unreadable"):
+        df.read_manifest(tmp_path)
