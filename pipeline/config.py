@@ -225,6 +225,35 @@ class SlurmResources:
     array_tasks: int = _opt(1, "array tasks (cache stage: shards are split over them)", POSITIVE)
 
 
+def _stage_resources(name: str, **defaults: Any) -> type:
+    """SlurmResources with one stage's defaults, so ``slurm.stages.train.nodes=4`` keeps train's other defaults
+    (a plain dict of SlurmResources would fall back to the generic defaults and drop the unnamed stages)."""
+    hints = typing.get_type_hints(SlurmResources)
+    fields = [
+        (f.name, hints[f.name], _opt(defaults.get(f.name, f.default), f.metadata["doc"], f.metadata["check"]))
+        for f in dataclasses.fields(SlurmResources)
+    ]
+    cls = dataclasses.make_dataclass(name, fields)
+    cls.__module__ = __name__
+    return cls
+
+
+ManifestResources = _stage_resources("ManifestResources", cpus_per_task=8, mem_gb=32, time_min=120)
+CacheResources = _stage_resources("CacheResources", gpus_per_node=8, cpus_per_task=32, mem_gb=512, time_min=720)
+TrainResources = _stage_resources("TrainResources", gpus_per_node=8, cpus_per_task=32, mem_gb=512, time_min=1440)
+EvaluateResources = _stage_resources("EvaluateResources", gpus_per_node=1, cpus_per_task=8, mem_gb=128, time_min=240)
+ReportResources = _stage_resources("ReportResources", cpus_per_task=2, mem_gb=8, time_min=30)
+
+
+@dataclass
+class SlurmStages:
+    manifest: ManifestResources = _opt(ManifestResources(), "tokenize and pack (CPU)")
+    cache: CacheResources = _opt(CacheResources(), "teacher pass: one teacher per node, array_tasks split the shards")
+    train: TrainResources = _opt(TrainResources(), "one job per variant; one process per GPU on every node")
+    evaluate: EvaluateResources = _opt(EvaluateResources(), "lm-eval of every variant and the teacher")
+    report: ReportResources = _opt(ReportResources(), "tables and plots (CPU)")
+
+
 @dataclass
 class SlurmConfig:
     partition: str | None = _opt(None, "partition (None: cluster default)")
@@ -233,16 +262,8 @@ class SlurmConfig:
     signal_s: int = _opt(300, "seconds before the time limit that USR1 is sent", POSITIVE)
     extra_args: list[str] = _opt([], "extra sbatch arguments for every stage")
     python: str = _opt("python", "interpreter on the compute nodes")
-    stages: dict[str, SlurmResources] = _opt(
-        {
-            "manifest": SlurmResources(cpus_per_task=8, mem_gb=32, time_min=120),
-            "cache": SlurmResources(gpus_per_node=8, cpus_per_task=32, mem_gb=512, time_min=720),
-            "train": SlurmResources(gpus_per_node=8, cpus_per_task=32, mem_gb=512, time_min=1440),
-            "evaluate": SlurmResources(gpus_per_node=1, cpus_per_task=8, mem_gb=128, time_min=240),
-            "report": SlurmResources(cpus_per_task=2, mem_gb=8, time_min=30),
-        },
-        "resources per stage",
-    )
+    rdzv_port: int = _opt(29500, "torchrun rendezvous port on the first node of a train job", POSITIVE)
+    stages: SlurmStages = _opt(SlurmStages(), "resources per stage (the one source of truth for sbatch)")
 
 
 @dataclass
@@ -410,9 +431,6 @@ def _cross_checks(cfg: Config) -> None:
             raise ConfigError(f"{key}.feature.layer_pairs: expected at least one pair when feature.weight > 0")
         if loss.relation.weight > 0 and cfg.cache.embed_layer is None:
             raise ConfigError(f"{key}.relation.weight: needs cache.embed_layer set (pooled teacher embeddings)")
-    for stage in cfg.slurm.stages:
-        if stage not in STAGES:
-            raise ConfigError(f"slurm.stages.{stage}: unknown key (expected one of: {', '.join(STAGES)})")
 
 
 STAGES = ("manifest", "cache", "train", "evaluate", "report")
