@@ -206,6 +206,9 @@ class EvaluateConfig:
     include_teacher: bool = _opt(True, "evaluate the teacher too (result reused while unchanged)")
     ece_bins: int = _opt(15, "bins of the expected calibration error", POSITIVE)
     intrinsic_batches: int | None = _opt(None, "held-out micro-batches for intrinsic metrics (None: all)", POSITIVE)
+    local_task_docs: int = _opt(500, "held-out documents per offline task (the first N, in manifest order)", POSITIVE)
+    mc_choices: int = _opt(4, "choices per offline multiple-choice item (chance: 1/n)", (lambda v: v >= 2, ">= 2"))
+    bootstrap_iters: int = _opt(1000, "lm-eval bootstrap resamples for stderr of non-mean metrics", NON_NEGATIVE)
 
 
 # --------------------------------------------------------------------------------------------------- report
