@@ -1,0 +1,497 @@
+"""Distillation losses: small pure tensor functions, float32 math, masked means over valid positions.
+
+Three families, combined by weight with hard-label cross-entropy (``combine``):
+
+- **Response-based** on the cache's top-k teacher log-probs (``response_kd``; ``ce_and_response_kd`` computes the
+  student's full-vocabulary logsumexp once and shares it between the CE and KD terms — computing it twice made a
+  tail-bucket KD step ~25 % slower than CE on a 49k vocabulary).
+- **Feature-based** on hidden states through learned projectors (``FeatureProjectors``, ``feature_distance``).
+- **Relation-based** on pooled sequence embeddings (``rkd_distance``, ``rkd_angle``, ``pairwise_relation``,
+  ``relation_loss``), optionally over the global batch (``gather_across_ranks``).
+
+Conventions: token losses take a ``mask`` (1 = valid position) and return the mean over valid positions — never a
+sum that grows with the sequence length — and exactly 0 (still attached to the graph) when nothing is valid.
+Config names map to functions through the explicit dicts ``DIVERGENCES``, ``FEATURE_METRICS``,
+``PAIRWISE_METRICS``.
+
+Temperature and the tail (response KD). The cache stores ``log p_c(v) = z_v/τ_c − logsumexp(z/τ_c)`` for the
+teacher's top-k ids at the capture temperature ``τ_c`` and the exact remaining mass ``log(1 − Σ_k p_c)``.
+
+- ``tail="tail_bucket"``: k+1 classes (top-k + one lumped tail). The lumped tail is exact only at ``τ_c``: the
+  tempered tail Σ_{v∉k} exp(z_v/τ)/Z cannot be recovered from the lumped mass, so tempering it is wrong. ``τ``
+  must therefore equal ``τ_c``; the student is tempered with the same ``τ`` over its full vocabulary.
+- ``tail="renormalize"``: the k classes only, both sides renormalised over the teacher's top-k ids. Here any
+  ``τ`` is exact: within the top-k set ``z_v/τ = (τ_c/τ)·log p_c(v) + const``, so the teacher's stored log-probs
+  are rescaled by ``τ_c/τ`` and renormalised; the student's logits are divided by ``τ``.
+
+Every divergence is multiplied by ``τ²`` (Hinton et al., 2015) so gradient magnitudes stay comparable across τ.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+LOG_FLOOR = -100.0  # exp(-100) ~ 4e-44: zero probability for every purpose, without -inf arithmetic (inf-inf = nan)
+TAIL_CEIL = -1e-6  # log of the largest top-k mass a student may hold; fp32 logsumexp of O(10) values resolves ~1e-6
+TAIL_MODES = ("tail_bucket", "renormalize")
+
+
+# ---------------------------------------------------------------------------------------------------- helpers
+def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
+    """Mean of ``values`` over positions where ``mask`` is true; 0 (attached to the graph) when none is.
+
+    ``torch.where`` rather than multiplication, so non-finite values at masked positions cannot leak in as nan.
+    """
+    mask = mask.to(torch.bool)
+    kept = torch.where(mask, values.float(), values.new_zeros((), dtype=torch.float32))
+    return kept.sum() / mask.sum().clamp(min=1)
+
+
+def log1mexp(x: Tensor) -> Tensor:
+    """``log(1 − exp(x))`` for ``x < 0``, accurate at both ends (Mächler 2012); ``x`` is clamped to ``TAIL_CEIL``."""
+    x = x.clamp(max=TAIL_CEIL)
+    return torch.where(x > -math.log(2.0), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def logsumexp_fp32(logits: Tensor, temperature: float = 1.0, chunk_rows: int = 4096) -> Tensor:
+    """``logsumexp(logits / τ, -1)`` in float32, upcasting ``chunk_rows`` rows at a time.
+
+    A bf16 logits tensor of [B·T, V] is never copied to float32 whole (that copy is the memory peak of a KD step
+    on a 128k vocabulary). Shapes: logits [..., V] -> [...].
+    """
+    flat = logits.reshape(-1, logits.shape[-1])
+    parts = [torch.logsumexp(block.float() / temperature, dim=-1) for block in flat.split(chunk_rows)]
+    return torch.cat(parts).reshape(logits.shape[:-1])
+
+
+# ----------------------------------------------------------------------------------------------- divergences
+# Each takes log-probabilities over the same classes (last dim) and returns one value per position ([...]).
+def forward_kl(student_logp: Tensor, teacher_logp: Tensor) -> Tensor:
+    """KL(p_T‖p_S) = Σ_c p_T(c)·(log p_T(c) − log p_S(c)); mode-covering (Hinton et al., 2015)."""
+    s, t = student_logp.clamp(min=LOG_FLOOR), teacher_logp.clamp(min=LOG_FLOOR)
+    return (t.exp() * (t - s)).sum(-1)
+
+
+def reverse_kl(student_logp: Tensor, teacher_logp: Tensor) -> Tensor:
+    """KL(p_S‖p_T) = Σ_c p_S(c)·(log p_S(c) − log p_T(c)); mode-seeking (Gu et al., 2024, MiniLLM)."""
+    s, t = student_logp.clamp(min=LOG_FLOOR), teacher_logp.clamp(min=LOG_FLOOR)
+    return (s.exp() * (s - t)).sum(-1)
+
+
+def generalized_jsd(student_logp: Tensor, teacher_logp: Tensor, beta: float = 0.5) -> Tensor:
+    """JSD(β) = β·KL(p_T‖m) + (1−β)·KL(p_S‖m), m = β·p_T + (1−β)·p_S (Agarwal et al., 2024, GKD).
+
+    β in (0, 1); at either end m equals one side and the divergence vanishes (use forward_kl/reverse_kl there).
+    β = 0.5 is the symmetric Jensen–Shannon divergence (bounded by log 2).
+    """
+    if not 0.0 < beta < 1.0:
+        raise ValueError(f"jsd beta: expected a value in (0, 1), got {beta}")
+    s, t = student_logp.clamp(min=LOG_FLOOR), teacher_logp.clamp(min=LOG_FLOOR)
+    m = torch.logsumexp(torch.stack([t + math.log(beta), s + math.log1p(-beta)]), dim=0)
+    return beta * forward_kl(m, t) + (1.0 - beta) * forward_kl(m, s)
+
+
+def total_variation(student_logp: Tensor, teacher_logp: Tensor) -> Tensor:
+    """TV(p_T, p_S) = ½·Σ_c |p_T(c) − p_S(c)| (in [0, 1])."""
+    return 0.5 * (teacher_logp.exp() - student_logp.exp()).abs().sum(-1)
+
+
+DIVERGENCES: dict[str, Callable[..., Tensor]] = {
+    "forward_kl": forward_kl,
+    "reverse_kl": reverse_kl,
+    "jsd": generalized_jsd,
+    "tvd": total_variation,
+}
+
+
+# ------------------------------------------------------------------------------------------- response-based
+def check_response_options(
+    divergence: str, temperature: float, tail: str, capture_temperature: float, jsd_beta: float
+) -> None:
+    """Refuse meaningless combinations with a ValueError that says what to change."""
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"divergence: expected one of {', '.join(DIVERGENCES)}, got {divergence!r}")
+    if tail not in TAIL_MODES:
+        raise ValueError(f"tail: expected one of {', '.join(TAIL_MODES)}, got {tail!r}")
+    if temperature <= 0 or capture_temperature <= 0:
+        raise ValueError(f"temperature: expected > 0, got {temperature} (capture {capture_temperature})")
+    if tail == "tail_bucket" and not math.isclose(temperature, capture_temperature, rel_tol=1e-6):
+        raise ValueError(
+            f"temperature: tail_bucket needs the capture temperature of the cache ({capture_temperature}), got "
+            f"{temperature}; a lumped tail cannot be re-tempered (use tail=renormalize, or re-cache at τ={temperature})"
+        )
+    if divergence == "jsd" and not 0.0 < jsd_beta < 1.0:
+        raise ValueError(f"jsd_beta: expected a value in (0, 1) for divergence jsd, got {jsd_beta}")
+
+
+def response_class_logprobs(
+    student_topk_logits: Tensor,
+    student_lse: Tensor | None,
+    teacher_topk_logprobs: Tensor,
+    tail_logmass: Tensor,
+    *,
+    temperature: float = 1.0,
+    tail: str = "tail_bucket",
+    capture_temperature: float = 1.0,
+) -> tuple[Tensor, Tensor]:
+    """(student, teacher) log-probs over the classes the divergence compares: [..., k+1] or [..., k].
+
+    student_topk_logits [..., k]: the student's raw logits at the teacher's top-k ids.
+    student_lse [...]: ``logsumexp(student_logits / τ)`` over the full vocabulary (needed for tail_bucket only).
+    teacher_topk_logprobs [..., k], tail_logmass [...]: the cache's columns (log-probs at ``capture_temperature``).
+    """
+    s_logits = student_topk_logits.float() / temperature
+    t_logp = teacher_topk_logprobs.float()
+    if tail == "renormalize":
+        return torch.log_softmax(s_logits, -1), torch.log_softmax(t_logp * (capture_temperature / temperature), -1)
+    if student_lse is None:
+        raise ValueError("tail_bucket needs the student's full-vocabulary logsumexp (student_lse)")
+    s_topk = s_logits - student_lse.float().unsqueeze(-1)
+    s_tail = log1mexp(torch.logsumexp(s_topk, -1))
+    t_tail = torch.nan_to_num(tail_logmass.float(), nan=LOG_FLOOR).clamp(min=LOG_FLOOR)
+    # log_softmax over the k+1 teacher classes absorbs the cache's fp16 rounding (Σ p = 1 exactly).
+    teacher = torch.log_softmax(torch.cat([t_logp.clamp(min=LOG_FLOOR), t_tail.unsqueeze(-1)], -1), -1)
+    return torch.cat([s_topk, s_tail.unsqueeze(-1)], -1), teacher
+
+
+def response_kd_from_parts(
+    student_topk_logits: Tensor,
+    student_lse: Tensor | None,
+    teacher_topk_logprobs: Tensor,
+    tail_logmass: Tensor,
+    mask: Tensor,
+    *,
+    divergence: str = "forward_kl",
+    temperature: float = 1.0,
+    tail: str = "tail_bucket",
+    capture_temperature: float = 1.0,
+    jsd_beta: float = 0.5,
+) -> Tensor:
+    """τ² · masked mean over positions of D(p_T ‖ p_S) on the top-k (+ tail) classes; see ``response_kd``."""
+    check_response_options(divergence, temperature, tail, capture_temperature, jsd_beta)
+    valid = mask.to(torch.bool)
+    # Padded positions may hold anything in the cache; neutral values keep nan out of the backward pass too.
+    teacher_topk_logprobs = torch.where(valid.unsqueeze(-1), teacher_topk_logprobs.float(), -1.0)
+    tail_logmass = torch.where(valid, tail_logmass.float(), -1.0)
+    student, teacher = response_class_logprobs(
+        student_topk_logits,
+        student_lse,
+        teacher_topk_logprobs,
+        tail_logmass,
+        temperature=temperature,
+        tail=tail,
+        capture_temperature=capture_temperature,
+    )
+    fn = DIVERGENCES[divergence]
+    per_position = fn(student, teacher, jsd_beta) if divergence == "jsd" else fn(student, teacher)
+    return masked_mean(per_position, valid) * temperature**2
+
+
+def response_kd(
+    student_logits: Tensor,
+    topk_ids: Tensor,
+    topk_logprobs: Tensor,
+    tail_logmass: Tensor,
+    mask: Tensor,
+    *,
+    divergence: str = "forward_kl",
+    temperature: float = 1.0,
+    tail: str = "tail_bucket",
+    capture_temperature: float = 1.0,
+    jsd_beta: float = 0.5,
+) -> Tensor:
+    """Response-based KD on cached top-k teacher log-probs.
+
+    loss = τ² · (1/|M|) Σ_{t∈M} D(p_T,t ‖ p_S,t), with D from ``DIVERGENCES`` over the top-k (+ tail) classes
+    described in the module docstring; M = positions where ``mask`` is 1; 0 when M is empty.
+
+    Shapes: student_logits [..., V] (any dtype; math in float32), topk_ids [..., k] long, topk_logprobs [..., k],
+    tail_logmass [...], mask [...]. Reference: Hinton et al., "Distilling the Knowledge in a Neural Network" (2015);
+    torchtune ``ForwardKLLoss`` (torchtune/modules/loss/kd_losses.py) for the full-vocabulary special case.
+    """
+    lse = logsumexp_fp32(student_logits, temperature) if tail == "tail_bucket" else None
+    return response_kd_from_parts(
+        student_logits.gather(-1, topk_ids),
+        lse,
+        topk_logprobs,
+        tail_logmass,
+        mask,
+        divergence=divergence,
+        temperature=temperature,
+        tail=tail,
+        capture_temperature=capture_temperature,
+        jsd_beta=jsd_beta,
+    )
+
+
+def cross_entropy(student_logits: Tensor, labels: Tensor, mask: Tensor) -> Tensor:
+    """Hard-label CE = (1/|M|) Σ_{t∈M} −log p_S(y_t); shapes logits [..., V], labels [...], mask [...]."""
+    lse = logsumexp_fp32(student_logits)
+    label_logits = student_logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1).float()
+    return masked_mean(lse - label_logits, mask)
+
+
+def ce_and_response_kd(
+    student_logits: Tensor,
+    labels: Tensor,
+    ce_mask: Tensor,
+    topk_ids: Tensor,
+    topk_logprobs: Tensor,
+    tail_logmass: Tensor,
+    kd_mask: Tensor,
+    **kd_options: object,
+) -> tuple[Tensor, Tensor]:
+    """(CE, response KD) from one float32 logsumexp and one gather of the student's logits.
+
+    Equal to ``(cross_entropy(...), response_kd(...))`` but cheaper: the label and top-k logits are gathered
+    together (one scatter in the backward pass) and, at τ = 1 with a tail bucket, the full-vocabulary logsumexp
+    is shared. ``kd_options`` are ``response_kd``'s keyword arguments.
+    """
+    temperature = float(kd_options.get("temperature", 1.0))
+    lse = logsumexp_fp32(student_logits)
+    picked = student_logits.gather(-1, torch.cat([labels.unsqueeze(-1), topk_ids], -1)).float()
+    ce = masked_mean(lse - picked[..., 0], ce_mask)
+    kd_lse = None
+    if kd_options.get("tail", "tail_bucket") == "tail_bucket":
+        kd_lse = lse if temperature == 1.0 else logsumexp_fp32(student_logits, temperature)
+    kd = response_kd_from_parts(picked[..., 1:], kd_lse, topk_logprobs, tail_logmass, kd_mask, **kd_options)
+    return ce, kd
+
+
+def combine(components: dict[str, Tensor], weights: dict[str, float]) -> Tensor:
+    """Σ_name weights[name] · components[name] over components with a positive weight (a weighted sum: the terms
+    add, so each one moves the total on its own)."""
+    terms = [weights[name] * value for name, value in components.items() if weights.get(name, 0.0) > 0]
+    if not terms:
+        raise ValueError(f"no component has a positive weight (components {sorted(components)}, weights {weights})")
+    return torch.stack(terms).sum()
+
+
+# -------------------------------------------------------------------------------------------- feature-based
+class FeatureProjectors(nn.Module):
+    """One learned ``nn.Linear(student width → teacher width)`` per (student layer, teacher layer) pair.
+
+    Layer indices follow ``pipeline.modeling.HIDDEN_INDEX_CONVENTION`` (hidden_states[i]); keys are ``s{i}_t{j}``.
+    Part of the trained state: in the optimizer, the schedule and every checkpoint.
+    """
+
+    def __init__(self, layer_pairs: list[tuple[int, int]], student_dim: int, teacher_dim: int) -> None:
+        super().__init__()
+        self.layer_pairs = [(int(s), int(t)) for s, t in layer_pairs]
+        self.proj = nn.ModuleDict({self.key(s, t): nn.Linear(student_dim, teacher_dim) for s, t in self.layer_pairs})
+
+    @staticmethod
+    def key(student_layer: int, teacher_layer: int) -> str:
+        return f"s{student_layer}_t{teacher_layer}"
+
+    def forward(self, student_layer: int, teacher_layer: int, hidden: Tensor) -> Tensor:
+        """[..., Hs] -> [..., Ht] in float32."""
+        layer = self.proj[self.key(student_layer, teacher_layer)]
+        return layer(hidden.to(layer.weight.dtype)).float()
+
+
+def normalized_mse(student: Tensor, teacher: Tensor) -> Tensor:
+    """mean_h (LN(s)_h − LN(t)_h)² per position, LN = layer norm without affine (zero mean, unit variance): keeps
+    a teacher's few huge-magnitude channels from dominating the distance."""
+    h = teacher.shape[-1]
+    s, t = F.layer_norm(student.float(), (h,)), F.layer_norm(teacher.float(), (h,))
+    return (s - t).pow(2).mean(-1)
+
+
+def cosine_distance(student: Tensor, teacher: Tensor) -> Tensor:
+    """1 − cos(s, t) per position (scale-free, in [0, 2])."""
+    return 1.0 - F.cosine_similarity(student.float(), teacher.float(), dim=-1, eps=1e-6)
+
+
+FEATURE_METRICS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {"mse": normalized_mse, "cosine": cosine_distance}
+
+
+def feature_distance(student_proj: Tensor, teacher: Tensor, mask: Tensor, metric: str = "mse") -> Tensor:
+    """Masked mean over positions of ``FEATURE_METRICS[metric](projected student, teacher)``.
+
+    Shapes: student_proj [B, T', Ht] (already projected and, when the cache subsamples positions, gathered at
+    ``hidden_positions``), teacher [B, T', Ht], mask [B, T']. Reference: FitNets (Romero et al., 2015) hint loss
+    with a learned regressor; normalisation as in TinyBERT/MiniLM-style layer distillation.
+    """
+    if metric not in FEATURE_METRICS:
+        raise ValueError(f"feature metric: expected one of {', '.join(FEATURE_METRICS)}, got {metric!r}")
+    valid = mask.to(torch.bool)
+    teacher = torch.where(valid.unsqueeze(-1), teacher.float(), 1.0)  # padded rows may hold zeros/garbage
+    return masked_mean(FEATURE_METRICS[metric](student_proj, teacher), valid)
+
+
+# ------------------------------------------------------------------------------------------- relation-based
+def pool_hidden(hidden: Tensor, mask: Tensor) -> Tensor:
+    """Masked mean over positions: [B, T, H], [B, T] -> [B, H] float32 (the cache's ``embed`` pooling)."""
+    weights = mask.to(torch.float32).unsqueeze(-1)
+    return (hidden.float() * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+
+
+def _offdiag(n: int, device: torch.device) -> Tensor:
+    return ~torch.eye(n, dtype=torch.bool, device=device)
+
+
+def _pdist(x: Tensor) -> Tensor:
+    """Euclidean distances [N, N] with a finite gradient at the zero diagonal (sqrt'(0) = inf)."""
+    sq = (x.unsqueeze(0) - x.unsqueeze(1)).pow(2).sum(-1)
+    return sq.clamp(min=1e-12).sqrt() * _offdiag(x.shape[0], x.device)
+
+
+def rkd_distance(student: Tensor, teacher: Tensor) -> Tensor:
+    """RKD distance term: smooth-L1 between pairwise distances, each normalised by its mean over pairs i ≠ j.
+
+    ψ_D(i, j) = ‖x_i − x_j‖ / μ, μ = mean_{i≠j} ‖x_i − x_j‖; loss = mean_{i≠j} smoothL1(ψ_D^S, ψ_D^T).
+    Shapes: student [N, Ds], teacher [N, Dt] (widths may differ); 0 for N < 2.
+    Reference: Park et al., "Relational Knowledge Distillation", CVPR 2019, eq. 5 (github.com/lenscloth/RKD).
+    """
+    n = student.shape[0]
+    if n < 2:
+        return student.float().sum() * 0.0
+    off = _offdiag(n, student.device)
+    with torch.no_grad():
+        t = _pdist(teacher.float())
+        t = t / t[off].mean().clamp(min=1e-12)
+    s = _pdist(student.float())
+    s = s / s[off].mean().clamp(min=1e-12)
+    return F.smooth_l1_loss(s[off], t[off])
+
+
+def _triplet_cosines(x: Tensor) -> Tensor:
+    """cos∠(x_i, x_j, x_k) = <e_ji, e_jk> with e_ji = (x_i − x_j)/‖x_i − x_j‖: [N(j), N(i), N(k)]."""
+    diff = F.normalize(x.unsqueeze(0) - x.unsqueeze(1), p=2, dim=-1, eps=1e-12)  # diff[j, i] = x_i − x_j
+    return torch.bmm(diff, diff.transpose(1, 2))
+
+
+def rkd_angle(student: Tensor, teacher: Tensor) -> Tensor:
+    """RKD angle term: smooth-L1 between the cosines of the angle at x_j in every triplet of distinct i, j, k.
+
+    ψ_A(i, j, k) = <(x_i − x_j)/‖x_i − x_j‖, (x_k − x_j)/‖x_k − x_j‖>; loss = mean smoothL1(ψ_A^S, ψ_A^T).
+    Shapes: student [N, Ds], teacher [N, Dt]; 0 for N < 3. Reference: Park et al., CVPR 2019, eq. 7.
+    """
+    n = student.shape[0]
+    if n < 3:
+        return student.float().sum() * 0.0
+    idx = torch.arange(n, device=student.device)
+    distinct = (idx[:, None, None] != idx[None, :, None]) & (idx[:, None, None] != idx[None, None, :])
+    distinct &= idx[None, :, None] != idx[None, None, :]
+    with torch.no_grad():
+        t = _triplet_cosines(teacher.float())
+    s = _triplet_cosines(student.float())
+    return F.smooth_l1_loss(s[distinct], t[distinct])
+
+
+def cosine_similarities(x: Tensor) -> Tensor:
+    """cos(x_i, x_j): [N, D] -> [N, N]."""
+    x = F.normalize(x.float(), dim=-1, eps=1e-12)
+    return x @ x.T
+
+
+def euclidean_similarities(x: Tensor) -> Tensor:
+    """exp(−‖x_i − x_j‖ / μ), μ the mean distance over i ≠ j: a similarity in (0, 1] that is width-agnostic."""
+    d = _pdist(x.float())
+    n = x.shape[0]
+    return torch.exp(-d / d[_offdiag(n, x.device)].mean().clamp(min=1e-12))
+
+
+def dot_similarities(x: Tensor) -> Tensor:
+    """Row-L2-normalised Gram matrix G = X·Xᵀ (Tung & Mori, "Similarity-Preserving KD", ICCV 2019)."""
+    g = x.float() @ x.float().T
+    return F.normalize(g, p=2, dim=-1, eps=1e-12)
+
+
+PAIRWISE_METRICS: dict[str, Callable[[Tensor], Tensor]] = {
+    "cosine": cosine_similarities,
+    "euclidean": euclidean_similarities,
+    "dot": dot_similarities,
+}
+
+
+def pairwise_relation(student: Tensor, teacher: Tensor, metric: str = "cosine") -> Tensor:
+    """mean_{i≠j} (S^S_ij − S^T_ij)², S = ``PAIRWISE_METRICS[metric]``; shapes [N, Ds], [N, Dt]; 0 for N < 2."""
+    if metric not in PAIRWISE_METRICS:
+        raise ValueError(f"pairwise metric: expected one of {', '.join(PAIRWISE_METRICS)}, got {metric!r}")
+    n = student.shape[0]
+    if n < 2:
+        return student.float().sum() * 0.0
+    off = _offdiag(n, student.device)
+    with torch.no_grad():
+        t = PAIRWISE_METRICS[metric](teacher)
+    s = PAIRWISE_METRICS[metric](student)
+    return (s[off] - t[off]).pow(2).mean()
+
+
+def relation_loss(
+    student: Tensor,
+    teacher: Tensor,
+    *,
+    distance_weight: float = 25.0,
+    angle_weight: float = 50.0,
+    pairwise_weight: float = 0.0,
+    pairwise_metric: str = "cosine",
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """w_D·rkd_distance + w_A·rkd_angle + w_P·pairwise_relation (a sum: every term moves the total on its own).
+
+    Shapes: student [N, Ds], teacher [N, Dt] pooled sequence embeddings. Returns (total, {distance, angle,
+    pairwise}) with unweighted parts for logging. Defaults 25/50 from Park et al. (2019).
+    """
+    parts = {
+        "distance": rkd_distance(student, teacher),
+        "angle": rkd_angle(student, teacher),
+        "pairwise": pairwise_relation(student, teacher, pairwise_metric),
+    }
+    weights = {"distance": distance_weight, "angle": angle_weight, "pairwise": pairwise_weight}
+    total = sum((weights[k] * v for k, v in parts.items() if weights[k] > 0), student.float().sum() * 0.0)
+    return total, parts
+
+
+def _all_gather_rows(x: Tensor) -> tuple[Tensor, int]:
+    """Concatenation of every rank's ``x`` [n_r, ...] (n_r may differ) and this rank's row offset in it."""
+    import torch.distributed as dist
+
+    world, rank = dist.get_world_size(), dist.get_rank()
+    sizes = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(world)]
+    dist.all_gather(sizes, torch.tensor([x.shape[0]], dtype=torch.long, device=x.device))
+    counts = [int(c.item()) for c in sizes]
+    padded = torch.zeros((max(counts), *x.shape[1:]), dtype=x.dtype, device=x.device)
+    padded[: x.shape[0]] = x.detach()
+    out = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(out, padded)
+    return torch.cat([block[:c] for block, c in zip(out, counts, strict=True)]), sum(counts[:rank])
+
+
+class _GatherWithLocalGrad(torch.autograd.Function):
+    """all_gather whose backward returns this rank's slice of the gradient, times the world size.
+
+    Every rank computes the same loss from the same gathered tensor, so the true gradient of a rank's slice is the
+    sum over ranks of identical copies = world_size × the local one; DDP then averages over ranks. Equal to
+    all_gather's reduce-scatter backward without a collective (gloo has no reduce_scatter).
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:  # type: ignore[override]
+        import torch.distributed as dist
+
+        gathered, ctx.offset = _all_gather_rows(x)
+        ctx.n, ctx.world = x.shape[0], dist.get_world_size()
+        return gathered
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:  # type: ignore[override]
+        return grad[ctx.offset : ctx.offset + ctx.n] * ctx.world
+
+
+def gather_across_ranks(x: Tensor) -> Tensor:
+    """Concatenate ``x`` [n_r, ...] from every rank into [Σ n_r, ...] (rank order), gradient flowing to the local
+    rows only (see ``_GatherWithLocalGrad``); identity without torch.distributed."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    if not x.requires_grad:
+        return _all_gather_rows(x)[0]
+    return _GatherWithLocalGrad.apply(x)
