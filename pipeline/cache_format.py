@@ -1,0 +1,620 @@
+"""The teacher cache's on-disk format, shared by its writer (the cache stage) and its readers (train, evaluate).
+
+Layout under ``runs/<run>/cache/``::
+
+    train-00000.parquet, ..., val-00000.parquet   one cache shard per manifest shard, same stem
+    _shards/<stem>.json                           completion record per shard {sha256, rows, bytes, ...}
+
+Columns (one row = one packed sequence of T tokens; k = top_k, H = hidden_dim, Tsub = stored hidden positions):
+
+    sample_id       int64                              the manifest row's sample_id
+    input_ids       fixed_size_list<int32>[T]          copied from the manifest
+    attention_mask  fixed_size_list<int8>[T]           1 real token, 0 padding
+    topk_ids        fixed_size_list<int32>[T*k]        row-major [T, k], most probable first
+    topk_logprobs   fixed_size_list<halffloat>[T*k]    log p_tau(id) of the FULL distribution at temperature tau
+    tail_logmass    fixed_size_list<halffloat>[T]      log(1 - sum of the k probabilities)
+    hidden_<i>      fixed_size_binary[Tsub*H*2]        hidden_states[i] at the stored positions, fp16 or bf16 bytes
+    embed           fixed_size_list<float32>[H]        masked mean of hidden_states[embed_layer] over real tokens
+
+Why these encodings (measured, see ``benchmark_reader``): fixed-size types decode to one contiguous numpy buffer;
+dictionary encoding is off everywhere (it slows float columns and buys nothing on them); the id and log-prob
+leaves use Parquet BYTE_STREAM_SPLIT so zstd sees the (mostly zero) high bytes of int32 ids and the fp16 exponents
+as separate streams (~17 % smaller than plain, and faster to decode); hidden states stay fixed_size_binary, which
+decodes ~2x faster than a float list of the same data. Statistics are off (min/max of a multi-MB binary cell is
+useless). Log-probs below the fp16 range are stored as :data:`LOGPROB_FLOOR` (exp of it is 0), so files never hold
+infinities; NaN/inf in a file means corruption and the reader refuses it naming the file and column.
+
+Hidden positions: with ``hidden_every_n`` or ``hidden_fraction`` set, the same sorted position index applies to
+every row of the cache and is stored in the metadata (``hidden_positions``); the reader yields it as a [Tsub] tensor.
+Hidden-state indices follow ``pipeline.modeling.HIDDEN_INDEX_CONVENTION`` and are stored non-negative.
+
+Schema metadata ``b"pipeline.cache"`` holds JSON with :data:`META_KEYS`. Raise :data:`FORMAT_VERSION` on any change
+to columns, encodings or their meaning. Writers are deterministic (fixed row-group size derived from the schema, no
+timestamps), so an interrupted and resumed cache stage produces byte-identical shards.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import math
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from pipeline.rundir import PipelineError, atomic_path, file_sha256
+
+FORMAT_VERSION = 1
+META_KEY = b"pipeline.cache"
+LOGPROB_FLOOR = float(np.finfo(np.float16).min)  # -65504: log-probs below it are stored as it (p == 0 in fp32)
+ROW_GROUP_TARGET_BYTES = 64 << 20  # uncompressed bytes per row group: the reader's unit of I/O and memory
+MAX_ROW_GROUP_ROWS = 1024
+META_KEYS: dict[str, type | tuple[type, ...]] = {
+    "format_version": int,
+    "teacher": str,
+    "teacher_fingerprint": str,
+    "vocab_hash": str,
+    "vocab_size": int,
+    "top_k": int,
+    "temperature": (int, float),
+    "dtype": str,
+    "hidden_layers": list,
+    "hidden_dim": int,
+    "hidden_dtype": str,
+    "hidden_positions": (list, type(None)),
+    "hidden_index_convention": str,
+    "num_hidden_states": int,
+    "embed_layer": (int, type(None)),
+    "seq_len": int,
+    "split": str,
+    "manifest_shard": str,
+    "manifest_sha256": str,
+    "rows": int,
+}
+BASE_COLUMNS = ("sample_id", "input_ids", "attention_mask", "topk_ids", "topk_logprobs", "tail_logmass")
+BSS_LEAVES = ("topk_ids", "topk_logprobs", "tail_logmass", "embed")  # BYTE_STREAM_SPLIT-encoded list leaves
+HIDDEN_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+# exponent bits of a 2-byte float: all ones means inf or NaN
+NONFINITE_MASK = {"float16": 0x7C00, "bfloat16": 0x7F80}
+
+
+def hidden_column(layer: int) -> str:
+    """Parquet column of hidden_states[layer]; the batch key is ``hidden.<layer>``."""
+    return f"hidden_{layer}"
+
+
+def cache_shard_name(manifest_shard: str) -> str:
+    """A cache shard has the stem of the manifest shard it was computed from."""
+    return Path(manifest_shard).name
+
+
+def num_hidden_positions(meta: dict[str, Any]) -> int:
+    positions = meta.get("hidden_positions")
+    return int(meta["seq_len"]) if positions is None else len(positions)
+
+
+def hidden_positions(seq_len: int, every_n: int = 1, fraction: float | None = None, seed: int = 0) -> list[int] | None:
+    """Stored hidden positions: None for all, every n-th, or a seeded random fraction (sorted); same for all rows."""
+    if fraction is not None:
+        count = max(1, round(fraction * seq_len))
+        rng = np.random.default_rng([seed, seq_len, count])
+        return sorted(int(p) for p in rng.choice(seq_len, size=count, replace=False))
+    if every_n > 1:
+        return list(range(0, seq_len, every_n))
+    return None
+
+
+def cache_schema(meta: dict[str, Any]) -> pa.Schema:
+    """The Arrow schema of a cache shard described by ``meta`` (format_version added to the stored metadata)."""
+    seq_len, k, dim = int(meta["seq_len"]), int(meta["top_k"]), int(meta["hidden_dim"])
+    fields = [
+        pa.field("sample_id", pa.int64(), nullable=False),
+        pa.field("input_ids", pa.list_(pa.int32(), seq_len), nullable=False),
+        pa.field("attention_mask", pa.list_(pa.int8(), seq_len), nullable=False),
+        pa.field("topk_ids", pa.list_(pa.int32(), seq_len * k), nullable=False),
+        pa.field("topk_logprobs", pa.list_(pa.float16(), seq_len * k), nullable=False),
+        pa.field("tail_logmass", pa.list_(pa.float16(), seq_len), nullable=False),
+    ]
+    width = num_hidden_positions(meta) * dim * 2
+    fields += [pa.field(hidden_column(i), pa.binary(width), nullable=False) for i in meta["hidden_layers"]]
+    if meta.get("embed_layer") is not None:
+        fields.append(pa.field("embed", pa.list_(pa.float32(), dim), nullable=False))
+    blob = json.dumps({**meta, "format_version": FORMAT_VERSION}, sort_keys=True)
+    return pa.schema(fields, metadata={META_KEY: blob.encode()})
+
+
+def bytes_per_row(schema: pa.Schema) -> int:
+    """Uncompressed bytes of one row of ``schema`` (fixed-size types only)."""
+    total = 0
+    for field in schema:
+        tp = field.type
+        if pa.types.is_fixed_size_list(tp):
+            total += tp.list_size * tp.value_type.bit_width // 8
+        elif pa.types.is_fixed_size_binary(tp):
+            total += tp.byte_width
+        else:
+            total += tp.bit_width // 8
+    return total
+
+
+def row_group_rows(schema: pa.Schema) -> int:
+    """Rows per row group: a function of the schema only, so the writer is deterministic."""
+    return max(1, min(MAX_ROW_GROUP_ROWS, ROW_GROUP_TARGET_BYTES // bytes_per_row(schema)))
+
+
+# ------------------------------------------------------------------------------------------------------ writer
+def _fixed_list(values: np.ndarray, width: int) -> pa.Array:
+    return pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(values).reshape(-1)), width)
+
+
+def _fixed_binary(values: np.ndarray) -> pa.Array:
+    raw = np.ascontiguousarray(values).view(np.uint8).reshape(len(values), -1)
+    return pa.FixedSizeBinaryArray.from_buffers(pa.binary(raw.shape[1]), len(raw), [None, pa.py_buffer(raw)])
+
+
+def _nonfinite_2byte(values: np.ndarray, dtype_name: str) -> bool:
+    mask = NONFINITE_MASK[dtype_name]
+    return bool(((values.view(np.uint16) & mask) == mask).any())
+
+
+def _check_column(name: str, values: np.ndarray, shape: tuple[int, ...], dtypes: tuple) -> None:
+    """Shapes and dtypes are programming errors of the caller (ValueError), unlike non-finite values."""
+    if values.shape != shape or values.dtype not in dtypes:
+        raise ValueError(f"{name}: expected shape {shape} dtype {dtypes}, got {values.shape} {values.dtype}")
+
+
+def write_shard(
+    path: Path,
+    columns: dict[str, np.ndarray],
+    meta: dict[str, Any],
+    *,
+    compression: str = "zstd",
+    compression_level: int | None = 3,
+    row_group_size: int | None = None,
+) -> dict[str, Any]:
+    """Write one cache shard atomically (temp + rename); return {file, rows, sha256, bytes}.
+
+    ``columns`` holds numpy arrays: sample_id [N] int64, input_ids [N,T] int32, attention_mask [N,T] int8,
+    topk_ids [N,T,k] int32, topk_logprobs [N,T,k] float16, tail_logmass [N,T] float16, ``hidden_<i>``
+    [N,Tsub,H] as 2-byte values (float16, or bf16 bit patterns as int16/uint16), embed [N,H] float32.
+    ``meta`` must hold :data:`META_KEYS` except format_version. Non-finite values raise PipelineError.
+    """
+    path = Path(path)
+    missing = [key for key in META_KEYS if key != "format_version" and key not in meta]
+    if missing:
+        raise ValueError(f"cache shard metadata lacks {missing}")
+    rows, seq_len, k, dim = int(meta["rows"]), int(meta["seq_len"]), int(meta["top_k"]), int(meta["hidden_dim"])
+    tsub = num_hidden_positions(meta)
+    two_byte = (np.dtype(np.float16), np.dtype(np.int16), np.dtype(np.uint16))
+    expected = {
+        "sample_id": ((rows,), (np.dtype(np.int64),)),
+        "input_ids": ((rows, seq_len), (np.dtype(np.int32),)),
+        "attention_mask": ((rows, seq_len), (np.dtype(np.int8),)),
+        "topk_ids": ((rows, seq_len, k), (np.dtype(np.int32),)),
+        "topk_logprobs": ((rows, seq_len, k), (np.dtype(np.float16),)),
+        "tail_logmass": ((rows, seq_len), (np.dtype(np.float16),)),
+        **{hidden_column(i): ((rows, tsub, dim), two_byte) for i in meta["hidden_layers"]},
+    }
+    if meta.get("embed_layer") is not None:
+        expected["embed"] = ((rows, dim), (np.dtype(np.float32),))
+    if set(columns) != set(expected):
+        raise ValueError(f"columns {sorted(columns)} differ from the schema's {sorted(expected)}")
+    for name, (shape, dtypes) in expected.items():
+        _check_column(name, columns[name], shape, dtypes)
+    for name in ("topk_logprobs", "tail_logmass"):
+        if _nonfinite_2byte(columns[name], "float16"):
+            raise PipelineError(f"{path}: column {name}: teacher produced NaN/inf; refusing to write the shard")
+    for layer in meta["hidden_layers"]:
+        if _nonfinite_2byte(columns[hidden_column(layer)], meta["hidden_dtype"]):
+            raise PipelineError(
+                f"{path}: column {hidden_column(layer)}: teacher hidden states hold NaN/inf "
+                f"(overflow in {meta['hidden_dtype']}?); refusing to write the shard"
+            )
+    if "embed" in columns and not np.isfinite(columns["embed"]).all():
+        raise PipelineError(f"{path}: column embed: NaN/inf in pooled embeddings; refusing to write the shard")
+
+    schema = cache_schema(meta)
+    arrays = []
+    for field in schema:
+        values = columns[field.name]
+        if pa.types.is_fixed_size_list(field.type):
+            arrays.append(_fixed_list(values, field.type.list_size))
+        elif pa.types.is_fixed_size_binary(field.type):
+            arrays.append(_fixed_binary(values))
+        else:
+            arrays.append(pa.array(values, type=field.type))
+    table = pa.Table.from_arrays(arrays, schema=schema)
+    encodings = {f"{name}.list.element": "BYTE_STREAM_SPLIT" for name in BSS_LEAVES if name in schema.names}
+    with atomic_path(path) as tmp:
+        pq.write_table(
+            table,
+            tmp,
+            row_group_size=row_group_size or row_group_rows(schema),
+            compression=None if compression == "none" else compression,
+            compression_level=None if compression == "none" else compression_level,
+            use_dictionary=False,
+            column_encoding=encodings,
+            write_statistics=["sample_id"],
+            write_page_index=False,
+        )
+    return {"file": path.name, "rows": rows, "sha256": file_sha256(path), "bytes": path.stat().st_size}
+
+
+# ------------------------------------------------------------------------------------------------ metadata
+def _meta_from_schema(path: Path, schema: pa.Schema, num_rows: int | None = None) -> dict[str, Any]:
+    raw = (schema.metadata or {}).get(META_KEY)
+    if raw is None:
+        raise PipelineError(f"{path}: expected Arrow schema metadata {META_KEY.decode()!r}; not a cache shard")
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError:
+        raise PipelineError(f"{path}: {META_KEY.decode()} metadata is not valid JSON") from None
+    if not isinstance(meta, dict):
+        raise PipelineError(f"{path}: {META_KEY.decode()} metadata is not a JSON object")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise PipelineError(
+            f"{path}: cache format_version {meta.get('format_version')!r}, this code reads {FORMAT_VERSION}; "
+            "rerun the cache stage with this code (make cache ARGS=--force)"
+        )
+    for key, kind in META_KEYS.items():
+        value = meta.get(key, KeyError)
+        if value is KeyError:
+            raise PipelineError(f"{path}: cache metadata key {key!r} missing; rerun the cache stage")
+        if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+            raise PipelineError(f"{path}: cache metadata key {key!r} has type {type(value).__name__}")
+    wanted = list(BASE_COLUMNS) + [hidden_column(i) for i in meta["hidden_layers"]]
+    wanted += ["embed"] if meta["embed_layer"] is not None else []
+    for name in wanted:
+        if name not in schema.names:
+            raise PipelineError(f"{path}: column {name!r} missing although the metadata promises it")
+    if num_rows is not None and num_rows != meta["rows"]:
+        raise PipelineError(f"{path}: metadata says {meta['rows']} rows, the file holds {num_rows}; shard is corrupt")
+    return meta
+
+
+def read_cache_meta(path: Path) -> dict[str, Any]:
+    """The validated ``pipeline.cache`` metadata of a shard (footer only), plus ``path`` and ``row_groups``
+    (rows of each row group)."""
+    path = Path(path)
+    try:
+        footer = pq.read_metadata(path)
+    except FileNotFoundError:
+        raise PipelineError(f"{path}: cache shard missing; run the cache stage (make cache)") from None
+    except (OSError, pa.ArrowException) as err:
+        raise PipelineError(f"{path}: not a readable Parquet cache shard ({err})") from None
+    meta = _meta_from_schema(path, footer.schema.to_arrow_schema(), footer.num_rows)
+    meta["path"] = str(path)
+    meta["row_groups"] = [footer.row_group(i).num_rows for i in range(footer.num_row_groups)]
+    return meta
+
+
+def list_cache_shards(cache_dir: Path, split: str) -> list[Path]:
+    """The cache shards of ``split`` in ``cache_dir``, sorted by shard index (temporary files excluded)."""
+    cache_dir = Path(cache_dir)
+    if not cache_dir.is_dir():
+        raise PipelineError(f"{cache_dir}: cache directory missing; run the cache stage first (make cache)")
+    return sorted(p for p in cache_dir.glob(f"{split}-*.parquet") if not p.name.startswith("."))
+
+
+def normalise_layer(layer: int, meta: dict[str, Any]) -> int:
+    """A hidden_states index (negative counts from the end) as the non-negative index used in the cache."""
+    count = int(meta["num_hidden_states"])
+    return layer % count if -count <= layer < count else layer
+
+
+def validate_for_student(
+    meta: dict[str, Any],
+    *,
+    vocab_hash: str,
+    vocab_size: int,
+    need_hidden_layers: Sequence[int] = (),
+    need_embed: bool = False,
+) -> None:
+    """Refuse a cache that cannot feed this student: other tokenizer vocabulary, missing layers or embeddings."""
+    where = meta.get("path", "<cache shard>")
+    if meta["vocab_hash"] != vocab_hash or int(meta["vocab_size"]) != int(vocab_size):
+        raise PipelineError(
+            f"{where}: teacher vocabulary (hash {meta['vocab_hash']}, size {meta['vocab_size']}) differs from the "
+            f"student's (hash {vocab_hash}, size {vocab_size}); token ids are not interchangeable"
+        )
+    stored = [int(i) for i in meta["hidden_layers"]]
+    for layer in need_hidden_layers:
+        if normalise_layer(int(layer), meta) not in stored:
+            raise PipelineError(
+                f"{where}: teacher hidden layer {layer} is not cached (cached: {stored}); add it to "
+                "cache.hidden_layers and rerun the cache stage"
+            )
+    if need_embed and meta["embed_layer"] is None:
+        raise PipelineError(f"{where}: no pooled embeddings cached; set cache.embed_layer and rerun the cache stage")
+
+
+# ------------------------------------------------------------------------------------------------------ reader
+BATCH_DTYPES = {  # column -> (torch dtype of the batch tensor)
+    "sample_id": torch.long,
+    "input_ids": torch.long,
+    "attention_mask": torch.long,
+    "topk_ids": torch.long,
+    "topk_logprobs": torch.float32,
+    "tail_logmass": torch.float32,
+    "embed": torch.float32,
+}
+CONSISTENT_KEYS = (
+    "seq_len",
+    "top_k",
+    "temperature",
+    "hidden_layers",
+    "hidden_dim",
+    "hidden_dtype",
+    "hidden_positions",
+    "embed_layer",
+    "vocab_hash",
+    "teacher_fingerprint",
+)
+
+
+def _column_for_key(key: str, meta: dict[str, Any]) -> str:
+    """``hidden.-1`` / ``hidden.3`` / ``hidden_3`` -> ``hidden_3``; other names unchanged."""
+    for prefix in ("hidden.", "hidden_"):
+        if key.startswith(prefix) and key[len(prefix) :].lstrip("-").isdigit():
+            return hidden_column(normalise_layer(int(key[len(prefix) :]), meta))
+    return key
+
+
+def _decode_group(table: pa.Table, path: Path, group: int, meta: dict[str, Any], check: bool) -> dict[str, np.ndarray]:
+    """One row group as numpy arrays shaped per row; non-finite floats raise naming file, column and row group."""
+    rows = table.num_rows
+    out: dict[str, np.ndarray] = {}
+    for name in table.column_names:
+        column = table.column(name).combine_chunks()
+        if pa.types.is_fixed_size_binary(column.type):
+            width = column.type.byte_width
+            values = np.frombuffer(column.buffers()[1], np.uint16, rows * width // 2, column.offset * width)
+            values = values.reshape(rows, num_hidden_positions(meta), int(meta["hidden_dim"]))
+            bad = check and _nonfinite_2byte(values, meta["hidden_dtype"])
+        elif pa.types.is_fixed_size_list(column.type):
+            values = column.flatten().to_numpy(zero_copy_only=False).reshape(rows, -1)
+            bad = check and values.dtype.kind == "f" and not np.isfinite(values).all()
+        else:
+            values, bad = column.to_numpy(), False
+        if bad:
+            raise PipelineError(
+                f"{path}: column {name} holds NaN/inf in row group {group}; the shard is corrupt "
+                "(delete it and rerun the cache stage)"
+            )
+        out[name] = values
+    return out
+
+
+class CacheDataset(IterableDataset):
+    """Batches of cached teacher signals as torch tensors, split exactly once over ranks and DataLoader workers.
+
+    Order: for epoch ``e`` a generator seeded by ``(seed, e)`` permutes the shard order, then displaces every row by
+    a random amount below ``shuffle_buffer`` (argsort of ``position + U(0, shuffle_buffer)``), a vectorised,
+    index-only equivalent of a shuffle buffer that keeps reads local. The epoch order is cut into global batches of
+    ``batch_size`` rows; global batch ``g`` goes to rank ``g % world_size`` (ranks' counts differ by at most one
+    batch; the last batch of an epoch may be short). A rank's batch stream (epochs chained when ``infinite``) is
+    dealt round-robin to its DataLoader workers starting at the resume point, which is exactly the order in which a
+    ``DataLoader(ds, batch_size=None, num_workers=W)`` returns them — so ``start_from(epoch, batches_consumed)``
+    with the number of batches the DataLoader has yielded reproduces the remaining sequence exactly.
+
+    Use ``batch_size=None`` in the DataLoader and ``persistent_workers=False`` (workers copy the dataset, including
+    its epoch, when an iterator is created). Each batch dict also holds ``epoch`` and ``batch_index`` (position in
+    this rank's epoch): resume with ``start_from(epoch, batch_index + 1)``.
+
+    Rows are read lazily per Parquet row group (a small LRU per worker), only for the requested columns; each
+    consumer reads the row groups its rows fall in, so I/O grows with ranks x workers for wide shuffle windows.
+    """
+
+    def __init__(
+        self,
+        files: Sequence[Path],
+        *,
+        batch_size: int,
+        seed: int = 0,
+        shuffle: bool = True,
+        shuffle_buffer: int = 256,
+        rank: int = 0,
+        world_size: int = 1,
+        columns: Sequence[str] | None = None,
+        infinite: bool = False,
+        memory_map: bool = False,
+        check_finite: bool = True,
+        cached_row_groups: int = 4,
+    ) -> None:
+        super().__init__()
+        if not files:
+            raise PipelineError("CacheDataset: no cache shards given (is the cache split empty?)")
+        if batch_size <= 0 or not 0 <= rank < world_size or shuffle_buffer < 0:
+            raise ValueError(f"batch_size={batch_size}, rank={rank}/{world_size}, shuffle_buffer={shuffle_buffer}")
+        self.files = [Path(f) for f in files]
+        self.metas = [read_cache_meta(f) for f in self.files]
+        first = self.metas[0]
+        for meta in self.metas[1:]:
+            for key in CONSISTENT_KEYS:
+                if meta[key] != first[key]:
+                    raise PipelineError(
+                        f"{meta['path']}: {key}={meta[key]!r} differs from {first['path']} ({first[key]!r}); "
+                        "shards from different cache runs cannot be mixed"
+                    )
+        self.meta = first
+        available = list(BASE_COLUMNS) + [hidden_column(i) for i in first["hidden_layers"]]
+        available += ["embed"] if first["embed_layer"] is not None else []
+        wanted = available if columns is None else [_column_for_key(c, first) for c in columns if c != "epoch"]
+        for name in wanted:
+            if name not in available:
+                raise PipelineError(f"{first['path']}: requested column {name!r} not in the cache (has {available})")
+        self.columns = ["sample_id"] + [c for c in dict.fromkeys(wanted) if c != "sample_id"]
+        self.batch_size, self.seed, self.shuffle, self.shuffle_buffer = batch_size, seed, shuffle, shuffle_buffer
+        self.rank, self.world_size, self.infinite = rank, world_size, infinite
+        self.memory_map, self.check_finite, self.cached_row_groups = memory_map, check_finite, cached_row_groups
+        self.file_offsets = np.concatenate([[0], np.cumsum([m["rows"] for m in self.metas])]).astype(np.int64)
+        self.group_offsets = [np.concatenate([[0], np.cumsum(m["row_groups"])]).astype(np.int64) for m in self.metas]
+        self.num_rows = int(self.file_offsets[-1])
+        global_batches = math.ceil(self.num_rows / batch_size)
+        self.batches_per_epoch = len(range(rank, global_batches, world_size))
+        if infinite and self.batches_per_epoch == 0:
+            raise PipelineError(
+                f"{first['path']}: {self.num_rows} cached rows make {global_batches} batches of {batch_size}, "
+                f"fewer than world_size={world_size}; use a smaller batch or more data"
+            )
+        self.epoch, self.start_batch = 0, 0
+        self._reset_state()
+
+    def _reset_state(self) -> None:
+        self._order_epoch: int | None = None
+        self._order = np.zeros(0, np.int64)
+        self._groups: collections.OrderedDict[tuple[int, int], dict[str, np.ndarray]] = collections.OrderedDict()
+        self._handles: dict[int, pq.ParquetFile] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state.update(_order_epoch=None, _order=np.zeros(0, np.int64), _groups=collections.OrderedDict(), _handles={})
+        return state
+
+    # ------------------------------------------------------------------ position
+    def set_epoch(self, epoch: int) -> None:
+        """Start the next iteration at the beginning of ``epoch``."""
+        self.start_from(epoch, 0)
+
+    def start_from(self, epoch: int, batches_consumed: int) -> None:
+        """Resume: the next iteration yields this rank's batch ``batches_consumed`` of ``epoch`` onwards."""
+        if epoch < 0 or batches_consumed < 0:
+            raise ValueError(f"start_from({epoch}, {batches_consumed}): expected non-negative values")
+        self.epoch, self.start_batch = int(epoch), int(batches_consumed)
+
+    def __len__(self) -> int:
+        """Batches per epoch on this rank (for finite iteration from the start of an epoch)."""
+        return self.batches_per_epoch
+
+    # ------------------------------------------------------------------ order (indices only, no data)
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """Global row ids of ``epoch`` in reading order (all ranks); cheap, cached for the current epoch."""
+        if self._order_epoch == epoch:
+            return self._order
+        if not self.shuffle:
+            order = np.arange(self.num_rows, dtype=np.int64)
+        else:
+            rng = np.random.default_rng([self.seed, epoch])
+            perm = rng.permutation(len(self.files))
+            stream = np.concatenate([np.arange(self.file_offsets[f], self.file_offsets[f + 1]) for f in perm])
+            keys = np.arange(self.num_rows) + rng.random(self.num_rows) * self.shuffle_buffer
+            order = stream[np.argsort(keys, kind="stable")]
+        self._order_epoch, self._order = epoch, order
+        return order
+
+    def batch_rows(self, epoch: int, batch_index: int) -> np.ndarray:
+        """Global row ids of this rank's batch ``batch_index`` in ``epoch``."""
+        g = batch_index * self.world_size + self.rank
+        return self.epoch_order(epoch)[g * self.batch_size : (g + 1) * self.batch_size]
+
+    def _schedule(self, worker: int, workers: int) -> Iterator[tuple[int, int]]:
+        """(epoch, batch_index) pairs for one worker: round-robin from the resume point, epochs chained."""
+        epoch, index, position = self.epoch, self.start_batch, 0
+        while True:
+            if index >= self.batches_per_epoch:
+                if not self.infinite:
+                    return
+                epoch, index = epoch + 1, 0
+                continue
+            if position % workers == worker:
+                yield epoch, index
+            position += 1
+            index += 1
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        for epoch, index in self._schedule(worker, workers):
+            yield self._batch(self.batch_rows(epoch, index), epoch, index)
+
+    # ------------------------------------------------------------------ data
+    def _group(self, file: int, group: int) -> dict[str, np.ndarray]:
+        key = (file, group)
+        if key in self._groups:
+            self._groups.move_to_end(key)
+            return self._groups[key]
+        handle = self._handles.get(file)
+        if handle is None:
+            handle = self._handles[file] = pq.ParquetFile(self.files[file], memory_map=self.memory_map)
+        table = handle.read_row_group(group, columns=self.columns)
+        data = _decode_group(table, self.files[file], group, self.meta, self.check_finite)
+        self._groups[key] = data
+        while len(self._groups) > self.cached_row_groups:
+            self._groups.popitem(last=False)
+        return data
+
+    def _batch(self, rows: np.ndarray, epoch: int, index: int) -> dict[str, Any]:
+        files = np.searchsorted(self.file_offsets, rows, side="right") - 1
+        local = rows - self.file_offsets[files]
+        out: dict[str, np.ndarray] = {}
+        for file in np.unique(files):
+            in_file = np.nonzero(files == file)[0]
+            offsets = self.group_offsets[file]
+            groups = np.searchsorted(offsets, local[in_file], side="right") - 1
+            for group in np.unique(groups):
+                slots = in_file[groups == group]
+                data = self._group(int(file), int(group))
+                picks = local[slots] - offsets[group]
+                for name, values in data.items():
+                    if name not in out:
+                        out[name] = np.empty((len(rows),) + values.shape[1:], values.dtype)
+                    out[name][slots] = values[picks]
+        return self._to_torch(out, epoch, index)
+
+    def _to_torch(self, arrays: dict[str, np.ndarray], epoch: int, index: int) -> dict[str, Any]:
+        batch: dict[str, Any] = {}
+        seq_len, k = int(self.meta["seq_len"]), int(self.meta["top_k"])
+        for name, values in arrays.items():
+            tensor = torch.from_numpy(values)
+            if name.startswith("hidden_"):
+                stored = HIDDEN_DTYPES[self.meta["hidden_dtype"]]
+                batch["hidden." + name[len("hidden_") :]] = tensor.view(torch.int16).view(stored).float()
+                continue
+            tensor = tensor.to(BATCH_DTYPES[name])
+            if name in ("topk_ids", "topk_logprobs"):
+                tensor = tensor.view(len(values), seq_len, k)
+            batch[name] = tensor
+        if self.meta["hidden_positions"] is not None and any(n.startswith("hidden_") for n in arrays):
+            batch["hidden_positions"] = torch.tensor(self.meta["hidden_positions"], dtype=torch.long)
+        batch["epoch"], batch["batch_index"] = epoch, index
+        return batch
+
+
+# ------------------------------------------------------------------------------------------------ measurement
+def rowwise_read(files: Sequence[Path], columns: Sequence[str]) -> int:
+    """Baseline reader: every row through ``to_pydict`` Python lists into tensors; returns tokens read."""
+    tokens = 0
+    for path in files:
+        table = pq.read_table(path, columns=list(columns))
+        data = table.to_pydict()
+        for i in range(table.num_rows):
+            for name in columns:
+                torch.tensor(data[name][i])
+            tokens += len(data["input_ids"][i]) if "input_ids" in data else 1
+    return tokens
+
+
+def benchmark_reader(
+    files: Sequence[Path], *, batch_size: int = 8, columns: Sequence[str] | None = None
+) -> dict[str, float]:
+    """Tokens/s of :class:`CacheDataset` vs :func:`rowwise_read` over the same shards and KD columns."""
+    columns = list(columns or ("input_ids", "attention_mask", "topk_ids", "topk_logprobs", "tail_logmass"))
+    start = time.perf_counter()
+    tokens = rowwise_read(files, columns)
+    rowwise_s = time.perf_counter() - start
+    dataset = CacheDataset(files, batch_size=batch_size, columns=columns, shuffle=True)
+    start = time.perf_counter()
+    fast_tokens = sum(batch["input_ids"].numel() for batch in dataset)
+    fast_s = time.perf_counter() - start
+    return {
+        "rowwise_tokens_per_s": tokens / rowwise_s,
+        "dataset_tokens_per_s": fast_tokens / fast_s,
+        "speedup": (fast_tokens / fast_s) / (tokens / rowwise_s),
+    }
