@@ -82,8 +82,8 @@ class SourceConfig:
 class ManifestConfig:
     sources: list[SourceConfig] = _opt([], "the dataset mixture")
     seq_len: int = _opt(2048, "tokens per packed sequence", POSITIVE)
-    max_samples: int | None = _opt(None, "cap on documents drawn from the mixture (None: exhaust)", POSITIVE)
-    max_tokens: int | None = _opt(None, "cap on kept tokens (None: no cap)", POSITIVE)
+    max_samples: int | None = _opt(None, "cap on kept documents, train + val (None: until a source runs out)", POSITIVE)
+    max_tokens: int | None = _opt(None, "cap on kept tokens incl. EOS, train + val (None: no cap)", POSITIVE)
     min_chars: int = _opt(1, "drop documents shorter than this", NON_NEGATIVE)
     max_chars: int | None = _opt(None, "drop documents longer than this", POSITIVE)
     dedup: bool = _opt(True, "drop exact duplicates (hash of normalised text)")
