@@ -1,0 +1,369 @@
+"""Evaluate stage: lm-evaluation-harness plus teacher-relative metrics for every model of a run.
+
+Reads:
+    runs/<run>/train/<variant>/final/        each trained student (the CE-only baseline is one of the variants)
+    runs/<run>/train/<variant>/summary.json  its step count
+    cfg.teacher                              the teacher (unit ``teacher``; skipped while its marker matches)
+    runs/<run>/cache/val-*.parquet           held-out teacher top-k + tail (through pipeline.cache_format)
+    runs/<run>/manifest/val-*.parquet        held-out documents for the offline tasks (through pipeline.data_format)
+Writes:
+    runs/<run>/evaluate/tasks/               offline task YAMLs rendered from pipeline/eval_tasks/ + their data
+    runs/<run>/evaluate/<model>/lm_eval/     lm-eval's own output (<model path sanitized>/results_<ts>.json, samples)
+    runs/<run>/evaluate/<model>/results.json intrinsic metrics, task list and versions, provenance
+    runs/<run>/evaluate/<model>/_COMPLETE.json
+Run:
+    python -m pipeline.evaluate --config C [--model NAME ...] [--force] [key.path=value ...]
+
+Units are models: each variant of ``cfg.train.variants`` in config order, then ``teacher`` when
+``evaluate.include_teacher``. The teacher's marker hashes only the teacher and evaluation settings (plus the held-out
+cache and manifest fingerprints), so retraining students reuses its result.
+
+Offline tasks (``evaluate.local_tasks``): ``kd_heldout_mc`` (pick a held-out document's true continuation among
+``evaluate.mc_choices``; distractors are other documents' continuations cut to the same word count) and
+``kd_heldout_ppl`` (rolling log-likelihood: word/byte perplexity of whole held-out documents). Their data comes
+from the first ``evaluate.local_task_docs`` held-out documents (the manifest's val split, decoded with the teacher
+tokenizer, split at EOS) and a ``random.Random(seed)`` draw, so every model of a run sees identical items.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import importlib.metadata
+import json
+import random
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.config import Config, ConfigError, EvalTaskConfig, ModelConfig, section_hash
+from pipeline.data_format import read_manifest, read_packed_shard, shard_paths
+from pipeline.metrics import INTRINSIC_METRICS, IntrinsicAccumulator
+from pipeline.modeling import device, load_causal_lm, load_tokenizer, vocab_hash, vocab_size
+from pipeline.rundir import (
+    PipelineError,
+    RunDir,
+    StageContext,
+    StageSpec,
+    atomic_write_json,
+    atomic_write_text,
+    stage_main,
+)
+
+TEACHER = "teacher"
+TASK_TEMPLATES = Path(__file__).resolve().parent / "eval_tasks"
+LOCAL_TASKS = ("kd_heldout_mc", "kd_heldout_ppl")
+MIN_MC_WORDS = 4  # a context and a continuation of at least two words each
+PACKAGES = ("torch", "transformers", "lm_eval", "datasets", "accelerate", "peft")
+CACHE_COLUMNS = ("input_ids", "attention_mask", "topk_ids", "topk_logprobs", "tail_logmass")
+
+
+# ------------------------------------------------------------------------------------------- offline tasks
+def heldout_documents(manifest_dir: Path, tokenizer: Any, max_docs: int) -> list[str]:
+    """The first ``max_docs`` non-empty held-out documents: real tokens of the val split in order, split at EOS."""
+    manifest = read_manifest(manifest_dir)
+    if manifest["tokenizer"]["vocab_hash"] != vocab_hash(tokenizer):
+        raise PipelineError(
+            f"{manifest_dir / 'manifest.json'}: tokenizer.vocab_hash {manifest['tokenizer']['vocab_hash']} differs "
+            f"from the teacher tokenizer's {vocab_hash(tokenizer)}; rerun the manifest stage"
+        )
+    eos = manifest["tokenizer"]["eos_token_id"]
+    parts = []
+    for path in shard_paths(manifest, manifest_dir, "val"):
+        shard = read_packed_shard(path)
+        parts.append(shard["input_ids"][shard["attention_mask"].astype(bool)])
+    stream = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)
+    docs = []
+    for piece in np.split(stream, np.flatnonzero(stream == eos)):
+        text = tokenizer.decode(piece[piece != eos].tolist(), skip_special_tokens=True).strip()
+        if text:
+            docs.append(text)
+        if len(docs) == max_docs:
+            break
+    return docs
+
+
+def build_mc_items(docs: list[str], n_choices: int, seed: int) -> list[dict[str, Any]]:
+    """Continuation multiple choice: context = first half of a document's words, the true choice the rest;
+    distractors are continuations of other documents cut to the true one's word count (length gives nothing away).
+    """
+    rng = random.Random(seed)
+    halves = []
+    for doc in docs:
+        words = doc.split()
+        if len(words) >= MIN_MC_WORDS:
+            half = len(words) // 2
+            halves.append((" ".join(words[:half]), words[half:]))
+    items = []
+    for i, (context, true_words) in enumerate(halves):
+        true = " ".join(true_words)
+        pool = [" ".join(w[: len(true_words)]) for j, (_, w) in enumerate(halves) if j != i]
+        pool = sorted(set(pool) - {true})
+        if len(pool) < n_choices - 1:
+            continue
+        choices = [true, *rng.sample(pool, n_choices - 1)]
+        rng.shuffle(choices)
+        items.append({"id": i, "context": context, "choices": choices, "label": choices.index(true)})
+    return items
+
+
+def _write_if_changed(path: Path, text: str) -> None:
+    """Atomic write that leaves an identical file untouched (units share the task directory)."""
+    if not path.exists() or path.read_text() != text:
+        atomic_write_text(path, text)
+
+
+def _jsonl(rows: list[dict]) -> str:
+    return "".join(json.dumps(r, sort_keys=True, ensure_ascii=False) + "\n" for r in rows)
+
+
+def prepare_local_tasks(cfg: Config, rd: RunDir, teacher_tokenizer: Any) -> Path:
+    """Write the offline tasks' data and rendered YAMLs into ``runs/<run>/evaluate/tasks/`` (deterministic)."""
+    task_dir = rd.stage_dir("evaluate", "tasks")
+    docs = heldout_documents(rd.stage_dir("manifest"), teacher_tokenizer, cfg.evaluate.local_task_docs)
+    mc = build_mc_items(docs, cfg.evaluate.mc_choices, cfg.seed)
+    if not mc:
+        raise PipelineError(
+            f"{rd.stage_dir('manifest')}: the val split has {len(docs)} documents, too few with >= {MIN_MC_WORDS} "
+            f"words for a {cfg.evaluate.mc_choices}-choice task; raise manifest.val_fraction or lower mc_choices"
+        )
+    task_dir.mkdir(parents=True, exist_ok=True)
+    _write_if_changed(task_dir / "kd_heldout_mc.jsonl", _jsonl(mc))
+    _write_if_changed(task_dir / "kd_heldout_ppl.jsonl", _jsonl([{"id": i, "text": d} for i, d in enumerate(docs)]))
+    for template in sorted(TASK_TEMPLATES.glob("*.yaml")):
+        text = template.read_text().replace("@TASK_DATA@", str(task_dir.resolve()))
+        _write_if_changed(task_dir / template.name, text)
+    return task_dir
+
+
+def task_list(cfg: Config) -> list[EvalTaskConfig]:
+    """Configured tasks plus the offline ones (unless listed explicitly, where that entry's settings win)."""
+    tasks = list(cfg.evaluate.tasks)
+    if cfg.evaluate.local_tasks:
+        named = {t.name for t in tasks}
+        tasks += [EvalTaskConfig(name=n) for n in LOCAL_TASKS if n not in named and "kd_heldout" not in named]
+    return tasks
+
+
+# -------------------------------------------------------------------------------------------------- lm-eval
+def run_lm_eval(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    model_path: str,
+    tasks: list[EvalTaskConfig],
+    cfg: Config,
+    out_dir: Path,
+    include_path: Path | None,
+) -> dict[str, Any]:
+    """Run lm-eval through its Python API, one ``simple_evaluate`` per (few-shot, limit) group, writing its own
+    layout (``<out_dir>/<sanitized model>/results_<timestamp>.json`` + samples) via ``EvaluationTracker``.
+
+    The output is built in a temporary sibling and renamed over ``out_dir`` at the end, so a crash never leaves a
+    half-written result. Returns per-task versions, few-shot, limits and sample counts, and the written files.
+    """
+    from lm_eval import simple_evaluate
+    from lm_eval.loggers import EvaluationTracker
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    manager = TaskManager(include_path=str(include_path) if include_path else None)
+    known = set(manager.all_tasks)
+    for i, task in enumerate(cfg.evaluate.tasks):
+        if task.name not in known:
+            raise PipelineError(f"evaluate.tasks.{i}.name: unknown lm-eval task or group {task.name!r}")
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=cfg.evaluate.batch_size)
+    groups: dict[tuple[int, int | None], list[str]] = {}
+    for task in tasks:
+        groups.setdefault((task.num_fewshot, task.limit), []).append(task.name)
+
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    info: dict[str, Any] = {"versions": {}, "n_shot": {}, "n_samples": {}, "limits": {}, "files": []}
+    for (num_fewshot, limit), names in groups.items():
+        tracker = EvaluationTracker(output_path=str(tmp))
+        results = simple_evaluate(
+            model=lm,
+            model_args={"pretrained": model_path},  # names the tracker's output directory and is recorded
+            tasks=names,
+            num_fewshot=num_fewshot,
+            limit=limit,
+            batch_size=cfg.evaluate.batch_size,
+            task_manager=manager,
+            evaluation_tracker=tracker,
+            log_samples=True,
+            bootstrap_iters=cfg.evaluate.bootstrap_iters,
+            random_seed=cfg.seed,
+            numpy_random_seed=cfg.seed,
+            torch_random_seed=cfg.seed,
+            fewshot_random_seed=cfg.seed,
+        )
+        samples = results.pop("samples")
+        tracker.save_results_aggregated(results=results, samples=samples)
+        for name in results["configs"]:
+            tracker.save_results_samples(task_name=name, samples=samples[name])
+        info["versions"].update(results.get("versions", {}))
+        info["n_shot"].update(results.get("n-shot", {}))
+        info["n_samples"].update(results.get("n-samples", {}))
+        info["limits"].update({name: limit for name in results["configs"]})
+    shutil.rmtree(out_dir, ignore_errors=True)
+    tmp.rename(out_dir)
+    info["files"] = sorted(str(p.relative_to(out_dir.parent)) for p in out_dir.rglob("results_*.json"))
+    return info
+
+
+# ------------------------------------------------------------------------------------------ intrinsic metrics
+@torch.inference_mode()
+def intrinsic_metrics(model: torch.nn.Module, tokenizer: Any, cfg: Config, rd: RunDir) -> dict[str, float]:
+    """Held-out perplexity, top-1 agreement, KL(teacher‖student) and ECE over the held-out cache (see metrics)."""
+    from pipeline.cache_format import CacheDataset, list_cache_shards, read_cache_meta, validate_for_student
+
+    files = list_cache_shards(rd.stage_dir("cache"), "val")
+    if not files:
+        raise PipelineError(f"{rd.stage_dir('cache')}: no val-*.parquet cache shards; rerun the cache stage")
+    meta = read_cache_meta(files[0])
+    validate_for_student(meta, vocab_hash=vocab_hash(tokenizer), vocab_size=vocab_size(tokenizer))
+    data = CacheDataset(files, batch_size=cfg.evaluate.batch_size, shuffle=False, columns=list(CACHE_COLUMNS))
+    acc = IntrinsicAccumulator(cfg.evaluate.ece_bins, temperature=float(meta.get("temperature", 1.0)))
+    on = next(model.parameters()).device
+    model.eval()
+    for i, batch in enumerate(data):
+        if cfg.evaluate.intrinsic_batches is not None and i >= cfg.evaluate.intrinsic_batches:
+            break
+        logits = model(input_ids=batch["input_ids"].to(on), attention_mask=batch["attention_mask"].to(on)).logits
+        acc.update(logits, batch)
+    return acc.result()
+
+
+# ------------------------------------------------------------------------------------------------ provenance
+def package_versions() -> dict[str, str | None]:
+    """Installed versions of the packages a score depends on (None when absent)."""
+    out: dict[str, str | None] = {}
+    for name in PACKAGES:
+        try:
+            out[name] = importlib.metadata.version(name.replace("_", "-"))
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def git_hash() -> str | None:
+    """Commit of the pipeline code (with a ``-dirty`` suffix when the tree has local changes), None outside git."""
+    repo = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=repo, capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def model_spec(cfg: Config, rd: RunDir, unit: str) -> tuple[ModelConfig, int | None]:
+    """The model to load for a unit and its training step (None for the teacher)."""
+    if unit == TEACHER:
+        return cfg.teacher, None
+    final = rd.stage_dir("train", unit) / "final"
+    if not (final / "config.json").exists():
+        raise PipelineError(f"{final}: no trained model (config.json missing); rerun train --variant {unit}")
+    summary_path = rd.stage_dir("train", unit) / "summary.json"
+    try:
+        step = int(json.loads(summary_path.read_text())["steps"])
+    except (OSError, ValueError, KeyError, TypeError):
+        step = None
+    spec = dataclasses.replace(cfg.student, name_or_path=str(final), tokenizer=None, revision=None, gguf_file=None)
+    return spec, step
+
+
+# ------------------------------------------------------------------------------------------------------ stage
+def run(cfg: Config, rd: RunDir, ctx: StageContext) -> dict[str, float]:
+    """Evaluate one model (``ctx.unit``) and write its results.json; returns the intrinsic metrics."""
+    unit = ctx.unit or TEACHER
+    out = rd.stage_dir("evaluate", unit)
+    spec, step = model_spec(cfg, rd, unit)
+    key = TEACHER if unit == TEACHER else "student"
+    started = time.monotonic()
+    tokenizer = load_tokenizer(spec, key)
+    model = load_causal_lm(spec, key, device())
+    model.eval()
+
+    intrinsic = intrinsic_metrics(model, tokenizer, cfg, rd)
+    ctx.log.info("intrinsic", f"{unit}: held-out metrics", **intrinsic)
+
+    tasks = task_list(cfg)
+    lm_eval_info: dict[str, Any] = {}
+    if tasks:
+        include = prepare_local_tasks(cfg, rd, load_tokenizer(cfg.teacher)) if cfg.evaluate.local_tasks else None
+        lm_eval_info = run_lm_eval(model, tokenizer, spec.name_or_path, tasks, cfg, out / "lm_eval", include)
+        ctx.log.info("lm_eval", f"{unit}: {len(lm_eval_info['versions'])} tasks", files=lm_eval_info["files"])
+
+    results = {
+        "model": unit,
+        "model_path": spec.name_or_path,
+        "step": step,
+        "intrinsic": intrinsic,
+        "intrinsic_higher_is_better": {m.name: m.higher_is_better for m in INTRINSIC_METRICS.values()},
+        "tasks": [dataclasses.asdict(t) for t in tasks],
+        "lm_eval_files": lm_eval_info.get("files", []),
+        "task_versions": lm_eval_info.get("versions", {}),
+        "n_shot": lm_eval_info.get("n_shot", {}),
+        "n_samples": lm_eval_info.get("n_samples", {}),
+        "limits": lm_eval_info.get("limits", {}),
+        "provenance": {
+            "config_hash": section_hash(*sections(cfg, unit)),
+            "packages": package_versions(),
+            "python": sys.version.split()[0],
+            "git_hash": git_hash(),
+            "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            "seed": cfg.seed,
+            "device": str(next(model.parameters()).device),
+            "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+            "eval_time_s": round(time.monotonic() - started, 3),
+        },
+    }
+    atomic_write_json(out / "results.json", results)
+    return {k: v for k, v in intrinsic.items() if isinstance(v, float)}
+
+
+def sections(cfg: Config, unit: str | None) -> tuple:
+    """What a model's results depend on: its weights (train marker / teacher config) and the evaluation settings."""
+    if unit == TEACHER:
+        return (cfg.teacher, cfg.evaluate, cfg.seed)
+    return (cfg.student, cfg.evaluate, cfg.seed, unit)
+
+
+def upstream(cfg: Config, unit: str | None) -> list[tuple[str, str | None]]:
+    """The held-out manifest and cache for every model; the variant's training for a student."""
+    base: list[tuple[str, str | None]] = [("manifest", None), ("cache", None)]
+    return base if unit == TEACHER else [*base, ("train", unit)]
+
+
+def units(cfg: Config, args: Any) -> list[str]:
+    """Every variant in config order, then the teacher; ``--model`` picks a subset."""
+    if TEACHER in cfg.train.variants:
+        raise ConfigError(f'train.variants.{TEACHER}: the name "{TEACHER}" is reserved for the teacher\'s evaluation')
+    every = [*cfg.train.variants, *([TEACHER] if cfg.evaluate.include_teacher else [])]
+    chosen = getattr(args, "model", None) or every
+    for name in chosen:
+        if name not in every:
+            raise ConfigError(f"--model: expected one of {', '.join(every)}, got {name!r}")
+    return [m for m in every if m in chosen]
+
+
+def add_args(parser: Any) -> None:
+    parser.add_argument("--model", action="append", help="evaluate only this model (repeatable; variant or teacher)")
+
+
+SPEC = StageSpec(name="evaluate", run=run, sections=sections, upstream=upstream, units=units, add_args=add_args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return stage_main(SPEC, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
