@@ -13,6 +13,7 @@ import copy
 import dataclasses
 import hashlib
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -313,6 +314,9 @@ def _show(value: Any) -> str:
     return json.dumps(value) if isinstance(value, (str, int, float, bool, type(None))) else repr(value)
 
 
+FLOAT_LITERAL = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
 def _convert(tp: Any, value: Any, path: str) -> Any:
     """Check ``value`` against type ``tp``; return the typed value or raise ConfigError naming ``path``."""
     origin = typing.get_origin(tp)
@@ -358,6 +362,8 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
             raise ConfigError(expected)
         return value
     if tp is float:
+        if isinstance(value, str) and FLOAT_LITERAL.fullmatch(value.strip()):
+            return float(value)  # PyYAML (YAML 1.1) reads 3e-4 without a dot as a string
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(expected)
         return float(value)
