@@ -460,6 +460,40 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
+def seed_defaults(data: dict, parts: list[str]) -> None:
+    """Copy the default of a mapping- or list-valued field into ``data`` when an override reaches inside it.
+
+    Without this, ``train.variants.kd.response.temperature=2`` on a config that keeps the default variants would
+    replace them all by one half-specified ``kd``; with it the override edits the default ``kd`` in place.
+    """
+    cls: Any = Config
+    node: Any = data
+    for part in parts[:-1]:
+        f = next((f for f in dataclasses.fields(cls) if f.name == part), None)
+        if f is None or not isinstance(node, dict):
+            return
+        tp = typing.get_type_hints(cls)[part]
+        if typing.get_origin(tp) in (dict, list):
+            if node.get(part) is None and f.default_factory is not dataclasses.MISSING:
+                node[part] = _plain(f.default_factory())
+            return
+        if not dataclasses.is_dataclass(tp):
+            return
+        if node.get(part) is None:
+            node[part] = {}
+        cls, node = tp, node[part]
+
+
+def _plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value):
+        return dataclasses.asdict(value)
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
+
+
 def apply_override(data: dict, parts: list[str], value: Any) -> None:
     """Set ``data[p0][p1]...`` creating mappings on the way; numeric parts index into lists."""
     node: Any = data
@@ -516,6 +550,7 @@ def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Confi
         raise ConfigError(f"{path}: expected a mapping at the top level")
     for text in overrides:
         parts, value = parse_override(text)
+        seed_defaults(data, parts)
         apply_override(data, parts, value)
     return from_dict(data)
 
