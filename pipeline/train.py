@@ -1,0 +1,771 @@
+"""Training stage: distil the cached teacher into the student — one unit per variant of ``train.variants``.
+
+Reads   runs/<run>/cache/{train,val}-*.parquet through ``pipeline.cache_format`` only (never the teacher), and the
+        student checkpoint ``student.name_or_path``.
+Writes  runs/<run>/train/<variant>/
+          checkpoints/step_<n:07d>/   model + projectors, optimizer, RNG (accelerate ``save_state``), scheduler.pt,
+                                      data_rank_<r>.json (epoch, batches consumed), trainer_state.json; written under
+                                      a temporary name and renamed, so a listed checkpoint is always complete
+          final/                      HF ``save_pretrained`` dir + tokenizer (LoRA: the merged model)
+          adapter/                    LoRA adapter (LoRA only)
+          metrics.jsonl               one JSON per logged step {step, split: train|val, loss, ce, kd_*, lr, ...}
+          samples/rank_<r:05d>.jsonl  sample ids consumed at each optimizer step (audit trail of the data order)
+          summary.json, config.yaml, _COMPLETE.json (marker, last)
+Run     python -m pipeline.train --config C [--variant NAME] [key=value ...]      (no --variant: all, in order)
+        accelerate launch --num_processes N -m pipeline.train --config C ...      (DDP; train.distributed=fsdp)
+
+The recipe reads top to bottom as in nanoGPT/torchtune: ``_setup_*`` helpers build the accelerator, student,
+projectors, data, optimizer and schedule in dependency order; ``_loss_step(batch)`` computes every loss component;
+``_train_variant`` runs the loop (accumulate, clip, step, schedule, log, validate, checkpoint) and saves.
+Resume is automatic (``train.resume: auto``): the latest complete checkpoint restores weights, optimizer, schedule,
+RNG and each rank's data position, so an interrupted run (kill -9, preemption) ends with the same weights and the
+same sample sequence as an uninterrupted one. USR1/TERM (Slurm's time-limit/preemption signals) → checkpoint at
+the next step boundary, ``scontrol requeue``, exit 0.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from pipeline import cache_format, losses
+from pipeline.config import Config, ConfigError, LossConfig, ModelConfig, TrainConfig
+from pipeline.modeling import check_layer_index, load_causal_lm, load_tokenizer, vocab_hash, vocab_size
+from pipeline.preemption import EXIT_REQUEUED, PreemptionFlag, requeue
+from pipeline.rundir import PipelineError, RunDir, StageContext, StageSpec, atomic_write_json, stage_main
+
+STAGE = "train"
+COMPONENTS = ("ce", "kd_response", "kd_feature", "kd_relation")  # metric names, also the weight keys
+CHECKPOINT_PREFIX = "step_"
+TMP_PREFIX = ".tmp-"
+# Knobs that change how a run is observed or stored, not what it computes: a resume may change them.
+OPERATIONAL_KEYS = ("checkpoint_every", "keep_checkpoints", "eval_every", "eval_batches", "log_every", "resume")
+OPERATIONAL_KEYS += ("num_workers", "threads", "variants", "baseline_variant")
+
+
+# ------------------------------------------------------------------------------------------------ schedule
+def lr_at(step: int, train: TrainConfig) -> float:
+    """LR of optimizer step ``step`` (0-based): linear warmup, cosine to ``min_lr_ratio·lr``, then flat.
+
+    As in nanoGPT's ``get_lr``; past ``max_steps`` it stays at the floor (a cosine continued past its end would
+    rise again).
+    """
+    peak, floor = train.lr, train.lr * train.min_lr_ratio
+    if step < train.warmup_steps:
+        return peak * (step + 1) / (train.warmup_steps + 1)
+    if step >= train.max_steps:
+        return floor
+    ratio = (step - train.warmup_steps) / max(1, train.max_steps - train.warmup_steps)
+    return floor + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (peak - floor)
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: decay on matrices of linear layers; none on norms, biases and embeddings (GPT-2 practice)."""
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    decay, no_decay, seen = [], [], set()
+    for _, param in model.named_parameters():
+        if not param.requires_grad or id(param) in seen:  # tied weights appear twice
+            continue
+        seen.add(id(param))
+        (no_decay if param.ndim < 2 or id(param) in embeddings else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+# ------------------------------------------------------------------------------------------------- recipe
+@dataclass
+class Recipe:
+    """One variant's losses resolved against the student and the cache (derived once, then read-only)."""
+
+    name: str
+    loss: LossConfig
+    capture_temperature: float
+    feature_pairs: list[tuple[int, int]]  # (student hidden_states index, teacher cached layer), both non-negative
+    relation_layer: int  # student hidden_states index pooled for relations
+
+    @property
+    def weights(self) -> dict[str, float]:
+        lc = self.loss
+        return {
+            "ce": lc.ce_weight,
+            "kd_response": lc.response.weight,
+            "kd_feature": lc.feature.weight,
+            "kd_relation": lc.relation.weight,
+        }
+
+    @property
+    def uses_logits(self) -> bool:
+        return self.loss.ce_weight > 0 or self.loss.response.weight > 0
+
+    @property
+    def needs_hidden(self) -> bool:
+        return self.loss.feature.weight > 0 or self.loss.relation.weight > 0
+
+    def columns(self) -> list[str]:
+        cols = ["sample_id", "input_ids", "attention_mask"]
+        if self.loss.response.weight > 0:
+            cols += ["topk_ids", "topk_logprobs", "tail_logmass"]
+        if self.loss.feature.weight > 0:
+            cols += [f"hidden.{t}" for t in dict.fromkeys(t for _, t in self.feature_pairs)]
+        if self.loss.relation.weight > 0:
+            cols.append("embed")
+        return cols
+
+
+def resolve_recipe(name: str, loss: LossConfig, meta: dict[str, Any], student_config: Any) -> Recipe:
+    """Check a variant's loss settings against the cache metadata and the student; ConfigError names the key."""
+    key = f"train.variants.{name}"
+    rc = loss.response
+    if rc.weight > 0:
+        try:
+            losses.check_response_options(
+                rc.divergence, rc.temperature, rc.tail, float(meta["temperature"]), rc.jsd_beta
+            )
+        except ValueError as err:
+            raise ConfigError(f"{key}.response.{err}") from None
+    probe = nn.Module()
+    probe.config = student_config
+    pairs = []
+    for i, (s, t) in enumerate(loss.feature.layer_pairs if loss.feature.weight > 0 else []):
+        s_idx = check_layer_index(s, probe, f"{key}.feature.layer_pairs.{i}.0")
+        pairs.append((s_idx, cache_format.normalise_layer(t, meta)))
+    relation_layer = check_layer_index(loss.relation.student_layer, probe, f"{key}.relation.student_layer")
+    return Recipe(name, loss, float(meta["temperature"]), pairs, relation_layer)
+
+
+# -------------------------------------------------------------------------------------------------- model
+class Distillee(nn.Module):
+    """The trained state: the student plus the feature projectors, one module so DDP/FSDP sync both."""
+
+    def __init__(self, student: nn.Module, projectors: losses.FeatureProjectors | None) -> None:
+        super().__init__()
+        self.student = student
+        self.projectors = projectors
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        output_hidden_states: bool,
+        feature_pairs: list[tuple[int, int]],
+        positions: Tensor | None,
+    ) -> tuple[Any, dict[tuple[int, int], Tensor]]:
+        """(HF output, {(s, t): projected student hidden_states[s] at ``positions``, [B, T', Ht]}).
+
+        Projections run inside forward so FSDP has the projector weights unsharded and DDP sees them used.
+        """
+        out = self.student(
+            input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=output_hidden_states
+        )
+        projected = {}
+        for s, t in feature_pairs:
+            hidden = out.hidden_states[s] if positions is None else out.hidden_states[s][:, positions]
+            projected[(s, t)] = self.projectors(s, t, hidden)
+        return out, projected
+
+
+def _student_spec(cfg: Config) -> ModelConfig:
+    """fp32 master weights unless the config pins a dtype (bf16 compute comes from autocast on GPU)."""
+    dtype = "float32" if cfg.student.dtype == "auto" else cfg.student.dtype
+    return dataclasses.replace(cfg.student, dtype=dtype, device_map=None)
+
+
+def build_student(cfg: Config, on: torch.device) -> nn.Module:
+    """The student as configured: full weights, or wrapped with a LoRA adapter (peft)."""
+    student = load_causal_lm(_student_spec(cfg), "student", on)
+    student.config.use_cache = False
+    if cfg.train.lora.enabled:
+        from peft import LoraConfig as PeftLoraConfig
+        from peft import get_peft_model
+
+        lc = cfg.train.lora
+        peft_cfg = PeftLoraConfig(
+            r=lc.r,
+            lora_alpha=lc.alpha,
+            lora_dropout=lc.dropout,
+            target_modules=list(lc.target_modules),
+            task_type="CAUSAL_LM",
+        )
+        try:
+            student = get_peft_model(student, peft_cfg)
+        except ValueError as err:
+            raise ConfigError(f"train.lora.target_modules: {str(err).splitlines()[0]}") from None
+    return student
+
+
+# ------------------------------------------------------------------------------------------------ loss step
+def causal_targets(input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(labels, ce_mask, kd_mask), all [B, T].
+
+    Position t predicts token t+1: labels[t] = input_ids[t+1], valid where both are real tokens (the last position
+    has no label). The teacher's distribution at t is a target wherever t is a real token (the cache stores it at
+    every position, including the last real one).
+    """
+    labels = torch.zeros_like(input_ids)
+    labels[:, :-1] = input_ids[:, 1:]
+    ce_mask = torch.zeros_like(attention_mask, dtype=torch.bool)
+    ce_mask[:, :-1] = attention_mask[:, :-1].bool() & attention_mask[:, 1:].bool()
+    return labels, ce_mask, attention_mask.bool()
+
+
+def _loss_step(
+    model: nn.Module, batch: dict[str, Any], recipe: Recipe, gather: bool
+) -> tuple[Tensor, dict[str, Tensor], dict[str, float]]:
+    """Forward the student on one micro-batch and compute every active loss component.
+
+    Returns (weighted total, {component: value}, {component: normaliser}) where the normaliser is what the
+    component averaged over (valid tokens, or sequences for relations) — validation weights batches by it.
+    """
+    lc = recipe.loss
+    input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
+    positions = batch.get("hidden_positions") if recipe.feature_pairs else None
+    out, projected = model(input_ids, attention_mask, recipe.needs_hidden, recipe.feature_pairs, positions)
+    logits = out.logits  # [B, T, V]
+    labels, ce_mask, kd_mask = causal_targets(input_ids, attention_mask)
+    comps: dict[str, Tensor] = {}
+    counts = {"ce": float(ce_mask.sum()), "kd_response": float(kd_mask.sum())}
+    if lc.response.weight > 0:
+        rc = lc.response
+        comps["ce"], comps["kd_response"] = losses.ce_and_response_kd(
+            logits, labels, ce_mask, batch["topk_ids"], batch["topk_logprobs"], batch["tail_logmass"], kd_mask,
+            divergence=rc.divergence, temperature=rc.temperature, tail=rc.tail,
+            capture_temperature=recipe.capture_temperature, jsd_beta=rc.jsd_beta,
+        )  # fmt: skip
+    else:
+        # The fused kernel is the fastest CE; without a weight CE is only logged, so it builds no graph.
+        with torch.set_grad_enabled(torch.is_grad_enabled() and lc.ce_weight > 0):
+            flat = logits.reshape(-1, logits.shape[-1])
+            ce = F.cross_entropy(flat.float(), labels.reshape(-1), reduction="none")
+            comps["ce"] = losses.masked_mean(ce, ce_mask.reshape(-1))
+    del logits
+    if lc.feature.weight > 0:
+        sub_mask = kd_mask if positions is None else kd_mask[:, positions]
+        terms = [
+            losses.feature_distance(proj, batch[f"hidden.{t}"], sub_mask, lc.feature.metric)
+            for (_, t), proj in projected.items()
+        ]
+        comps["kd_feature"] = torch.stack(terms).mean()
+        counts["kd_feature"] = float(sub_mask.sum())
+    if lc.relation.weight > 0:
+        rel = lc.relation
+        pooled = losses.pool_hidden(out.hidden_states[recipe.relation_layer], attention_mask)
+        teacher = batch["embed"]
+        if gather and rel.gather_across_ranks:
+            pooled, teacher = losses.gather_across_ranks(pooled), losses.gather_across_ranks(teacher)
+        comps["kd_relation"], _ = losses.relation_loss(
+            pooled, teacher, distance_weight=rel.distance_weight, angle_weight=rel.angle_weight,
+            pairwise_weight=rel.pairwise_weight, pairwise_metric=rel.pairwise_metric,
+        )  # fmt: skip
+        counts["kd_relation"] = float(input_ids.shape[0])
+    total = losses.combine(comps, recipe.weights)
+    return total, comps, counts
+
+
+# ---------------------------------------------------------------------------------------------------- setup
+def _setup_accelerator(cfg: Config, recipe: Recipe) -> Any:
+    """Accelerator: DDP or FSDP across processes, bf16 autocast on GPU, plain fp32 on CPU.
+
+    The LR scheduler is NOT handed to accelerate: its wrapper steps a scheduler once per process, which would run
+    the schedule ``world_size`` times too fast; ``_train_variant`` steps it exactly once per optimizer step.
+    """
+    from accelerate import Accelerator, DistributedDataParallelKwargs, FullyShardedDataParallelPlugin
+
+    on_gpu = torch.cuda.is_available()
+    mp = cfg.train.mixed_precision
+    mixed = ("bf16" if on_gpu else "no") if mp == "auto" else mp
+    # Without logits in the loss the LM head (and layers past the last distilled one) get no gradient.
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=not recipe.uses_logits)
+    fsdp = None
+    if cfg.train.distributed == "fsdp" and on_gpu:
+        fsdp = FullyShardedDataParallelPlugin(
+            auto_wrap_policy="transformer_based_wrap",
+            use_orig_params=True,  # AdamW parameter groups (no decay on norms) need the original parameters
+            state_dict_type="SHARDED_STATE_DICT",
+            activation_checkpointing=cfg.train.gradient_checkpointing,
+        )
+    return Accelerator(cpu=not on_gpu, mixed_precision=mixed, kwargs_handlers=[ddp], fsdp_plugin=fsdp)
+
+
+def _setup_student_checks(cfg: Config, meta: dict[str, Any], recipe: Recipe, student: nn.Module) -> Any:
+    """The student's tokenizer and vocabulary must match the cache before step 1; returns the tokenizer."""
+    tokenizer = load_tokenizer(cfg.student, "student")
+    need_layers = [t for _, t in recipe.feature_pairs]
+    cache_format.validate_for_student(
+        meta,
+        vocab_hash=vocab_hash(tokenizer),
+        vocab_size=vocab_size(tokenizer),
+        need_hidden_layers=need_layers,
+        need_embed=recipe.loss.relation.weight > 0,
+    )
+    rows = student.get_output_embeddings().weight.shape[0]
+    if rows < int(meta["vocab_size"]):
+        raise PipelineError(
+            f"{meta['path']}: token ids go up to {int(meta['vocab_size']) - 1} but the student "
+            f"({cfg.student.name_or_path}) has only {rows} output rows; resize its embeddings or use another student"
+        )
+    return tokenizer
+
+
+def _setup_projectors(recipe: Recipe, student: nn.Module, meta: dict[str, Any]) -> losses.FeatureProjectors | None:
+    if not recipe.feature_pairs:
+        return None
+    width = int(student.config.hidden_size if hasattr(student.config, "hidden_size") else student.config.d_model)
+    return losses.FeatureProjectors(recipe.feature_pairs, width, int(meta["hidden_dim"]))
+
+
+def _setup_data(
+    files: list[Path], recipe: Recipe, cfg: Config, rank: int, world: int, *, train: bool
+) -> cache_format.CacheDataset:
+    return cache_format.CacheDataset(
+        files,
+        batch_size=cfg.train.micro_batch_size,
+        seed=cfg.seed,
+        shuffle=train,
+        shuffle_buffer=cfg.train.shuffle_buffer,
+        rank=rank,
+        world_size=world,
+        columns=recipe.columns(),
+        infinite=train,
+    )
+
+
+def _loader(dataset: cache_format.CacheDataset, num_workers: int) -> torch.utils.data.DataLoader:
+    # A private generator: creating an iterator draws a seed, which must not advance the global RNG (resume
+    # restores the global RNG and has to see the same stream as an uninterrupted run).
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=None, num_workers=num_workers, generator=torch.Generator().manual_seed(0)
+    )
+
+
+def _setup_optimizer(model: nn.Module, train: TrainConfig) -> torch.optim.Optimizer:
+    betas = (train.betas[0], train.betas[1])
+    fused = {"fused": True} if torch.cuda.is_available() else {}
+    return torch.optim.AdamW(param_groups(model, train.weight_decay), lr=train.lr, betas=betas, **fused)
+
+
+def _setup_scheduler(optimizer: torch.optim.Optimizer, train: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step, train) / train.lr)
+
+
+# ------------------------------------------------------------------------------------------------ checkpoints
+def resume_hash(cfg: Config, variant: str) -> str:
+    """What a checkpoint's continuation depends on: student, this variant's losses, the computational train knobs."""
+    from pipeline.config import section_hash, to_dict
+
+    train = {k: v for k, v in to_dict(cfg.train).items() if k not in OPERATIONAL_KEYS}
+    return section_hash(cfg.student, cfg.train.variants[variant], train, cfg.seed)
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """Checkpoint dirs whose rename happened (so every file is in place), oldest first."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.name.startswith(CHECKPOINT_PREFIX) and (p / "trainer_state.json").is_file()]
+    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]))
+
+
+def _truncate_jsonl(path: Path, max_step: int) -> None:
+    """Keep the lines of steps <= max_step (a resumed run rewrites what came after its checkpoint)."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= max_step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):  # a line torn by kill -9
+            continue
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
+
+
+@dataclass
+class Position:
+    """Where this rank's data stream stands: the next batch is ``batches_consumed`` of ``epoch``."""
+
+    epoch: int = 0
+    batches_consumed: int = 0
+
+
+def _save_checkpoint(acc: Any, out: Path, step: int, scheduler: Any, position: Position, state: dict) -> Path:
+    """Atomic checkpoint of everything a resume needs; old ones beyond ``keep`` are removed afterwards."""
+    root = out / "checkpoints"
+    final = root / f"{CHECKPOINT_PREFIX}{step:07d}"
+    tmp = root / f"{TMP_PREFIX}{final.name}"
+    if acc.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    acc.wait_for_everyone()
+    acc.save_state(str(tmp), safe_serialization=False)
+    atomic_write_json(tmp / f"data_rank_{acc.process_index:05d}.json", dataclasses.asdict(position))
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        atomic_write_json(tmp / "trainer_state.json", {**state, "step": step, "world_size": acc.num_processes})
+        if final.exists():  # the same step saved by an earlier attempt that died before pruning
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in complete_checkpoints(root)[: -state["keep"]]:
+            shutil.rmtree(old, ignore_errors=True)
+    acc.wait_for_everyone()
+    return final
+
+
+def _read_checkpoint_state(ckpt: Path, acc: Any, expected_hash: str) -> tuple[dict, Position]:
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    if state.get("resume_hash") != expected_hash:
+        raise PipelineError(
+            f"{ckpt}: written with a different configuration (resume hash {state.get('resume_hash')}, now "
+            f"{expected_hash}); set train.resume=never or pass --force to start this variant afresh"
+        )
+    if state.get("world_size") != acc.num_processes:
+        raise PipelineError(
+            f"{ckpt}: written by {state.get('world_size')} processes, now {acc.num_processes}; each rank's data "
+            "position is only valid for the same world size (relaunch with it, or train.resume=never)"
+        )
+    pos = json.loads((ckpt / f"data_rank_{acc.process_index:05d}.json").read_text())
+    return state, Position(**pos)
+
+
+# --------------------------------------------------------------------------------------------------- metrics
+def _memory_gb(on: torch.device) -> float:
+    if on.type == "cuda":
+        return torch.cuda.max_memory_allocated(on) / 1e9
+    import psutil
+
+    return psutil.Process().memory_info().rss / 1e9
+
+
+def _append_jsonl(path: Path, record: dict) -> None:
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(record, sort_keys=True) + "\n")
+
+
+def _validate(acc: Any, model: nn.Module, files: list[Path], recipe: Recipe, cfg: Config) -> dict[str, float]:
+    """Held-out CE and every KD component, weighted by what each averages over, summed over ranks.
+
+    Ranks step in lockstep (an all-reduced "has a batch" flag) because FSDP forwards are collective; a rank that ran
+    out repeats its last batch with weight 0. Relations stay within each rank's batch here (no gather).
+    """
+    dataset = _setup_data(files, recipe, cfg, acc.process_index, acc.num_processes, train=False)
+    limit = cfg.train.eval_batches
+    sums = torch.zeros(2 * len(COMPONENTS), dtype=torch.float64, device=acc.device)
+    model.eval()
+    iterator, last, seen = iter(_loader(dataset, 0)), None, 0
+    with torch.no_grad():
+        while True:
+            batch = next(iterator, None) if limit is None or seen < limit else None
+            flag = torch.tensor([0.0 if batch is None else 1.0], device=acc.device)
+            if acc.num_processes > 1:
+                flag = acc.reduce(flag, reduction="sum")
+            if flag.item() == 0:
+                break
+            weight = 0.0 if batch is None else 1.0
+            batch = batch if batch is not None else last
+            if batch is None:  # this rank has no validation rows at all: nothing to repeat
+                continue
+            last, seen = batch, seen + 1
+            batch = _to_device(batch, acc.device)
+            _, comps, counts = _loss_step(model, batch, recipe, gather=False)
+            for i, name in enumerate(COMPONENTS):
+                if name in comps:
+                    n = counts.get(name, 1.0) * weight
+                    sums[2 * i] += comps[name].double() * n
+                    sums[2 * i + 1] += n
+    model.train()
+    if acc.num_processes > 1:
+        sums = acc.reduce(sums, reduction="sum")
+    result = {}
+    for i, name in enumerate(COMPONENTS):
+        if sums[2 * i + 1] > 0:
+            result[name] = float(sums[2 * i] / sums[2 * i + 1])
+    result["loss"] = sum(recipe.weights[k] * v for k, v in result.items() if recipe.weights.get(k, 0) > 0)
+    return result
+
+
+def _to_device(batch: dict[str, Any], on: torch.device) -> dict[str, Any]:
+    return {k: v.to(on, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()}
+
+
+# ------------------------------------------------------------------------------------------------------ loop
+def _train_variant(cfg: Config, rd: RunDir, ctx: StageContext, variant: str) -> dict[str, float]:
+    train = cfg.train
+    out = rd.stage_dir(STAGE, variant)
+    if train.threads:
+        torch.set_num_threads(train.threads)
+
+    # --- data files and cache metadata (what the student must match) ---
+    cache_dir = rd.stage_dir("cache")
+    train_files = cache_format.list_cache_shards(cache_dir, "train")
+    val_files = cache_format.list_cache_shards(cache_dir, "val")
+    if not train_files:
+        raise PipelineError(f"{cache_dir}: no train-*.parquet cache shards; rerun the cache stage (make cache)")
+    meta = cache_format.read_cache_meta(train_files[0])
+
+    # --- accelerator, student, projectors, checks ---
+    from transformers import AutoConfig
+
+    student_config = AutoConfig.from_pretrained(
+        cfg.student.name_or_path, revision=cfg.student.revision, trust_remote_code=cfg.student.trust_remote_code
+    )
+    recipe = resolve_recipe(variant, train.variants[variant], meta, student_config)
+    acc = _setup_accelerator(cfg, recipe)
+    rank, world = acc.process_index, acc.num_processes
+    torch.manual_seed(cfg.seed)  # identical projector init on every rank (DDP also broadcasts rank 0's)
+    student = build_student(cfg, acc.device)
+    tokenizer = _setup_student_checks(cfg, meta, recipe, student)
+    if train.gradient_checkpointing and train.distributed != "fsdp":
+        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    projectors = _setup_projectors(recipe, student, meta)
+    model = Distillee(student, projectors).to(acc.device)
+    model.train()
+    optimizer = _setup_optimizer(model, train)
+    model, optimizer = acc.prepare(model, optimizer)
+    scheduler = _setup_scheduler(optimizer, train)
+    unwrapped = acc.unwrap_model(model)
+    trainable = sum(p.numel() for p in unwrapped.parameters() if p.requires_grad)
+
+    # --- resume or start afresh ---
+    ckpt_root = out / "checkpoints"
+    metrics_path, samples_path = out / "metrics.jsonl", out / "samples" / f"rank_{rank:05d}.jsonl"
+    fresh = train.resume == "never" or ctx.force
+    if acc.is_main_process:
+        for stale in ckpt_root.glob(f"{TMP_PREFIX}*") if ckpt_root.is_dir() else []:
+            shutil.rmtree(stale, ignore_errors=True)
+        if fresh:
+            shutil.rmtree(ckpt_root, ignore_errors=True)
+        for path in (out / "final", out / "adapter", out / "summary.json"):
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+    acc.wait_for_everyone()
+    expected_hash = resume_hash(cfg, variant)
+    checkpoints = [] if fresh else complete_checkpoints(ckpt_root)
+    step, tokens_total, wall_before, position = 0, 0.0, 0.0, Position()
+    if checkpoints:
+        state, position = _read_checkpoint_state(checkpoints[-1], acc, expected_hash)
+        step, tokens_total, wall_before = state["step"], state["tokens"], state["wall_time_s"]
+    if acc.is_main_process:
+        if step == 0:
+            metrics_path.unlink(missing_ok=True)
+        _truncate_jsonl(metrics_path, step)
+    samples_path.parent.mkdir(parents=True, exist_ok=True)
+    if step == 0:
+        samples_path.unlink(missing_ok=True)
+    _truncate_jsonl(samples_path, step)
+    dataset = _setup_data(train_files, recipe, cfg, rank, world, train=True)
+    dataset.start_from(position.epoch, position.batches_consumed)
+    batches = iter(_loader(dataset, train.num_workers))
+    if checkpoints:
+        # After the iterator exists: load_state restores the RNG streams exactly as they were at the checkpoint.
+        acc.load_state(str(checkpoints[-1]))
+        scheduler.load_state_dict(torch.load(checkpoints[-1] / "scheduler.pt", weights_only=False))
+        ctx.log.info("resumed", f"{variant}: from {checkpoints[-1].name}", step=step)
+    if not checkpoints:
+        torch.manual_seed(cfg.seed + rank)  # dropout streams differ by rank; a resume restored them above
+    ctx.log.info(
+        "setup",
+        f"{variant}: {world} process(es), {trainable:,} trainable parameters, "
+        f"{train.micro_batch_size * train.grad_accum_steps * world} sequences per step",
+        trainable_params=trainable,
+        tokens_per_step=train.micro_batch_size * train.grad_accum_steps * world * int(meta["seq_len"]),
+    )
+
+    # --- loop ---
+    flag = PreemptionFlag()
+    state = {"resume_hash": expected_hash, "variant": variant, "keep": train.keep_checkpoints}
+    last_saved, last_train, val = step if checkpoints else -1, {}, {}
+    window_tokens, window_s, started = 0.0, 0.0, time.monotonic()
+    try:
+        while step < train.max_steps:
+            t0 = time.perf_counter()
+            sums = torch.zeros(len(COMPONENTS) + 3, dtype=torch.float64, device=acc.device)
+            step_samples, step_epochs = [], []
+            for micro in range(train.grad_accum_steps):
+                batch = next(batches)
+                position = Position(batch["epoch"], batch["batch_index"] + 1)
+                step_samples += batch["sample_id"].tolist()
+                step_epochs.append(batch["epoch"])
+                batch = _to_device(batch, acc.device)
+                sync = micro == train.grad_accum_steps - 1
+                with contextlib.nullcontext() if sync else acc.no_sync(model):
+                    total, comps, _ = _loss_step(model, batch, recipe, gather=True)
+                    acc.backward(total / train.grad_accum_steps)
+                sums[0] += total.detach().double() / train.grad_accum_steps
+                for i, name in enumerate(COMPONENTS):
+                    if name in comps:
+                        sums[1 + i] += comps[name].detach().double() / train.grad_accum_steps
+                sums[-2] += float(batch["attention_mask"].sum())
+            sums[-1] = 1.0 if flag.stop_requested else 0.0
+            if world > 1:
+                sums = acc.reduce(sums, reduction="sum")
+            sums[: 1 + len(COMPONENTS)] /= world
+            bad = [n for n, v in zip(("loss", *COMPONENTS), sums[: 1 + len(COMPONENTS)].tolist(), strict=True)
+                   if not math.isfinite(v)]  # fmt: skip
+            if bad:
+                raise PipelineError(
+                    f"train.variants.{variant}: non-finite {', '.join(bad)} at step {step + 1} "
+                    f"(last good checkpoint: {last_saved if last_saved >= 0 else 'none'}); lower train.lr, "
+                    "check the cache for corrupt values, or use train.max_grad_norm"
+                )
+            grad_norm = float(acc.clip_grad_norm_(model.parameters(), train.max_grad_norm))
+            if not math.isfinite(grad_norm):
+                raise PipelineError(
+                    f"train.variants.{variant}: non-finite grad_norm at step {step + 1} (loss {sums[0].item():.4g}); "
+                    "the last good checkpoint is intact; lower train.lr"
+                )
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            _append_jsonl(samples_path, {"step": step, "epoch": step_epochs, "sample_ids": step_samples})
+            dt = time.perf_counter() - t0
+            window_tokens, window_s = window_tokens + float(sums[-2]), window_s + dt
+            tokens_total += float(sums[-2])
+            values = dict(zip(("loss", *COMPONENTS), sums[: 1 + len(COMPONENTS)].tolist(), strict=True))
+            last_train = {"loss": values["loss"], **{k: values[k] for k in COMPONENTS if k in comps}}
+            if step % train.log_every == 0 or step == train.max_steps:
+                record = {
+                    "step": step, "split": "train", **last_train, "lr": lr, "grad_norm": grad_norm,
+                    "tokens_per_s": window_tokens / max(window_s, 1e-9), "mem_gb": _memory_gb(acc.device),
+                    "epoch": position.epoch,
+                }  # fmt: skip
+                window_tokens, window_s = 0.0, 0.0
+                if acc.is_main_process:
+                    _append_jsonl(metrics_path, record)
+                ctx.log.info("step", f"{variant} step {step}/{train.max_steps}", **record)
+            if val_files and (step % train.eval_every == 0 or step == train.max_steps):
+                val = _validate(acc, model, val_files, recipe, cfg)
+                if acc.is_main_process:
+                    _append_jsonl(metrics_path, {"step": step, "split": "val", **val})
+                ctx.log.info("val", f"{variant} step {step}", **val)
+            stop = sums[-1].item() > 0
+            if step % train.checkpoint_every == 0 or step == train.max_steps or stop:
+                wall = wall_before + time.monotonic() - started
+                _save_checkpoint(acc, out, step, scheduler, position, {**state, "tokens": tokens_total,
+                                                                          "wall_time_s": wall})  # fmt: skip
+                last_saved = step
+            if stop:
+                requeued = requeue() if acc.is_main_process else False
+                ctx.log.info(
+                    "preempted",
+                    f"{variant}: {flag.signal_name or 'signal'} — checkpoint at step {step} saved; "
+                    + ("requeued" if requeued else "rerun the same command to resume"),
+                    step=step,
+                )
+                acc.wait_for_everyone()
+                raise SystemExit(EXIT_REQUEUED)
+    finally:
+        flag.restore()
+
+    # --- save ---
+    wall = wall_before + time.monotonic() - started
+    _save_final(acc, model, cfg, tokenizer, out)
+    summary = {
+        "variant": variant,
+        "steps": step,
+        "tokens": tokens_total,
+        "wall_time_s": wall,
+        "tokens_per_s": tokens_total / max(wall, 1e-9),
+        "world_size": world,
+        "trainable_params": trainable,
+        "final_train_loss": last_train.get("loss"),
+        **{f"final_train_{k}": v for k, v in last_train.items() if k != "loss"},
+        **{f"val_{k}": v for k, v in val.items()},
+    }
+    if acc.is_main_process:
+        atomic_write_json(out / "summary.json", summary)
+    acc.wait_for_everyone()
+    acc.free_memory()
+    return {k: float(v) for k, v in summary.items() if isinstance(v, (int, float)) and v is not None}
+
+
+def _save_final(acc: Any, model: nn.Module, cfg: Config, tokenizer: Any, out: Path) -> None:
+    """``final/`` (HF dir + tokenizer, LoRA merged) and ``adapter/``; each written under a temp name, renamed."""
+    full = acc.get_state_dict(model)  # gathers FSDP shards; on DDP the plain state dict
+    if not acc.is_main_process:
+        acc.wait_for_everyone()
+        return
+    student_state = {k[len("student.") :]: v for k, v in full.items() if k.startswith("student.")}
+    student = acc.unwrap_model(model).student
+    targets = []
+    if cfg.train.lora.enabled:
+        fresh = build_student(cfg, torch.device("cpu"))
+        fresh.load_state_dict({k: v.cpu() for k, v in student_state.items()})
+        tmp_adapter = out / f"{TMP_PREFIX}adapter"
+        shutil.rmtree(tmp_adapter, ignore_errors=True)
+        fresh.save_pretrained(tmp_adapter)
+        targets.append((tmp_adapter, out / "adapter"))
+        student, student_state = fresh.merge_and_unload(), None
+    tmp_final = out / f"{TMP_PREFIX}final"
+    shutil.rmtree(tmp_final, ignore_errors=True)
+    student.save_pretrained(tmp_final, state_dict=student_state)
+    tokenizer.save_pretrained(tmp_final)
+    targets.append((tmp_final, out / "final"))
+    for tmp, final in targets:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+    acc.wait_for_everyone()
+
+
+# ---------------------------------------------------------------------------------------------------- stage
+def run(cfg: Config, rd: RunDir, ctx: StageContext) -> dict[str, float]:
+    """Train one variant (``ctx.unit``); returns its summary numbers."""
+    return _train_variant(cfg, rd, ctx, ctx.unit)
+
+
+def _units(cfg: Config, args: Any) -> list[str | None]:
+    if args.variant is None:
+        return list(cfg.train.variants)
+    if args.variant not in cfg.train.variants:
+        raise ConfigError(f"--variant: expected one of {', '.join(cfg.train.variants)}, got {args.variant!r}")
+    return [args.variant]
+
+
+def _sections(cfg: Config, unit: str | None) -> tuple:
+    from pipeline.config import to_dict
+
+    train = {k: v for k, v in to_dict(cfg.train).items() if k not in ("variants", "baseline_variant")}
+    return cfg.student, cfg.train.variants[unit], train, cfg.seed
+
+
+def _complete(cfg: Config, rd: RunDir, ctx: StageContext) -> bool:
+    """A variant is complete once its summary records every step (a preempted run has none yet)."""
+    path = rd.stage_dir(STAGE, ctx.unit) / "summary.json"
+    return path.exists() and json.loads(path.read_text()).get("steps") == cfg.train.max_steps
+
+
+def _add_args(parser: Any) -> None:
+    parser.add_argument("--variant", default=None, help="train only this variant of train.variants")
+
+
+SPEC = StageSpec(
+    name=STAGE,
+    run=run,
+    sections=_sections,
+    upstream=lambda cfg, unit: [("cache", None)],
+    units=_units,
+    add_args=_add_args,
+    complete=_complete,
+)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m pipeline.train --config C [--variant NAME] [overrides] [--force]``; returns the exit code."""
+    return stage_main(SPEC, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
