@@ -117,7 +117,7 @@ class RunDir:
         path = self.marker_path(stage, unit)
         try:
             return json.loads(path.read_text())
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):  # a file where the run directory should be: no marker
             return None
         except (OSError, json.JSONDecodeError) as err:
             raise PipelineError(f"{path}: unreadable completion marker ({err}); rerun that stage") from None
