@@ -168,11 +168,13 @@ def test_mixture_proportions_with_cap_streaming_and_parquet(tmp_path, tiny_confi
 
 def test_tokenize_with_worker_processes_matches_single_process(tokenizer):
     texts = corpus_texts(2 * manifest.MIN_DOCS_PER_PROC, seed=5)
-    single = manifest.tokenize_texts(texts, tokenizer, num_proc=1)
-    multi = manifest.tokenize_texts(texts, tokenizer, num_proc=2)
+    eos = tokenizer.eos_token_id
+    single = manifest.tokenize_texts(texts, tokenizer, eos, num_proc=1)
+    multi = manifest.tokenize_texts(texts, tokenizer, eos, num_proc=2)
     assert len(single) == len(multi) == len(texts)
     assert all(np.array_equal(a, b) for a, b in zip(single, multi, strict=True))
-    assert single[3].tolist() == tokenizer(texts[3], add_special_tokens=False)["input_ids"]
+    assert single[3].tolist() == tokenizer(texts[3], add_special_tokens=False)["input_ids"] + [eos]
+    assert manifest.tokenize_texts(["a", "b" + tokenizer.eos_token], tokenizer, eos, 1)[1].tolist().count(eos) == 1
 
 
 # ------------------------------------------------------------------------------------- shapes end to end
