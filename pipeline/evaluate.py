@@ -152,6 +152,32 @@ def task_list(cfg: Config) -> list[EvalTaskConfig]:
 
 
 # -------------------------------------------------------------------------------------------------- lm-eval
+_MANAGERS: dict[tuple[str | None, bool], Any] = {}
+
+
+def task_manager(include_path: Path | None, tasks: list[EvalTaskConfig]) -> Any:
+    """A ``TaskManager`` over our rendered tasks, indexing lm-eval's ~15k built-in task YAMLs only when a requested
+    name is not ours (indexing them takes tens of seconds); one per process, shared by every model evaluated."""
+    from lm_eval.tasks import TaskManager
+
+    local = set()
+    if include_path is not None:
+        local = {p.stem for p in Path(include_path).glob("*.yaml")}
+    defaults = not all(t.name in local for t in tasks)
+    key = (str(include_path) if include_path else None, defaults)
+    if key not in _MANAGERS:
+        _MANAGERS[key] = TaskManager(include_path=key[0], include_defaults=defaults)
+    return _MANAGERS[key]
+
+
+def check_task_names(manager: Any, tasks: list[EvalTaskConfig]) -> None:
+    """Refuse unknown task or group names before any model runs, naming the config entry."""
+    known = set(manager.all_tasks)
+    for i, task in enumerate(tasks):
+        if task.name not in known:
+            raise PipelineError(f"evaluate.tasks.{i}.name: unknown lm-eval task or group {task.name!r}")
+
+
 def run_lm_eval(
     model: torch.nn.Module,
     tokenizer: Any,
@@ -170,13 +196,8 @@ def run_lm_eval(
     from lm_eval import simple_evaluate
     from lm_eval.loggers import EvaluationTracker
     from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
 
-    manager = TaskManager(include_path=str(include_path) if include_path else None)
-    known = set(manager.all_tasks)
-    for i, task in enumerate(cfg.evaluate.tasks):
-        if task.name not in known:
-            raise PipelineError(f"evaluate.tasks.{i}.name: unknown lm-eval task or group {task.name!r}")
+    manager = task_manager(include_path, tasks)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=cfg.evaluate.batch_size)
     groups: dict[tuple[int, int | None], list[str]] = {}
     for task in tasks:
@@ -287,6 +308,10 @@ def run(cfg: Config, rd: RunDir, ctx: StageContext) -> dict[str, float]:
     spec, step = model_spec(cfg, rd, unit)
     key = TEACHER if unit == TEACHER else "student"
     started = time.monotonic()
+    tasks = task_list(cfg)
+    include = prepare_local_tasks(cfg, rd, load_tokenizer(cfg.teacher)) if tasks and cfg.evaluate.local_tasks else None
+    if tasks:  # fail on a misspelt task before spending time on the model
+        check_task_names(task_manager(include, tasks), cfg.evaluate.tasks)
     tokenizer = load_tokenizer(spec, key)
     model = load_causal_lm(spec, key, device())
     model.eval()
@@ -294,10 +319,8 @@ def run(cfg: Config, rd: RunDir, ctx: StageContext) -> dict[str, float]:
     intrinsic = intrinsic_metrics(model, tokenizer, cfg, rd)
     ctx.log.info("intrinsic", f"{unit}: held-out metrics", **intrinsic)
 
-    tasks = task_list(cfg)
     lm_eval_info: dict[str, Any] = {}
     if tasks:
-        include = prepare_local_tasks(cfg, rd, load_tokenizer(cfg.teacher)) if cfg.evaluate.local_tasks else None
         lm_eval_info = run_lm_eval(model, tokenizer, spec.name_or_path, tasks, cfg, out / "lm_eval", include)
         ctx.log.info("lm_eval", f"{unit}: {len(lm_eval_info['versions'])} tasks", files=lm_eval_info["files"])
 

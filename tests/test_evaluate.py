@@ -1,0 +1,188 @@
+"""Evaluate stage: real lm-eval on tiny models with the offline tasks, intrinsic metrics on a real cache, layout,
+teacher reuse, and the report parsing lm-eval's real output."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import corpus_texts, write_config
+
+from pipeline import evaluate, report
+from pipeline.cache_format import write_shard
+from pipeline.config import ConfigError, EvalTaskConfig, load
+from pipeline.data_format import read_manifest, read_packed_shard, shard_paths
+from pipeline.modeling import HIDDEN_INDEX_CONVENTION, load_causal_lm, load_tokenizer, vocab_hash, vocab_size
+from pipeline.rundir import PipelineError, RunDir
+
+REPO = Path(__file__).resolve().parent.parent
+VARIANTS = {"ce": {}, "kd": {"ce_weight": 0.5, "response": {"weight": 0.5}}}
+
+
+def run_manifest(cfg_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline.manifest", "--config", str(cfg_path)], cwd=REPO, capture_output=True
+    )
+    assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+
+
+@torch.inference_mode()
+def write_val_cache(cfg, rd: RunDir) -> None:
+    """A held-out cache from the teacher's real logits (what the cache stage writes), plus its marker."""
+    teacher = load_causal_lm(cfg.teacher, "teacher", torch.device("cpu"))
+    tok = load_tokenizer(cfg.teacher)
+    manifest_dir = rd.stage_dir("manifest")
+    k = cfg.cache.top_k
+    for path in shard_paths(read_manifest(manifest_dir), manifest_dir, "val"):
+        shard = read_packed_shard(path)
+        ids = torch.from_numpy(shard["input_ids"].astype(np.int64))
+        logp = torch.log_softmax(teacher(input_ids=ids).logits.float(), -1)
+        top_lp, top_ids = logp.topk(k, dim=-1)
+        tail = torch.log1p(-top_lp.exp().sum(-1).clamp(max=1 - 1e-6))
+        rows, seq_len = ids.shape
+        meta = dict(
+            teacher=cfg.teacher.name_or_path, teacher_fingerprint="test", vocab_hash=vocab_hash(tok),
+            vocab_size=vocab_size(tok), top_k=k, temperature=1.0, dtype="float32", hidden_layers=[], hidden_dim=64,
+            hidden_dtype="float16", hidden_positions=None, hidden_index_convention=HIDDEN_INDEX_CONVENTION,
+            num_hidden_states=4, embed_layer=None, seq_len=seq_len, split="val", manifest_shard=path.name,
+            manifest_sha256="test", rows=rows,
+        )  # fmt: skip
+        columns = {
+            "sample_id": shard["sample_id"],
+            "input_ids": shard["input_ids"],
+            "attention_mask": shard["attention_mask"],
+            "topk_ids": top_ids.int().numpy(),
+            "topk_logprobs": top_lp.half().numpy(),
+            "tail_logmass": tail.half().numpy(),
+        }
+        write_shard(rd.stage_dir("cache") / path.name, columns, meta)
+    rd.write_marker("cache", None, "test", {}, {"tokens": 1.0})
+
+
+def write_trained(rd: RunDir, variant: str, student: Path) -> None:
+    """A trained variant as the train stage leaves it: final/ HF dir, summary.json, marker."""
+    vdir = rd.stage_dir("train", variant)
+    shutil.copytree(student, vdir / "final")
+    (vdir / "summary.json").write_text(json.dumps({"variant": variant, "steps": 6, "tokens": 768, "wall_time_s": 3.0}))
+    (vdir / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 6.0 - s / 10}) + "\n" for s in range(6)))
+    rd.write_marker("train", variant, "test", {}, {})
+
+
+@pytest.fixture(scope="module")
+def upstream(tmp_path_factory, tiny_assets):
+    """Config + run dir with a real manifest, a real held-out cache and two 'trained' variants (built once; the
+    tests below run in file order and the last one breaks a variant on purpose)."""
+    root = tmp_path_factory.mktemp("evaluate")
+    overrides = {"train.variants": VARIANTS, "evaluate.tasks": [], "evaluate.local_task_docs": 24}
+    cfg_path = write_config(root, tiny_assets, overrides)
+    cfg = load(cfg_path)
+    rd = RunDir.from_config(cfg)
+    run_manifest(cfg_path)
+    write_val_cache(cfg, rd)
+    for variant in VARIANTS:
+        write_trained(rd, variant, tiny_assets["student"])
+    return cfg_path, cfg, rd
+
+
+def test_heldout_documents_and_mc_items(upstream):
+    _, cfg, rd = upstream
+    docs = evaluate.heldout_documents(rd.stage_dir("manifest"), load_tokenizer(cfg.teacher), 1000)
+    corpus = set(corpus_texts(240))
+    assert len(docs) >= 20 and all(d in corpus for d in docs)  # EOS splitting recovers whole documents
+    items = evaluate.build_mc_items(docs, 4, seed=0)
+    assert items == evaluate.build_mc_items(docs, 4, seed=0)
+    assert len(items) >= 0.8 * len(docs)
+    for item in items:
+        assert len(item["choices"]) == 4 and len(set(item["choices"])) == 4
+        true = item["choices"][item["label"]]
+        assert any(d == f"{item['context']} {true}" for d in docs)
+        assert all(len(c.split()) <= len(true.split()) for c in item["choices"])
+    labels = [i["label"] for i in items]
+    assert len(set(labels)) > 1  # the answer position is shuffled
+
+
+def test_evaluate_stage_end_to_end(upstream, capsys):
+    cfg_path, cfg, rd = upstream
+    args = ["--config", str(cfg_path), "evaluate.tasks=[{name: kd_heldout, limit: 6}]", "evaluate.intrinsic_batches=3"]
+    assert evaluate.main(args) == 0
+    tasks = rd.stage_dir("evaluate", "tasks")
+    assert sorted(p.name for p in tasks.iterdir()) == [
+        "kd_heldout.yaml", "kd_heldout_mc.jsonl", "kd_heldout_mc.yaml", "kd_heldout_ppl.jsonl", "kd_heldout_ppl.yaml"
+    ]  # fmt: skip
+    for model in ("ce", "kd", "teacher"):
+        mdir = rd.stage_dir("evaluate", model)
+        res = json.loads((mdir / "results.json").read_text())
+        assert (mdir / "_COMPLETE.json").exists() and (mdir / "config.yaml").exists()
+        assert res["step"] == (None if model == "teacher" else 6)
+        assert res["task_versions"]["kd_heldout_mc"] == 1.0 and res["limits"]["kd_heldout_mc"] == 6
+        assert set(res["provenance"]["packages"]) >= {"torch", "transformers", "lm_eval", "datasets"}
+        assert res["provenance"]["git_hash"] and res["provenance"]["config_hash"]
+        (result_file,) = res["lm_eval_files"]
+        assert (mdir / result_file).exists() and Path(result_file).name.startswith("results_")
+        intrinsic = res["intrinsic"]
+        assert intrinsic["heldout_tokens"] > 0 and 0 <= intrinsic["ece"] <= 1
+        assert 1 < intrinsic["heldout_ppl"] < 10 * 384
+    teacher = json.loads((rd.stage_dir("evaluate", "teacher") / "results.json").read_text())["intrinsic"]
+    student = json.loads((rd.stage_dir("evaluate", "ce") / "results.json").read_text())["intrinsic"]
+    # the teacher agrees with its own cache (fp16 ties aside) and is at ~zero KL from it; the random student is not
+    assert teacher["top1_agreement"] > 0.97 and teacher["kl_teacher_student"] < 1e-2
+    assert student["kl_teacher_student"] > 10 * teacher["kl_teacher_student"]
+
+    # lm-eval's own output, parsed by the report's parser: group replaced by its two subtasks
+    parsed = report.collect_lm_eval(rd.stage_dir("evaluate", "ce"), [])
+    assert report.displayed_tasks(parsed) == ["kd_heldout_mc", "kd_heldout_ppl"]
+    assert report.primary_metric(parsed["kd_heldout_mc"]) == ("acc_norm", "none")
+    assert parsed["kd_heldout_mc"]["n_samples"] == 6 and parsed["kd_heldout_mc"]["parent"] == "kd_heldout"
+    assert parsed["kd_heldout_ppl"]["metrics"]["word_perplexity"]["none"]["value"] > 1
+
+    # retraining a student does not redo the teacher; the student is redone
+    before = (rd.stage_dir("evaluate", "teacher") / "_COMPLETE.json").read_text()
+    rd.write_marker("train", "kd", "retrained", {}, {})
+    capsys.readouterr()
+    assert evaluate.main([*args, "--model", "teacher"]) == 0
+    assert "evaluate/teacher is already complete" in capsys.readouterr().err
+    assert evaluate.upstream(cfg, "kd")[-1] == ("train", "kd")  # while the student's marker follows its training
+    assert (rd.stage_dir("evaluate", "teacher") / "_COMPLETE.json").read_text() == before
+
+    assert report.main(["--config", str(cfg_path)]) == 0
+    summary = json.loads((rd.stage_dir("report") / "summary.json").read_text())
+    assert summary["columns"] == ["kd_heldout_mc", "kd_heldout_ppl"]
+    assert summary["models"]["kd"]["deltas"]["kd_heldout_ppl_vs_teacher"] is not None
+    assert "ppl↓" in capsys.readouterr().out
+
+
+def test_unknown_task_name_is_refused(upstream):
+    _, cfg, rd = upstream
+    task_dir = evaluate.prepare_local_tasks(cfg, rd, load_tokenizer(cfg.teacher))
+    wanted = [EvalTaskConfig(name="kd_heldout_mc"), EvalTaskConfig(name="kd_heldout_nope")]
+    manager = evaluate.task_manager(task_dir, [wanted[0]])  # our tasks only: no 15k-YAML index in the test
+    evaluate.check_task_names(manager, wanted[:1])
+    with pytest.raises(PipelineError, match=r"evaluate.tasks.1.name: unknown lm-eval task or group 'kd_heldout_nope'"):
+        evaluate.check_task_names(manager, wanted)
+
+
+def test_intrinsic_batches_cap_and_determinism(upstream):
+    _, cfg, rd = upstream
+    model = load_causal_lm(cfg.teacher, "teacher", torch.device("cpu"))
+    tok = load_tokenizer(cfg.teacher)
+    one = evaluate.intrinsic_metrics(model, tok, load(upstream[0], ["evaluate.intrinsic_batches=1"]), rd)
+    again = evaluate.intrinsic_metrics(model, tok, load(upstream[0], ["evaluate.intrinsic_batches=1"]), rd)
+    full = evaluate.intrinsic_metrics(model, tok, cfg, rd)
+    assert one == again
+    assert one["heldout_tokens"] < full["heldout_tokens"]
+    assert np.isfinite(list(full.values())).all()
+
+
+def test_evaluate_errors(upstream):
+    cfg_path, _, rd = upstream
+    assert evaluate.main(["--config", str(cfg_path), "--model", "nope"]) == 2
+    with pytest.raises(ConfigError, match="reserved"):
+        evaluate.units(load(cfg_path, ["train.variants={ce: {}, teacher: {}}"]), None)
+    shutil.rmtree(rd.stage_dir("train", "kd") / "final")
+    assert evaluate.main(["--config", str(cfg_path), "evaluate.local_tasks=false", "--model", "kd"]) == 1
