@@ -71,6 +71,7 @@ READ_BATCH = 1024  # records per Arrow batch read from a source (amortises Arrow
 DRAW_BLOCK = 4096  # source picks drawn from the RNG at once
 CHUNK_DOCS = 16384  # documents per datasets.map call: amortises the process pool, bounds memory
 MIN_DOCS_PER_PROC = 2048  # below this a worker pool costs more than it saves
+TEMPLATE_DATE = "26 Jul 2024"  # date_string for chat templates that print a date (Llama 3.1's own default)
 
 
 # ------------------------------------------------------------------------------------------------- sources
@@ -174,12 +175,16 @@ def open_source(i: int, src: SourceConfig) -> Source:
             ds = builder.as_dataset(split=src.split)
     except Exception as err:  # datasets raises many types for a bad path/file/split; all mean "cannot load this"
         raise PipelineError(f"{key} ({label}): cannot load ({_cause(err)})") from None
+    first = None
+    if ds.column_names is None:  # streaming without declared features: learn the columns from the first batch
+        first = next(_batches(ds, key, label), None)
+    mapping = _field_mapping(i, src, list(ds.column_names or first or []), label)
+    if ds.column_names is not None:  # convert only the mapped columns to Python objects
+        ds = ds.select_columns(sorted(set(mapping.values())))
     batches = _batches(ds, key, label)
-    first = next(batches, None)
+    first = first or next(batches, None)
     if not first or not len(next(iter(first.values()))):
         raise PipelineError(f"{key} ({label}): split {src.split!r} has no records")
-    columns = list(ds.column_names or first)
-    mapping = _field_mapping(i, src, columns, label)
     local = _local_files(builder)
     provenance = {
         "path": src.path,
@@ -281,6 +286,8 @@ def chat_renderer(tokenizer: Any, use_template: bool) -> Callable[[list[dict[str
     import jinja2
 
     has_template = use_template and bool(getattr(tokenizer, "chat_template", None))
+    # Llama-3.x templates print today's date unless given date_string; pinning it keeps output bytes reproducible.
+    fixed = {"date_string": TEMPLATE_DATE}
 
     def plain(msgs: list[dict[str, str]]) -> str:
         return "\n\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in msgs)
@@ -288,7 +295,7 @@ def chat_renderer(tokenizer: Any, use_template: bool) -> Callable[[list[dict[str
     def render(msgs: list[dict[str, str]]) -> tuple[str, bool]:
         if has_template:
             try:
-                return tokenizer.apply_chat_template(msgs, tokenize=False), False
+                return tokenizer.apply_chat_template(msgs, tokenize=False, **fixed), False
             except (jinja2.TemplateError, ValueError, TypeError):
                 return plain(msgs), True
         return plain(msgs), False
@@ -464,6 +471,9 @@ def run(cfg: Config, rd: RunDir, ctx: StageContext) -> dict[str, float]:
         raise ConfigError("manifest.sources: expected at least one source")
     tokenizer = load_tokenizer(cfg.teacher)
     eos, pad = check_teacher(cfg, tokenizer)
+    template = str(getattr(tokenizer, "chat_template", None) or "")
+    if mcfg.chat_template and "strftime_now" in template and "date_string" not in template:
+        ctx.log.warning("chat_template_date", "the teacher's chat template prints today's date: bytes vary by day")
     setup_s = time.monotonic() - started  # imports and tokenizer: fixed cost, kept out of the throughput
     sources = [open_source(i, src) for i, src in enumerate(mcfg.sources)]
     total_weight = sum(s.cfg.weight for s in sources)

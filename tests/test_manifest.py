@@ -117,6 +117,15 @@ def test_template_that_rejects_a_conversation_falls_back_to_plain(tokenizer):
     )
 
 
+def test_dated_chat_template_renders_the_same_every_day(tokenizer):
+    tokenizer.chat_template = (  # the date logic of the Llama-3.1 template
+        '{%- if not date_string is defined %}{%- set date_string = strftime_now("%d %b %Y") %}{%- endif %}'
+        "Today: {{ date_string }}|{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    )
+    render = manifest.chat_renderer(tokenizer, use_template=True)
+    assert render([{"role": "user", "content": "a"}]) == (f"Today: {manifest.TEMPLATE_DATE}|a", False)
+
+
 def test_normalise_and_split_are_pure():
     assert manifest.normalise("  Hello\tWORLD \n") == manifest.normalise("hello world") == "hello world"
     assert manifest.normalise("ﬁne") == "fine"  # NFKC folds the ligature
@@ -364,6 +373,7 @@ def bad_inputs(tmp_path, tiny_assets):
             "no-such-org/no-such-dataset",
             1,
         ),
+        "unknown split": ({"manifest.sources.0.split": "validation"}, "validation", 1),
         "missing file": ({"manifest.sources.0.data_files": str(tmp_path / "nope.jsonl")}, "nope.jsonl", 1),
         "unreadable file": ({"manifest.sources.0.data_files": str(bad_json)}, "bad.jsonl", 1),
         "unreadable streamed file": (
