@@ -407,6 +407,9 @@ def build_summary(cfg: Config, rd: RunDir) -> dict[str, Any]:
             "tokens": tokens,
             "tokens_per_joule": tokens / (wh * 3600) if tokens and wh > 0 else None,
         }
+    for stage, tel in telemetry.items():
+        if not any(key in point for point in tel["points"] for key in TELEMETRY_SERIES):
+            notes.append(f"telemetry {stage}: host metrics only, no GPU readings (no NVML); no GPU plot")
     if telemetry and not energy:
         notes.append("energy: telemetry has no energy readings (no NVML energy counter); energy plot omitted")
     return {
