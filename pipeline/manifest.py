@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import itertools
 import logging
 import os
 import shutil
@@ -79,7 +80,6 @@ TEMPLATE_DATE = "26 Jul 2024"  # date_string for chat templates that print a dat
 class Source:
     """One opened mixture source: its records (canonical field names) and provenance."""
 
-    index: int
     cfg: SourceConfig
     key: str  # config key path, used in every error about this source
     label: str  # what the user wrote: path, config name and data files
@@ -96,8 +96,11 @@ def _label(src: SourceConfig) -> str:
 
 def _cause(err: BaseException) -> str:
     """The innermost cause's first line: datasets wraps the useful message (the bad file, line, column)."""
-    while err.__cause__ is not None or err.__context__ is not None:
-        err = err.__cause__ or err.__context__
+    for _ in range(16):  # bounded: exception chains can, rarely, be cyclic
+        inner = err.__cause__ or err.__context__
+        if inner is None:
+            break
+        err = inner
     text = str(err).strip().splitlines()
     return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
 
@@ -118,10 +121,9 @@ def _field_mapping(i: int, src: SourceConfig, columns: list[str], label: str) ->
                 f"{key}.fields.{canon}: column {column!r} not found in {label} (columns: {', '.join(columns)})"
             )
     mapping = {c: src.fields.get(c, c) for c in CANONICAL_FIELDS if src.fields.get(c, c) in columns}
-    wanted = SHAPE_FIELDS[src.format] if src.format != "auto" else CANONICAL_FIELDS
-    required = [f for f in wanted if f != "input"]
-    if src.format != "auto" and any(f not in mapping for f in required):
-        missing = [src.fields.get(f, f) for f in required if f not in mapping]
+    required = [f for f in SHAPE_FIELDS.get(src.format, ()) if f != "input"]  # alpaca's input is optional
+    missing = [src.fields.get(f, f) for f in required if f not in mapping]
+    if missing:
         raise PipelineError(
             f"{key}.format: {src.format} records need column(s) {', '.join(missing)}, not found in {label} "
             f"(columns: {', '.join(columns)}); map them with {key}.fields"
@@ -147,16 +149,12 @@ def _batches(ds: Any, key: str, label: str) -> Iterator[dict[str, list]]:
 
 
 def _records(first: dict[str, list], rest: Iterator[dict[str, list]], mapping: dict[str, str]):
-    for batch in _chain(first, rest):
+    """Records with canonical field names (None where a batch lacks the column) from column batches."""
+    for batch in itertools.chain([first], rest):
         columns = {canon: batch.get(col) for canon, col in mapping.items()}
         n = len(next(iter(batch.values()))) if batch else 0
         for j in range(n):
             yield {canon: (values[j] if values is not None else None) for canon, values in columns.items()}
-
-
-def _chain(first: dict[str, list], rest: Iterator[dict[str, list]]) -> Iterator[dict[str, list]]:
-    yield first
-    yield from rest
 
 
 def open_source(i: int, src: SourceConfig) -> Source:
@@ -200,7 +198,7 @@ def open_source(i: int, src: SourceConfig) -> Source:
         "fields": mapping,
         "weight": src.weight,
     }
-    return Source(i, src, key, label, _records(first, batches, mapping), provenance)
+    return Source(src, key, label, _records(first, batches, mapping), provenance)
 
 
 def data_file_stats(cfg: ManifestConfig) -> list:

@@ -140,7 +140,7 @@ def test_normalise_and_split_are_pure():
 def test_mixture_follows_weights_until_a_source_runs_out():
     sizes, weights = (3000, 20000), (0.3, 0.7)
     sources = [
-        manifest.Source(i, SourceConfig(path="x", weight=w), f"s{i}", "x", iter([{}] * n), {})
+        manifest.Source(SourceConfig(path="x", weight=w), f"s{i}", "x", iter([{}] * n), {})
         for i, (n, w) in enumerate(zip(sizes, weights, strict=True))
     ]
     state: dict[str, str] = {}
@@ -384,6 +384,11 @@ def bad_inputs(tmp_path, tiny_assets):
         "mapping names a missing column": (
             {"manifest.sources.0.fields": {"text": "content"}},
             "manifest.sources.0.fields.text: column 'content' not found",
+            1,
+        ),
+        "forced format without its columns": (
+            {"manifest.sources.0.format": "messages"},
+            "manifest.sources.0.format: messages records need column(s) messages",
             1,
         ),
         "no column of a known shape": ({"manifest.sources.0.data_files": other}, "columns: body, id", 1),
