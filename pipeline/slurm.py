@@ -36,6 +36,7 @@ from typing import Any
 from pipeline import config as config_mod
 from pipeline.config import Config, ConfigError
 from pipeline.jsonlog import format_console
+from pipeline.logs import tail_records
 from pipeline.rundir import PipelineError, atomic_write_json, atomic_write_text
 
 REPO = Path(__file__).resolve().parent.parent
@@ -387,28 +388,10 @@ def last_progress(logs_dir: Path, run: str, stage: str) -> dict | None:
     """The latest non-telemetry line of the stage's JSON logs (any rank)."""
     latest = None
     for path in sorted((logs_dir / run / stage).glob("rank_*.jsonl")):
-        for rec in _tail_records(path):
+        for rec in tail_records(path):
             if latest is None or rec.get("ts", "") >= latest.get("ts", ""):
                 latest = rec
     return latest
-
-
-def _tail_records(path: Path, max_bytes: int = 65536) -> list[dict]:
-    """The last complete JSON lines of a log file (reads at most ``max_bytes`` from the end)."""
-    with open(path, "rb") as fh:
-        fh.seek(0, os.SEEK_END)
-        size = fh.tell()
-        fh.seek(max(0, size - max_bytes))
-        lines = fh.read().decode("utf-8", errors="replace").splitlines()
-    if size > max_bytes:
-        lines = lines[1:]  # the first line is probably cut
-    out = []
-    for line in lines:
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return out
 
 
 def run_status(record: dict) -> dict:

@@ -1,0 +1,209 @@
+"""Read a run's structured logs: a filtered, pretty-printed tail that can follow, and a one-screen overview.
+
+    python -m pipeline.logs --run R [--stage S] [--level L] [--event E] [-n N] [--follow]   (make logs RUN=R)
+    python -m pipeline.logs --run R --overview
+
+Reads every ``logs/<run>/<stage>/*.jsonl`` (stage ranks and monitor.py telemetry, one pipeline.jsonlog schema) and
+merges them by time. Telemetry samples are left out unless asked for (``--event telemetry`` or ``--telemetry``):
+at one per second and node they would drown everything else. ``--level warning`` shows warnings and errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipeline.jsonlog import LEVELS, format_console
+
+STAGE_ORDER = ("manifest", "cache", "train", "evaluate", "report")
+TELEMETRY_EVENTS = {"telemetry"}
+
+
+@dataclass
+class Filter:
+    """Which records to show."""
+
+    stages: set[str] = field(default_factory=set)
+    min_level: str = "debug"
+    events: set[str] = field(default_factory=set)
+    telemetry: bool = False
+
+    def match(self, rec: dict) -> bool:
+        if self.stages and rec.get("stage") not in self.stages:
+            return False
+        if LEVELS.get(rec.get("level", "info"), 20) < LEVELS[self.min_level]:
+            return False
+        if self.events:
+            return rec.get("event") in self.events
+        return self.telemetry or rec.get("event") not in TELEMETRY_EVENTS
+
+
+def log_files(run_dir: Path, stages: set[str] | None = None) -> list[Path]:
+    """Every JSON-lines log of the run (optionally only some stages)."""
+    return sorted(p for p in run_dir.glob("*/*.jsonl") if not stages or p.parent.name in stages)
+
+
+def parse_lines(lines: Iterable[str]) -> Iterator[dict]:
+    for line in lines:
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line still being written, or not ours
+        if isinstance(rec, dict):
+            yield rec
+
+
+def tail_records(path: Path, max_bytes: int = 1 << 20) -> list[dict]:
+    """The records in the last ``max_bytes`` of a log (a cut first line is dropped)."""
+    with open(path, "rb") as fh:
+        fh.seek(0, os.SEEK_END)
+        size = fh.tell()
+        fh.seek(max(0, size - max_bytes))
+        lines = fh.read().decode("utf-8", errors="replace").splitlines()
+    return list(parse_lines(lines[1:] if size > max_bytes else lines))
+
+
+def format_record(rec: dict) -> str:
+    """The console line of jsonlog plus where it came from (host, Slurm job/task, rank) when not a plain local run."""
+    where = []
+    if rec.get("job"):
+        where.append(f"job {rec['job']}" + (f"_{rec['task']}" if rec.get("task") is not None else ""))
+    if rec.get("rank"):
+        where.append(f"rank {rec['rank']}")
+    line = format_console(rec)
+    return f"{line}  ({rec.get('host', '?')}{', ' if where else ''}{', '.join(where)})" if where else line
+
+
+class Follower:
+    """Remembers how far each log file was read; :meth:`poll` returns the new complete records (new files too).
+
+    The first poll returns everything already written, so listing then following has no gap and no repeat.
+    """
+
+    def __init__(self, run_dir: Path, flt: Filter) -> None:
+        self.run_dir, self.flt = run_dir, flt
+        self.offsets: dict[Path, int] = {}
+        self.partial: dict[Path, str] = {}
+
+    def poll(self) -> list[dict]:
+        new = []
+        for path in log_files(self.run_dir, self.flt.stages):
+            offset = self.offsets.get(path, 0)
+            size = path.stat().st_size
+            if size < offset:  # truncated or replaced: start over
+                offset, self.partial[path] = 0, ""
+            if size == offset:
+                continue
+            with open(path, "rb") as fh:
+                fh.seek(offset)
+                chunk = fh.read(size - offset).decode("utf-8", errors="replace")
+            self.offsets[path] = size
+            text = self.partial.pop(path, "") + chunk
+            complete, _, rest = text.rpartition("\n")
+            if rest:
+                self.partial[path] = rest  # the writer has not finished this line yet
+            new += [r for r in parse_lines(complete.splitlines()) if self.flt.match(r)]
+        return sorted(new, key=lambda r: r.get("ts", ""))
+
+
+# -------------------------------------------------------------------------------------------------- overview
+def _fmt(value: object) -> str:
+    return "-" if value is None else f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def overview(run_dir: Path, max_bytes: int = 1 << 20) -> str:
+    """One screen: per stage the latest progress line, warning/error counts and the latest telemetry sample."""
+    stages = sorted({p.parent.name for p in log_files(run_dir)}, key=lambda s: (s not in STAGE_ORDER, s))
+    stages = [s for s in STAGE_ORDER if s in stages] + [s for s in stages if s not in STAGE_ORDER]
+    if not stages:
+        return f"{run_dir}: no logs yet"
+    lines = [f"run {run_dir.name} ({run_dir})"]
+    for stage in stages:
+        progress, telemetry, counts = None, {}, {"warning": 0, "error": 0}
+        for path in log_files(run_dir, {stage}):
+            from_monitor = path.name.startswith("telemetry_")
+            for rec in tail_records(path, max_bytes):
+                if from_monitor:  # the monitor's lines are not the stage's progress
+                    if rec.get("event") in TELEMETRY_EVENTS:
+                        telemetry[rec.get("host")] = rec
+                    continue
+                if rec.get("level") in counts:
+                    counts[rec["level"]] += 1
+                if progress is None or rec.get("ts", "") >= progress.get("ts", ""):
+                    progress = rec
+        flags = ", ".join(f"{n} {lvl}s" for lvl, n in counts.items() if n)
+        lines.append(f"{stage:<9} {format_console(progress)[:140] if progress else '-'}")
+        if flags:
+            hint = f"python -m pipeline.logs --run {run_dir.name} --stage {stage} --level warning"
+            lines.append(f"{'':<9} {flags} ({hint})")
+        for host, rec in sorted(telemetry.items(), key=lambda kv: str(kv[0])):
+            m = rec.get("metrics", {})
+            gpus = m.get("gpus") or []
+            gpu = ""
+            if gpus:
+                util = [g["util_pct"] for g in gpus if g.get("util_pct") is not None]
+                mem = sum(g.get("mem_used_gb") or 0 for g in gpus)
+                energy = sum(g.get("energy_wh") or 0 for g in gpus)
+                mean = sum(util) / len(util) if util else None
+                gpu = f" | {len(gpus)} GPUs util {_fmt(mean)}% mem {mem:.1f} GB energy {energy:.3g} Wh"
+            lines.append(
+                f"{'':<9} telemetry {host} {rec.get('ts', '')[11:19]}: cpu {_fmt(m.get('cpu_util_pct'))}% "
+                f"ram {_fmt(m.get('ram_used_gb'))} GB{gpu}"
+            )
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------------- CLI
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.logs", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--run", required=True, help="run name (logs/<run>/)")
+    parser.add_argument("--logs-dir", default="logs", help="root of log directories (cfg.logs_dir)")
+    parser.add_argument("--stage", action="append", default=[], help="only this stage (repeatable)")
+    parser.add_argument("--level", default="debug", choices=list(LEVELS), help="minimum level")
+    parser.add_argument("--event", action="append", default=[], help="only this event (repeatable)")
+    parser.add_argument("--telemetry", action="store_true", help="include monitor.py samples")
+    parser.add_argument("-n", "--lines", type=int, default=50, help="show the last N matching lines (0: all)")
+    parser.add_argument("--follow", "-f", action="store_true", help="keep printing new lines (Ctrl-C stops)")
+    parser.add_argument("--interval", type=float, default=0.5, help="seconds between polls with --follow")
+    parser.add_argument("--json", action="store_true", help="print the raw JSON lines")
+    parser.add_argument("--overview", action="store_true", help="one screen: latest progress of every stage")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    run_dir = Path(args.logs_dir) / args.run
+    if not run_dir.is_dir():
+        print(f"error: {run_dir}: no logs for run '{args.run}' (expected logs/<run>/<stage>/*.jsonl)", file=sys.stderr)
+        return 1
+    if args.overview:
+        print(overview(run_dir))
+        return 0
+    flt = Filter(set(args.stage), args.level, set(args.event), args.telemetry)
+    show = (lambda r: json.dumps(r, ensure_ascii=False)) if args.json else format_record
+    follower = Follower(run_dir, flt)
+    records = follower.poll()
+    for rec in records[-args.lines :] if args.lines else records:
+        print(show(rec))
+    if not args.follow:
+        return 0
+    try:
+        while True:
+            for rec in follower.poll():
+                print(show(rec), flush=True)
+            time.sleep(args.interval)
+    except KeyboardInterrupt:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
