@@ -11,7 +11,8 @@ Columns of every shard (one row = one packed sequence of ``seq_len`` tokens):
     sample_id       int64                         index of the row within its split, 0..N-1 in file order
     input_ids       fixed_size_list<int32>[T]     token ids; documents are separated by EOS
     attention_mask  fixed_size_list<int8>[T]      1 real token, 0 padding (only a split's last row is padded)
-    doc_starts      list<int32>                   positions in the row where a document starts
+    doc_starts      list<int32>                   positions in the row where a document starts (a row that
+                                                  begins mid-document has no 0 entry; EOS ends every document)
 
 Arrow schema metadata ``b"pipeline.data"`` holds JSON {format_version, split, shard_index, seq_len, vocab_hash,
 vocab_size}. Raise :data:`PACKED_FORMAT_VERSION` on any change to the columns or their meaning.
