@@ -36,6 +36,8 @@ from pipeline.config import Config, ConfigError
 from pipeline.jsonlog import JsonLogger, open_logger, redact
 
 MARKER = "_COMPLETE.json"
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 
 class PipelineError(RuntimeError):
@@ -53,6 +55,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs on a shared cluster follow the user's umask
     tmp_path = Path(tmp)
     try:
         yield tmp_path
