@@ -518,9 +518,14 @@ def _train_variant(cfg: Config, rd: RunDir, ctx: StageContext, variant: str) -> 
     # --- accelerator, student, projectors, checks ---
     from transformers import AutoConfig
 
-    student_config = AutoConfig.from_pretrained(
-        cfg.student.name_or_path, revision=cfg.student.revision, trust_remote_code=cfg.student.trust_remote_code
-    )
+    try:
+        student_config = AutoConfig.from_pretrained(
+            cfg.student.name_or_path, revision=cfg.student.revision, trust_remote_code=cfg.student.trust_remote_code
+        )
+    except (OSError, ValueError) as err:
+        raise PipelineError(
+            f"student.name_or_path: cannot load the config of {cfg.student.name_or_path!r} ({err})"
+        ) from None
     recipe = resolve_recipe(variant, train.variants[variant], meta, student_config)
     acc = _setup_accelerator(cfg, recipe)
     rank, world = acc.process_index, acc.num_processes
