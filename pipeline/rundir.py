@@ -236,7 +236,11 @@ def stage_main(spec: StageSpec, argv: list[str] | None = None) -> int:
         print(f"config error: {err}", file=sys.stderr)
         return 2
     rd = RunDir.from_config(cfg)
-    log = open_logger(cfg.run_name, spec.name, rd.logs)
+    try:
+        log = open_logger(cfg.run_name, spec.name, rd.logs)
+    except OSError as err:
+        print(f"error: {rd.logs / spec.name}: log directory is not writable ({err.strerror})", file=sys.stderr)
+        return 1
     try:
         units = spec.units(cfg, args)
         for unit in units:
