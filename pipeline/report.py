@@ -646,7 +646,7 @@ def make_plots(summary: dict[str, Any], plot_dir: Path) -> dict[str, str]:
             ax.bar(
                 names,
                 [v if v is not None else 0.0 for v in values],
-                yerr=errs,
+                yerr=errs if any(errs) else None,
                 capsize=4,
                 color=[f"C{i}" for i in range(len(names))],
             )
