@@ -12,7 +12,8 @@ Per batch of ``cache.batch_size`` rows the teacher body runs once with ``output_
 temperature, log-softmax, top-k and tail mass are then computed from the final hidden state in chunks of
 ``cache.logits_chunk`` positions, in place, so the extra peak memory is one [chunk, V] fp32 block instead of
 [B, T, V]. Stored log-probs are those of the full distribution at the capture temperature (not renormalised over k);
-the tail is ``logsumexp`` of the log-probs outside the top-k, accurate even when the top-k hold almost all mass.
+the tail is the sum of the probabilities outside the top-k (not 1 - their complement), accurate even when the
+top-k hold almost all mass.
 
 Resumable and shard-parallel: task ``I`` of ``N`` (defaults: Slurm array task id relative to the array's minimum,
 and the array's task count) owns shards ``I, I+N, ...`` of the combined train+val list. A shard counts as done when
@@ -28,6 +29,7 @@ import argparse
 import dataclasses
 import json
 import os
+import subprocess
 import sys
 import time
 import types
@@ -68,8 +70,8 @@ def topk_chunked(
     """Top-k log-probs of the full tempered distribution and the tail log-mass, ``chunk`` positions at a time.
 
     final_hidden: [N, H] (the post-norm last hidden state). Returns (values [N, k] fp32, ids [N, k] int64,
-    tail [N] fp32) on the LM head's device. Per chunk the logits are turned into log-probs in place, so the extra
-    peak memory is one [chunk, V] fp32 block (plus a model-dtype copy when the head is not fp32).
+    tail [N] fp32) on the LM head's device. Per chunk the logits become log-probs and then the tail sum in place,
+    so the extra peak memory is one [chunk, V] fp32 block (plus a model-dtype copy when the head is not fp32).
     """
     values, ids, tails = [], [], []
     for start in range(0, final_hidden.shape[0], chunk):
@@ -78,8 +80,10 @@ def topk_chunked(
             logits.div_(temperature)
         torch.log_softmax(logits, dim=-1, out=logits)
         top_values, top_ids = torch.topk(logits, top_k, dim=-1)
-        logits.scatter_(-1, top_ids, float("-inf"))
-        tails.append(torch.logsumexp(logits, dim=-1))  # log of the mass outside the top-k; -inf when k == V
+        # the mass outside the top-k, summed in place (no [c, V] temporary): the entries are normalised
+        # log-probs <= 0, so exp cannot overflow, and a tiny tail is summed directly rather than as 1 - sum(top-k)
+        logits.scatter_(-1, top_ids, float("-inf")).exp_()
+        tails.append(logits.sum(dim=-1).log_())  # -inf when k == V
         values.append(top_values)
         ids.append(top_ids)
         del logits
@@ -153,6 +157,72 @@ def to_columns(parts: list[dict[str, torch.Tensor]], packed: dict[str, Any]) -> 
         else:
             cols[name] = merged.numpy()
     return cols
+
+
+# ------------------------------------------------------------------------------------------------ measurement
+def benchmark_extraction(
+    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, spec: Extraction, repeats: int = 3
+) -> dict[str, float]:
+    """Seconds of a bare teacher forward (full logits) vs :func:`extract_batch` on the same batch; best of
+    ``repeats``, interleaved so background load hits both alike."""
+    bare, extract = [], []
+    with torch.inference_mode():
+        model(input_ids=input_ids, attention_mask=attention_mask)  # warm-up
+        for _ in range(repeats):
+            start = time.perf_counter()
+            model(input_ids=input_ids, attention_mask=attention_mask)
+            bare.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            extract_batch(model, input_ids, attention_mask, spec)
+            extract.append(time.perf_counter() - start)
+    return {"bare_forward_s": min(bare), "extraction_s": min(extract), "overhead_ratio": min(extract) / min(bare)}
+
+
+def _topk_peak_child(mode: str, positions: int, hidden: int, vocab: int, chunk: int, top_k: int) -> int:
+    """In a fresh process: bytes the resident-set peak rises by while computing top-k (``mode``: chunked/full)."""
+    torch.manual_seed(0)
+    states = torch.randn(positions, hidden)
+    head = torch.nn.Linear(hidden, vocab, bias=False)
+    page = os.sysconf("SC_PAGE_SIZE")
+    with open("/proc/self/statm") as fh:
+        before = int(fh.read().split()[1]) * page
+    with open("/proc/self/clear_refs", "w") as fh:  # "5" resets the peak RSS (VmHWM) to the current RSS
+        fh.write("5")
+    with torch.inference_mode():
+        if mode == "chunked":
+            topk_chunked(states, head, top_k, 1.0, chunk)
+        else:
+            torch.topk(torch.log_softmax(head(states), dim=-1), top_k, dim=-1)
+    with open("/proc/self/status") as fh:
+        peak = next(int(line.split()[1]) * 1024 for line in fh if line.startswith("VmHWM:"))
+    return peak - before
+
+
+def topk_peak_memory(
+    positions: int = 8 * 256, hidden: int = 576, vocab: int = 49152, chunk: int = 128, top_k: int = 16
+) -> dict[str, float]:
+    """Peak extra memory (resident set, Linux) of chunked top-k vs materialised [positions, V] logits, each in a
+    fresh process; ``ratio_to_logits`` compares the chunked peak with positions x V x 4 bytes."""
+
+    def child(mode: str) -> int:
+        code = (
+            "from pipeline.cache import _topk_peak_child; "
+            f"print(_topk_peak_child({mode!r}, {positions}, {hidden}, {vocab}, {chunk}, {top_k}))"
+        )
+        root = Path(__file__).resolve().parent.parent
+        env = {**os.environ, "PYTHONPATH": str(root)}
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+        return int(done.stdout.split()[-1])
+
+    chunked, full = child("chunked"), child("full")
+    logits = positions * vocab * 4
+    return {
+        "logits_bytes": float(logits),
+        "chunked_peak_bytes": float(chunked),
+        "full_peak_bytes": float(full),
+        "ratio_to_logits": chunked / logits,
+        "ratio_to_full": chunked / full,
+    }
 
 
 # ------------------------------------------------------------------------------------------------- planning

@@ -601,6 +601,22 @@ def rowwise_read(files: Sequence[Path], columns: Sequence[str]) -> int:
     return tokens
 
 
+def column_bytes_per_token(path: Path) -> dict[str, float]:
+    """Compressed bytes per token of each column of a shard (from the Parquet footer), plus ``total``."""
+    footer = pq.read_metadata(path)
+    meta = _meta_from_schema(Path(path), footer.schema.to_arrow_schema())
+    tokens = footer.num_rows * int(meta["seq_len"])
+    sizes: dict[str, float] = collections.defaultdict(float)
+    for g in range(footer.num_row_groups):
+        group = footer.row_group(g)
+        for c in range(group.num_columns):
+            column = group.column(c)
+            sizes[column.path_in_schema.split(".")[0]] += column.total_compressed_size
+    result = {name: size / tokens for name, size in sizes.items()}
+    result["total"] = Path(path).stat().st_size / tokens
+    return result
+
+
 def benchmark_reader(
     files: Sequence[Path], *, batch_size: int = 8, columns: Sequence[str] | None = None
 ) -> dict[str, float]:
