@@ -151,6 +151,7 @@ def test_stage_writes_shards_records_marker_and_reader_feeds_student(run_config,
     assert shard_bytes(out) == before
 
 
+@pytest.mark.slow
 def test_kill_9_mid_run_then_rerun_gives_identical_shards(run_config, tmp_path):
     reference = run_config(run_name="ref", **{"cache.batch_size": 2})
     shutil.copytree(tmp_path / "runs" / "tiny" / "manifest", tmp_path / "runs" / "ref" / "manifest")
