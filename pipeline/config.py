@@ -117,9 +117,9 @@ class CacheConfig:
 class ResponseKDConfig:
     weight: float = _opt(0.0, "weight of the top-k response loss", NON_NEGATIVE)
     divergence: Literal["forward_kl", "reverse_kl", "jsd", "tvd"] = _opt("forward_kl", "divergence")
-    temperature: float = _opt(1.0, "tau; the loss is scaled by tau^2", POSITIVE)
+    temperature: float = _opt(1.0, "tau (loss x tau^2); tail_bucket needs cache.temperature, renormalize any", POSITIVE)
     tail: Literal["tail_bucket", "renormalize"] = _opt("tail_bucket", "k+1 classes with the exact tail, or over k")
-    jsd_beta: float = _opt(0.5, "beta of the generalized JSD", UNIT)
+    jsd_beta: float = _opt(0.5, "beta of the generalized JSD, in (0, 1) (0 and 1 make it vanish)", UNIT)
 
 
 @dataclass
