@@ -285,3 +285,14 @@ def test_unknown_variant_is_a_config_error(tmp_path, tiny_assets, tiny_cache, ca
     cfg = make_run(tmp_path, tiny_assets, tiny_cache)
     assert train.main(["--config", str(cfg), "--variant", "nope"]) == 2
     assert "--variant" in capsys.readouterr().err
+
+
+def test_step_time_ratios_measures_every_kd_family(tiny_assets):
+    from transformers import AutoModelForCausalLM
+
+    student = AutoModelForCausalLM.from_pretrained(tiny_assets["student"])
+    result = train.step_time_ratios(student, batch_size=2, seq_len=16, top_k=4, teacher_dim=64, repeats=1)
+    assert set(result) == {f"{n}_s" for n in ("ce", "response", "feature", "relation")} | {
+        f"{n}_ratio" for n in ("response", "feature", "relation")
+    }
+    assert all(math.isfinite(v) and v > 0 for v in result.values())
