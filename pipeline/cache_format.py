@@ -543,7 +543,13 @@ class CacheDataset(IterableDataset):
         handle = self._handles.get(file)
         if handle is None:
             handle = self._handles[file] = pq.ParquetFile(self.files[file], memory_map=self.memory_map)
-        table = handle.read_row_group(group, columns=self.columns)
+        try:
+            table = handle.read_row_group(group, columns=self.columns)
+        except (OSError, pa.ArrowException) as err:  # damaged pages: a user-fixable state, not a crash
+            raise PipelineError(
+                f"{self.files[file]}: row group {group} unreadable ({err}); the shard is corrupt "
+                "(delete it and rerun the cache stage)"
+            ) from None
         data = _decode_group(table, self.files[file], group, self.meta, self.check_finite)
         self._groups[key] = data
         while len(self._groups) > self.cached_row_groups:
