@@ -3,8 +3,8 @@
 Three families, combined by weight with hard-label cross-entropy (``combine``):
 
 - **Response-based** on the cache's top-k teacher log-probs (``response_kd``; ``ce_and_response_kd`` computes the
-  student's full-vocabulary logsumexp once and shares it between the CE and KD terms — computing it twice made a
-  tail-bucket KD step ~25 % slower than CE on a 49k vocabulary).
+  student's full-vocabulary log_softmax once and shares it between the CE and KD terms — computing the
+  normaliser twice made a tail-bucket KD step ~25 % slower than CE on a 49k vocabulary).
 - **Feature-based** on hidden states through learned projectors (``FeatureProjectors``, ``feature_distance``).
 - **Relation-based** on pooled sequence embeddings (``rkd_distance``, ``rkd_angle``, ``pairwise_relation``,
   ``relation_loss``), optionally over the global batch (``gather_across_ranks``).
@@ -142,7 +142,8 @@ def response_class_logprobs(
     """(student, teacher) log-probs over the classes the divergence compares: [..., k+1] or [..., k].
 
     student_topk_logits [..., k]: the student's raw logits at the teacher's top-k ids.
-    student_lse [...]: ``logsumexp(student_logits / τ)`` over the full vocabulary (needed for tail_bucket only).
+    student_lse [...]: ``logsumexp(student_logits / τ)`` over the full vocabulary (needed for tail_bucket only;
+    passing log-probs as ``student_topk_logits`` with ``student_lse = 0`` is the same at τ = 1).
     teacher_topk_logprobs [..., k], tail_logmass [...]: the cache's columns (log-probs at ``capture_temperature``).
     """
     s_logits = student_topk_logits.float() / temperature
@@ -214,26 +215,17 @@ def response_kd(
     tail_logmass [...], mask [...]. Reference: Hinton et al., "Distilling the Knowledge in a Neural Network" (2015);
     torchtune ``ForwardKLLoss`` (torchtune/modules/loss/kd_losses.py) for the full-vocabulary special case.
     """
-    lse = logsumexp_fp32(student_logits, temperature) if tail == "tail_bucket" else None
-    return response_kd_from_parts(
-        student_logits.gather(-1, topk_ids),
-        lse,
-        topk_logprobs,
-        tail_logmass,
-        mask,
-        divergence=divergence,
-        temperature=temperature,
-        tail=tail,
-        capture_temperature=capture_temperature,
-        jsd_beta=jsd_beta,
-    )
+    labels = torch.zeros_like(topk_ids[..., 0])
+    options = {"divergence": divergence, "temperature": temperature, "tail": tail}
+    options.update(capture_temperature=capture_temperature, jsd_beta=jsd_beta)
+    return ce_and_response_kd(student_logits, labels, torch.zeros_like(mask), topk_ids, topk_logprobs, tail_logmass,
+                              mask, **options)[1]  # fmt: skip
 
 
 def cross_entropy(student_logits: Tensor, labels: Tensor, mask: Tensor) -> Tensor:
     """Hard-label CE = (1/|M|) Σ_{t∈M} −log p_S(y_t); shapes logits [..., V], labels [...], mask [...]."""
-    lse = logsumexp_fp32(student_logits)
-    label_logits = student_logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1).float()
-    return masked_mean(lse - label_logits, mask)
+    logp = torch.log_softmax(student_logits.float(), -1)
+    return masked_mean(-logp.gather(-1, labels.unsqueeze(-1)).squeeze(-1), mask)
 
 
 def ce_and_response_kd(
@@ -246,20 +238,21 @@ def ce_and_response_kd(
     kd_mask: Tensor,
     **kd_options: object,
 ) -> tuple[Tensor, Tensor]:
-    """(CE, response KD) from one float32 logsumexp and one gather of the student's logits.
+    """(CE, response KD) from one float32 log_softmax and one gather of the student's logits.
 
-    Equal to ``(cross_entropy(...), response_kd(...))`` but cheaper: the label and top-k logits are gathered
-    together (one scatter in the backward pass) and, at τ = 1 with a tail bucket, the full-vocabulary logsumexp
-    is shared. ``kd_options`` are ``response_kd``'s keyword arguments.
+    The log_softmax is the one cross-entropy computes anyway (``F.cross_entropy`` = log_softmax + gather); the
+    label and top-k ids are gathered together, so the backward pass has one scatter. Only a tail bucket at τ ≠ 1
+    needs a second full-vocabulary pass (the student tempered at τ). ``kd_options`` are ``response_kd``'s keywords.
     """
     temperature = float(kd_options.get("temperature", 1.0))
-    lse = logsumexp_fp32(student_logits)
-    picked = student_logits.gather(-1, torch.cat([labels.unsqueeze(-1), topk_ids], -1)).float()
-    ce = masked_mean(lse - picked[..., 0], ce_mask)
-    kd_lse = None
-    if kd_options.get("tail", "tail_bucket") == "tail_bucket":
-        kd_lse = lse if temperature == 1.0 else logsumexp_fp32(student_logits, temperature)
-    kd = response_kd_from_parts(picked[..., 1:], kd_lse, topk_logprobs, tail_logmass, kd_mask, **kd_options)
+    logp = torch.log_softmax(student_logits.float(), -1)  # [..., V]; float32 like HF's own causal-LM loss
+    picked = logp.gather(-1, torch.cat([labels.unsqueeze(-1), topk_ids], -1))
+    ce = masked_mean(-picked[..., 0], ce_mask)
+    if kd_options.get("tail", "tail_bucket") == "tail_bucket" and temperature != 1.0:
+        student_topk, lse = student_logits.gather(-1, topk_ids), logsumexp_fp32(student_logits, temperature)
+    else:  # log-probs are logits shifted by their logsumexp: lse 0; renormalising ignores the shift anyway
+        student_topk, lse = picked[..., 1:], torch.zeros_like(picked[..., 0])
+    kd = response_kd_from_parts(student_topk, lse, topk_logprobs, tail_logmass, kd_mask, **kd_options)
     return ce, kd
 
 
