@@ -252,8 +252,16 @@ def launch_argv_from_env(env: dict[str, str], *, gpus_per_node: int, shutdown_ti
 
 
 # ---------------------------------------------------------------------------------------------------- submit
+def _slurm(cmd: list[str]) -> subprocess.CompletedProcess:
+    """Run a Slurm client command; a clear error where Slurm is not installed."""
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, check=False)
+    except FileNotFoundError:
+        raise PipelineError(f"{cmd[0]}: not found (no Slurm here; slurm/local_cluster.sh sets one up)") from None
+
+
 def _sbatch(script: Path) -> str:
-    result = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True, check=False)
+    result = _slurm(["sbatch", "--parsable", str(script)])
     if result.returncode != 0:
         raise PipelineError(f"{script}: sbatch refused the job: {result.stderr.strip()}")
     return result.stdout.strip().split(";")[0]
@@ -315,7 +323,7 @@ def submit(
 
 def _scancel(job_ids: list[str]) -> None:
     if job_ids:
-        subprocess.run(["scancel", *job_ids], capture_output=True, text=True, check=False)
+        _slurm(["scancel", *job_ids])
 
 
 # ---------------------------------------------------------------------------------------------------- status
@@ -330,8 +338,7 @@ def load_record(logs_dir: Path, run: str) -> dict:
 
 
 def _query(cmd: list[str]) -> list[list[str]]:
-    result = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    return [line.split("|") for line in result.stdout.splitlines() if line.strip()]
+    return [line.split("|") for line in _slurm(cmd).stdout.splitlines() if line.strip()]
 
 
 def slurm_states(job_ids: list[str]) -> dict[str, list[dict]]:
