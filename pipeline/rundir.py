@@ -211,15 +211,19 @@ def run_unit(spec: StageSpec, cfg: Config, rd: RunDir, ctx: StageContext) -> dic
         return {**marker.get("summary", {}), "skipped": True}
     out = rd.stage_dir(spec.name, unit)
     check_writable(out)
-    if marker is not None:  # stale result: remove the marker first so a crash cannot leave it looking valid
-        rd.marker_path(spec.name, unit).unlink()
-    atomic_write_text(out / "config.yaml", redact(config_mod.dump_yaml(cfg)))
+    # Under DDP every rank runs the stage; rank 0 alone owns the files the wrapper writes.
+    lead = ctx.log.rank == 0
+    if marker is not None and lead:  # stale result: remove the marker first so a crash cannot leave it valid
+        rd.marker_path(spec.name, unit).unlink(missing_ok=True)
+    if lead:
+        atomic_write_text(out / "config.yaml", redact(config_mod.dump_yaml(cfg)))
     started = time.monotonic()
     ctx.log.info("start", f"{spec.name}{' ' + unit if unit else ''}", config_hash=config_hash)
     summary = spec.run(cfg, rd, ctx)
     summary = {**summary, "duration_s": round(time.monotonic() - started, 3)}
     if spec.complete(cfg, rd, ctx):
-        rd.write_marker(spec.name, unit, config_hash, inputs, summary)
+        if lead:
+            rd.write_marker(spec.name, unit, config_hash, inputs, summary)
         ctx.log.info("complete", f"{spec.name}{' ' + unit if unit else ''}", **summary)
     else:
         ctx.log.info("task_done", "this task's share is done; the stage completes when every task has", **summary)
