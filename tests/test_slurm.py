@@ -323,10 +323,12 @@ def test_tiny_config_full_chain_completes_in_order(cluster, tiny_config, tmp_pat
     assert all(spans[t][1] <= spans["evaluate"][0] for t in trains)
     assert spans["evaluate"][1] <= spans["report"][0]
     run = tmp_path / "runs" / "tiny"
-    for stage in ("manifest", "cache", "evaluate", "report"):
+    for stage in ("manifest", "cache", "report"):
         assert (run / stage / "_COMPLETE.json").is_file(), stage
     for variant in ("ce", "kd", "feature", "relation"):
         assert (run / "train" / variant / "_COMPLETE.json").is_file(), variant
+        assert (run / "evaluate" / variant / "_COMPLETE.json").is_file(), variant
+    assert (run / "evaluate" / "teacher" / "_COMPLETE.json").is_file()
     assert (run / "report" / "summary.md").is_file()
     for job in record["jobs"]:  # telemetry beside every stage
         assert list(Path(record["logs_dir"], "tiny", job["stage"]).glob("telemetry_summary_*.json")), job["stage"]
