@@ -278,6 +278,15 @@ def submit(
     """Generate and submit the chain; write and return the run record."""
     logs_dir = Path(cfg.logs_dir).resolve()
     slurm_dir = logs_dir / cfg.run_name / "slurm"
+    if not dry_run and (slurm_dir / RECORD).is_file():
+        previous = load_record(logs_dir, cfg.run_name)
+        states = run_status(previous)
+        active = [f"{_label(j)} {j['job_id']}" for j in states["jobs"] if j["state"] not in DONE_STATES]
+        if active:  # two chains of one run would write the same files
+            raise PipelineError(
+                f"{slurm_dir / RECORD}: run '{cfg.run_name}' still has jobs queued or running ({', '.join(active)}); "
+                f"wait, or make cancel RUN={cfg.run_name} first"
+            )
     slurm_dir.mkdir(parents=True, exist_ok=True)  # Slurm opens --output before the job runs: it must exist
     jobs = chain(cfg, config_path.resolve(), overrides, commands or {})
     ids: dict[str, str] = {}

@@ -228,8 +228,19 @@ def test_failed_stage_cancels_downstream_and_status_says_which(cluster, tiny_con
 
 
 @pytest.mark.slurm
+def test_cluster_script_ensure_is_a_quick_no_op_on_a_healthy_cluster(cluster):
+    t0 = time.monotonic()
+    out = subprocess.run([str(REPO / "slurm" / "local_cluster.sh"), "ensure"], capture_output=True, text=True)
+    assert out.returncode == 0 and "cluster healthy" in out.stderr, out.stderr
+    assert time.monotonic() - t0 < 10
+
+
+@pytest.mark.slurm
 def test_cancel_cancels_every_job_of_the_run(cluster, tiny_config):
-    record = _submit(tiny_config(), overrides(), {**STANDIN, "manifest": "sleep 60"})
+    config = tiny_config()
+    record = _submit(config, overrides(), {**STANDIN, "manifest": "sleep 60"})
+    with pytest.raises(slurm.PipelineError, match="still has jobs queued or running"):
+        _submit(config, overrides(), STANDIN)  # a second chain of the same run while the first is active
     out = subprocess.run(
         [PY, "-m", "pipeline.slurm", "cancel", "--run", "tiny", "--logs-dir", record["logs_dir"]],
         capture_output=True, text=True, cwd=REPO, check=True,
