@@ -1,0 +1,692 @@
+"""Benchmarks: the numbers the issues promise, measured side by side in one run on the same data.
+
+Reads   a real text (``--text``, default ``data/shakespeare/train.jsonl`` from ``python -m pipeline.demo_assets``;
+        without it the repository's own Markdown and Python sources) and, in ``--full`` mode, the demo teacher
+        ``models/smollm2-135m-instruct`` and student ``models/student-init`` when they exist.
+Writes  ``<out>/bench.json`` (machine, command, every raw timing), ``<out>/cache/`` (the benchmark's cache shards)
+        and refreshes ``BENCHMARKS.md`` (``--markdown``): table, machine, command, date.
+Run     ``python -m pipeline.bench [--quick|--full] [--out runs/bench] [--markdown BENCHMARKS.md]`` (``make bench``).
+
+These machines are shared and noisy, so every row is a ratio of two things timed alternately in the same process
+(medians over repeats), never an absolute time compared with a number from another run. Quick mode (default, a few
+minutes on 2 CPU cores) trains a tiny Llama teacher on the real text with a BPE tokenizer trained on that text, so
+the cached distributions have realistic, non-uniform entropy; full mode uses the real demo teacher and larger
+shapes and is meant for a GPU (peak memory then comes from ``torch.cuda.max_memory_allocated``).
+
+The measured code is the pipeline's own: ``cache.extract_batch``/``cache.topk_chunked`` for extraction,
+``cache_format.write_shard``/``benchmark_reader`` for storage and reading, ``train._loss_step`` for KD steps and
+``slurm`` for the chain. The bench is a tool, not a stage: it imports stage modules, stages never import it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as dt
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipeline import cache as cache_stage
+from pipeline import cache_format as cf
+from pipeline import modeling as mdl
+from pipeline import train as train_stage
+from pipeline.config import (
+    CacheConfig,
+    ModelConfig,
+)
+from pipeline.rundir import atomic_write_json, atomic_write_text
+
+REPO = Path(__file__).resolve().parent.parent
+DEMO_TEACHER = REPO / "models" / "smollm2-135m-instruct"
+DEMO_STUDENT = REPO / "models" / "student-init"
+DEFAULT_TEXT = REPO / "data" / "shakespeare" / "train.jsonl"
+TOP_K = 16  # the k of the storage goal (issue 4: k=16 + tail <= 90 bytes/token)
+
+
+@dataclasses.dataclass(frozen=True)
+class Sizes:
+    """Shapes of one bench mode. The teacher/student fields describe the tiny models trained here; full mode
+    replaces them with the demo models when those exist."""
+
+    name: str
+    text_chars: int  # characters of the text used (tokenizer training, teacher training, cache rows)
+    vocab: int  # BPE vocabulary trained on the text
+    teacher_hidden: int
+    teacher_layers: int
+    teacher_steps: int  # optimizer steps that turn the random teacher into a peaked one
+    student_hidden: int
+    student_layers: int
+    seq_len: int
+    cache_rows: int  # rows cached (and read back by the reader benchmark)
+    rows_per_shard: int
+    batch: int  # teacher and student batch (sequences)
+    memory_positions: int  # B*T positions of the peak-memory comparison
+    logits_chunk: int  # positions per LM-head chunk there
+    gemm_n: int  # square matrix size of the FLOP/s ceiling
+    repeats: int  # timed repeats per measurement (medians reported)
+    threads: int | None  # torch CPU threads; 1 on the shared machines, where 2 threads thrash under load
+    use_demo_models: bool = False
+
+
+QUICK = Sizes("quick", 400_000, 4096, 128, 4, 80, 64, 2, 128, 192, 64, 8, 4096, 256, 1024, 7, 1)
+FULL = Sizes("full", 3_000_000, 4096, 128, 4, 120, 256, 4, 512, 512, 128, 8, 16384, 1024, 4096, 15, None, True)
+MODES = {"quick": QUICK, "full": FULL}
+
+
+@dataclasses.dataclass
+class Row:
+    """One line of the table: a measured value against its goal (``op`` is how the value must compare)."""
+
+    key: str
+    name: str
+    value: float | None
+    unit: str
+    goal: float | None = None
+    op: str = "<="
+    detail: str = ""
+
+    @property
+    def status(self) -> str:
+        if self.value is None:
+            return "skipped"
+        if self.goal is None:
+            return "info"
+        ok = self.value <= self.goal if self.op == "<=" else self.value >= self.goal
+        return "pass" if ok else "FAIL"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "status": self.status}
+
+
+# ---------------------------------------------------------------------------------------------- measurement
+def _sync(on: torch.device) -> None:
+    if on.type == "cuda":
+        torch.cuda.synchronize(on)
+
+
+def interleaved_times(
+    fns: dict[str, Callable[[], Any]], repeats: int, on: torch.device, warmup: int = 1
+) -> dict[str, list[float]]:
+    """Seconds per call of each function, alternating between them every repeat so that load from other users
+    of the machine hits all of them alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            _sync(on)
+            start = time.perf_counter()
+            fn()
+            _sync(on)
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def cuda_peak_bytes(fn: Callable[[], Any], on: torch.device) -> int:
+    """Peak bytes the CUDA caching allocator holds while ``fn`` runs, above what was allocated before."""
+    torch.cuda.synchronize(on)
+    before = torch.cuda.memory_allocated(on)
+    torch.cuda.reset_peak_memory_stats(on)
+    with torch.inference_mode():
+        fn()
+    torch.cuda.synchronize(on)
+    return int(torch.cuda.max_memory_allocated(on) - before)
+
+
+def gemm_flops(n: int, repeats: int, on: torch.device, dtype: torch.dtype) -> float:
+    """Median FLOP/s of an n x n x n matrix multiply: this machine's practical compute ceiling."""
+    a = torch.randn(n, n, device=on, dtype=dtype)
+    b = torch.randn(n, n, device=on, dtype=dtype)
+    times = interleaved_times({"mm": lambda: torch.mm(a, b)}, repeats, on)["mm"]
+    return 2.0 * n**3 / statistics.median(times)
+
+
+def forward_flops(model: nn.Module, batch: int, seq_len: int) -> float:
+    """Model FLOPs of one forward over [batch, seq_len]: 2 * (weights of every matmul) * tokens for the linear
+    layers (LM head included, embedding lookup excluded) + 4 * layers * seq_len * hidden * tokens for attention
+    scores and values (PaLM's accounting, causal masking not discounted)."""
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+    cfg = model.config
+    tokens = batch * seq_len
+    return 2.0 * linear * tokens + 4.0 * cfg.num_hidden_layers * seq_len * cfg.hidden_size * tokens
+
+
+def machine_info(on: torch.device) -> dict[str, Any]:
+    """CPU model, cores, threads, memory, torch version and GPU (if any) of this run."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import psutil
+
+    info = {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "ram_gb": round(psutil.virtual_memory().total / 2**30, 1),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "device": str(on),
+        "gpu": None,
+    }
+    if on.type == "cuda":
+        props = torch.cuda.get_device_properties(on)
+        info["gpu"] = f"{props.name} ({props.total_memory / 2**30:.0f} GiB)"
+    return info
+
+
+# ------------------------------------------------------------------------------------------------ assets
+def load_text(path: Path | None, max_chars: int) -> tuple[str, str]:
+    """(text, where it came from): a JSONL file's ``text`` fields or a plain text file; without one, this
+    repository's Markdown and Python sources (real English and code, always present)."""
+    if path is not None and Path(path).is_file():
+        path = Path(path)
+        if path.suffix == ".jsonl":
+            parts, size = [], 0
+            with open(path, encoding="utf-8") as fh:
+                for line in fh:
+                    text = json.loads(line).get("text", "")
+                    parts.append(text)
+                    size += len(text)
+                    if size >= max_chars:
+                        break
+            return "\n\n".join(parts)[:max_chars], str(path)
+        return path.read_text(encoding="utf-8")[:max_chars], str(path)
+    files = sorted(REPO.glob("*.md")) + sorted((REPO / "pipeline").glob("*.py"))
+    text = "\n\n".join(f.read_text(encoding="utf-8") for f in files)
+    while len(text) < max_chars:  # small checkouts: repeat rather than measure on too few tokens
+        text += "\n\n" + text
+    return text[:max_chars], "repository sources (*.md, pipeline/*.py)"
+
+
+def train_bpe(text: str, vocab: int) -> Any:
+    """A byte-level BPE tokenizer trained on ``text`` (so token frequencies are those of a real tokenizer)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    chunks = [text[i : i + 4000] for i in range(0, len(text), 4000)]
+    tok.train_from_iterator(chunks, trainer=trainer)
+    return tok
+
+
+def tiny_llama(vocab: int, hidden: int, layers: int, max_positions: int, seed: int) -> nn.Module:
+    """A small random Llama like the test fixtures' (4 heads, 2 KV heads, MLP 2x hidden)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=max_positions,
+        tie_word_embeddings=False,
+    )
+    return LlamaForCausalLM(cfg)
+
+
+def pretrain(model: nn.Module, stream: np.ndarray, steps: int, batch: int, seq_len: int, on: torch.device) -> float:
+    """A few AdamW steps of next-token prediction on ``stream``, so the teacher's distributions are peaked like a
+    trained model's instead of uniform; returns the last loss."""
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    rng = np.random.default_rng(0)
+    loss = torch.tensor(float("nan"))
+    for _ in range(steps):
+        starts = rng.integers(0, len(stream) - seq_len - 1, batch)
+        ids = torch.from_numpy(np.stack([stream[s : s + seq_len] for s in starts]).astype(np.int64)).to(on)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    model.eval()
+    return loss.item()
+
+
+@dataclasses.dataclass
+class Assets:
+    teacher: nn.Module
+    student: nn.Module
+    rows: np.ndarray  # [N, T] int32 token rows of the real text (no padding)
+    vocab: int
+    describe: dict[str, Any]
+
+
+def build_assets(sizes: Sizes, text_path: Path | None, on: torch.device, log: Callable[[str], None]) -> Assets:
+    """Teacher, student and token rows: the demo models in full mode when present, else tiny ones trained here."""
+    text, source = load_text(text_path, sizes.text_chars)
+    needed = sizes.cache_rows * sizes.seq_len
+    describe: dict[str, Any] = {"text": source, "text_chars": len(text)}
+    if sizes.use_demo_models and DEMO_TEACHER.is_dir():
+        log(f"loading the demo teacher {DEMO_TEACHER.name}")
+        spec = ModelConfig(name_or_path=str(DEMO_TEACHER))
+        tokenizer = mdl.load_tokenizer(spec)
+        stream = np.asarray(tokenizer(text)["input_ids"], dtype=np.int32)
+        teacher = mdl.load_causal_lm(spec, "teacher", on).eval()
+        vocab = int(teacher.config.vocab_size)
+        if DEMO_STUDENT.is_dir():
+            student = mdl.load_causal_lm(ModelConfig(name_or_path=str(DEMO_STUDENT), dtype="float32"), "student", on)
+        else:
+            student = tiny_llama(vocab, sizes.student_hidden, sizes.student_layers, sizes.seq_len, 2).to(on)
+        describe.update(teacher=str(DEMO_TEACHER.relative_to(REPO)), tokenizer="the teacher's")
+    else:
+        log(f"training a {sizes.vocab}-token BPE tokenizer and a tiny teacher on {source}")
+        tokenizer = train_bpe(text, sizes.vocab)
+        stream = np.asarray(tokenizer.encode(text).ids, dtype=np.int32)
+        vocab = tokenizer.get_vocab_size()
+        teacher = tiny_llama(vocab, sizes.teacher_hidden, sizes.teacher_layers, sizes.seq_len, 1).to(on)
+        started = time.perf_counter()
+        loss = pretrain(teacher, stream[needed:], sizes.teacher_steps, 8, min(64, sizes.seq_len), on)
+        student = tiny_llama(vocab, sizes.student_hidden, sizes.student_layers, sizes.seq_len, 2).to(on)
+        describe.update(
+            teacher=f"tiny Llama hidden {sizes.teacher_hidden}, {sizes.teacher_layers} layers, trained "
+            f"{sizes.teacher_steps} steps (last loss {loss:.2f}, {time.perf_counter() - started:.0f} s)",
+            tokenizer=f"BPE trained on the text, vocab {vocab}",
+        )
+    if len(stream) < needed:
+        raise ValueError(f"{source}: {len(stream)} tokens, the bench needs {needed} (use a longer --text)")
+    rows = stream[:needed].reshape(sizes.cache_rows, sizes.seq_len)
+    student.eval()
+    describe.update(
+        vocab=vocab,
+        teacher_params=sum(p.numel() for p in teacher.parameters()),
+        student_params=sum(p.numel() for p in student.parameters()),
+        seq_len=sizes.seq_len,
+        rows=sizes.cache_rows,
+    )
+    return Assets(teacher, student, rows, vocab, describe)
+
+
+# ------------------------------------------------------------------------------------------- cache shards
+def write_bench_cache(assets: Assets, sizes: Sizes, out: Path) -> tuple[list[Path], dict[str, Any]]:
+    """Cache the token rows (top-k + tail, no hidden states) with the cache stage's own extraction and writer
+    (zstd level 3, the defaults); returns the shard paths and the first shard's metadata."""
+    ccfg = CacheConfig(top_k=TOP_K, batch_size=sizes.batch)
+    spec, fields = cache_stage.resolve_extraction(ccfg, assets.teacher.config, sizes.seq_len, 0)
+    shutil.rmtree(out, ignore_errors=True)
+    files = []
+    for first in range(0, sizes.cache_rows, sizes.rows_per_shard):
+        ids = assets.rows[first : first + sizes.rows_per_shard]
+        packed = {
+            "sample_id": np.arange(first, first + len(ids), dtype=np.int64),
+            "input_ids": ids,
+            "attention_mask": np.ones_like(ids, dtype=np.int8),
+        }
+        parts = []
+        for start in range(0, len(ids), sizes.batch):
+            batch = torch.from_numpy(ids[start : start + sizes.batch].astype(np.int64))
+            parts.append(cache_stage.extract_batch(assets.teacher, batch, torch.ones_like(batch), spec))
+        name = f"train-{len(files):05d}.parquet"
+        meta = {
+            "teacher": "bench",
+            "teacher_fingerprint": "bench",
+            "vocab_hash": "bench",
+            "vocab_size": assets.vocab,
+            "dtype": str(next(assets.teacher.parameters()).dtype).removeprefix("torch."),
+            **fields,
+            "split": "train",
+            "manifest_shard": name,
+            "manifest_sha256": "bench",
+            "rows": len(ids),
+        }
+        cf.write_shard(out / name, cache_stage.to_columns(parts, packed), meta)
+        files.append(out / name)
+    return files, cf.read_cache_meta(files[0])
+
+
+# ------------------------------------------------------------------------------------------------- rows
+def bench_reader(files: list[Path], sizes: Sizes) -> tuple[Row, dict[str, Any]]:
+    """CacheDataset vs a row-wise ``to_pydict`` reader over the same shards and KD columns."""
+    runs = [cf.benchmark_reader(files, batch_size=sizes.batch) for _ in range(max(3, sizes.repeats // 2))]
+    speedup = statistics.median(r["speedup"] for r in runs)
+    fast = statistics.median(r["dataset_tokens_per_s"] for r in runs)
+    slow = statistics.median(r["rowwise_tokens_per_s"] for r in runs)
+    detail = f"{fast / 1e6:.2f}M vs {slow / 1e3:.0f}k tokens/s (top-{TOP_K} ids, log-probs, tail, ids, mask)"
+    return Row("reader", "cache reader vs row-wise to_pydict", speedup, "x", 30.0, ">=", detail), {"runs": runs}
+
+
+def bench_extraction(assets: Assets, sizes: Sizes, on: torch.device) -> tuple[Row, Row, dict[str, Any]]:
+    """Top-k + tail + one hidden layer vs a bare forward on the same batches; plus the forward's FLOP/s as a
+    fraction of this machine's matmul ceiling."""
+    teacher = assets.teacher
+    layer = max(1, teacher.config.num_hidden_layers // 2)
+    ccfg = CacheConfig(top_k=TOP_K, hidden_layers=[layer], batch_size=sizes.batch, logits_chunk=sizes.logits_chunk)
+    spec, _ = cache_stage.resolve_extraction(ccfg, teacher.config, sizes.seq_len, 0)
+    ids = torch.from_numpy(assets.rows[: sizes.batch].astype(np.int64)).to(on)
+    mask = torch.ones_like(ids)
+
+    runs = [cache_stage.benchmark_extraction(teacher, ids, mask, spec, repeats=1) for _ in range(sizes.repeats)]
+    times = {"bare": [r["bare_forward_s"] for r in runs], "extract": [r["extraction_s"] for r in runs]}
+    ratio = statistics.median(r["overhead_ratio"] for r in runs)
+    on_gpu = on.type == "cuda"
+    dtype = next(teacher.parameters()).dtype
+    ceiling = gemm_flops(sizes.gemm_n, sizes.repeats, on, dtype)
+    flops = forward_flops(teacher, sizes.batch, sizes.seq_len)
+    achieved = flops / statistics.median(times["bare"])
+    tokens_per_s = sizes.batch * sizes.seq_len / statistics.median(times["bare"])
+    extraction = Row(
+        "extraction",
+        f"top-{TOP_K} + tail + hidden[{layer}] vs bare teacher forward",
+        ratio,
+        "x",
+        1.10,
+        "<=",
+        f"batch {sizes.batch}x{sizes.seq_len}, LM head in chunks of {sizes.logits_chunk} positions",
+    )
+    fraction = Row(
+        "flops",
+        "teacher forward FLOP/s / matmul ceiling",
+        achieved / ceiling,
+        "",
+        None,
+        "",
+        f"{achieved / 1e9:.1f} of {ceiling / 1e9:.1f} GFLOP/s ({str(dtype).removeprefix('torch.')} "
+        f"{sizes.gemm_n}^3 GEMM{' on GPU' if on_gpu else ''}), {tokens_per_s:.0f} tokens/s",
+    )
+    raw = {"times_s": times, "gemm_flops": ceiling, "forward_flops": flops, "tokens_per_s": tokens_per_s}
+    return extraction, fraction, raw
+
+
+def bench_memory(assets: Assets, sizes: Sizes, on: torch.device) -> tuple[Row, dict[str, Any]]:
+    """Peak extra memory of ``cache.topk_chunked`` vs materialising all B x T x V logits in fp32, compared with
+    the B x T x V x 4 bytes of those logits alone (the stricter of the two possible denominators).
+
+    CPU: ``cache.topk_peak_memory`` (resident-set peak of each variant in a fresh process); GPU: the CUDA
+    allocator's peak around each variant with the teacher's own LM head.
+    """
+    hidden, vocab = int(assets.teacher.config.hidden_size), assets.vocab
+    positions, chunk = sizes.memory_positions, sizes.logits_chunk
+    if on.type == "cuda":
+        head = assets.teacher.get_output_embeddings()
+        states = torch.randn(positions, hidden, device=on, dtype=head.weight.dtype)
+        full = cuda_peak_bytes(lambda: torch.topk(torch.log_softmax(head(states).float(), -1), TOP_K, -1), on)
+        chunked = cuda_peak_bytes(lambda: cache_stage.topk_chunked(states, head, TOP_K, 1.0, chunk), on)
+        raw = {"chunked_peak_bytes": chunked, "full_peak_bytes": full, "logits_bytes": positions * vocab * 4}
+        raw.update(ratio_to_logits=chunked / raw["logits_bytes"], ratio_to_full=chunked / full)
+    else:
+        raw = cache_stage.topk_peak_memory(positions=positions, hidden=hidden, vocab=vocab, chunk=chunk, top_k=TOP_K)
+    mib = 2**20
+    detail = (
+        f"{raw['chunked_peak_bytes'] / mib:.1f} MiB chunked vs {raw['logits_bytes'] / mib:.0f} MiB of logits "
+        f"({raw['full_peak_bytes'] / mib:.0f} MiB peak materialised, ratio {raw['ratio_to_full']:.3f}); "
+        f"{positions} positions, chunk {chunk}, V={vocab}"
+    )
+    row = Row("memory", "peak memory: chunked top-k / B*T*V fp32 logits", raw["ratio_to_logits"], "", 0.125, "<=")
+    row.detail = detail
+    return row, raw
+
+
+KD_GOALS = {"response": 1.10, "feature": 1.25, "relation": 1.10}  # step time / CE-only step (issue 5)
+
+
+def bench_kd_steps(assets: Assets, sizes: Sizes) -> tuple[list[Row], dict[str, float]]:
+    """``train.step_time_ratios``: a full step (forward, losses, backward, AdamW) of each KD family vs CE only on
+    the same batch, through the trainer's own ``_loss_step``."""
+    result = train_stage.step_time_ratios(
+        assets.student.train(),
+        batch_size=sizes.batch,
+        seq_len=sizes.seq_len,
+        top_k=TOP_K,
+        teacher_dim=int(assets.teacher.config.hidden_size),
+        repeats=sizes.repeats,
+    )
+    rows = []
+    for name, goal in KD_GOALS.items():
+        detail = (
+            f"{result[f'{name}_s'] * 1e3:.0f} ms vs {result['ce_s'] * 1e3:.0f} ms, batch {sizes.batch}x{sizes.seq_len}"
+        )
+        rows.append(
+            Row(f"kd_{name}", f"{name}-based KD step / CE-only step", result[f"{name}_ratio"], "x", goal, "<=", detail)
+        )
+    return rows, result
+
+
+def bench_bytes(files: list[Path], meta: dict[str, Any], assets: Assets) -> tuple[Row, dict[str, Any]]:
+    """Stored bytes per token of a cache with top-16 + tail only (zstd), per column from
+    ``cache_format.column_bytes_per_token``, with the teacher's top-k mass as evidence that the distributions
+    are not uniform."""
+    rows = [cf.read_cache_meta(f)["rows"] for f in files]
+    tokens = sum(rows) * int(meta["seq_len"])
+    per_file = [cf.column_bytes_per_token(f) for f in files]
+    columns = {name: sum(p[name] * r for p, r in zip(per_file, rows, strict=True)) / sum(rows) for name in per_file[0]}
+    dataset = cf.CacheDataset(files, batch_size=64, shuffle=False, columns=["topk_logprobs", "tail_logmass"])
+    mass = torch.cat([b["topk_logprobs"].exp().sum(-1).flatten() for b in dataset]).mean().item()
+    split = ", ".join(f"{name} {value:.1f}" for name, value in columns.items() if name != "total")
+    detail = f"{tokens:,} tokens; per column: {split}; teacher top-{TOP_K} mass {mass:.2f}, V={assets.vocab}"
+    row = Row("bytes", f"cache bytes/token (k={TOP_K} + tail, zstd)", columns["total"], "B", 90.0, "<=", detail)
+    return row, {"bytes_per_token": columns, "tokens": tokens, "topk_mass": mass}
+
+
+SLURM_ROW = "Slurm chain overhead (5 trivial stages)"
+SLURM_STAGE_RESOURCES = {"gpus_per_node": 0, "cpus_per_task": 1, "mem_gb": 1, "time_min": 5}
+
+
+def slurm_chain_config(root: Path) -> Path:
+    """A config whose chain is exactly five jobs (one train variant), sized to fit any node; the stages' commands
+    are replaced by ``true``, so what is timed is submission, scheduling and the ``afterok`` hand-offs."""
+    import yaml
+
+    stages = {name: dict(SLURM_STAGE_RESOURCES) for name in ("manifest", "cache", "train", "evaluate", "report")}
+    data = {
+        "run_name": "bench_slurm",
+        "runs_dir": str(root / "runs"),
+        "logs_dir": str(root / "logs"),
+        "teacher": {"name_or_path": "unused"},
+        "student": {"name_or_path": "unused"},
+        "train": {"variants": {"ce": {}}},
+        "monitor": {"enabled": False},
+        "slurm": {"python": sys.executable, "stages": stages},
+    }
+    path = root / "config.yaml"
+    root.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def bench_slurm(out: Path, log: Callable[[str], None], timeout_s: float = 120.0) -> tuple[Row, dict]:
+    """Submit-to-last-completion seconds of five trivial chained jobs through ``pipeline.slurm.submit`` (the
+    same generated scripts, dependencies and run record as ``make submit``)."""
+    from pipeline import config as config_mod
+    from pipeline import slurm
+
+    name = SLURM_ROW
+    ping = shutil.which("scontrol") and subprocess.run(["scontrol", "ping"], capture_output=True, text=True)
+    if not ping or ping.returncode != 0 or "UP" not in ping.stdout:
+        return Row("slurm", name, None, "s", 15.0, "<=", "skipped: no Slurm cluster is up (make cluster)"), {}
+    root = out / "slurm"
+    shutil.rmtree(root, ignore_errors=True)
+    config_path = slurm_chain_config(root)
+    cfg = config_mod.load(config_path, [])
+    log("submitting five chained trivial Slurm jobs")
+    started = time.perf_counter()
+    record = slurm.submit(cfg, config_path, [], commands={stage: "true" for stage in slurm.STAGES})
+    ids = [job["job_id"] for job in record["jobs"]]
+    states: dict[str, str] = {}
+    while time.perf_counter() - started < timeout_s:
+        states = {j: slurm.summarize_job(t)["state"] for j, t in slurm.slurm_states(ids).items()}
+        if all(s in slurm.DONE_STATES for s in states.values()):
+            break
+        time.sleep(0.1)
+    seconds = time.perf_counter() - started
+    raw = {"seconds": seconds, "states": states, "jobs": len(ids)}
+    if len(ids) != 5 or any(s != "COMPLETED" for s in states.values()):
+        return Row("slurm", name, None, "s", 15.0, "<=", f"skipped: chain did not complete ({states})"), raw
+    detail = "submit to last completion, polled every 0.1 s via sacct/squeue"
+    return Row("slurm", name, seconds, "s", 15.0, "<=", detail), raw
+
+
+# ----------------------------------------------------------------------------------------------- output
+def format_value(row: Row) -> str:
+    if row.value is None:
+        return "—"
+    if row.key == "memory":
+        return f"{row.value:.3f} (1/{1 / row.value:.0f})" if 0 < row.value < 1 else f"{row.value:.3f}"
+    return f"{row.value:.3g}{row.unit}" if row.unit != "B" else f"{row.value:.1f} B"
+
+
+def format_goal(row: Row) -> str:
+    if row.goal is None:
+        return "—"
+    if row.key == "memory":
+        return f"{row.op} 1/8"
+    return f"{row.op} {row.goal:g}{row.unit if row.unit != 'B' else ' B'}"
+
+
+def format_table(rows: list[Row]) -> str:
+    """The table as Markdown (it reads fine in a terminal too)."""
+    lines = ["| benchmark | measured | goal | result | detail |", "|---|---|---|---|---|"]
+    for row in rows:
+        lines.append(f"| {row.name} | {format_value(row)} | {format_goal(row)} | {row.status} | {row.detail} |")
+    return "\n".join(lines)
+
+
+def format_markdown(result: dict[str, Any], rows: list[Row]) -> str:
+    """BENCHMARKS.md: how to reproduce, the table, the machine, the data and the method."""
+    m = result["machine"]
+    gpu = m["gpu"] or "none"
+    assets = result["assets"]
+    return f"""# Benchmarks
+
+Generated by `{result["command"]}` on {result["date"]} ({result["mode"]} mode, {result["wall_s"]:.0f} s).
+Raw figures: `{result["json"]}`. Regenerate with `make bench` (quick) or `make bench ARGS=--full` (GPU).
+
+Every value is a ratio of two things timed alternately in the same process, the median over repeats: the machines
+are shared and noisy, so absolute times from different runs are not comparable. Goals come from issues 4, 5 and 7.
+
+{format_table(rows)}
+
+## Machine
+
+- CPU: {m["cpu"]}, {m["cores"]} cores ({m["cores_usable"]} usable, torch threads {m["torch_threads"]}), \
+{m["ram_gb"]} GiB RAM
+- GPU: {gpu}
+- Python {m["python"]}, torch {m["torch"]}, device `{m["device"]}`
+
+## Data and models
+
+- Text: {assets["text"]} ({assets["text_chars"]:,} characters); tokenizer: {assets["tokenizer"]}, vocabulary \
+{assets["vocab"]:,}.
+- Teacher: {assets["teacher"]} ({assets["teacher_params"]:,} parameters); student {assets["student_params"]:,} \
+parameters.
+- Cache: {assets["rows"]} rows x {assets["seq_len"]} tokens of the text, top-{TOP_K} log-probs + tail, written by
+  `cache_format.write_shard` (zstd level 3) from `cache.extract_batch`.
+
+## Method
+
+- Reader: `cache_format.benchmark_reader` (CacheDataset vs `to_pydict` rows turned into tensors one by one).
+- Extraction: `cache.extract_batch` (body with hidden states, LM head + log-softmax + top-k + tail in chunks, one
+  hidden layer copied out) vs `model(input_ids)` computing the full logits, same batch.
+- Memory: torch allocations replayed from the profiler's memory events (CPU) or `torch.cuda.max_memory_allocated`
+  (GPU), `cache.topk_chunked` vs full fp32 logits + log-softmax + top-k + tail.
+- KD steps: `train._loss_step` + backward + AdamW for each variant on the same cached batch, vs the CE-only step.
+- FLOP/s: model FLOPs (2 x matmul weights x tokens + 4 x layers x T x hidden x tokens) per second of the bare
+  forward, over the median FLOP/s of a square GEMM in the model's dtype.
+- Slurm: five trivial chained jobs (`afterok`), submit to last completion, through `pipeline.slurm`.
+"""
+
+
+def run_bench(
+    sizes: Sizes,
+    out: Path,
+    markdown: Path | None,
+    text: Path | None,
+    command: str,
+    *,
+    slurm: bool = True,
+    log: Callable[[str], None] = lambda msg: print(f"bench: {msg}", file=sys.stderr, flush=True),
+) -> dict[str, Any]:
+    """Measure every row, write ``<out>/bench.json`` and (if given) the Markdown report; returns the result."""
+    started = time.perf_counter()
+    on = mdl.device()
+    if sizes.threads:
+        torch.set_num_threads(sizes.threads)
+    torch.manual_seed(0)
+    out.mkdir(parents=True, exist_ok=True)
+    assets = build_assets(sizes, text, on, log)
+    log(f"caching the text with the teacher (top-{TOP_K} + tail)")
+    files, meta = write_bench_cache(assets, sizes, out / "cache")
+    rows: list[Row] = []
+    raw: dict[str, Any] = {}
+    log("reader")
+    row, raw["reader"] = bench_reader(files, sizes)
+    rows.append(row)
+    log("extraction and FLOP/s")
+    extraction, flops, raw["extraction"] = bench_extraction(assets, sizes, on)
+    rows.append(extraction)
+    log("peak memory")
+    row, raw["memory"] = bench_memory(assets, sizes, on)
+    rows.append(row)
+    log("KD steps")
+    kd_rows, raw["kd_steps"] = bench_kd_steps(assets, sizes)
+    rows += kd_rows
+    row, raw["bytes"] = bench_bytes(files, meta, assets)
+    rows.append(row)
+    rows.append(flops)
+    if slurm:
+        row, raw["slurm"] = bench_slurm(out, log)
+    else:
+        row = Row("slurm", SLURM_ROW, None, "s", 15.0, "<=", "skipped: --skip-slurm")
+    rows.append(row)
+    result = {
+        "mode": sizes.name,
+        "command": command,
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "wall_s": time.perf_counter() - started,
+        "machine": machine_info(on),
+        "sizes": dataclasses.asdict(sizes),
+        "assets": assets.describe,
+        "rows": [r.to_dict() for r in rows],
+        "raw": raw,
+        "json": str(out / "bench.json"),
+    }
+    atomic_write_json(out / "bench.json", result)
+    if markdown is not None:
+        atomic_write_text(markdown, format_markdown(result, rows))
+    print(format_table(rows))
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m pipeline.bench [--quick|--full] [--out DIR] [--markdown FILE] [--text FILE]``."""
+    parser = argparse.ArgumentParser(prog="python -m pipeline.bench", description=__doc__.splitlines()[0])
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--quick", dest="mode", action="store_const", const="quick", help="tiny models (default)")
+    mode.add_argument("--full", dest="mode", action="store_const", const="full", help="demo models, GPU shapes")
+    parser.add_argument("--out", type=Path, default=REPO / "runs" / "bench", help="raw figures and bench cache")
+    parser.add_argument("--markdown", type=Path, default=REPO / "BENCHMARKS.md", help="report to refresh")
+    parser.add_argument("--text", type=Path, default=DEFAULT_TEXT, help="real text (.jsonl with 'text' or plain)")
+    parser.add_argument("--skip-slurm", action="store_true", help="leave out the Slurm chain row")
+    args = parser.parse_args(argv)
+    sizes = MODES[args.mode or "quick"]
+    command = "python -m pipeline.bench " + " ".join(argv if argv is not None else sys.argv[1:])
+    run_bench(sizes, args.out, args.markdown, args.text, command.strip(), slurm=not args.skip_slurm)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""The benchmark machinery on tiny inputs: every row is measured and lands in the JSON, the printed table and the
+Markdown report. The goals themselves are not asserted here (timings on shared machines do not belong in tests)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+
+import pytest
+import torch
+
+from pipeline import bench
+
+TINY = bench.Sizes(
+    name="tiny",
+    text_chars=60_000,
+    vocab=300,
+    teacher_hidden=32,
+    teacher_layers=2,
+    teacher_steps=3,
+    student_hidden=32,
+    student_layers=2,
+    seq_len=32,
+    cache_rows=24,
+    rows_per_shard=8,
+    batch=4,
+    memory_positions=512,
+    logits_chunk=64,
+    gemm_n=64,
+    repeats=2,
+    threads=1,
+)
+ROWS = ("reader", "extraction", "memory", "kd_response", "kd_feature", "kd_relation", "bytes", "flops", "slurm")
+
+
+def test_quick_machinery_writes_json_table_and_markdown(tmp_path, tiny_assets, capsys):
+    out, markdown = tmp_path / "out", tmp_path / "BENCHMARKS.md"
+    result = bench.run_bench(TINY, out, markdown, tiny_assets["corpus"], "python -m pipeline.bench", slurm=False)
+    table = capsys.readouterr().out
+
+    saved = json.loads((out / "bench.json").read_text())
+    assert saved["rows"] == result["rows"]
+    rows = {row["key"]: row for row in saved["rows"]}
+    assert tuple(rows) == ROWS
+    for key in ROWS[:-1]:
+        assert rows[key]["value"] > 0, key
+        assert rows[key]["status"] in ("pass", "FAIL", "info"), key
+    assert rows["slurm"]["status"] == "skipped" and "skipped" in rows["slurm"]["detail"]
+    assert saved["assets"]["text"] == str(tiny_assets["corpus"])
+    assert saved["assets"]["vocab"] <= TINY.vocab
+    assert len(saved["raw"]["extraction"]["times_s"]["bare"]) == TINY.repeats
+    assert saved["raw"]["bytes"]["tokens"] == TINY.cache_rows * TINY.seq_len
+    assert saved["machine"]["torch"] == torch.__version__ and saved["machine"]["cores"] >= 1
+    assert len(list((out / "cache").glob("train-*.parquet"))) == TINY.cache_rows // TINY.rows_per_shard
+
+    for row in result["rows"]:  # one table line per row, in the terminal and in the report
+        assert f"| {row['name']} |" in table
+    report = markdown.read_text()
+    assert bench.format_table([bench.Row(**{k: v for k, v in r.items() if k != "status"}) for r in result["rows"]]) in (
+        report
+    )
+    assert saved["machine"]["cpu"] in report and "python -m pipeline.bench" in report
+
+
+@pytest.mark.parametrize(
+    ("value", "goal", "op", "status"),
+    [(31.0, 30.0, ">=", "pass"), (29.0, 30.0, ">=", "FAIL"), (1.05, 1.1, "<=", "pass"), (1.2, 1.1, "<=", "FAIL"),
+     (None, 15.0, "<=", "skipped"), (0.3, None, "", "info")],
+)  # fmt: skip
+def test_row_status_compares_with_the_goal(value, goal, op, status):
+    assert bench.Row("k", "n", value, "x", goal, op).status == status
+
+
+def test_forward_flops_counts_every_matmul_and_attention():
+    model = bench.tiny_llama(vocab=100, hidden=32, layers=2, max_positions=64, seed=0)
+    h, i, kv = 32, 64, 32 // 4 * 2  # 4 heads of 8, 2 KV heads
+    per_layer = h * h + 2 * h * kv + h * h + 3 * h * i  # q, k+v, o, gate/up/down
+    linear = 2 * per_layer + 100 * h  # + LM head; the embedding lookup is no matmul
+    tokens = 3 * 16
+    assert bench.forward_flops(model, 3, 16) == 2 * linear * tokens + 4 * 2 * 16 * h * tokens
+
+
+def test_text_falls_back_to_the_repository_sources(tmp_path):
+    text, source = bench.load_text(tmp_path / "missing.jsonl", 5000)
+    assert len(text) == 5000 and "repository sources" in source
+
+
+def test_slurm_row_is_skipped_with_a_note_without_a_cluster(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no scontrol/sbatch on PATH
+    row, raw = bench.bench_slurm(tmp_path, lambda msg: None)
+    assert row.status == "skipped" and "no Slurm cluster" in row.detail and raw == {}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    shutil.which("scontrol") is None or subprocess.run(["scontrol", "ping"], capture_output=True).returncode != 0,
+    reason="no local Slurm cluster (make cluster)",
+)
+def test_slurm_chain_of_five_trivial_jobs_completes(tmp_path):
+    row, raw = bench.bench_slurm(tmp_path, lambda msg: None)
+    assert row.value is not None and row.value > 0, row.detail
+    assert raw["jobs"] == 5 and set(raw["states"].values()) == {"COMPLETED"}
+    record = json.loads((tmp_path / "slurm" / "logs" / "bench_slurm" / "slurm" / "submission.json").read_text())
+    assert [job["stage"] for job in record["jobs"]] == ["manifest", "cache", "train", "evaluate", "report"]
