@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from pipeline import config as config_mod
 from pipeline.config import Config, ConfigError
 from pipeline.jsonlog import JsonLogger, open_logger, redact
@@ -197,6 +199,12 @@ def build_parser(stage: str, add_args: Callable[[argparse.ArgumentParser], None]
     return parser
 
 
+def redacted_config_yaml(cfg: Config) -> str:
+    """The resolved config as YAML with secret values replaced. Redacted before dumping, not after: a bare ``***``
+    in YAML is an alias and would make the dump unloadable."""
+    return yaml.safe_dump(json.loads(redact(json.dumps(config_mod.to_dict(cfg)))), sort_keys=False)
+
+
 def run_unit(spec: StageSpec, cfg: Config, rd: RunDir, ctx: StageContext) -> dict:
     """Check upstream, skip if done, write the resolved config, run, write the marker last."""
     unit = ctx.unit
@@ -216,7 +224,7 @@ def run_unit(spec: StageSpec, cfg: Config, rd: RunDir, ctx: StageContext) -> dic
     if marker is not None and lead:  # stale result: remove the marker first so a crash cannot leave it valid
         rd.marker_path(spec.name, unit).unlink(missing_ok=True)
     if lead:
-        atomic_write_text(out / "config.yaml", redact(config_mod.dump_yaml(cfg)))
+        atomic_write_text(out / "config.yaml", redacted_config_yaml(cfg))
     started = time.monotonic()
     ctx.log.info("start", f"{spec.name}{' ' + unit if unit else ''}", config_hash=config_hash)
     summary = spec.run(cfg, rd, ctx)
