@@ -136,15 +136,30 @@ def interleaved_times(
     return times
 
 
-def cuda_peak_bytes(fn: Callable[[], Any], on: torch.device) -> int:
-    """Peak bytes the CUDA caching allocator holds while ``fn`` runs, above what was allocated before."""
-    torch.cuda.synchronize(on)
-    before = torch.cuda.memory_allocated(on)
-    torch.cuda.reset_peak_memory_stats(on)
-    with torch.inference_mode():
+def tensor_peak_bytes(fn: Callable[[], Any], on: torch.device) -> int:
+    """Peak bytes of torch tensors allocated while ``fn`` runs, above what was allocated before.
+
+    CUDA: the caching allocator's peak counter. CPU: the profiler's allocation and free events replayed in time
+    order (what torch asked for, before glibc's heap decides how much resident memory that costs).
+    """
+    if on.type == "cuda":
+        torch.cuda.synchronize(on)
+        before = torch.cuda.memory_allocated(on)
+        torch.cuda.reset_peak_memory_stats(on)
+        with torch.inference_mode():
+            fn()
+        torch.cuda.synchronize(on)
+        return int(torch.cuda.max_memory_allocated(on) - before)
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    torch.cuda.synchronize(on)
-    return int(torch.cuda.max_memory_allocated(on) - before)
+    events = prof.profiler.kineto_results.events()
+    current = peak = 0
+    for _, nbytes in sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]"):
+        current += nbytes
+        peak = max(peak, current)
+    return peak
 
 
 def gemm_flops(n: int, repeats: int, on: torch.device, dtype: torch.dtype) -> float:
@@ -195,6 +210,12 @@ def machine_info(on: torch.device) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------ assets
+def shown_path(path: Path) -> str:
+    """``path`` relative to the repository when inside it (reports stay valid on another checkout)."""
+    path = Path(path).resolve()
+    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
+
+
 def load_text(path: Path | None, max_chars: int) -> tuple[str, str]:
     """(text, where it came from): a JSONL file's ``text`` fields or a plain text file; without one, this
     repository's Markdown and Python sources (real English and code, always present)."""
@@ -209,8 +230,8 @@ def load_text(path: Path | None, max_chars: int) -> tuple[str, str]:
                     size += len(text)
                     if size >= max_chars:
                         break
-            return "\n\n".join(parts)[:max_chars], str(path)
-        return path.read_text(encoding="utf-8")[:max_chars], str(path)
+            return "\n\n".join(parts)[:max_chars], shown_path(path)
+        return path.read_text(encoding="utf-8")[:max_chars], shown_path(path)
     files = sorted(REPO.glob("*.md")) + sorted((REPO / "pipeline").glob("*.py"))
     text = "\n\n".join(f.read_text(encoding="utf-8") for f in files)
     while len(text) < max_chars:  # small checkouts: repeat rather than measure on too few tokens
@@ -293,7 +314,7 @@ def build_assets(sizes: Sizes, text_path: Path | None, on: torch.device, log: Ca
             student = mdl.load_causal_lm(ModelConfig(name_or_path=str(DEMO_STUDENT), dtype="float32"), "student", on)
         else:
             student = tiny_llama(vocab, sizes.student_hidden, sizes.student_layers, sizes.seq_len, 2).to(on)
-        describe.update(teacher=str(DEMO_TEACHER.relative_to(REPO)), tokenizer="the teacher's")
+        describe.update(teacher=str(DEMO_TEACHER.relative_to(REPO)), tokenizer=f"the teacher's, vocab {vocab}")
     else:
         log(f"training a {sizes.vocab}-token BPE tokenizer and a tiny teacher on {source}")
         tokenizer = train_bpe(text, sizes.vocab)
@@ -413,32 +434,39 @@ def bench_extraction(assets: Assets, sizes: Sizes, on: torch.device) -> tuple[Ro
 
 
 def bench_memory(assets: Assets, sizes: Sizes, on: torch.device) -> tuple[Row, dict[str, Any]]:
-    """Peak extra memory of ``cache.topk_chunked`` vs materialising all B x T x V logits in fp32, compared with
-    the B x T x V x 4 bytes of those logits alone (the stricter of the two possible denominators).
+    """Peak extra memory of ``cache.topk_chunked`` vs materialising all B x T x V logits in fp32, relative to the
+    B x T x V x 4 bytes of those logits alone (the stricter of the two possible denominators).
 
-    CPU: ``cache.topk_peak_memory`` (resident-set peak of each variant in a fresh process); GPU: the CUDA
-    allocator's peak around each variant with the teacher's own LM head.
+    Two measurements: torch tensor allocations (profiler on CPU, allocator peak on GPU) with the teacher's own LM
+    head, and on CPU also ``cache.topk_peak_memory`` (resident-set peak, each variant in a fresh process), which
+    is what the machine actually has to provide. The row shows the resident-set figure on CPU.
     """
+    head = assets.teacher.get_output_embeddings()
     hidden, vocab = int(assets.teacher.config.hidden_size), assets.vocab
     positions, chunk = sizes.memory_positions, sizes.logits_chunk
-    if on.type == "cuda":
-        head = assets.teacher.get_output_embeddings()
-        states = torch.randn(positions, hidden, device=on, dtype=head.weight.dtype)
-        full = cuda_peak_bytes(lambda: torch.topk(torch.log_softmax(head(states).float(), -1), TOP_K, -1), on)
-        chunked = cuda_peak_bytes(lambda: cache_stage.topk_chunked(states, head, TOP_K, 1.0, chunk), on)
-        raw = {"chunked_peak_bytes": chunked, "full_peak_bytes": full, "logits_bytes": positions * vocab * 4}
-        raw.update(ratio_to_logits=chunked / raw["logits_bytes"], ratio_to_full=chunked / full)
-    else:
-        raw = cache_stage.topk_peak_memory(positions=positions, hidden=hidden, vocab=vocab, chunk=chunk, top_k=TOP_K)
+    logits = positions * vocab * 4
+    states = torch.randn(positions, hidden, device=on, dtype=head.weight.dtype)
+    tensors = {
+        "chunked": tensor_peak_bytes(lambda: cache_stage.topk_chunked(states, head, TOP_K, 1.0, chunk), on),
+        "full": tensor_peak_bytes(lambda: torch.topk(torch.log_softmax(head(states).float(), -1), TOP_K, -1), on),
+    }
+    raw: dict[str, Any] = {"logits_bytes": logits, "tensor_peak_bytes": tensors}
     mib = 2**20
     detail = (
-        f"{raw['chunked_peak_bytes'] / mib:.1f} MiB chunked vs {raw['logits_bytes'] / mib:.0f} MiB of logits "
-        f"({raw['full_peak_bytes'] / mib:.0f} MiB peak materialised, ratio {raw['ratio_to_full']:.3f}); "
-        f"{positions} positions, chunk {chunk}, V={vocab}"
+        f"tensors: {tensors['chunked'] / mib:.1f} MiB chunked ({tensors['chunked'] / logits:.3f}) vs "
+        f"{tensors['full'] / mib:.0f} MiB materialised, logits alone {logits / mib:.0f} MiB"
     )
-    row = Row("memory", "peak memory: chunked top-k / B*T*V fp32 logits", raw["ratio_to_logits"], "", 0.125, "<=")
-    row.detail = detail
-    return row, raw
+    value = tensors["chunked"] / logits
+    if on.type == "cpu":
+        rss = cache_stage.topk_peak_memory(positions=positions, hidden=hidden, vocab=vocab, chunk=chunk, top_k=TOP_K)
+        raw["rss"] = rss
+        value = rss["ratio_to_logits"]
+        detail = (
+            f"resident set: {rss['chunked_peak_bytes'] / mib:.1f} MiB chunked vs {rss['full_peak_bytes'] / mib:.0f} "
+            f"MiB materialised; {detail}"
+        )
+    detail += f"; {positions} positions, chunk {chunk}, V={vocab}"
+    return Row("memory", "peak memory: chunked top-k / B*T*V fp32 logits", value, "", 0.125, "<=", detail), raw
 
 
 KD_GOALS = {"response": 1.10, "feature": 1.25, "relation": 1.10}  # step time / CE-only step (issue 5)
@@ -575,8 +603,9 @@ def format_markdown(result: dict[str, Any], rows: list[Row]) -> str:
 Generated by `{result["command"]}` on {result["date"]} ({result["mode"]} mode, {result["wall_s"]:.0f} s).
 Raw figures: `{result["json"]}`. Regenerate with `make bench` (quick) or `make bench ARGS=--full` (GPU).
 
-Every value is a ratio of two things timed alternately in the same process, the median over repeats: the machines
-are shared and noisy, so absolute times from different runs are not comparable. Goals come from issues 4, 5 and 7.
+Every timed row is a ratio of two things timed alternately in the same process, the median over repeats: the
+machines are shared and noisy, so absolute times from different runs are not comparable. Bytes per token and the
+Slurm chain are absolute. Goals come from issues 4, 5 and 7.
 
 {format_table(rows)}
 
@@ -589,8 +618,7 @@ are shared and noisy, so absolute times from different runs are not comparable. 
 
 ## Data and models
 
-- Text: {assets["text"]} ({assets["text_chars"]:,} characters); tokenizer: {assets["tokenizer"]}, vocabulary \
-{assets["vocab"]:,}.
+- Text: {assets["text"]} ({assets["text_chars"]:,} characters); tokenizer: {assets["tokenizer"]}.
 - Teacher: {assets["teacher"]} ({assets["teacher_params"]:,} parameters); student {assets["student_params"]:,} \
 parameters.
 - Cache: {assets["rows"]} rows x {assets["seq_len"]} tokens of the text, top-{TOP_K} log-probs + tail, written by
@@ -599,11 +627,12 @@ parameters.
 ## Method
 
 - Reader: `cache_format.benchmark_reader` (CacheDataset vs `to_pydict` rows turned into tensors one by one).
-- Extraction: `cache.extract_batch` (body with hidden states, LM head + log-softmax + top-k + tail in chunks, one
-  hidden layer copied out) vs `model(input_ids)` computing the full logits, same batch.
-- Memory: torch allocations replayed from the profiler's memory events (CPU) or `torch.cuda.max_memory_allocated`
-  (GPU), `cache.topk_chunked` vs full fp32 logits + log-softmax + top-k + tail.
-- KD steps: `train._loss_step` + backward + AdamW for each variant on the same cached batch, vs the CE-only step.
+- Extraction: `cache.benchmark_extraction`: `cache.extract_batch` (body with hidden states, LM head + log-softmax +
+  top-k + tail in chunks, one hidden layer copied out) vs `model(input_ids)` computing the full logits, same batch.
+- Memory: `cache.topk_chunked` vs full fp32 logits + log-softmax + top-k. On CPU the row is the resident-set peak
+  of each in a fresh process (`cache.topk_peak_memory`); the detail adds torch's own tensor peak (profiler memory
+  events; on GPU `torch.cuda.max_memory_allocated`), which excludes what glibc's heap keeps resident.
+- KD steps: `train.step_time_ratios` (`_loss_step` + backward + AdamW per variant on the same batch) vs CE only.
 - FLOP/s: model FLOPs (2 x matmul weights x tokens + 4 x layers x T x hidden x tokens) per second of the bare
   forward, over the median FLOP/s of a square GEMM in the model's dtype.
 - Slurm: five trivial chained jobs (`afterok`), submit to last completion, through `pipeline.slurm`.
@@ -662,7 +691,7 @@ def run_bench(
         "assets": assets.describe,
         "rows": [r.to_dict() for r in rows],
         "raw": raw,
-        "json": str(out / "bench.json"),
+        "json": shown_path(out / "bench.json"),
     }
     atomic_write_json(out / "bench.json", result)
     if markdown is not None:

@@ -47,7 +47,7 @@ def test_quick_machinery_writes_json_table_and_markdown(tmp_path, tiny_assets, c
         assert rows[key]["value"] > 0, key
         assert rows[key]["status"] in ("pass", "FAIL", "info"), key
     assert rows["slurm"]["status"] == "skipped" and "skipped" in rows["slurm"]["detail"]
-    assert saved["assets"]["text"] == str(tiny_assets["corpus"])
+    assert saved["assets"]["text"] == bench.shown_path(tiny_assets["corpus"])
     assert saved["assets"]["vocab"] <= TINY.vocab
     assert len(saved["raw"]["extraction"]["times_s"]["bare"]) == TINY.repeats
     assert saved["raw"]["bytes"]["tokens"] == TINY.cache_rows * TINY.seq_len
