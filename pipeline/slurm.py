@@ -164,6 +164,13 @@ def stage_command(cfg: Config, config_path: Path, overrides: list[str], stage: s
 def chain(cfg: Config, config_path: Path, overrides: list[str], commands: dict[str, str]) -> list[JobSpec]:
     """The jobs in submission order. ``commands`` replaces a stage's command by a shell line (tests, smoke runs)."""
 
+    for stage in STAGES:
+        if stage != "train" and stage_resources(cfg, stage).nodes != 1:
+            raise ConfigError(
+                f"slurm.stages.{stage}.nodes: expected 1 (only train spans nodes; the cache scales out with "
+                f"array_tasks), got {stage_resources(cfg, stage).nodes}"
+            )
+
     def command(stage: str, unit: str | None) -> list[str]:
         if stage in commands:
             return ["bash", "-c", commands[stage]]
@@ -370,12 +377,17 @@ def slurm_states(job_ids: list[str]) -> dict[str, list[dict]]:
                 "exit_code": exit_code,
                 "elapsed": elapsed,
                 "reason": reason,
-                "started": start not in ("Unknown", "None", ""),
+                # right after a dependency cancellation sacct briefly reports Start = the cancel time
+                "started": start not in ("Unknown", "None", "")
+                and not (state.startswith("CANCELLED") and elapsed == "00:00:00"),
             }
     for jobid, array_job, state, reason, elapsed in _query(["squeue", "-h", "-r", "-j", ids, "-o", "%i|%F|%T|%r|%M"]):
         base = array_job if array_job in out else jobid.split("_")[0]
         if base in out:
-            entry = out[base].get(jobid, {"id": jobid, "exit_code": "", "started": state != "PENDING"})
+            # before sacct has the job: it ran if it is running now or spent time running (a job cancelled for
+            # a never-satisfied dependency shows CANCELLED with 0:00)
+            started = state in ("RUNNING", "COMPLETING", "SUSPENDED") or elapsed not in ("0:00", "")
+            entry = out[base].get(jobid, {"id": jobid, "exit_code": "", "started": started})
             out[base][jobid] = {**entry, "state": state, "reason": reason, "elapsed": elapsed}
     return {j: sorted(tasks.values(), key=lambda t: t["id"]) for j, tasks in out.items()}
 
@@ -423,12 +435,19 @@ def run_status(record: dict) -> dict:
         summary = summarize_job(states.get(job["job_id"], []))
         rows.append({**job, **summary, "progress": last_progress(logs_dir, record["run"], job["stage"], job["unit"])})
     failed = [r for r in rows if r["state"] in FAILED_STATES]
-    cancelled = [r for r in rows if r["state"] == "CANCELLED" and not r["started"]]
+    # cancelled because an upstream job failed (afterok can never be satisfied): rows are in submission order,
+    # so every job's upstream has been classified before it
+    broken = {r["job_id"] for r in failed}
+    downstream = []
+    for r in rows:
+        if r["state"] == "CANCELLED" and any(j in broken for j in r["after"]):
+            broken.add(r["job_id"])
+            downstream.append(r)
     return {
         "run": record["run"],
         "jobs": rows,
         "failed": [_label(r) for r in failed],
-        "cancelled_downstream": [_label(r) for r in cancelled] if failed else [],
+        "cancelled_downstream": [_label(r) for r in downstream],
         "cancelled": [_label(r) for r in rows if r["state"] == "CANCELLED"],
         "done": all(r["state"] in DONE_STATES for r in rows),
         "complete": all(r["state"] == "COMPLETED" for r in rows),

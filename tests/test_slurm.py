@@ -116,6 +116,11 @@ def test_unknown_stage_resources_are_a_config_error(tiny_config, capsys):
     assert "slurm.stages.tokenize: unknown key" in capsys.readouterr().err
 
 
+def test_only_train_spans_nodes(tiny_config, capsys):
+    code = slurm.main(["submit", "--config", str(tiny_config()), "--dry-run", "slurm.stages.cache.nodes=2"])
+    assert code == 2 and "slurm.stages.cache.nodes: expected 1" in capsys.readouterr().err
+
+
 def test_bad_command_override_is_rejected(tiny_config, capsys):
     code = slurm.main(["submit", "--config", str(tiny_config()), "--dry-run", "--command", "train"])
     assert code == 2 and "STAGE=SHELL_COMMAND" in capsys.readouterr().err
