@@ -437,9 +437,10 @@ def bench_memory(assets: Assets, sizes: Sizes, on: torch.device) -> tuple[Row, d
     """Peak extra memory of ``cache.topk_chunked`` vs materialising all B x T x V logits in fp32, relative to the
     B x T x V x 4 bytes of those logits alone (the stricter of the two possible denominators).
 
-    Two measurements: torch tensor allocations (profiler on CPU, allocator peak on GPU) with the teacher's own LM
-    head, and on CPU also ``cache.topk_peak_memory`` (resident-set peak, each variant in a fresh process), which
-    is what the machine actually has to provide. The row shows the resident-set figure on CPU.
+    The row is torch's own tensor peak (profiler memory events on CPU, the allocator's peak on GPU): exact,
+    repeatable and the same quantity on both. On CPU the detail adds ``cache.topk_peak_memory`` (resident-set
+    peak of each variant in a fresh process), which also counts what glibc's heap keeps resident after frees and
+    moves by tens of MiB between runs at these sizes.
     """
     head = assets.teacher.get_output_embeddings()
     hidden, vocab = int(assets.teacher.config.hidden_size), assets.vocab
@@ -456,16 +457,15 @@ def bench_memory(assets: Assets, sizes: Sizes, on: torch.device) -> tuple[Row, d
         f"tensors: {tensors['chunked'] / mib:.1f} MiB chunked ({tensors['chunked'] / logits:.3f}) vs "
         f"{tensors['full'] / mib:.0f} MiB materialised, logits alone {logits / mib:.0f} MiB"
     )
-    value = tensors["chunked"] / logits
     if on.type == "cpu":
         rss = cache_stage.topk_peak_memory(positions=positions, hidden=hidden, vocab=vocab, chunk=chunk, top_k=TOP_K)
         raw["rss"] = rss
-        value = rss["ratio_to_logits"]
-        detail = (
-            f"resident set: {rss['chunked_peak_bytes'] / mib:.1f} MiB chunked vs {rss['full_peak_bytes'] / mib:.0f} "
-            f"MiB materialised; {detail}"
+        detail += (
+            f"; resident set: {rss['chunked_peak_bytes'] / mib:.1f} MiB chunked ({rss['ratio_to_logits']:.3f}) vs "
+            f"{rss['full_peak_bytes'] / mib:.0f} MiB materialised"
         )
     detail += f"; {positions} positions, chunk {chunk}, V={vocab}"
+    value = tensors["chunked"] / logits
     return Row("memory", "peak memory: chunked top-k / B*T*V fp32 logits", value, "", 0.125, "<=", detail), raw
 
 
@@ -629,9 +629,9 @@ parameters.
 - Reader: `cache_format.benchmark_reader` (CacheDataset vs `to_pydict` rows turned into tensors one by one).
 - Extraction: `cache.benchmark_extraction`: `cache.extract_batch` (body with hidden states, LM head + log-softmax +
   top-k + tail in chunks, one hidden layer copied out) vs `model(input_ids)` computing the full logits, same batch.
-- Memory: `cache.topk_chunked` vs full fp32 logits + log-softmax + top-k. On CPU the row is the resident-set peak
-  of each in a fresh process (`cache.topk_peak_memory`); the detail adds torch's own tensor peak (profiler memory
-  events; on GPU `torch.cuda.max_memory_allocated`), which excludes what glibc's heap keeps resident.
+- Memory: `cache.topk_chunked` vs full fp32 logits + log-softmax + top-k, torch's tensor peak (profiler memory events
+  on CPU, `torch.cuda.max_memory_allocated` on GPU) over the B x T x V x 4 bytes of the logits. On CPU the detail adds
+  the resident-set peak of each in a fresh process (`cache.topk_peak_memory`), which includes glibc's heap policy.
 - KD steps: `train.step_time_ratios` (`_loss_step` + backward + AdamW per variant on the same batch) vs CE only.
 - FLOP/s: model FLOPs (2 x matmul weights x tokens + 4 x layers x T x hidden x tokens) per second of the bare
   forward, over the median FLOP/s of a square GEMM in the model's dtype.

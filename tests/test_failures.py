@@ -96,7 +96,7 @@ def block_logs(run: Path) -> list[Path]:
 class Case:
     stage: str
     args: list[str]
-    message: str  # substring the output must contain: it names the culprit
+    message: str | tuple[str, ...]  # substring(s) the output must contain: they name the culprit
     code: int = 1
     damage: Callable[[Path], list[Path]] = lambda run: []  # breaks inputs on purpose; returns what it changed
     redone: bool = False  # the stage had completed with another config: its marker/config.yaml may change
@@ -120,7 +120,7 @@ KD = ["--variant", "kd"]
 CASES = {
     # ---- cache shards as the training stage reads them
     "corrupt shard": Case(
-        "train", KD, ".parquet: row group 0 unreadable", damage=each(cache_shards, zero_column)
+        "train", KD, ("/cache/train-", ".parquet: row group 0 unreadable"), damage=each(cache_shards, zero_column)
     ),
     "truncated shard": Case(
         "train", KD, "train-00000.parquet: not a readable Parquet cache shard",
@@ -143,22 +143,26 @@ CASES = {
         damage=each(shard("train-00001.parquet"), lambda p: rewrite_shard(p, {"format_version": 99})),
     ),
     "NaN/inf in cached values": Case(
-        "train", KD, ".parquet: column topk_logprobs holds NaN/inf",
+        "train", KD, ("/cache/train-", ".parquet: column topk_logprobs holds NaN/inf"),
         damage=each(cache_shards, lambda p: rewrite_shard(p, nan="topk_logprobs")),
     ),
     # ---- configuration
-    "unknown config key": Case("train", [*KD, "train.lrr=0.1"], "train.lrr", code=2),
-    "wrong config type": Case("train", [*KD, "train.max_steps=many"], "train.max_steps", code=2),
+    "unknown config key": Case("train", [*KD, "train.lrr=0.1"], "train.lrr: unknown key", code=2),
+    "wrong config type": Case("train", [*KD, "train.max_steps=many"], "train.max_steps: expected int", code=2),
     "missing model path": Case(
         "train", [*KD, "student.name_or_path=/nonexistent/student"], "student.name_or_path: cannot load"
     ),
     # ---- data
     "empty dataset after filtering": Case(
-        "manifest", ["manifest.min_chars=100000"], "no training document left", redone=True
+        "manifest", ["manifest.min_chars=100000"], "manifest.sources: no training document left", redone=True
     ),
-    "zero-weight mixture": Case("manifest", ["manifest.sources.0.weight=0"], "manifest.sources", code=2),
+    "zero-weight mixture": Case(
+        "manifest", ["manifest.sources.0.weight=0"], "manifest.sources: expected weights summing to a positive",
+        code=2,
+    ),
     "seq_len above the model's maximum": Case(
-        "manifest", ["manifest.seq_len=512"], "max_position_embeddings 256", redone=True
+        "manifest", ["manifest.seq_len=512"], "manifest.seq_len: 512 exceeds the teacher's max_position_embeddings 256",
+        redone=True,
     ),
     # ---- teacher / student shapes
     "hidden-layer index out of range (cache)": Case(
@@ -196,7 +200,8 @@ def test_failure_names_the_culprit_exits_nonzero_and_damages_nothing(name, tmp_p
     out = capsys.readouterr()
     text = out.out + out.err
     assert code == case.code, f"{name}: exit {code}\n{text}"
-    assert case.message in text, f"{name}: {case.message!r} not in\n{text}"
+    for needle in (case.message,) if isinstance(case.message, str) else case.message:
+        assert needle in text, f"{name}: {needle!r} not in\n{text}"
     assert "Traceback" not in text
     after = snapshot(tmp_path / "runs")
     allowed = {f"tiny/{case.stage}/_COMPLETE.json", f"tiny/{case.stage}/config.yaml"} if case.redone else set()
