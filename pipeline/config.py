@@ -265,7 +265,7 @@ class SlurmConfig:
     qos: str | None = _opt(None, "quality of service")
     signal_s: int = _opt(300, "seconds before the time limit that USR1 is sent", POSITIVE)
     extra_args: list[str] = _opt([], "extra sbatch arguments for every stage")
-    python: str = _opt("python", "interpreter on the compute nodes")
+    python: str | None = _opt(None, "interpreter on the compute nodes (None: the one running submit)")
     rdzv_port: int = _opt(29500, "torchrun rendezvous port on the first node of a train job", POSITIVE)
     stages: SlurmStages = _opt(SlurmStages(), "resources per stage (the one source of truth for sbatch)")
 

@@ -109,6 +109,11 @@ class JobSpec:
         return f"{self.stage}-{self.unit}" if self.unit else self.stage
 
 
+def python_of(cfg: Config) -> str:
+    """The interpreter the jobs run: ``slurm.python``, else the one running submit (a shared-filesystem venv)."""
+    return cfg.slurm.python or sys.executable
+
+
 def stage_resources(cfg: Config, stage: str) -> Any:
     """The stage's SlurmResources (the one place resources come from)."""
     return getattr(cfg.slurm.stages, stage)
@@ -149,7 +154,7 @@ def stage_command(cfg: Config, config_path: Path, overrides: list[str], stage: s
     if stage == "train":
         res = stage_resources(cfg, stage)
         return [
-            cfg.slurm.python,
+            python_of(cfg),
             "-m",
             "pipeline.slurm",
             "launch",
@@ -158,7 +163,7 @@ def stage_command(cfg: Config, config_path: Path, overrides: list[str], stage: s
             "--",
             *args,
         ]
-    return [cfg.slurm.python, *args]
+    return [python_of(cfg), *args]
 
 
 def chain(cfg: Config, config_path: Path, overrides: list[str], commands: dict[str, str]) -> list[JobSpec]:
@@ -193,7 +198,7 @@ def generate_script(cfg: Config, job: JobSpec, *, output: Path, dependency: list
     directives = "\n".join(f"#SBATCH {d}" for d in sbatch_directives(cfg, job, output=output, dependency=dependency))
     settings = {
         "PIPELINE_REPO": str(REPO),
-        "PIPELINE_PYTHON": cfg.slurm.python,
+        "PIPELINE_PYTHON": python_of(cfg),
         "PIPELINE_RUN": cfg.run_name,
         "PIPELINE_STAGE": job.stage,
         "PIPELINE_UNIT": job.unit or "",

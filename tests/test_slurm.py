@@ -22,8 +22,7 @@ REPO = Path(__file__).resolve().parent.parent
 PY = sys.executable
 STAGES = ("manifest", "cache", "train", "evaluate", "report")
 # the local cluster has 2 cores: every job asks for 1 core, 1 GB, no GPU so jobs can run side by side
-SMALL = {
-    "slurm.python": PY,
+SMALL = {  # slurm.python unset: the jobs run the interpreter that submitted them (this venv)
     **{f"slurm.stages.{s}.{k}": v for s in STAGES for k, v in (("cpus_per_task", 1), ("mem_gb", 1))},
     **{f"slurm.stages.{s}.gpus_per_node": 0 for s in STAGES},
 }
