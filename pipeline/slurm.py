@@ -324,8 +324,11 @@ def submit(
                     "output": str(output),
                 }
             )
-    except PipelineError:
-        _scancel([j["job_id"] for j in record_jobs if j["job_id"] != "dry-run"])
+    except PipelineError as err:
+        submitted = [j["job_id"] for j in record_jobs if j["job_id"] != "dry-run"]
+        _scancel(submitted)  # half a chain would wait forever on the job that was refused
+        if submitted:
+            raise PipelineError(f"{err} (cancelled the jobs already submitted: {' '.join(submitted)})") from None
         raise
     record = {
         "run": cfg.run_name,

@@ -240,6 +240,24 @@ def test_cluster_script_ensure_is_a_quick_no_op_on_a_healthy_cluster(cluster):
 
 
 @pytest.mark.slurm
+def test_a_refused_job_cancels_the_part_of_the_chain_already_submitted(cluster, tiny_config):
+    no_gpus = (
+        shutil.which("nvidia-smi") is None
+        and "gres/gpu" not in subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True).stdout
+    )
+    if not no_gpus:
+        pytest.skip("this cluster has GPUs: a GPU request would not be refused")
+    extra = overrides(**{"slurm.stages.cache.gpus_per_node": 1})  # the local cluster has no GPUs
+    with pytest.raises(slurm.PipelineError, match=r"cache.sbatch: sbatch refused the job.*cancelled the jobs") as err:
+        _submit(tiny_config(), extra, {**STANDIN, "manifest": "sleep 30"})
+    manifest_job = str(err.value).rsplit(": ", 1)[1].rstrip(")")
+    state = subprocess.run(["sacct", "-n", "-X", "-P", "-j", manifest_job, "-o", "State"], capture_output=True,
+                           text=True).stdout  # fmt: skip
+    squeue = subprocess.run(["squeue", "-h", "-j", manifest_job, "-o", "%T"], capture_output=True, text=True).stdout
+    assert "CANCELLED" in state + squeue
+
+
+@pytest.mark.slurm
 def test_cancel_cancels_every_job_of_the_run(cluster, tiny_config):
     config = tiny_config()
     record = _submit(config, overrides(), {**STANDIN, "manifest": "sleep 60"})
