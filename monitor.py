@@ -2,7 +2,8 @@
 
 Writes ``logs/<run>/<stage>/telemetry_<host>_<job>.jsonl`` (pipeline.jsonlog schema, event ``telemetry``; ``<job>``
 is ``<array job>_<task>`` for array tasks, ``local`` outside Slurm) and, at exit, the per-stage summary
-``telemetry_summary_<host>_<job>.json`` {duration_s, gpu_util_mean, gpu_util_max, gpu_mem_peak_gb, energy_wh, ...}.
+``telemetry_summary_<host>_<job>[_restart<n>].json`` {duration_s, gpu_util_mean, gpu_util_max, gpu_mem_peak_gb,
+energy_wh, ...}, one per attempt of a requeued job.
 Samples follow a fixed cadence on absolute deadlines (no drift). The monitor stops cleanly on SIGTERM/SIGINT and
 when the process given by ``--pid`` (the stage) has ended; SIGUSR1 (the preemption warning meant for the stage) is
 ignored. Without NVML it warns once and keeps sampling the host. The slurm/*.sbatch scripts start it; by hand::
@@ -118,8 +119,11 @@ def main(argv: list[str] | None = None) -> int:
             gpus.close()
         log.close()
     job, task = slurm_ids()
-    ids = {"run": args.run, "stage": args.stage, "host": host, "job": job, "task": task, "interval_s": args.interval}
-    atomic_write_json(out_dir / f"telemetry_summary_{host}_{ref}.json", {**ids, **result})
+    restart = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
+    ids = {"run": args.run, "stage": args.stage, "host": host, "job": job, "task": task, "restart": restart}
+    # one summary per attempt: a requeued job's earlier attempt used energy too (the report sums the files)
+    name = f"telemetry_summary_{host}_{ref}" + (f"_restart{restart}" if restart else "") + ".json"
+    atomic_write_json(out_dir / name, {**ids, "interval_s": args.interval, **result})
     return 0
 
 

@@ -232,6 +232,17 @@ def test_cli_stops_when_the_stage_ends_and_writes_the_summary(tmp_path):
     summary = json.loads((tmp_path / "r" / "cache" / f"telemetry_summary_{host}_777_3.json").read_text())
     assert summary["job"] == "777" and summary["task"] == "3" and summary["samples"] == len(samples)
     assert 1.0 < summary["duration_s"] < 8 and summary["energy_wh"] is None and summary["gpu_count"] == 0
+    assert summary["restart"] == 0
+
+
+def test_a_requeued_attempt_writes_its_own_summary(tmp_path):
+    stage = subprocess.Popen(["sleep", "0.5"])
+    proc = _run_monitor(tmp_path, "--interval", "0.2", "--pid", str(stage.pid),
+                        env={"SLURM_JOB_ID": "42", "SLURM_RESTART_COUNT": "1"})  # fmt: skip
+    stage.wait()
+    proc.communicate(timeout=20)
+    path = tmp_path / "r" / "cache" / f"telemetry_summary_{socket.gethostname()}_42_restart1.json"
+    assert json.loads(path.read_text())["restart"] == 1
 
 
 def test_cli_ignores_usr1_and_stops_cleanly_on_sigterm(tmp_path):
