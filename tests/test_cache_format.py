@@ -191,7 +191,7 @@ def test_write_refuses_nan_and_reader_detects_nan_in_file(tmp_path):
     tail = table.column("tail_logmass").combine_chunks()
     values = tail.flatten().to_numpy().copy()
     values[4] = np.nan
-    table = table.set_column(5, "tail_logmass", cf._fixed_list(values, T).cast(table.schema.field(5).type))
+    table = table.set_column(5, "tail_logmass", cf._fixed_list(values, table.schema.field(5).type))
     pq.write_table(table, path)
     with pytest.raises(PipelineError, match=r"train-00000.parquet: column tail_logmass holds NaN/inf"):
         list(cf.CacheDataset([path], batch_size=2))
