@@ -632,7 +632,7 @@ parameters.
   the resident-set peak of each in a fresh process (`cache.topk_peak_memory`), which includes glibc's heap policy.
 - KD steps: `train.step_time_ratios` (`_loss_step` + backward + AdamW per variant on the same batch) vs CE only.
 - FLOP/s: model FLOPs (2 x matmul weights x tokens + 4 x layers x T x hidden x tokens) per second of the bare
-  forward, over the median FLOP/s of a square GEMM in the model's dtype.
+  forward over the FLOP/s of a square GEMM in the model's dtype timed right after it (median over repeats).
 - Slurm: five trivial chained jobs (`afterok`), submit to last completion, through `pipeline.slurm`.
 """
 
