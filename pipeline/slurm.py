@@ -35,7 +35,7 @@ from typing import Any
 
 from pipeline import config as config_mod
 from pipeline.config import Config, ConfigError
-from pipeline.jsonlog import format_console
+from pipeline.jsonlog import format_console, redact
 from pipeline.logs import tail_records
 from pipeline.rundir import PipelineError, atomic_write_json, atomic_write_text
 
@@ -334,8 +334,8 @@ def submit(
         "run": cfg.run_name,
         "submitted_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "config": str(config_path.resolve()),
-        "overrides": overrides,
-        "commands": commands or {},
+        "overrides": [redact(o) for o in overrides],  # a token passed as an override must not land in logs/
+        "commands": {k: redact(v) for k, v in (commands or {}).items()},
         "cwd": os.getcwd(),
         "logs_dir": str(logs_dir),
         "dry_run": dry_run,
