@@ -155,7 +155,12 @@ def format_console(rec: dict) -> str:
 
 
 def rank_log_path(logs_root: Path, stage: str, rank: int) -> Path:
-    return logs_root / stage / f"rank_{rank:05d}.jsonl"
+    """``<stage>/rank_<r>.jsonl`` locally; under Slurm the job (and array task) is part of the name, because array
+    tasks and side-by-side train jobs on other nodes must not append to one shared file (NFS interleaves them).
+    A requeued job keeps its id, so it continues its own file."""
+    job, task = slurm_ids()
+    suffix = "" if job is None else f".job{job}" + ("" if task is None else f"_{task}")
+    return logs_root / stage / f"rank_{rank:05d}{suffix}.jsonl"
 
 
 def open_logger(run: str, stage: str, logs_root: Path, rank: int | None = None) -> JsonLogger:

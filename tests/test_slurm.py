@@ -314,7 +314,7 @@ def test_training_job_preempted_checkpoints_requeues_and_finishes(cluster, tiny_
     _run_local("pipeline.cache", config, extra)
     record = _submit(config, extra, {k: v for k, v in STANDIN.items() if k != "train"})  # the real train stage
     train_job = record["jobs"][2]["job_id"]
-    log = Path(record["logs_dir"], "tiny", "train", "rank_00000.jsonl")
+    log = Path(record["logs_dir"], "tiny", "train", f"rank_00000.job{train_job}.jsonl")
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:  # wait for training steps, then send the preemption warning
         if log.is_file() and '"event": "step"' in log.read_text():
