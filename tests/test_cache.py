@@ -99,6 +99,18 @@ def test_extraction_matches_full_model_computation(tiny_assets):
     spec.positions = cf.hidden_positions(20, every_n=3)
     sub = cache.extract_batch(model, ids, mask, spec)
     assert torch.equal(sub["hidden_1"], out.hidden_states[1][:, ::3].half())
+    # hooks keep exactly the requested states (not all L + 1) and are removed afterwards
+    body = model.get_decoder()
+
+    def hook_count() -> int:  # transformers keeps its own output-capturing hooks installed; ours must go
+        return sum(len(b._forward_hooks) + len(b._forward_pre_hooks) for b in cache.decoder_layers(body))
+
+    before = hook_count()
+    with torch.inference_mode(), cache.capture_hidden_states(body, {0, 2}) as kept:
+        assert hook_count() == before + 2
+        body(input_ids=ids, attention_mask=mask, use_cache=False)
+    assert sorted(kept) == [0, 2] and all(torch.equal(kept[i], out.hidden_states[i]) for i in (0, 2))
+    assert hook_count() == before
 
 
 def test_chunked_topk_keeps_tail_accurate_when_topk_holds_nearly_all_mass():
