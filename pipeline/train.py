@@ -38,7 +38,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pipeline import cache_format, losses
@@ -244,11 +243,9 @@ def _loss_step(
             capture_temperature=recipe.capture_temperature, jsd_beta=rc.jsd_beta,
         )  # fmt: skip
     else:
-        # The fused kernel is the fastest CE; without a weight CE is only logged, so it builds no graph.
+        # Without a weight CE is only logged, so it builds no graph.
         with torch.set_grad_enabled(torch.is_grad_enabled() and lc.ce_weight > 0):
-            flat = logits.reshape(-1, logits.shape[-1])
-            ce = F.cross_entropy(flat.float(), labels.reshape(-1), reduction="none")
-            comps["ce"] = losses.masked_mean(ce, ce_mask.reshape(-1))
+            comps["ce"] = losses.cross_entropy(logits, labels, ce_mask)
     del logits
     if lc.feature.weight > 0:
         sub_mask = kd_mask if positions is None else kd_mask[:, positions]
