@@ -583,10 +583,7 @@ class CacheDataset(IterableDataset):
 
     # ------------------------------------------------------------------ data
     def _load(self, number: int) -> None:
-        """Make row group ``number`` (file order) resident in the arena, evicting the least recently used."""
-        if number in self._lru:
-            self._lru.move_to_end(number)
-            return
+        """Read and decode row group ``number`` (file order) into the arena slot of the least recently used group."""
         file, group = self.group_keys[number]
         handle = self._handles.get(file)
         if handle is None:
@@ -629,7 +626,13 @@ class CacheDataset(IterableDataset):
         needed = sorted(set(groups.tolist()))
         if len(needed) > self._slots:
             self._grow(len(needed))
-        for number in needed:  # every needed group becomes more recent than any other, so none evicts another
+        missing = []
+        for number in needed:  # resident ones first become the most recent, so loading the rest cannot evict them
+            if number in self._lru:
+                self._lru.move_to_end(number)
+            else:
+                missing.append(number)
+        for number in missing:
             self._load(number)
         take = self._slot_start[groups] + (rows - self.group_first_row[groups])
         batch: dict[str, Any] = {}

@@ -107,6 +107,23 @@ def test_round_trip_values_dtypes_and_shapes(tmp_path):
     assert "BYTE_STREAM_SPLIT" in leaf.encodings and not leaf.has_dictionary_page
 
 
+def test_batches_spanning_more_row_groups_than_cached_slots(tmp_path):
+    paths, written = write_shards(tmp_path, [7, 9], row_group_size=2)
+    merged = {k: np.concatenate([w[k] for w in written]) for k in written[0]}
+    ds = cf.CacheDataset(paths, batch_size=5, seed=1, shuffle_buffer=10, cached_row_groups=1)
+    for epoch in (0, 1):  # 1 slot, batches over up to 5 groups: the arena grows, evicts and reloads
+        ds.set_epoch(epoch)
+        batches = list(ds)
+        ids = np.concatenate([b["sample_id"].numpy() for b in batches])
+        assert sorted(ids) == list(range(16)) and list(ids) != list(range(16))
+        for batch in batches:
+            rows = batch["sample_id"].numpy()
+            np.testing.assert_array_equal(batch["topk_ids"].numpy(), merged["topk_ids"][rows])
+            np.testing.assert_array_equal(batch["hidden.1"].numpy(), merged["hidden_1"][rows].astype(np.float32))
+            np.testing.assert_array_equal(batch["embed"].numpy(), merged["embed"][rows])
+    assert ds._slots > 1
+
+
 def test_bf16_hidden_subsampled_positions_and_column_selection(tmp_path):
     positions = cf.hidden_positions(T, every_n=2)
     assert positions == [0, 2, 4]
