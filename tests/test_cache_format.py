@@ -107,7 +107,10 @@ def test_round_trip_values_dtypes_and_shapes(tmp_path):
     assert "BYTE_STREAM_SPLIT" in leaf.encodings and not leaf.has_dictionary_page
 
 
-def test_batches_spanning_more_row_groups_than_cached_slots(tmp_path):
+@pytest.mark.parametrize("wide", [False, True])
+def test_batches_spanning_more_row_groups_than_cached_slots(tmp_path, monkeypatch, wide):
+    if wide:  # hidden (48-byte rows here) and top-k id columns (72) take the no-arena path of wide rows
+        monkeypatch.setattr(cf, "ARENA_MAX_ROW_BYTES", 40)
     paths, written = write_shards(tmp_path, [7, 9], row_group_size=2)
     merged = {k: np.concatenate([w[k] for w in written]) for k in written[0]}
     ds = cf.CacheDataset(paths, batch_size=5, seed=1, shuffle_buffer=10, cached_row_groups=1)
@@ -121,7 +124,7 @@ def test_batches_spanning_more_row_groups_than_cached_slots(tmp_path):
             np.testing.assert_array_equal(batch["topk_ids"].numpy(), merged["topk_ids"][rows])
             np.testing.assert_array_equal(batch["hidden.1"].numpy(), merged["hidden_1"][rows].astype(np.float32))
             np.testing.assert_array_equal(batch["embed"].numpy(), merged["embed"][rows])
-    assert ds._slots > 1
+    assert ds._slots > 1 and sorted(ds._wide) == (["hidden_1", "hidden_3", "topk_ids"] if wide else [])
 
 
 def test_bf16_hidden_subsampled_positions_and_column_selection(tmp_path):
