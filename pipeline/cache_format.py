@@ -434,8 +434,9 @@ class CacheDataset(IterableDataset):
 
     Rows are read lazily per Parquet row group, only for the requested columns, into a per-worker arena of
     ``cached_row_groups`` slots per column (LRU; grown when one batch spans more groups), so a batch is one
-    ``np.take`` per column whatever the number of groups it touches; each consumer reads the row groups its rows fall
-    in, so I/O grows with ranks x workers for wide shuffle windows.
+    ``np.take`` per column whatever the number of groups it touches (rows wider than :data:`ARENA_MAX_ROW_BYTES`
+    are gathered from the decoded groups directly); each consumer reads the row groups its rows fall in, so I/O grows
+    with ranks x workers for wide shuffle windows.
     """
 
     def __init__(
