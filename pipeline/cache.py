@@ -36,7 +36,7 @@ import subprocess
 import sys
 import time
 import types
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -224,15 +224,21 @@ def benchmark_extraction(
     def forward() -> torch.Tensor:
         return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
 
+    def timed(fn: Callable[[], object]) -> float:
+        # CUDA kernels run asynchronously: without a synchronize the clock would stop before the work does.
+        if input_ids.is_cuda:
+            torch.cuda.synchronize(input_ids.device)
+        start = time.perf_counter()
+        fn()
+        if input_ids.is_cuda:
+            torch.cuda.synchronize(input_ids.device)
+        return time.perf_counter() - start
+
     with torch.inference_mode():
         forward(), extract_batch(model, input_ids, attention_mask, spec)
         for _ in range(repeats):
-            start = time.perf_counter()
-            forward()
-            bare.append(time.perf_counter() - start)
-            start = time.perf_counter()
-            extract_batch(model, input_ids, attention_mask, spec)
-            extract.append(time.perf_counter() - start)
+            bare.append(timed(forward))
+            extract.append(timed(lambda: extract_batch(model, input_ids, attention_mask, spec)))
     ratios = sorted(e / b for e, b in zip(extract, bare, strict=True))
     return {
         "bare_forward_s": statistics.median(bare),
