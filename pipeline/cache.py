@@ -612,7 +612,9 @@ def _complete(cfg: Config, rd: RunDir, ctx: StageContext) -> bool:
 
 
 def _sections(cfg: Config, unit: str | None) -> tuple:
-    return output_sections(cfg)
+    # The format version is part of the stage's identity: after an upgrade a rerun rebuilds the cache instead of
+    # skipping it as complete and leaving train to fail on old-format shards.
+    return (*output_sections(cfg), cf.FORMAT_VERSION)
 
 
 SPEC = StageSpec(

@@ -286,3 +286,14 @@ def test_plan_prints_sizes_without_running_the_teacher(run_config, capsys):
     # per token: sample_id 8/32 + ids 4 + mask 1 + top-16 (4 + 2) * 16 + tail 2 + 2 layers x 64 x 2 + embed 64 x 4/32
     assert float(total[1]) == 8 / 32 + 4 + 1 + 96 + 2 + 256 + 8
     assert not cache_dir(config).exists()
+
+
+def test_cache_format_version_is_part_of_the_stage_identity(monkeypatch):
+    """An upgraded format must not be skipped as 'already complete' (train would then fail on old shards)."""
+    from pipeline import cache, config
+    from pipeline.config import section_hash
+
+    cfg = config.from_dict({"run_name": "r", "teacher": {"name_or_path": "t"}, "student": {"name_or_path": "s"}})
+    before = section_hash(*cache.SPEC.sections(cfg, None))
+    monkeypatch.setattr(cache.cf, "FORMAT_VERSION", cache.cf.FORMAT_VERSION + 1)
+    assert section_hash(*cache.SPEC.sections(cfg, None)) != before
