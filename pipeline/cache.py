@@ -58,6 +58,7 @@ from pipeline.rundir import (
     StageSpec,
     atomic_write_json,
     build_parser,
+    cli_exit_code,
     file_sha256,
     stage_main,
 )
@@ -634,12 +635,8 @@ def plan_main(args: argparse.Namespace) -> int:
         rd = RunDir.from_config(cfg)
         manifest = data_format.read_manifest(rd.stage_dir("manifest"))
         table = plan_rows(cfg, manifest, load_teacher_config(cfg.teacher))
-    except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
-        return 2
-    except PipelineError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    except (ConfigError, PipelineError) as err:
+        return cli_exit_code(err)
     tokens = sum(int(manifest["splits"][s]["rows"]) for s in data_format.SPLITS) * int(manifest["seq_len"])
     print(format_plan(table, tokens))
     return 0

@@ -159,6 +159,17 @@ class RunDir:
         )
 
 
+def cli_exit_code(err: ConfigError | PipelineError) -> int:
+    """Print a user-facing error as one line on stderr and return its exit code: 2 for config, 1 otherwise.
+
+    Every command line (stages, ``cache --plan``, ``slurm submit``...) answers bad input the same way."""
+    if isinstance(err, ConfigError):
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
+    print(f"error: {err}", file=sys.stderr)
+    return 1
+
+
 # ------------------------------------------------------------------------------------------- stage wrapper
 @dataclass
 class StageContext:
@@ -245,8 +256,7 @@ def stage_main(spec: StageSpec, argv: list[str] | None = None) -> int:
     try:
         cfg = config_mod.load(args.config, args.overrides)
     except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
-        return 2
+        return cli_exit_code(err)
     rd = RunDir.from_config(cfg)
     try:
         log = open_logger(cfg.run_name, spec.name, rd.logs)
@@ -260,8 +270,7 @@ def stage_main(spec: StageSpec, argv: list[str] | None = None) -> int:
         return 0
     except ConfigError as err:
         log.error("config_error", str(err))
-        print(f"config error: {err}", file=sys.stderr)
-        return 2
+        return cli_exit_code(err)
     except PipelineError as err:
         log.error("failed", str(err))
         if not log.console:

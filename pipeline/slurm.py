@@ -37,7 +37,7 @@ from pipeline import config as config_mod
 from pipeline.config import Config, ConfigError
 from pipeline.jsonlog import format_console, redact
 from pipeline.logs import tail_records
-from pipeline.rundir import PipelineError, atomic_write_json, atomic_write_text
+from pipeline.rundir import PipelineError, atomic_write_json, atomic_write_text, cli_exit_code
 
 REPO = Path(__file__).resolve().parent.parent
 TEMPLATES = REPO / "slurm"
@@ -578,12 +578,8 @@ def main(argv: list[str] | None = None) -> int:
             if not args.dry_run:
                 os.execv(argv_[0], argv_)  # exec: srun's USR1 reaches torchrun itself, which forwards it
         return 0
-    except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
-        return 2
-    except PipelineError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    except (ConfigError, PipelineError) as err:
+        return cli_exit_code(err)
 
 
 if __name__ == "__main__":
