@@ -251,10 +251,14 @@ def test_a_refused_job_cancels_the_part_of_the_chain_already_submitted(cluster, 
     with pytest.raises(slurm.PipelineError, match=r"cache.sbatch: sbatch refused the job.*cancelled the jobs") as err:
         _submit(tiny_config(), extra, {**STANDIN, "manifest": "sleep 30"})
     manifest_job = str(err.value).rsplit(": ", 1)[1].rstrip(")")
-    state = subprocess.run(["sacct", "-n", "-X", "-P", "-j", manifest_job, "-o", "State"], capture_output=True,
-                           text=True).stdout  # fmt: skip
-    squeue = subprocess.run(["squeue", "-h", "-j", manifest_job, "-o", "%T"], capture_output=True, text=True).stdout
-    assert "CANCELLED" in state + squeue
+    deadline = time.monotonic() + 20  # slurmctld hands the job's end to slurmdbd asynchronously
+    seen = ""
+    while "CANCELLED" not in seen and time.monotonic() < deadline:
+        time.sleep(0.2)
+        seen = subprocess.run(["sacct", "-n", "-X", "-P", "-j", manifest_job, "-o", "State"], capture_output=True,
+                              text=True).stdout  # fmt: skip
+        seen += subprocess.run(["squeue", "-h", "-j", manifest_job, "-o", "%T"], capture_output=True, text=True).stdout
+    assert "CANCELLED" in seen
 
 
 @pytest.mark.slurm
