@@ -61,7 +61,7 @@ demo: $(DEMO_STAMP)
 # ---------------------------------------------------------------------------------------------- checks
 # The Slurm tests need a running cluster; as root (CI, dev containers) start the local one when it is not up.
 test: $(VENV_STAMP)
-	@if [ "$$(id -u)" = 0 ] && ! scontrol ping >/dev/null 2>&1; then bash slurm/local_cluster.sh all; fi
+	@if [ "$$(id -u)" = 0 ]; then bash slurm/local_cluster.sh ensure; fi
 	$(OFFLINE) $(PY) -m pytest $(PYTEST_ARGS)
 
 lint: $(VENV_STAMP)
@@ -69,7 +69,7 @@ lint: $(VENV_STAMP)
 	$(PY) -m ruff format --check .
 
 cluster:
-	bash slurm/local_cluster.sh all
+	bash slurm/local_cluster.sh ensure
 
 bench: $(VENV_STAMP)
 	$(PY) -m pipeline.bench $(ARGS)
