@@ -378,7 +378,9 @@ def slurm_states(job_ids: list[str]) -> dict[str, list[dict]]:
         ["sacct", "-n", "-P", "-X", "-j", ids, "-o", "JobID,State,ExitCode,Elapsed,Reason,Start"]
     ):
         base = jobid.split("_")[0].split("+")[0]
-        if base in out and "[" not in jobid:  # "[...]" lines are not-yet-split pending array ranges
+        # "[...]" lines are array ranges Slurm has not split into tasks: pending ones squeue reports better, but a
+        # range cancelled before it ever ran stays in that form, and its final state is the only one left.
+        if base in out and ("[" not in jobid or state.split()[0] in DONE_STATES):
             out[base][jobid] = {
                 "id": jobid,
                 "state": state.split()[0],  # "CANCELLED by 0" -> CANCELLED

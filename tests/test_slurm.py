@@ -369,3 +369,12 @@ def test_tiny_config_full_chain_completes_in_order(cluster, tiny_config, tmp_pat
     assert (run / "report" / "summary.md").is_file()
     for job in record["jobs"]:  # telemetry beside every stage
         assert list(Path(record["logs_dir"], "tiny", job["stage"]).glob("telemetry_summary_*.json")), job["stage"]
+
+
+def test_an_array_cancelled_before_it_was_split_keeps_its_final_state(monkeypatch):
+    """sacct reports such an array only as '<job>_[0-N]'; once squeue forgets it, that line is all there is."""
+    answers = {"sacct": [("758_[0]", "CANCELLED by 0", "0:0", "00:00:00", "Dependency", "None")], "squeue": []}
+    monkeypatch.setattr(slurm, "_query", lambda argv: answers[argv[0]])
+    assert slurm.summarize_job(slurm.slurm_states(["758"])["758"])["state"] == "CANCELLED"
+    answers["sacct"] = [("759_[0-3]", "PENDING", "0:0", "00:00:00", "Dependency", "Unknown")]
+    assert slurm.slurm_states(["759"])["759"] == []  # a pending range: squeue's per-task view is the one to use
