@@ -52,6 +52,7 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from pipeline.data_format import schema_json
 from pipeline.rundir import PipelineError, atomic_path, file_sha256
 
 FORMAT_VERSION = 2
@@ -262,15 +263,7 @@ def write_shard(
 
 # ------------------------------------------------------------------------------------------------ metadata
 def _meta_from_schema(path: Path, schema: pa.Schema, num_rows: int | None = None) -> dict[str, Any]:
-    raw = (schema.metadata or {}).get(META_KEY)
-    if raw is None:
-        raise PipelineError(f"{path}: expected Arrow schema metadata {META_KEY.decode()!r}; not a cache shard")
-    try:
-        meta = json.loads(raw)
-    except json.JSONDecodeError:
-        raise PipelineError(f"{path}: {META_KEY.decode()} metadata is not valid JSON") from None
-    if not isinstance(meta, dict):
-        raise PipelineError(f"{path}: {META_KEY.decode()} metadata is not a JSON object")
+    meta = schema_json(path, schema, META_KEY, "cache shard")
     if meta.get("format_version") != FORMAT_VERSION:
         raise PipelineError(
             f"{path}: cache format_version {meta.get('format_version')!r}, this code reads {FORMAT_VERSION}; "

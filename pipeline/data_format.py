@@ -118,14 +118,23 @@ def read_packed_meta(path: Path) -> dict[str, Any]:
     return _meta_from_schema(path, schema)
 
 
-def _meta_from_schema(path: Path, schema: pa.Schema) -> dict[str, Any]:
-    raw = (schema.metadata or {}).get(META_KEY)
+def schema_json(path: Path, schema: pa.Schema, key: bytes, kind: str) -> dict[str, Any]:
+    """The JSON object stored under ``key`` in a shard's Arrow schema metadata (shared by the manifest and cache
+    formats); a PipelineError naming the file when it is absent, not JSON or not an object."""
+    raw = (schema.metadata or {}).get(key)
     if raw is None:
-        raise PipelineError(f"{path}: expected Arrow schema metadata {META_KEY.decode()!r}; not a manifest shard")
+        raise PipelineError(f"{path}: expected Arrow schema metadata {key.decode()!r}; not a {kind}")
     try:
         meta = json.loads(raw)
     except json.JSONDecodeError:
-        raise PipelineError(f"{path}: {META_KEY.decode()} metadata is not valid JSON") from None
+        raise PipelineError(f"{path}: {key.decode()} metadata is not valid JSON") from None
+    if not isinstance(meta, dict):
+        raise PipelineError(f"{path}: {key.decode()} metadata is not a JSON object")
+    return meta
+
+
+def _meta_from_schema(path: Path, schema: pa.Schema) -> dict[str, Any]:
+    meta = schema_json(path, schema, META_KEY, "manifest shard")
     if meta.get("format_version") != PACKED_FORMAT_VERSION:
         raise PipelineError(
             f"{path}: format_version {meta.get('format_version')!r}, expected {PACKED_FORMAT_VERSION}; "

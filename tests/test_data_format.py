@@ -136,3 +136,15 @@ def test_read_manifest_missing_or_corrupt(tmp_path):
     (tmp_path / df.MANIFEST_FILE).write_text("{not json")
     with pytest.raises(PipelineError, match="manifest.json: unreadable"):
         df.read_manifest(tmp_path)
+
+
+def test_schema_metadata_that_is_not_an_object_is_a_clear_error(tmp_path):
+    import pyarrow as pa
+    import pytest
+
+    from pipeline.data_format import META_KEY, schema_json
+    from pipeline.rundir import PipelineError
+
+    schema = pa.schema([("x", pa.int32())], metadata={META_KEY: b"[1]"})
+    with pytest.raises(PipelineError, match="shard.parquet: pipeline.data metadata is not a JSON object"):
+        schema_json(tmp_path / "shard.parquet", schema, META_KEY, "manifest shard")
