@@ -89,6 +89,13 @@ META_KEYS: dict[str, type | tuple[type, ...]] = {
 BASE_COLUMNS = ("sample_id", "input_ids", "attention_mask", "topk_ids", "topk_logprobs", "tail_logmass")
 BSS_LEAVES = ("topk_ids", "topk_logprobs", "tail_logmass", "embed")  # BYTE_STREAM_SPLIT-encoded list leaves
 HIDDEN_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+# list value type -> torch dtype of the batch tensor (the reader yields what is stored)
+STORED_TORCH_DTYPES = {
+    pa.int8(): torch.int8,
+    pa.int32(): torch.int32,
+    pa.float16(): torch.float16,
+    pa.float32(): torch.float32,
+}
 # exponent bits of a 2-byte float: all ones means inf or NaN
 NONFINITE_MASK = {"float16": 0x7C00, "bfloat16": 0x7F80}
 
@@ -347,14 +354,12 @@ def validate_for_student(
 
 
 # ------------------------------------------------------------------------------------------------------ reader
-BATCH_DTYPES = {  # column -> dtype of the batch tensor
-    "sample_id": torch.int64,
-    "input_ids": torch.int64,
-    "attention_mask": torch.int64,
-    "topk_ids": torch.int64,
-    "topk_logprobs": torch.float32,
-    "tail_logmass": torch.float32,
-    "embed": torch.float32,
+# batch dtype -> compute dtype: the reader yields the stored (compact) dtypes, to_compute widens on the device
+COMPUTE_DTYPES = {
+    torch.int8: torch.int64,
+    torch.int32: torch.int64,
+    torch.float16: torch.float32,
+    torch.bfloat16: torch.float32,
 }
 CONSISTENT_KEYS = (
     "seq_len",
@@ -392,7 +397,9 @@ def _decode_group(table: pa.Table, path: Path, group: int, meta: dict[str, Any],
             values = values.reshape(rows, num_hidden_positions(meta), int(meta["hidden_dim"]))
             bad = check and _nonfinite_2byte(values, meta["hidden_dtype"])
         elif pa.types.is_fixed_size_list(column.type):
-            values = column.flatten().to_numpy(zero_copy_only=False).reshape(rows, -1)
+            values = column.flatten().to_numpy(zero_copy_only=False)
+            per_row = (int(meta["seq_len"]), -1) if name.startswith("topk_") else (-1,)  # topk: [T, k]
+            values = values.reshape(rows, *per_row)
             if values.dtype == np.float16:  # exponent-bit test: ~10x cheaper than np.isfinite on fp16
                 bad = check and _nonfinite_2byte(values, "float16")
             else:
@@ -423,7 +430,9 @@ class CacheDataset(IterableDataset):
 
     Use ``batch_size=None`` in the DataLoader and ``persistent_workers=False`` (workers copy the dataset, including
     its epoch, when an iterator is created). Each batch dict also holds ``epoch`` and ``batch_index`` (position in
-    this rank's epoch): resume with ``start_from(epoch, batch_index + 1)``.
+    this rank's epoch): resume with ``start_from(epoch, batch_index + 1)``. Tensors are in the stored dtypes
+    (int32 ids, int8 mask, fp16 log-probs and tail, fp16/bf16 hidden states as ``hidden.<i>``, float32 embed,
+    int64 sample_id): move and widen them with :func:`to_compute`.
 
     Rows are read lazily per Parquet row group, only for the requested columns, into a per-worker arena of
     ``cached_row_groups`` slots per column (LRU; grown when one batch spans more groups), so a batch is one
@@ -498,14 +507,11 @@ class CacheDataset(IterableDataset):
         self.epoch, self.start_batch = 0, 0
         self._reset_state()
 
-    def _conversion(self, name: str) -> tuple[str, str, torch.dtype | None, torch.dtype, tuple[int, ...] | None]:
-        """(column, batch key, view dtype, batch dtype, per-row shape) of one column's numpy -> torch step."""
-        seq_len, k = int(self.meta["seq_len"]), int(self.meta["top_k"])
-        if name.startswith("hidden_"):  # 2-byte bit patterns: reinterpret as fp16/bf16, then widen
-            view = HIDDEN_DTYPES[self.meta["hidden_dtype"]]
-            return name, "hidden." + name[len("hidden_") :], view, torch.float32, None
-        shape = (seq_len, k) if name in ("topk_ids", "topk_logprobs") else None
-        return name, name, None, BATCH_DTYPES[name], shape
+    def _conversion(self, name: str) -> tuple[str, str, torch.dtype | None]:
+        """(column, batch key, dtype to view the stored 2-byte patterns as, for hidden states) of one column."""
+        if name.startswith("hidden_"):
+            return name, "hidden." + name[len("hidden_") :], HIDDEN_DTYPES[self.meta["hidden_dtype"]]
+        return name, name, None
 
     def _reset_state(self) -> None:
         self._order_epoch: int | None = None
@@ -638,9 +644,8 @@ class CacheDataset(IterableDataset):
         return out
 
     def _batch(self, rows: np.ndarray, epoch: int, index: int) -> dict[str, Any]:
-        """Gather ``rows`` (global ids, batch order): one ``np.take`` per column from the arena in the stored dtype,
-        then one torch conversion (torch widens fp16/bf16 ~20x faster than numpy's astype; from_numpy shares the
-        gathered buffer)."""
+        """Gather ``rows`` (global ids, batch order): one ``np.take`` per column from the arena, shared with torch
+        by ``from_numpy``; no dtype conversion here (see :func:`to_compute`)."""
         groups = self.row_group[rows]
         needed = sorted(set(groups.tolist()))
         if len(needed) > self._slots:
@@ -656,37 +661,59 @@ class CacheDataset(IterableDataset):
         local = rows - self.group_first_row[groups]
         take = self._slot_start[groups] + local
         batch: dict[str, Any] = {}
-        for name, key, view, dtype, shape in self._convert:
+        for name, key, view in self._convert:
             if name in self._wide:
                 values = self._gather_wide(self._wide[name], groups, local, needed)
             else:
                 values = self._arena[name].take(take, axis=0)
             tensor = torch.from_numpy(values)
-            if view is not None:
-                tensor = tensor.view(view)
-            if tensor.dtype != dtype:
-                tensor = tensor.to(dtype)
-            batch[key] = tensor if shape is None else tensor.view((len(rows),) + shape)
+            batch[key] = tensor if view is None else tensor.view(view)
         if self._hidden_positions is not None:
             batch["hidden_positions"] = self._hidden_positions.clone()
         batch["epoch"], batch["batch_index"] = epoch, index
         return batch
 
 
+def to_compute(batch: dict[str, Any], device: torch.device | str) -> dict[str, Any]:
+    """A :class:`CacheDataset` batch on ``device`` in compute dtypes: ids and masks int64, 2-byte floats float32.
+
+    The reader yields what the shard stores (int32 ids, int8 mask, fp16 log-probs, fp16/bf16 hidden states), so
+    host memory, pinned buffers and the host-to-device copy carry half the bytes, and the widening runs on the
+    device after the copy instead of in the data workers. Tensors already wide (sample_id, embed) only move."""
+    out: dict[str, Any] = {}
+    for key, value in batch.items():
+        if isinstance(value, torch.Tensor):
+            value = value.to(device, non_blocking=True)
+            wide = COMPUTE_DTYPES.get(value.dtype)
+            value = value if wide is None else value.to(wide)
+        out[key] = value
+    return out
+
+
 # ------------------------------------------------------------------------------------------------ measurement
 def rowwise_read(files: Sequence[Path], columns: Sequence[str]) -> int:
-    """Baseline reader: every row through ``to_pydict`` Python lists into tensors; returns tokens read."""
+    """Baseline reader: every row through ``to_pydict`` Python lists into tensors of the stored dtypes (what
+    :class:`CacheDataset` yields), one tensor per row and column; returns tokens read."""
     tokens = 0
     for path in files:
         table = pq.read_table(path, columns=list(columns))
+        meta = read_cache_meta(Path(path))
+        dtypes = {}
+        for field in table.schema:
+            if pa.types.is_fixed_size_list(field.type):
+                dtypes[field.name] = STORED_TORCH_DTYPES[field.type.value_type]
+            elif pa.types.is_fixed_size_binary(field.type):
+                dtypes[field.name] = HIDDEN_DTYPES[meta["hidden_dtype"]]
+            else:
+                dtypes[field.name] = torch.int64
         data = table.to_pydict()
         for i in range(table.num_rows):
             for name in columns:
                 value = data[name][i]
                 if isinstance(value, bytes):
-                    torch.frombuffer(bytearray(value), dtype=torch.float16).float()
+                    torch.frombuffer(bytearray(value), dtype=dtypes[name])
                 else:
-                    torch.tensor(value)
+                    torch.tensor(value, dtype=dtypes[name])
             tokens += len(data["input_ids"][i]) if "input_ids" in data else 1
     return tokens
 
@@ -710,29 +737,39 @@ def column_bytes_per_token(path: Path) -> dict[str, float]:
 def benchmark_reader(
     files: Sequence[Path], *, batch_size: int = 8, columns: Sequence[str] | None = None, repeats: int = 3
 ) -> dict[str, float]:
-    """Tokens/s of :class:`CacheDataset` (a fresh dataset per pass, so every row group is read and decoded again)
-    vs :func:`rowwise_read` over the same shards and KD columns, after one untimed pass of each (page cache, lazy
-    imports). The two alternate, so background load hits both alike; reported are medians over ``repeats`` and
-    the spread of the per-repeat speedups."""
+    """Tokens/s of :class:`CacheDataset` vs :func:`rowwise_read` over the same shards and KD columns, both yielding
+    the stored dtypes, after one untimed pass of each (page cache, lazy imports).
+
+    Each repeat times one row-wise pass, then fresh datasets (footers read, every row group read and decoded again,
+    shuffled) back to back for at least as long: both readers are timed over windows of the same length, so a
+    pass of a few milliseconds is not judged alone right after the other reader has flushed the CPU caches, and
+    timer and scheduler noise weigh on both alike. The two alternate, so background load hits both; reported are
+    medians over ``repeats`` and the spread of the per-repeat speedups."""
     columns = list(columns or ("input_ids", "attention_mask", "topk_ids", "topk_logprobs", "tail_logmass"))
     meta = read_cache_meta(files[0])
     stored = [_column_for_key(c, meta) for c in columns]
 
-    def fast_pass() -> float:
-        dataset = CacheDataset(files, batch_size=batch_size, columns=columns, shuffle=True)
-        start = time.perf_counter()
-        tokens = sum(batch["input_ids"].numel() for batch in dataset)
-        return tokens / (time.perf_counter() - start)
+    def fast_window(seconds: float) -> float:
+        tokens, start = 0, time.perf_counter()
+        while True:
+            dataset = CacheDataset(files, batch_size=batch_size, columns=columns, shuffle=True)
+            tokens += sum(batch["input_ids"].numel() for batch in dataset)
+            elapsed = time.perf_counter() - start
+            if elapsed >= seconds:
+                return tokens / elapsed
 
-    def rowwise_pass() -> float:
+    def rowwise_pass() -> tuple[float, float]:
         start = time.perf_counter()
-        return rowwise_read(files, stored) / (time.perf_counter() - start)
+        tokens = rowwise_read(files, stored)
+        elapsed = time.perf_counter() - start
+        return tokens / elapsed, elapsed
 
-    rowwise_pass(), fast_pass()
+    rowwise_pass(), fast_window(0.0)
     rowwise, fast = [], []
     for _ in range(repeats):
-        rowwise.append(rowwise_pass())
-        fast.append(fast_pass())
+        speed, elapsed = rowwise_pass()
+        rowwise.append(speed)
+        fast.append(fast_window(elapsed))
     ratios = sorted(f / r for f, r in zip(fast, rowwise, strict=True))
     return {
         "rowwise_tokens_per_s": statistics.median(rowwise),

@@ -242,7 +242,7 @@ def run_lm_eval(
 @torch.inference_mode()
 def intrinsic_metrics(model: torch.nn.Module, tokenizer: Any, cfg: Config, rd: RunDir) -> dict[str, float]:
     """Held-out perplexity, top-1 agreement, KL(teacher‖student) and ECE over the held-out cache (see metrics)."""
-    from pipeline.cache_format import CacheDataset, list_cache_shards, read_cache_meta, validate_for_student
+    from pipeline.cache_format import CacheDataset, list_cache_shards, read_cache_meta, to_compute, validate_for_student
 
     files = list_cache_shards(rd.stage_dir("cache"), "val")
     if not files:
@@ -256,7 +256,8 @@ def intrinsic_metrics(model: torch.nn.Module, tokenizer: Any, cfg: Config, rd: R
     for i, batch in enumerate(data):
         if cfg.evaluate.intrinsic_batches is not None and i >= cfg.evaluate.intrinsic_batches:
             break
-        logits = model(input_ids=batch["input_ids"].to(on), attention_mask=batch["attention_mask"].to(on)).logits
+        batch = to_compute(batch, on)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         acc.update(logits, batch)
     return acc.result()
 

@@ -475,7 +475,7 @@ def _validate(acc: Any, model: nn.Module, files: list[Path], recipe: Recipe, cfg
             if batch is None:  # this rank has no validation rows at all: nothing to repeat
                 continue
             last, seen = batch, seen + 1
-            batch = _to_device(batch, acc.device)
+            batch = cache_format.to_compute(batch, acc.device)
             _, comps, counts = _loss_step(model, batch, recipe, gather=False)
             for i, name in enumerate(COMPONENTS):
                 if name in comps:
@@ -491,10 +491,6 @@ def _validate(acc: Any, model: nn.Module, files: list[Path], recipe: Recipe, cfg
             result[name] = float(sums[2 * i] / sums[2 * i + 1])
     result["loss"] = sum(recipe.weights[k] * v for k, v in result.items() if recipe.weights.get(k, 0) > 0)
     return result
-
-
-def _to_device(batch: dict[str, Any], on: torch.device) -> dict[str, Any]:
-    return {k: v.to(on, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()}
 
 
 # ------------------------------------------------------------------------------------------------------ loop
@@ -599,7 +595,7 @@ def _train_variant(cfg: Config, rd: RunDir, ctx: StageContext, variant: str) -> 
                 position = Position(batch["epoch"], batch["batch_index"] + 1)
                 step_samples += batch["sample_id"].tolist()
                 step_epochs.append(batch["epoch"])
-                batch = _to_device(batch, acc.device)
+                batch = cache_format.to_compute(batch, acc.device)
                 sync = micro == train.grad_accum_steps - 1
                 with contextlib.nullcontext() if sync else acc.no_sync(model):
                     total, comps, _ = _loss_step(model, batch, recipe, gather=True)
@@ -773,7 +769,7 @@ def step_time_ratios(
     }
     batch = synthetic_batch(vocab, batch_size, seq_len, top_k, teacher_dim, (layer,))
     on = next(student.parameters()).device
-    batch = _to_device(batch, on)
+    batch = cache_format.to_compute(batch, on)
     runs = {}
     for name, loss in recipes.items():
         pairs = [(layer, layer)] if loss.feature.weight > 0 else []

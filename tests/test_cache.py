@@ -146,7 +146,7 @@ def test_stage_writes_shards_records_marker_and_reader_feeds_student(run_config,
     )
     # the stored values are the teacher's (fp16-rounded) log-probs for these rows
     ds = cf.CacheDataset([shards[1]], batch_size=6, shuffle=False)
-    (batch,) = list(ds)
+    (batch,) = [cf.to_compute(b, "cpu") for b in ds]
     model = load_causal_lm(ModelConfig(name_or_path=str(tiny_assets["teacher"])), "teacher", torch.device("cpu"))
     spec, _ = cache.resolve_extraction(load_config(str(config)).cache, model.config, 32, 0)
     for start in (0, 4):  # the stage's batches of 4 (and 2) rows (cache.batch_size 4), so the same matmul shapes

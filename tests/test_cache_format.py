@@ -91,15 +91,31 @@ def test_round_trip_values_dtypes_and_shapes(tmp_path):
     assert [b["input_ids"].shape[0] for b in batches] == [3, 3, 3]
     merged = {k: np.concatenate([w[k] for w in written]) for k in written[0]}
     got = {k: torch.cat([b[k] for b in batches]) for k in batches[0] if k not in ("epoch", "batch_index")}
-    assert got["input_ids"].dtype == torch.long and got["topk_logprobs"].dtype == torch.float32
+    # the stored dtypes, shared with numpy (no conversion in the reader)
+    stored = {k: v.dtype for k, v in got.items()}
+    assert stored == {
+        "sample_id": torch.int64,
+        "input_ids": torch.int32,
+        "attention_mask": torch.int8,
+        "topk_ids": torch.int32,
+        "topk_logprobs": torch.float16,
+        "tail_logmass": torch.float16,
+        "hidden.1": torch.float16,
+        "hidden.3": torch.float16,
+        "embed": torch.float32,
+    }
     assert got["topk_ids"].shape == (9, T, K) and got["hidden.1"].shape == (9, T, H)
-    np.testing.assert_array_equal(got["sample_id"].numpy(), merged["sample_id"])
-    np.testing.assert_array_equal(got["input_ids"].numpy(), merged["input_ids"])
-    np.testing.assert_array_equal(got["topk_ids"].numpy(), merged["topk_ids"])
-    np.testing.assert_array_equal(got["topk_logprobs"].numpy(), merged["topk_logprobs"].astype(np.float32))
-    np.testing.assert_array_equal(got["tail_logmass"].numpy(), merged["tail_logmass"].astype(np.float32))
-    np.testing.assert_array_equal(got["hidden.3"].numpy(), merged["hidden_3"].astype(np.float32))
-    np.testing.assert_array_equal(got["embed"].numpy(), merged["embed"])
+    for name in ("sample_id", "input_ids", "attention_mask", "topk_ids", "topk_logprobs", "tail_logmass", "embed"):
+        np.testing.assert_array_equal(got[name].numpy(), merged[name])
+    np.testing.assert_array_equal(got["hidden.3"].numpy(), merged["hidden_3"])
+    # to_compute widens on the device: int64 ids and mask, float32 floats, same values; non-tensors pass through
+    wide = cf.to_compute({**batches[0], "hidden_positions": torch.arange(3)}, "cpu")
+    assert {k: v.dtype for k, v in wide.items() if isinstance(v, torch.Tensor)} == {
+        **{k: torch.int64 for k in ("sample_id", "input_ids", "attention_mask", "topk_ids", "hidden_positions")},
+        **{k: torch.float32 for k in ("topk_logprobs", "tail_logmass", "hidden.1", "hidden.3", "embed")},
+    }
+    assert torch.equal(wide["topk_logprobs"], batches[0]["topk_logprobs"].float())
+    assert torch.equal(wide["topk_ids"], batches[0]["topk_ids"].long()) and wide["epoch"] == 0
     assert "hidden_positions" not in batches[0]
     meta = cf.read_cache_meta(paths[0])
     assert meta["row_groups"] == [2, 2, 1] and meta["format_version"] == cf.FORMAT_VERSION
@@ -122,7 +138,7 @@ def test_batches_spanning_more_row_groups_than_cached_slots(tmp_path, monkeypatc
         for batch in batches:
             rows = batch["sample_id"].numpy()
             np.testing.assert_array_equal(batch["topk_ids"].numpy(), merged["topk_ids"][rows])
-            np.testing.assert_array_equal(batch["hidden.1"].numpy(), merged["hidden_1"][rows].astype(np.float32))
+            np.testing.assert_array_equal(batch["hidden.1"].numpy(), merged["hidden_1"][rows])
             np.testing.assert_array_equal(batch["embed"].numpy(), merged["embed"][rows])
     assert ds._slots > 1 and sorted(ds._wide) == (["hidden_1", "hidden_3", "topk_ids"] if wide else [])
 
@@ -134,7 +150,7 @@ def test_bf16_hidden_subsampled_positions_and_column_selection(tmp_path):
     ds = cf.CacheDataset(paths, batch_size=4, shuffle=False, columns=["topk_logprobs", "hidden.-1"])
     (batch,) = list(ds)
     assert set(batch) == {"sample_id", "topk_logprobs", "hidden.3", "hidden_positions", "epoch", "batch_index"}
-    expected = torch.from_numpy(written[0]["hidden_3"]).view(torch.bfloat16).float()
+    expected = torch.from_numpy(written[0]["hidden_3"]).view(torch.bfloat16)
     assert torch.equal(batch["hidden.3"], expected) and batch["hidden.3"].shape == (4, 3, H)
     assert batch["hidden_positions"].tolist() == positions
     fraction = cf.hidden_positions(100, fraction=0.25, seed=1)
