@@ -625,7 +625,9 @@ Slurm chain are absolute. Goals come from issues 4, 5 and 7.
 - Text: {assets["text"]} ({assets["text_chars"]:,} characters); tokenizer: {assets["tokenizer"]}.
 - Teacher: {assets["teacher"]} ({assets["teacher_params"]:,} parameters); student {assets["student_params"]:,} \
 parameters.
-- Cache: {assets["rows"]} rows x {assets["seq_len"]} tokens of the text in shards of {result["sizes"]["rows_per_shard"]} rows, top-{TOP_K} log-probs + tail, written by `cache_format.write_shard` (zstd level 3) from `cache.extract_batch`.
+- Cache: {assets["rows"]} rows x {assets["seq_len"]} tokens of the text in shards of \
+{result["sizes"]["rows_per_shard"]} rows, top-{TOP_K} log-probs + tail, written by `cache_format.write_shard` (zstd
+  level 3) from `cache.extract_batch`.
 
 ## Method
 

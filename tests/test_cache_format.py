@@ -123,24 +123,30 @@ def test_round_trip_values_dtypes_and_shapes(tmp_path):
     assert "BYTE_STREAM_SPLIT" in leaf.encodings and not leaf.has_dictionary_page
 
 
-@pytest.mark.parametrize("wide", [False, True])
-def test_batches_spanning_more_row_groups_than_cached_slots(tmp_path, monkeypatch, wide):
-    if wide:  # hidden (48-byte rows here) and top-k id columns (72) take the no-arena path of wide rows
+@pytest.mark.parametrize("mode", ["arena", "wide", "direct"])
+def test_batches_spanning_more_row_groups_than_cached_slots(tmp_path, monkeypatch, mode):
+    if mode == "wide":  # hidden (48-byte rows here) and top-k id columns (72) take the no-arena path of wide rows
         monkeypatch.setattr(cf, "ARENA_MAX_ROW_BYTES", 40)
-    paths, written = write_shards(tmp_path, [7, 9], row_group_size=2)
+    # arena: 2-row groups, a 5 + 10-row window; direct: 4-row groups hold a whole 2 + 2-row window
+    group_rows, batch, buffer = (4, 2, 2) if mode == "direct" else (2, 5, 10)
+    paths, written = write_shards(tmp_path, [7, 9], row_group_size=group_rows)
     merged = {k: np.concatenate([w[k] for w in written]) for k in written[0]}
-    ds = cf.CacheDataset(paths, batch_size=5, seed=1, shuffle_buffer=10, cached_row_groups=1)
-    for epoch in (0, 1):  # 1 slot, batches over up to 5 groups: the arena grows, evicts and reloads
+    ds = cf.CacheDataset(paths, batch_size=batch, seed=1, shuffle_buffer=buffer, cached_row_groups=1)
+    spans = []
+    for epoch in (0, 1):  # 1 slot, batches over several groups: the slots grow, evict and reload
         ds.set_epoch(epoch)
         batches = list(ds)
         ids = np.concatenate([b["sample_id"].numpy() for b in batches])
         assert sorted(ids) == list(range(16)) and list(ids) != list(range(16))
         for batch in batches:
             rows = batch["sample_id"].numpy()
+            spans.append(len(set(ds.row_group[ds.file_offsets[0] + rows].tolist())))
             np.testing.assert_array_equal(batch["topk_ids"].numpy(), merged["topk_ids"][rows])
             np.testing.assert_array_equal(batch["hidden.1"].numpy(), merged["hidden_1"][rows])
             np.testing.assert_array_equal(batch["embed"].numpy(), merged["embed"][rows])
-    assert ds._slots > 1 and sorted(ds._wide) == (["hidden_1", "hidden_3", "topk_ids"] if wide else [])
+    assert ds._slots > 1 and max(spans) > 1
+    direct = {"arena": [], "wide": ["hidden_1", "hidden_3", "topk_ids"], "direct": sorted(ds.columns)}[mode]
+    assert ds.direct == (mode == "direct") and sorted(ds._direct) == direct
 
 
 def test_bf16_hidden_subsampled_positions_and_column_selection(tmp_path):
