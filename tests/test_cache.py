@@ -297,3 +297,22 @@ def test_cache_format_version_is_part_of_the_stage_identity(monkeypatch):
     before = section_hash(*cache.SPEC.sections(cfg, None))
     monkeypatch.setattr(cache.cf, "FORMAT_VERSION", cache.cf.FORMAT_VERSION + 1)
     assert section_hash(*cache.SPEC.sections(cfg, None)) != before
+
+
+def test_cluster_loading_device_map_auto_in_bf16(run_config, tiny_assets):
+    """The cluster recipe's teacher loading (``device_map="auto"``, bf16) on this machine's only device (no GPU
+    here, so every layer lands on the CPU): the stage feeds inputs to wherever the embeddings were placed and
+    records the dtype; the cached distributions match an fp32 teacher to bf16 precision."""
+    spec = ModelConfig(name_or_path=str(tiny_assets["teacher"]), dtype="bfloat16", device_map="auto")
+    assert {(p.dtype, p.device.type) for p in load_causal_lm(spec, "teacher").parameters()} == {(torch.bfloat16, "cpu")}
+    config = run_config(**{"teacher.device_map": "auto", "teacher.dtype": "bfloat16", "cache.top_k": 8})
+    assert cache.main(["--config", str(config)]) == 0
+    shard = cf.list_cache_shards(cache_dir(config), "train")[0]
+    assert cf.read_cache_meta(shard)["dtype"] == "bfloat16"
+    (bf16,) = [cf.to_compute(b, "cpu") for b in cf.CacheDataset([shard], batch_size=6, shuffle=False)]
+    ref = load_causal_lm(ModelConfig(name_or_path=str(tiny_assets["teacher"]), dtype="float32"), "teacher")
+    with torch.inference_mode():
+        logp = torch.log_softmax(ref(input_ids=bf16["input_ids"]).logits.float(), dim=-1)
+    # bf16 weights and activations (8 mantissa bits) plus fp16 storage: 0.005 nats apart here; near-ties may swap
+    torch.testing.assert_close(logp.gather(-1, bf16["topk_ids"]), bf16["topk_logprobs"], rtol=0, atol=0.05)
+    assert (logp.argmax(-1) == bf16["topk_ids"][..., 0]).float().mean() > 0.9
