@@ -11,6 +11,8 @@ Like datatrove's ``_run_for_rank``: the wrapper refuses to start while an upstre
 whose marker matches the current config hash and input fingerprints (unless ``--force``), writes the resolved
 config, runs the stage and writes the marker only on success. Errors meant for users are :class:`PipelineError`:
 one line naming the file, column or key and what was expected; the process exits 1 (2 for config errors).
+Outside the Slurm wrapper (which starts ``monitor.py`` once per node itself) the wrapper runs ``monitor.py`` beside
+the stage, so local runs get ``logs/<run>/<stage>/telemetry_*`` too.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import hashlib
 import json
 import os
 import socket
+import subprocess
 import sys
 import tempfile
 import time
@@ -38,6 +41,7 @@ from pipeline.config import Config, ConfigError
 from pipeline.jsonlog import JsonLogger, open_logger, redact
 
 MARKER = "_COMPLETE.json"
+MONITOR_SCRIPT = Path(__file__).resolve().parent.parent / "monitor.py"
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
@@ -179,6 +183,7 @@ class StageContext:
     unit: str | None = None
     args: argparse.Namespace = field(default_factory=argparse.Namespace)
     force: bool = False
+    monitor: LocalMonitor | None = None
 
 
 @dataclass
@@ -216,6 +221,48 @@ def redacted_config_yaml(cfg: Config) -> str:
     return yaml.safe_dump(json.loads(redact(json.dumps(config_mod.to_dict(cfg)))), sort_keys=False)
 
 
+class LocalMonitor:
+    """``monitor.py`` beside a stage that runs outside the Slurm wrapper (the wrapper exports ``PIPELINE_MONITOR``
+    and starts one per node itself): one per node (local rank 0), started with the first unit that really runs, so
+    a rerun that skips everything leaves the last run's telemetry summary alone; stopped when the stage ends (and
+    by itself, through ``--pid``, if the stage is killed). Telemetry never fails a stage: a monitor that cannot
+    start is a warning."""
+
+    def __init__(self, cfg: Config, stage: str, logs_dir: Path, log: JsonLogger) -> None:
+        wanted = cfg.monitor.enabled and "PIPELINE_MONITOR" not in os.environ
+        wanted = wanted and os.environ.get("LOCAL_RANK", "0") == "0"
+        self.log = log
+        self.process: subprocess.Popen | None = None
+        self.command = None
+        if wanted:
+            self.command = [sys.executable, str(MONITOR_SCRIPT), "--run", cfg.run_name, "--stage", stage]
+            self.command += ["--logs-dir", str(logs_dir), "--interval", str(cfg.monitor.interval_s)]
+            self.command += ["--pid", str(os.getpid())]
+
+    def start(self) -> None:
+        if self.command is None or self.process is not None:
+            return
+        try:  # its warnings (no NVML on this machine) are in its own log; keep the stage's console clean
+            self.process = subprocess.Popen(
+                self.command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            )
+        except OSError as err:
+            self.command = None
+            self.log.warning("monitor_failed", f"{MONITOR_SCRIPT} did not start ({err}); no telemetry for this run")
+
+    def stop(self) -> None:
+        """SIGTERM (the monitor writes its summary and exits), SIGKILL if it has not after 10 s."""
+        if self.process is None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.process = None
+
+
 def run_unit(spec: StageSpec, cfg: Config, rd: RunDir, ctx: StageContext) -> dict:
     """Check upstream, skip if done, write the resolved config, run, write the marker last."""
     unit = ctx.unit
@@ -236,6 +283,8 @@ def run_unit(spec: StageSpec, cfg: Config, rd: RunDir, ctx: StageContext) -> dic
         rd.marker_path(spec.name, unit).unlink(missing_ok=True)
     if lead:
         atomic_write_text(out / "config.yaml", redacted_config_yaml(cfg))
+    if ctx.monitor is not None:
+        ctx.monitor.start()
     started = time.monotonic()
     ctx.log.info("start", f"{spec.name}{' ' + unit if unit else ''}", config_hash=config_hash)
     summary = spec.run(cfg, rd, ctx)
@@ -263,10 +312,11 @@ def stage_main(spec: StageSpec, argv: list[str] | None = None) -> int:
     except OSError as err:
         print(f"error: {rd.logs / spec.name}: log directory is not writable ({err.strerror})", file=sys.stderr)
         return 1
+    monitor = LocalMonitor(cfg, spec.name, Path(cfg.logs_dir), log)
     try:
         units = spec.units(cfg, args)
         for unit in units:
-            run_unit(spec, cfg, rd, StageContext(log=log, unit=unit, args=args, force=args.force))
+            run_unit(spec, cfg, rd, StageContext(log=log, unit=unit, args=args, force=args.force, monitor=monitor))
         return 0
     except ConfigError as err:
         log.error("config_error", str(err))
@@ -283,4 +333,5 @@ def stage_main(spec: StageSpec, argv: list[str] | None = None) -> int:
         log.error("crashed", f"{type(err).__name__}: {err}", traceback=traceback.format_exc())
         raise
     finally:
+        monitor.stop()
         log.close()

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -229,3 +231,40 @@ def test_read_only_directory_is_not_writable(tmp_path):
             rundir.check_writable(ro)
     finally:
         ro.chmod(0o755)
+
+
+def test_local_runs_start_monitor_beside_the_stage(tmp_path, toy, monkeypatch):
+    import psutil
+
+    monkeypatch.delenv("PIPELINE_MONITOR", raising=False)  # not under the Slurm wrapper
+    cfg_path = write_config(tmp_path)
+    data = yaml.safe_load(cfg_path.read_text())
+    cfg_path.write_text(yaml.safe_dump({**data, "monitor": {"interval_s": 0.05}}))
+    plain_run = toy.up_run
+
+    def slow_run(cfg, rd, ctx):  # long enough for several samples
+        time.sleep(0.5)
+        return plain_run(cfg, rd, ctx)
+
+    toy.up_run = slow_run
+    assert stage_main(toy.up, ["--config", str(cfg_path)]) == 0
+    assert not psutil.Process().children(), "the monitor is stopped and reaped with the stage"
+    logs = tmp_path / "logs" / "r" / "up"
+    host = socket.gethostname()
+    lines = [json.loads(x) for x in (logs / f"telemetry_{host}_local.jsonl").read_text().splitlines()]
+    events = [x["event"] for x in lines]
+    assert events[-1] == "telemetry_summary" and events.count("telemetry") >= 3  # (+ nvml_unavailable here)
+    assert {(x["run"], x["stage"]) for x in lines} == {("r", "up")}
+    assert f"watching {os.getpid()}" in lines[events.index("monitor_start")]["message"]
+    summary_path = logs / f"telemetry_summary_{host}_local.json"
+    summary = summary_path.read_bytes()
+    assert json.loads(summary)["duration_s"] > 0.1  # from the monitor's own start, ~0.15 s after the stage's
+
+    # a rerun that skips everything must not replace the last run's telemetry with an empty one
+    assert stage_main(toy.up, ["--config", str(cfg_path)]) == 0
+    # under the Slurm wrapper (PIPELINE_MONITOR exported, it runs the monitor) or with the monitor off: none here
+    monkeypatch.setenv("PIPELINE_MONITOR", "1")
+    assert stage_main(toy.up, ["--config", str(cfg_path), "--force"]) == 0
+    monkeypatch.delenv("PIPELINE_MONITOR")
+    assert stage_main(toy.up, ["--config", str(cfg_path), "--force", "monitor.enabled=false"]) == 0
+    assert toy.calls == ["up", "up", "up"] and summary_path.read_bytes() == summary
