@@ -3,7 +3,8 @@
 Reads   runs/<run>/cache/{train,val}-*.parquet through ``pipeline.cache_format`` only (never the teacher), and the
         student checkpoint ``student.name_or_path``.
 Writes  runs/<run>/train/<variant>/
-          checkpoints/step_<n:07d>/   model + projectors, optimizer, RNG (accelerate ``save_state``), scheduler.pt,
+          checkpoints/step_<n:07d>/   model + projectors (LoRA: adapter + projectors only), optimizer, RNG
+                                      (accelerate ``save_state``), scheduler.pt,
                                       data_rank_<r>.json (epoch, batches consumed), trainer_state.json; written under
                                       a temporary name and renamed, so a listed checkpoint is always complete
           final/                      HF ``save_pretrained`` dir + tokenizer (LoRA: the merged model)
@@ -421,6 +422,38 @@ def _save_checkpoint(acc: Any, out: Path, step: int, scheduler: Any, position: P
     return final
 
 
+def _checkpoint_trainable_only(acc: Any) -> None:
+    """LoRA: checkpoints keep the trainable parameters (adapter, projectors) and leave out the frozen base weights,
+    which a resume loads from ``student.name_or_path`` again (the resume hash pins that checkpoint): an 8B student's
+    checkpoint is the adapter's megabytes and its optimizer state, not 16 GB of bf16 weights every ``checkpoint_every``
+    steps. Through accelerate's save/load hooks, so the optimizer, RNG and data position are saved as before. (FSDP
+    saves sharded state through its own path and keeps full checkpoints.)"""
+
+    def trainable(model: nn.Module) -> set[str]:
+        return {name for name, p in model.named_parameters() if p.requires_grad}
+
+    def save(models: list, weights: list, output_dir: str) -> None:
+        for i, model in enumerate(models):
+            keep = trainable(model)
+            weights[i] = {k: v for k, v in weights[i].items() if k in keep}
+
+    def load(models: list, input_dir: str) -> None:
+        for i, model in enumerate(models):
+            path = Path(input_dir) / (f"pytorch_model_{i}.bin" if i else "pytorch_model.bin")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            lacking = sorted(trainable(model) - set(state))
+            unexpected = model.load_state_dict(state, strict=False).unexpected_keys
+            if lacking or unexpected:
+                raise PipelineError(
+                    f"{path}: checkpoint does not match the LoRA student (lacks {lacking[:3]}, "
+                    f"unexpected {unexpected[:3]}); delete {Path(input_dir).parent} or rerun with --force"
+                )
+        models.clear()  # loaded here: accelerate must not load them again (it would expect every weight)
+
+    acc.register_save_state_pre_hook(save)
+    acc.register_load_state_pre_hook(load)
+
+
 def _read_checkpoint_state(ckpt: Path, acc: Any, expected_hash: str) -> tuple[dict, Position]:
     state = json.loads((ckpt / "trainer_state.json").read_text())
     if state.get("resume_hash") != expected_hash:
@@ -532,6 +565,8 @@ def _train_variant(cfg: Config, rd: RunDir, ctx: StageContext, variant: str) -> 
     model.train()
     optimizer = _setup_optimizer(model, train)
     model, optimizer = acc.prepare(model, optimizer)
+    if train.lora.enabled and train.distributed != "fsdp":
+        _checkpoint_trainable_only(acc)
     scheduler = _setup_scheduler(optimizer, train)
     unwrapped = acc.unwrap_model(model)
     trainable = sum(p.numel() for p in unwrapped.parameters() if p.requires_grad)

@@ -144,6 +144,37 @@ def test_lora_saves_adapter_and_merged_model(tmp_path, tiny_assets, tiny_cache):
     assert torch.equal(merged.model.layers[0].mlp.up_proj.weight, base.model.layers[0].mlp.up_proj.weight)
 
 
+@pytest.mark.slow
+def test_lora_checkpoints_hold_only_trainable_weights_and_resume_exactly(tmp_path, tiny_assets, tiny_cache):
+    from transformers import AutoModelForCausalLM
+
+    lora = {"train.lora.enabled": True, "train.lora.r": 4, "train.lr": 0.01, "train.max_steps": 12,
+            "train.checkpoint_every": 4, "train.eval_every": 100}  # fmt: skip
+    reference = make_run(tmp_path / "reference", tiny_assets, tiny_cache, lora)
+    assert train.main(["--config", str(reference), "--variant", "feature"]) == 0  # LoRA + a feature projector
+    ckpts = variant_dir(reference, "feature") / "checkpoints"
+    saved = torch.load(ckpts / "step_0000008" / "pytorch_model.bin", weights_only=True)
+    base = AutoModelForCausalLM.from_pretrained(tiny_assets["student"])
+    # the adapter and the feature projector, not the frozen base: a small fraction of the model's bytes
+    assert saved and all("lora_" in k or k.startswith("projectors.") for k in saved)
+    assert any(k.startswith("projectors.") for k in saved)
+    assert sum(v.numel() for v in saved.values()) < 0.2 * sum(p.numel() for p in base.parameters())
+
+    cfg = make_run(tmp_path / "resumed", tiny_assets, tiny_cache, lora)
+    assert train.main(["--config", str(cfg), "--variant", "feature"]) == 0
+    out = variant_dir(cfg, "feature")  # as if it had died after step 8's checkpoint
+    for path in (out / "checkpoints" / "step_0000012", out / "final", out / "adapter"):
+        shutil.rmtree(path)
+    (out / "_COMPLETE.json").unlink()
+    assert train.main(["--config", str(cfg), "--variant", "feature"]) == 0
+    log = (tmp_path / "resumed" / "logs" / "tiny" / "train" / "rank_00000.jsonl").read_text()
+    assert "feature: from step_0000008" in log
+    got, want = final_state(cfg, "feature"), final_state(reference, "feature")
+    assert got.keys() == want.keys()
+    for name in want:
+        assert torch.allclose(got[name], want[name], rtol=0, atol=1e-6), name
+
+
 # --------------------------------------------------------------------------------------- resume, preemption
 RESUME = {"train.max_steps": 24, "train.checkpoint_every": 4, "train.eval_every": 8, "train.log_every": 4}
 
