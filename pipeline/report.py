@@ -282,7 +282,8 @@ def collect_telemetry(logs_dir: Path, notes: list[str]) -> dict[str, dict[str, A
     out: dict[str, dict[str, Any]] = {}
     if not logs_dir.is_dir():
         return out
-    for stage_dir in sorted(p for p in logs_dir.iterdir() if p.is_dir()):
+    # the report's own telemetry is still being written while it runs: what is there is an earlier report's
+    for stage_dir in sorted(p for p in logs_dir.iterdir() if p.is_dir() and p.name != "report"):
         points = []
         for path in sorted(stage_dir.glob("telemetry_*.jsonl")):
             points += [p for p in map(telemetry_point, _read_jsonl(path, notes)) if p is not None]

@@ -127,7 +127,7 @@ def make_run(root: Path, cfg, *, models=(*VARIANTS, "teacher"), trained=VARIANTS
         }
         (vdir / "summary.json").write_text(json.dumps(summary))
     if telemetry:
-        for stage in ("cache", "train"):
+        for stage in ("cache", "train", "report"):  # report: an earlier report run's (left out)
             sdir = rd.logs / stage
             sdir.mkdir(parents=True)
             lines = [
@@ -203,6 +203,7 @@ def test_report_complete_inputs(tmp_path, tiny_config, capsys):
     assert summary["energy"]["train"]["tokens"] == 4 * 768
     assert summary["energy"]["train"]["tokens_per_joule"] == pytest.approx(4 * 768 / (0.5 * 3600))
     assert summary["energy"]["cache"]["tokens"] == 9000
+    assert sorted(summary["telemetry"]) == ["cache", "train"]
     assert summary["notes"] == [
         f"{rd.stage_dir('train', v) / 'metrics.jsonl'}: 1 malformed line(s) skipped" for v in sorted(VARIANTS)
     ]
