@@ -209,6 +209,8 @@ class EvaluateConfig:
     intrinsic_batches: int | None = _opt(None, "held-out micro-batches for intrinsic metrics (None: all)", POSITIVE)
     local_task_docs: int = _opt(500, "held-out documents per offline task (the first N, in manifest order)", POSITIVE)
     mc_choices: int = _opt(4, "choices per offline multiple-choice item (chance: 1/n)", (lambda v: v >= 2, ">= 2"))
+    mc_passage_words: int = _opt(32, "words per offline multiple-choice item (passages of the held-out documents)",
+                                 (lambda v: v >= 4, ">= 4"))  # fmt: skip
     bootstrap_iters: int = _opt(1000, "lm-eval bootstrap resamples for stderr of non-mean metrics", NON_NEGATIVE)
 
 

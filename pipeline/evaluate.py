@@ -18,8 +18,9 @@ Units are models: each variant of ``cfg.train.variants`` in config order, then `
 ``evaluate.include_teacher``. The teacher's marker hashes only the teacher and evaluation settings (plus the held-out
 cache and manifest fingerprints), so retraining students reuses its result.
 
-Offline tasks (``evaluate.local_tasks``): ``kd_heldout_mc`` (pick a held-out document's true continuation among
-``evaluate.mc_choices``; distractors are other documents' continuations cut to the same word count) and
+Offline tasks (``evaluate.local_tasks``): ``kd_heldout_mc`` (held-out documents cut into passages of
+``evaluate.mc_passage_words`` words; pick a passage's true second half among ``evaluate.mc_choices``; distractors
+are other passages' second halves cut to the same word count) and
 ``kd_heldout_ppl`` (rolling log-likelihood: word/byte perplexity of whole held-out documents). Their data comes
 from the first ``evaluate.local_task_docs`` held-out documents (the manifest's val split, decoded with the teacher
 tokenizer, split at EOS) and a ``random.Random(seed)`` draw, so every model of a run sees identical items.
@@ -89,17 +90,20 @@ def heldout_documents(manifest_dir: Path, tokenizer: Any, max_docs: int) -> list
     return docs
 
 
-def build_mc_items(docs: list[str], n_choices: int, seed: int) -> list[dict[str, Any]]:
-    """Continuation multiple choice: context = first half of a document's words, the true choice the rest;
-    distractors are continuations of other documents cut to the true one's word count (length gives nothing away).
-    """
+def build_mc_items(docs: list[str], n_choices: int, seed: int, passage_words: int = 32) -> list[dict[str, Any]]:
+    """Continuation multiple choice: each document is cut into passages of ``passage_words`` words (a last, shorter
+    one too if it has at least :data:`MIN_MC_WORDS`), so a few long held-out documents still give many items;
+    context = a passage's first half, the true choice its second half; distractors are other passages' second
+    halves cut to the true one's word count (length gives nothing away)."""
     rng = random.Random(seed)
     halves = []
     for doc in docs:
         words = doc.split()
-        if len(words) >= MIN_MC_WORDS:
-            half = len(words) // 2
-            halves.append((" ".join(words[:half]), words[half:]))
+        for start in range(0, len(words), passage_words):
+            passage = words[start : start + passage_words]
+            if len(passage) >= MIN_MC_WORDS:
+                half = len(passage) // 2
+                halves.append((" ".join(passage[:half]), passage[half:]))
     items = []
     for i, (context, true_words) in enumerate(halves):
         true = " ".join(true_words)
@@ -127,7 +131,7 @@ def prepare_local_tasks(cfg: Config, rd: RunDir, teacher_tokenizer: Any) -> Path
     """Write the offline tasks' data and rendered YAMLs into ``runs/<run>/evaluate/tasks/`` (deterministic)."""
     task_dir = rd.stage_dir("evaluate", "tasks")
     docs = heldout_documents(rd.stage_dir("manifest"), teacher_tokenizer, cfg.evaluate.local_task_docs)
-    mc = build_mc_items(docs, cfg.evaluate.mc_choices, cfg.seed)
+    mc = build_mc_items(docs, cfg.evaluate.mc_choices, cfg.seed, cfg.evaluate.mc_passage_words)
     if not mc:
         raise PipelineError(
             f"{rd.stage_dir('manifest')}: the val split has {len(docs)} documents, too few with >= {MIN_MC_WORDS} "

@@ -95,16 +95,30 @@ def test_heldout_documents_and_mc_items(upstream):
     docs = evaluate.heldout_documents(rd.stage_dir("manifest"), load_tokenizer(cfg.teacher), 1000)
     corpus = set(corpus_texts(240))
     assert len(docs) >= 20 and all(d in corpus for d in docs)  # EOS splitting recovers whole documents
-    items = evaluate.build_mc_items(docs, 4, seed=0)
-    assert items == evaluate.build_mc_items(docs, 4, seed=0)
+    items = evaluate.build_mc_items(docs, 4, seed=0, passage_words=1000)  # whole documents
+    assert items == evaluate.build_mc_items(docs, 4, seed=0, passage_words=1000)
     assert len(items) >= 0.8 * len(docs)
     for item in items:
         assert len(item["choices"]) == 4 and len(set(item["choices"])) == 4
         true = item["choices"][item["label"]]
-        assert any(d == f"{item['context']} {true}" for d in docs)
+        assert any(" ".join(d.split()) == f"{item['context']} {true}" for d in docs)
         assert all(len(c.split()) <= len(true.split()) for c in item["choices"])
     labels = [i["label"] for i in items]
     assert len(set(labels)) > 1  # the answer position is shuffled
+
+
+def test_long_documents_give_one_mc_item_per_passage():
+    docs = [" ".join(f"d{d}w{w}" for w in range(n)) for d, n in enumerate((70, 40, 9, 3))]
+    items = evaluate.build_mc_items(docs, 3, seed=1, passage_words=16)
+    # 70 words: 16+16+16+16+6; 40: 16+16+8; 9: 9; 3: too short for a context and a continuation of two words each
+    passages = [(f"d{d}w{w}", n) for d, starts in ((0, [0, 16, 32, 48, 64]), (1, [0, 16, 32]), (2, [0])) for w in
+                starts for n in [min(16, (70, 40, 9)[d] - w)]]  # fmt: skip
+    assert [(i["context"].split()[0], len(i["context"].split()) + len(i["choices"][i["label"]].split()))
+            for i in items] == passages  # fmt: skip
+    for item in items:
+        true = item["choices"][item["label"]]
+        assert f"{item['context']} {true}" in docs[int(item["context"].split()[0][1:].split("w")[0])]
+        assert len(set(item["choices"])) == 3 and all(len(c.split()) <= len(true.split()) for c in item["choices"])
 
 
 def test_evaluate_stage_end_to_end(upstream, capsys):
