@@ -430,7 +430,8 @@ def _checkpoint_trainable_only(acc: Any) -> None:
     saves sharded state through its own path and keeps full checkpoints.)"""
 
     def trainable(model: nn.Module) -> set[str]:
-        return {name for name, p in model.named_parameters() if p.requires_grad}
+        # remove_duplicate=False: a tied parameter appears in the state dict under every name
+        return {name for name, p in model.named_parameters(remove_duplicate=False) if p.requires_grad}
 
     def save(models: list, weights: list, output_dir: str) -> None:
         for i, model in enumerate(models):
