@@ -43,13 +43,9 @@ from pipeline import cache as cache_stage
 from pipeline import cache_format as cf
 from pipeline import modeling as mdl
 from pipeline import train as train_stage
-from pipeline.config import (
-    CacheConfig,
-    ModelConfig,
-)
-from pipeline.rundir import atomic_write_json, atomic_write_text
+from pipeline.config import STAGES, CacheConfig, ModelConfig
+from pipeline.rundir import REPO, atomic_write_json, atomic_write_text
 
-REPO = Path(__file__).resolve().parent.parent
 DEMO_TEACHER = REPO / "models" / "smollm2-135m-instruct"
 DEMO_STUDENT = REPO / "models" / "student-init"
 DEFAULT_TEXT = REPO / "data" / "shakespeare" / "train.jsonl"
@@ -118,11 +114,6 @@ class Row:
 
 
 # ---------------------------------------------------------------------------------------------- measurement
-def _sync(on: torch.device) -> None:
-    if on.type == "cuda":
-        torch.cuda.synchronize(on)
-
-
 def tensor_peak_bytes(fn: Callable[[], Any], on: torch.device) -> int:
     """Peak bytes of torch tensors allocated while ``fn`` runs, above what was allocated before.
 
@@ -130,12 +121,12 @@ def tensor_peak_bytes(fn: Callable[[], Any], on: torch.device) -> int:
     order (what torch asked for, before glibc's heap decides how much resident memory that costs).
     """
     if on.type == "cuda":
-        torch.cuda.synchronize(on)
+        mdl.synchronize(on)
         before = torch.cuda.memory_allocated(on)
         torch.cuda.reset_peak_memory_stats(on)
         with torch.inference_mode():
             fn()
-        torch.cuda.synchronize(on)
+        mdl.synchronize(on)
         return int(torch.cuda.max_memory_allocated(on) - before)
     from torch.profiler import ProfilerActivity, profile
 
@@ -157,12 +148,10 @@ def gemm_timer(n: int, on: torch.device, dtype: torch.dtype) -> Callable[[], flo
     torch.mm(a, b)  # warm-up: BLAS threads and workspaces
 
     def flops() -> float:
-        if on.type == "cuda":
-            torch.cuda.synchronize(on)
+        mdl.synchronize(on)
         start = time.perf_counter()
         torch.mm(a, b)
-        if on.type == "cuda":
-            torch.cuda.synchronize(on)
+        mdl.synchronize(on)
         return 2.0 * n**3 / (time.perf_counter() - start)
 
     return flops
@@ -528,7 +517,7 @@ def slurm_chain_config(root: Path) -> Path:
     are replaced by ``true``, so what is timed is submission, scheduling and the ``afterok`` hand-offs."""
     import yaml
 
-    stages = {name: dict(SLURM_STAGE_RESOURCES) for name in ("manifest", "cache", "train", "evaluate", "report")}
+    stages = {name: dict(SLURM_STAGE_RESOURCES) for name in STAGES}
     data = {
         "run_name": "bench_slurm",
         "runs_dir": str(root / "runs"),
@@ -561,7 +550,7 @@ def bench_slurm(out: Path, log: Callable[[str], None], timeout_s: float = 120.0)
     cfg = config_mod.load(config_path, [])
     log("submitting five chained trivial Slurm jobs")
     started = time.perf_counter()
-    record = slurm.submit(cfg, config_path, [], commands={stage: "true" for stage in slurm.STAGES})
+    record = slurm.submit(cfg, config_path, [], commands={stage: "true" for stage in STAGES})
     ids = [job["job_id"] for job in record["jobs"]]
     states: dict[str, str] = {}
     while time.perf_counter() - started < timeout_s:

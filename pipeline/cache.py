@@ -52,6 +52,7 @@ from pipeline.config import load as load_config
 from pipeline.jsonlog import JsonLogger
 from pipeline.preemption import EXIT_REQUEUED, PreemptionFlag, requeue
 from pipeline.rundir import (
+    REPO,
     PipelineError,
     RunDir,
     StageContext,
@@ -226,13 +227,10 @@ def benchmark_extraction(
         return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
 
     def timed(fn: Callable[[], object]) -> float:
-        # CUDA kernels run asynchronously: without a synchronize the clock would stop before the work does.
-        if input_ids.is_cuda:
-            torch.cuda.synchronize(input_ids.device)
+        mdl.synchronize(input_ids.device)
         start = time.perf_counter()
         fn()
-        if input_ids.is_cuda:
-            torch.cuda.synchronize(input_ids.device)
+        mdl.synchronize(input_ids.device)
         return time.perf_counter() - start
 
     with torch.inference_mode():
@@ -281,8 +279,7 @@ def topk_peak_memory(
             "from pipeline.cache import _topk_peak_child; "
             f"print(_topk_peak_child({mode!r}, {positions}, {hidden}, {vocab}, {chunk}, {top_k}))"
         )
-        root = Path(__file__).resolve().parent.parent
-        env = {**os.environ, "PYTHONPATH": str(root)}
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
         done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
         return int(done.stdout.split()[-1])
 

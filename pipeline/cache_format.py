@@ -702,7 +702,7 @@ def rowwise_read(files: Sequence[Path], columns: Sequence[str]) -> int:
     tokens = 0
     for path in files:
         table = pq.read_table(path, columns=list(columns))
-        meta = read_cache_meta(Path(path))
+        meta = schema_json(Path(path), table.schema, META_KEY, "cache shard")  # the table's own: no second read
         dtypes = {}
         for field in table.schema:
             if pa.types.is_fixed_size_list(field.type):

@@ -562,10 +562,6 @@ def to_dict(obj: Any) -> Any:
     return dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj
 
 
-def dump_yaml(cfg: Config) -> str:
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
-
-
 def section_hash(*sections: Any) -> str:
     """Stable short hash of config sections (what a stage's output depends on)."""
     blob = json.dumps([to_dict(s) for s in sections], sort_keys=True, default=str)

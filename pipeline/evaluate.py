@@ -48,6 +48,7 @@ from pipeline.data_format import read_manifest, read_packed_shard, shard_paths
 from pipeline.metrics import INTRINSIC_METRICS, IntrinsicAccumulator
 from pipeline.modeling import device, load_causal_lm, load_tokenizer, vocab_hash, vocab_size
 from pipeline.rundir import (
+    REPO,
     PipelineError,
     RunDir,
     StageContext,
@@ -280,10 +281,9 @@ def package_versions() -> dict[str, str | None]:
 
 def git_hash() -> str | None:
     """Commit of the pipeline code (with a ``-dirty`` suffix when the tree has local changes), None outside git."""
-    repo = Path(__file__).resolve().parent.parent
     try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=repo, capture_output=True, text=True, check=True)
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True, check=True)
     except (OSError, subprocess.CalledProcessError):
         return None
     return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")

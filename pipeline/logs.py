@@ -19,9 +19,9 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipeline.config import STAGES
 from pipeline.jsonlog import LEVELS, format_console
 
-STAGE_ORDER = ("manifest", "cache", "train", "evaluate", "report")
 TELEMETRY_EVENTS = {"telemetry"}
 
 
@@ -122,8 +122,8 @@ def _fmt(value: object) -> str:
 
 def overview(run_dir: Path, max_bytes: int = 1 << 20) -> str:
     """One screen: per stage the latest progress line, warning/error counts and the latest telemetry sample."""
-    stages = sorted({p.parent.name for p in log_files(run_dir)}, key=lambda s: (s not in STAGE_ORDER, s))
-    stages = [s for s in STAGE_ORDER if s in stages] + [s for s in stages if s not in STAGE_ORDER]
+    found = {p.parent.name for p in log_files(run_dir)}
+    stages = [s for s in STAGES if s in found] + sorted(found - set(STAGES))
     if not stages:
         return f"{run_dir}: no logs yet"
     lines = [f"run {run_dir.name} ({run_dir})"]

@@ -34,6 +34,13 @@ def device() -> torch.device:
     return torch.device("cpu")
 
 
+def synchronize(on: torch.device) -> None:
+    """Wait for the kernels queued on ``on`` (nothing to wait for on the CPU). CUDA runs asynchronously, so a timer
+    read without this stops before the work does."""
+    if on.type == "cuda":
+        torch.cuda.synchronize(on)
+
+
 def resolve_dtype(name: str, on: torch.device) -> torch.dtype:
     """``auto`` is bf16 on GPU and fp32 on CPU (bf16 matmul on CPU runs ~500x slower than fp32 here)."""
     if name == "auto":

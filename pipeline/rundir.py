@@ -41,7 +41,8 @@ from pipeline.config import Config, ConfigError
 from pipeline.jsonlog import JsonLogger, open_logger, redact
 
 MARKER = "_COMPLETE.json"
-MONITOR_SCRIPT = Path(__file__).resolve().parent.parent / "monitor.py"
+REPO = Path(__file__).resolve().parent.parent  # the checkout this code runs from
+MONITOR_SCRIPT = REPO / "monitor.py"
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 

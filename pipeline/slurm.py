@@ -34,14 +34,12 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import config as config_mod
-from pipeline.config import Config, ConfigError
+from pipeline.config import STAGES, Config, ConfigError
 from pipeline.jsonlog import format_console, redact
 from pipeline.logs import tail_records
-from pipeline.rundir import PipelineError, atomic_write_json, atomic_write_text, cli_exit_code
+from pipeline.rundir import REPO, PipelineError, atomic_write_json, atomic_write_text, cli_exit_code
 
-REPO = Path(__file__).resolve().parent.parent
 TEMPLATES = REPO / "slurm"
-STAGES = ("manifest", "cache", "train", "evaluate", "report")
 PREEMPTIBLE = ("cache", "train")  # stages that checkpoint on USR1 (pipeline.preemption); others must not get it
 RECORD = "submission.json"
 # sacct/squeue states after which a job will not run again

@@ -43,7 +43,7 @@ from torch import Tensor, nn
 
 from pipeline import cache_format, losses
 from pipeline.config import Config, ConfigError, LossConfig, ModelConfig, TrainConfig
-from pipeline.modeling import check_layer_index, load_causal_lm, load_tokenizer, vocab_hash, vocab_size
+from pipeline.modeling import check_layer_index, load_causal_lm, load_tokenizer, synchronize, vocab_hash, vocab_size
 from pipeline.preemption import EXIT_REQUEUED, PreemptionFlag, requeue
 from pipeline.rundir import PipelineError, RunDir, StageContext, StageSpec, atomic_write_json, stage_main
 
@@ -821,15 +821,13 @@ def step_time_ratios(
     times: dict[str, list[float]] = {name: [] for name in recipes}
     for rep in range(repeats + 1):
         for name, (model, recipe, opt) in runs.items():
-            if on.type == "cuda":
-                torch.cuda.synchronize(on)
+            synchronize(on)
             t0 = time.perf_counter()
             total, _, _ = _loss_step(model, batch, recipe, gather=False)
             total.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
-            if on.type == "cuda":
-                torch.cuda.synchronize(on)
+            synchronize(on)
             if rep > 0:  # the first round warms allocators and kernels
                 times[name].append(time.perf_counter() - t0)
     median = {name: sorted(v)[len(v) // 2] for name, v in times.items()}
