@@ -264,16 +264,44 @@ class LocalMonitor:
         self.process = None
 
 
-def run_unit(spec: StageSpec, cfg: Config, rd: RunDir, ctx: StageContext) -> dict:
-    """Check upstream, skip if done, write the resolved config, run, write the marker last."""
-    unit = ctx.unit
+@dataclass
+class UnitState:
+    """Whether one unit of a stage is complete for the current config and upstream outputs, and why not."""
+
+    complete: bool
+    reason: str  # one line naming what is missing or changed ("" when complete)
+    config_hash: str
+    inputs: dict[str, str]  # identity of every upstream output this unit consumes
+    marker: dict | None  # the unit's marker as found on disk
+
+
+def unit_state(spec: StageSpec, cfg: Config, rd: RunDir, unit: str | None) -> UnitState:
+    """Decide, without side effects, whether ``unit`` of ``spec`` is complete for ``cfg`` and the upstream outputs
+    on disk now. Raises PipelineError when an upstream marker is missing. The stage wrapper skips a complete unit;
+    ``slurm submit`` queues only the units that are not."""
     inputs = {}
     for stage, up_unit in spec.upstream(cfg, unit):
         rd.require(stage, up_unit)
         inputs[f"{stage}/{up_unit}" if up_unit else stage] = rd.fingerprint(stage, up_unit)
     config_hash = config_mod.section_hash(*spec.sections(cfg, unit))
     marker = rd.read_marker(spec.name, unit)
-    if marker and not ctx.force and marker.get("config_hash") == config_hash and marker.get("inputs") == inputs:
+    if marker is None:
+        reason = "not run yet"
+    elif marker.get("config_hash") != config_hash:
+        reason = "its configuration changed"
+    elif marker.get("inputs") != inputs:
+        reason = "an upstream output changed"
+    else:
+        reason = ""
+    return UnitState(not reason, reason, config_hash, inputs, marker)
+
+
+def run_unit(spec: StageSpec, cfg: Config, rd: RunDir, ctx: StageContext) -> dict:
+    """Check upstream, skip if done, write the resolved config, run, write the marker last."""
+    unit = ctx.unit
+    state = unit_state(spec, cfg, rd, unit)
+    config_hash, inputs, marker = state.config_hash, state.inputs, state.marker
+    if state.complete and not ctx.force:
         ctx.log.info("skipped", f"{rd.stage_dir(spec.name, unit)} is already complete (use --force to redo)")
         return {**marker.get("summary", {}), "skipped": True}
     out = rd.stage_dir(spec.name, unit)
