@@ -7,7 +7,7 @@ energy_wh, ...}, one per attempt of a requeued job.
 Samples follow a fixed cadence on absolute deadlines (no drift). The monitor stops cleanly on SIGTERM/SIGINT and
 when the process given by ``--pid`` (the stage) has ended; SIGUSR1 (the preemption warning meant for the stage) is
 ignored. Without NVML it warns once and keeps sampling the host. The slurm/*.sbatch scripts start it once per node;
-a stage run outside Slurm starts it itself (``pipeline.rundir.LocalMonitor``); by hand::
+a stage run outside Slurm starts it itself (``pipeline.telemetry.LocalMonitor``); by hand::
 
     python monitor.py --run tiny --stage train --interval 1 --pid 12345
 """

@@ -20,8 +20,8 @@ Resumable and shard-parallel: task ``I`` of ``N`` (defaults: Slurm array task id
 and the array's task count) owns shards ``I, I+N, ...`` of the combined train+val list. A shard counts as done when
 its record's signature (output-affecting config, teacher fingerprint, manifest shard checksum, format version) and
 checksum match the file; anything else is recomputed. Shards are written atomically and deterministically, so a
-kill -9 at any moment followed by a rerun gives byte-identical shards. On USR1/TERM the current shard is finished,
-the job requeued and the process exits.
+kill -9 at any moment followed by a rerun gives byte-identical shards. On USR1 the current shard is finished, then
+the stage asks for a requeue and exits; SIGTERM stops it at once (pipeline.preemption).
 """
 
 from __future__ import annotations
@@ -45,12 +45,11 @@ import pyarrow as pa
 import torch
 
 from pipeline import cache_format as cf
-from pipeline import data_format
+from pipeline import data_format, definition, preemption
 from pipeline import modeling as mdl
 from pipeline.config import CacheConfig, Config, ConfigError, ModelConfig, section_hash
 from pipeline.config import load as load_config
 from pipeline.jsonlog import JsonLogger
-from pipeline.preemption import EXIT_REQUEUED, PreemptionFlag, requeue
 from pipeline.rundir import (
     REPO,
     PipelineError,
@@ -502,15 +501,10 @@ def run(cfg: Config, rd: RunDir, ctx: StageContext) -> dict[str, float]:
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         **fields,
     }
-    flag = PreemptionFlag()
     progress = Progress(ctx.log, cfg.cache.log_every_s, len(pending))
-    try:
+    with preemption.deferred(preemption.WARNING):  # the warning lets the shard in hand finish; SIGTERM stops at once
         for split, shard in pending:
-            if flag.stop_requested:
-                ctx.log.warning("preempted", f"{flag.signal_name}: stopping between shards", **progress.metrics())
-                requeued = requeue()
-                ctx.log.info("requeue", "job requeued" if requeued else "not under Slurm: rerun to resume")
-                raise SystemExit(EXIT_REQUEUED)
+            preemption.check(f"{progress.shards_done} of {len(pending)} shards written", **progress.metrics())
             info = cache_one_shard(model, spec, base, split, shard, manifest_dir, cache_dir, cfg, progress)
             signature = shard_signature(cfg, fingerprint, shard["sha256"])
             atomic_write_json(record_path(cache_dir, shard["file"]), {**info, "signature": signature})
@@ -518,8 +512,6 @@ def run(cfg: Config, rd: RunDir, ctx: StageContext) -> dict[str, float]:
             totals["rows"] += info["rows"]
             totals["tokens"] += info["tokens"]
             totals["bytes"] += info["bytes"]
-    finally:
-        flag.restore()
     totals["tokens_per_s"] = progress.tokens / max(progress.elapsed(), 1e-9)
     totals["bytes_per_token"] = totals["bytes"] / max(totals["tokens"], 1.0)
     return totals
@@ -619,7 +611,7 @@ SPEC = StageSpec(
     name=STAGE,
     run=run,
     sections=_sections,
-    upstream=lambda cfg, unit: [("manifest", None)],
+    upstream=lambda cfg, unit: definition.upstream(cfg, STAGE, unit),
     add_args=_add_args,
     complete=_complete,
 )

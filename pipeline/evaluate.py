@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline import definition
 from pipeline.config import Config, ConfigError, EvalTaskConfig, ModelConfig, section_hash
 from pipeline.data_format import read_manifest, read_packed_shard, shard_paths
 from pipeline.metrics import INTRINSIC_METRICS, IntrinsicAccumulator
@@ -58,7 +59,7 @@ from pipeline.rundir import (
     stage_main,
 )
 
-TEACHER = "teacher"
+TEACHER = definition.TEACHER
 TASK_TEMPLATES = Path(__file__).resolve().parent / "eval_tasks"
 LOCAL_TASKS = ("kd_heldout_mc", "kd_heldout_ppl")
 MIN_MC_WORDS = 4  # a context and a continuation of at least two words each
@@ -366,15 +367,14 @@ def sections(cfg: Config, unit: str | None) -> tuple:
 
 def upstream(cfg: Config, unit: str | None) -> list[tuple[str, str | None]]:
     """The held-out manifest and cache for every model; the variant's training for a student."""
-    base: list[tuple[str, str | None]] = [("manifest", None), ("cache", None)]
-    return base if unit == TEACHER else [*base, ("train", unit)]
+    return definition.upstream(cfg, "evaluate", unit)
 
 
 def units(cfg: Config, args: Any) -> list[str]:
     """Every variant in config order, then the teacher; ``--model`` picks a subset."""
     if TEACHER in cfg.train.variants:
         raise ConfigError(f'train.variants.{TEACHER}: the name "{TEACHER}" is reserved for the teacher\'s evaluation')
-    every = [*cfg.train.variants, *([TEACHER] if cfg.evaluate.include_teacher else [])]
+    every = definition.units(cfg, "evaluate")
     chosen = getattr(args, "model", None) or every
     for name in chosen:
         if name not in every:

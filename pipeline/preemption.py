@@ -1,62 +1,150 @@
-"""Preemption and time-limit handling shared by long-running stages (cache, train).
+"""What a stage process does when Slurm (or a person) signals it, from the first line of ``stage_main`` on.
 
-Slurm sends ``USR1`` ``signal_s`` seconds before the time limit (``#SBATCH --signal=B:USR1@300``, forwarded to the
-Python process by the sbatch script) and ``TERM`` on preemption. The handler only sets a flag: the stage checks
-``stop_requested`` at a safe point (train: after an optimizer step; cache: after a shard), saves its state, then
-calls :func:`requeue` and exits, as datatrove's requeue handler does. Completion markers make the requeued run
-resume where it stopped.
+Two signals, two meanings:
+
+- ``SIGUSR1`` is the warning the job asked for (``#SBATCH --signal=B:USR1@<signal_s>``: the time limit or a
+  preemption is near): save what is worth saving, ask for a requeue, exit 0. The requeued job resumes from the
+  checkpoint and the completion markers.
+- ``SIGTERM`` (``scancel``, an administrator, the time limit itself, Slurm's own requeue or preemption) means stop:
+  checkpoint if the stage is at a point where that is quick, then exit 143 *without* requeueing. When Slurm itself
+  requeued the job (``scontrol requeue``, preempt-requeue) the log says so, as a requeue and not as a crash.
+
+Where a stage holds nothing worth saving (loading a model, between units) a signal stops it at once: the handler
+raises :class:`Interrupted`, and the stage wrapper turns that into the exit above (a warning before the first unit
+of work means: requeue now). Inside :func:`deferred` (a training loop, a shard being written) the handler only
+records the signal and the stage stops at its next safe point with :func:`check`.
+
+The requeue itself is done by the job shell (slurm/job.sh), outside any container and after every process of the
+stage has exited: the stage leaves a request file in ``$PIPELINE_SIGNAL_DIR``. The same directory carries the two
+halves of the start-up handshake that keeps an early warning from killing a process that has no handler yet: the
+job shell writes ``warning`` when USR1 arrives and forwards the signal only once every node's stage process has
+written ``ready.<node>``; a process that starts after the warning finds the file.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
-import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
 
-EXIT_REQUEUED = 0  # a requeued job exits cleanly; Slurm restarts it from the top of the batch script
+from pipeline.jsonlog import JsonLogger, env_rank
+
+WARNING = signal.SIGUSR1  # save, requeue, exit 0
+STOP = signal.SIGTERM  # save if quick, exit without requeueing
+EXIT_REQUEUED = 0  # the stage did its part; the job shell requeues the job
+SIGNAL_DIR_ENV = "PIPELINE_SIGNAL_DIR"  # set by slurm/job.sh: the handshake and requeue-request files
 
 
-class PreemptionFlag:
-    """Set by USR1/TERM; read by the stage loop at safe points."""
+class Interrupted(BaseException):  # noqa: N818 (a control-flow signal like KeyboardInterrupt, not an error)
+    """Raised where a stage stops on a signal; BaseException so that ``except Exception`` in libraries lets it
+    through. ``where`` says what was saved (``checkpoint at step 12 saved``), ``metrics`` go into the log line."""
 
-    def __init__(self, signals: tuple[int, ...] = (signal.SIGUSR1, signal.SIGTERM)) -> None:
-        self._event = threading.Event()
-        self.signal_name: str | None = None
-        self._previous = {}
-        if threading.current_thread() is threading.main_thread():
-            for sig in signals:
-                self._previous[sig] = signal.signal(sig, self._handle)
+    def __init__(self, signum: int, where: str = "", **metrics: Any) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum, self.where, self.metrics = signum, where, metrics
 
-    def _handle(self, signum: int, frame: object) -> None:
-        self.signal_name = signal.Signals(signum).name
-        self._event.set()
 
-    @property
-    def stop_requested(self) -> bool:
-        return self._event.is_set()
+class _State:
+    """The process-wide record of what was received and which signals are deferred right now."""
 
-    def restore(self) -> None:
-        """Put the previous handlers back (tests create several flags in one process)."""
-        for sig, handler in self._previous.items():
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self.deferred: frozenset[int] = frozenset()
+
+    def handle(self, signum: int, frame: object) -> None:
+        if self.received != STOP:  # a stop request outranks a warning
+            self.received = signum
+        if signum not in self.deferred:
+            raise Interrupted(signum)
+
+
+_STATE = _State()
+
+
+def install() -> Callable[[], None]:
+    """Put the handlers in place (first thing in every stage process) and do this node's half of the handshake;
+    returns a function that puts the previous handlers back (tests run several stages in one process)."""
+    _STATE.received, _STATE.deferred = None, frozenset()
+    previous = {sig: signal.signal(sig, _STATE.handle) for sig in (WARNING, STOP)}
+    signal_dir = os.environ.get(SIGNAL_DIR_ENV)
+    if signal_dir:
+        if "TORCHELASTIC_RUN_ID" not in os.environ:  # the process srun started on this node (workers inherit)
+            with contextlib.suppress(OSError):
+                Path(signal_dir, f"ready.{os.environ.get('SLURM_NODEID', '0')}").touch()
+        if Path(signal_dir, "warning").exists():  # the warning came while this process was starting
+            _STATE.received = _STATE.received or WARNING
+
+    def restore() -> None:
+        for sig, handler in previous.items():
             signal.signal(sig, handler)
-        self._previous.clear()
+
+    return restore
 
 
-def slurm_job_ref() -> str | None:
-    """The id ``scontrol requeue`` needs: ``<array job>_<task>`` for array tasks, else the job id."""
-    array_job, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
-    if array_job and task:
-        return f"{array_job}_{task}"
-    return os.environ.get("SLURM_JOB_ID")
+def ignore_warning_for_children() -> None:
+    """Ignore USR1 from here on (before exec'ing a launcher): an ignored disposition survives exec, so torchrun and
+    the workers it starts cannot be killed by an early warning; each worker installs its handler in stage_main."""
+    signal.signal(WARNING, signal.SIG_IGN)
 
 
-def requeue() -> bool:
-    """Ask Slurm to requeue this job; False outside Slurm (a local run just stops and is rerun by hand)."""
-    ref = slurm_job_ref()
-    if ref is None:
-        return False
-    result = subprocess.run(["scontrol", "requeue", ref], capture_output=True, text=True, check=False)
-    if result.returncode != 0:
-        raise RuntimeError(f"scontrol requeue {ref} failed: {result.stderr.strip()}")
-    return True
+@contextlib.contextmanager
+def deferred(*signals: int) -> Iterator[None]:
+    """Inside, ``signals`` are only recorded; the stage calls :func:`check` at its safe points."""
+    before = _STATE.deferred
+    _STATE.deferred = before | frozenset(signals)
+    try:
+        yield
+    finally:
+        _STATE.deferred = before
+
+
+def received() -> int | None:
+    """The signal received so far (SIGTERM if both came), or None."""
+    return _STATE.received
+
+
+def check(where: str = "", **metrics: Any) -> None:
+    """At a safe point: raise :class:`Interrupted` if a signal was received (``where``: what is saved by now)."""
+    if _STATE.received is not None:
+        raise Interrupted(_STATE.received, where, **metrics)
+
+
+def finish(stop: Interrupted, log: JsonLogger) -> int:
+    """Log why the stage stops, leave the requeue request after a warning, and return the exit code."""
+    where = f" ({stop.where})" if stop.where else ""
+    if stop.signum == WARNING:
+        signal_dir = os.environ.get(SIGNAL_DIR_ENV)
+        if signal_dir:
+            with contextlib.suppress(OSError):
+                Path(signal_dir, "requeue").touch()
+        outcome = "requeue requested" if signal_dir else "not in a Slurm job: rerun the same command to resume"
+        log.warning("preempted", f"SIGUSR1 (time limit or preemption warning){where}; {outcome}", **stop.metrics)
+        return EXIT_REQUEUED
+    state = slurm_job_state() if env_rank() == 0 else None
+    if state in ("REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD", "PENDING", "PREEMPTED"):
+        log.warning("requeued", f"Slurm requeued the job (job state {state}){where}; it will run again", **stop.metrics)
+    else:
+        why = {"CANCELLED": "job cancelled", "TIMEOUT": "time limit reached"}.get(state or "", "stop requested")
+        name = signal.Signals(stop.signum).name
+        log.warning("stopped", f"{name} ({why}){where}; exiting without requeue", **stop.metrics)
+    return 128 + stop.signum
+
+
+def slurm_job_state() -> str | None:
+    """This job's state as the controller sees it (REQUEUED, CANCELLED, ...), or None outside Slurm or without
+    scontrol (inside a container); never raises."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if not job:
+        return None
+    try:
+        out = subprocess.run(["scontrol", "-o", "show", "job", job], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    for field in out.stdout.split():
+        if field.startswith("JobState="):
+            return field.split("=", 1)[1]
+    return None

@@ -39,6 +39,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from pipeline import definition
 from pipeline.config import Config
 from pipeline.metrics import INTRINSIC_METRICS
 from pipeline.rundir import (
@@ -51,7 +52,7 @@ from pipeline.rundir import (
     stage_main,
 )
 
-TEACHER = "teacher"
+TEACHER = definition.TEACHER
 PRIMARY_METRICS = ("acc_norm", "acc", "exact_match", "f1", "mc2", "word_perplexity", "perplexity", "bits_per_byte")
 FILTER_ORDER = ("none", "strict-match")
 LOWER_IS_BETTER = re.compile(r"perplexity|bits_per_byte|loss|ece|kl|error")
@@ -719,8 +720,7 @@ def upstream(cfg: Config, unit: str | None) -> list[tuple[str, str | None]]:
     """The evaluate and train markers that exist now: the report reruns when any of them changes, yet a missing
     one (a failed variant) is a note in the report, not a refusal to start."""
     rd = RunDir.from_config(cfg)
-    models = [*cfg.train.variants, TEACHER]
-    candidates = [("evaluate", m) for m in models] + [("train", v) for v in cfg.train.variants]
+    candidates = definition.upstream(cfg, "report", unit)
     return [(stage, unit) for stage, unit in candidates if rd.marker_path(stage, unit).exists()]
 
 

@@ -11,8 +11,10 @@ Like datatrove's ``_run_for_rank``: the wrapper refuses to start while an upstre
 whose marker matches the current config hash and input fingerprints (unless ``--force``), writes the resolved
 config, runs the stage and writes the marker only on success. Errors meant for users are :class:`PipelineError`:
 one line naming the file, column or key and what was expected; the process exits 1 (2 for config errors).
-Outside the Slurm wrapper (which starts ``monitor.py`` once per node itself) the wrapper runs ``monitor.py`` beside
-the stage, so local runs get ``logs/<run>/<stage>/telemetry_*`` too.
+Outside the Slurm job shell (which starts ``monitor.py`` once per node itself) the wrapper runs ``monitor.py`` beside
+the stage (``telemetry.LocalMonitor``), so local runs get ``logs/<run>/<stage>/telemetry_*`` too. Signal handlers
+(``pipeline.preemption``) are in place from the wrapper's first line; ``--nproc-per-node N`` on a distributed stage
+re-executes it under torchrun (``pipeline.launch``).
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ import hashlib
 import json
 import os
 import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,12 +38,12 @@ from typing import Any
 import yaml
 
 from pipeline import config as config_mod
+from pipeline import definition, launch, preemption, telemetry
 from pipeline.config import Config, ConfigError
 from pipeline.jsonlog import JsonLogger, open_logger, redact
 
 MARKER = "_COMPLETE.json"
 REPO = Path(__file__).resolve().parent.parent  # the checkout this code runs from
-MONITOR_SCRIPT = REPO / "monitor.py"
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
@@ -184,7 +185,7 @@ class StageContext:
     unit: str | None = None
     args: argparse.Namespace = field(default_factory=argparse.Namespace)
     force: bool = False
-    monitor: LocalMonitor | None = None
+    monitor: telemetry.LocalMonitor | None = None
 
 
 @dataclass
@@ -212,6 +213,14 @@ def build_parser(stage: str, add_args: Callable[[argparse.ArgumentParser], None]
     parser.add_argument("--config", required=True, help="YAML config file")
     parser.add_argument("--force", action="store_true", help="redo the stage even if its marker matches")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=3e-4")
+    if getattr(definition.stage(stage), "distributed", False):
+        parser.add_argument(
+            "--nproc-per-node",
+            type=int,
+            default=None,
+            metavar="N",
+            help="run N processes on this node under torchrun (Slurm: on every node of the job)",
+        )
     add_args(parser)
     return parser
 
@@ -220,48 +229,6 @@ def redacted_config_yaml(cfg: Config) -> str:
     """The resolved config as YAML with secret values replaced. Redacted before dumping, not after: a bare ``***``
     in YAML is an alias and would make the dump unloadable."""
     return yaml.safe_dump(json.loads(redact(json.dumps(config_mod.to_dict(cfg)))), sort_keys=False)
-
-
-class LocalMonitor:
-    """``monitor.py`` beside a stage that runs outside the Slurm wrapper (the wrapper exports ``PIPELINE_MONITOR``
-    and starts one per node itself): one per node (local rank 0), started with the first unit that really runs, so
-    a rerun that skips everything leaves the last run's telemetry summary alone; stopped when the stage ends (and
-    by itself, through ``--pid``, if the stage is killed). Telemetry never fails a stage: a monitor that cannot
-    start is a warning."""
-
-    def __init__(self, cfg: Config, stage: str, logs_dir: Path, log: JsonLogger) -> None:
-        wanted = cfg.monitor.enabled and "PIPELINE_MONITOR" not in os.environ
-        wanted = wanted and os.environ.get("LOCAL_RANK", "0") == "0"
-        self.log = log
-        self.process: subprocess.Popen | None = None
-        self.command = None
-        if wanted:
-            self.command = [sys.executable, str(MONITOR_SCRIPT), "--run", cfg.run_name, "--stage", stage]
-            self.command += ["--logs-dir", str(logs_dir), "--interval", str(cfg.monitor.interval_s)]
-            self.command += ["--pid", str(os.getpid())]
-
-    def start(self) -> None:
-        if self.command is None or self.process is not None:
-            return
-        try:  # its warnings (no NVML on this machine) are in its own log; keep the stage's console clean
-            self.process = subprocess.Popen(
-                self.command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-            )
-        except OSError as err:
-            self.command = None
-            self.log.warning("monitor_failed", f"{MONITOR_SCRIPT} did not start ({err}); no telemetry for this run")
-
-    def stop(self) -> None:
-        """SIGTERM (the monitor writes its summary and exits), SIGKILL if it has not after 10 s."""
-        if self.process is None:
-            return
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-        self.process = None
 
 
 @dataclass
@@ -304,6 +271,7 @@ def run_unit(spec: StageSpec, cfg: Config, rd: RunDir, ctx: StageContext) -> dic
     if state.complete and not ctx.force:
         ctx.log.info("skipped", f"{rd.stage_dir(spec.name, unit)} is already complete (use --force to redo)")
         return {**marker.get("summary", {}), "skipped": True}
+    preemption.check(f"before starting {spec.name}{' ' + unit if unit else ''}")  # nothing to save yet: stop now
     out = rd.stage_dir(spec.name, unit)
     check_writable(out)
     # Under DDP every rank runs the stage; rank 0 alone owns the files the wrapper writes.
@@ -329,24 +297,51 @@ def run_unit(spec: StageSpec, cfg: Config, rd: RunDir, ctx: StageContext) -> dic
 
 def stage_main(spec: StageSpec, argv: list[str] | None = None) -> int:
     """Entry point of ``python -m pipeline.<stage>``; returns the process exit code."""
-    parser = build_parser(spec.name, spec.add_args)
-    args = parser.parse_args(argv)
+    restore_signals = preemption.install()  # first: a signal while the process starts must not kill it
     try:
-        cfg = config_mod.load(args.config, args.overrides)
-    except ConfigError as err:
-        return cli_exit_code(err)
-    rd = RunDir.from_config(cfg)
-    try:
-        log = open_logger(cfg.run_name, spec.name, rd.logs)
-    except OSError as err:
-        print(f"error: {rd.logs / spec.name}: log directory is not writable ({err.strerror})", file=sys.stderr)
-        return 1
-    monitor = LocalMonitor(cfg, spec.name, Path(cfg.logs_dir), log)
+        with preemption.deferred(preemption.WARNING, preemption.STOP):  # acted on before the first unit
+            parser = build_parser(spec.name, spec.add_args)
+            args = parser.parse_args(argv)
+            try:
+                cfg = config_mod.load(args.config, args.overrides)
+            except ConfigError as err:
+                return cli_exit_code(err)
+            if launch.wanted(getattr(args, "nproc_per_node", None)):
+                return _launch_workers(spec, cfg, args, argv)
+            rd = RunDir.from_config(cfg)
+            try:
+                log = open_logger(cfg.run_name, spec.name, rd.logs)
+            except OSError as err:
+                print(f"error: {rd.logs / spec.name}: log directory is not writable ({err.strerror})", file=sys.stderr)
+                return 1
+        return _run_units(spec, cfg, rd, args, log)
+    finally:
+        restore_signals()
+
+
+def _launch_workers(spec: StageSpec, cfg: Config, args: argparse.Namespace, argv: list[str] | None) -> int:
+    """``--nproc-per-node``: become torchrun running this same command on every local rank; a warning that came
+    before anything started means requeue now, without launching."""
+    if preemption.received() is not None:
+        stop = preemption.Interrupted(preemption.received(), "before launching the workers")
+        return preemption.finish(stop, JsonLogger(cfg.run_name, spec.name, None))
+    return launch.relaunch(
+        args.nproc_per_node,
+        sys.argv[1:] if argv is None else argv,
+        module=f"pipeline.{spec.name}",
+        shutdown_timeout_s=cfg.slurm.signal_s,
+    )
+
+
+def _run_units(spec: StageSpec, cfg: Config, rd: RunDir, args: argparse.Namespace, log: JsonLogger) -> int:
+    monitor = telemetry.LocalMonitor(cfg, spec.name, Path(cfg.logs_dir), log)
     try:
         units = spec.units(cfg, args)
         for unit in units:
             run_unit(spec, cfg, rd, StageContext(log=log, unit=unit, args=args, force=args.force, monitor=monitor))
         return 0
+    except preemption.Interrupted as stop:
+        return preemption.finish(stop, log)
     except ConfigError as err:
         log.error("config_error", str(err))
         return cli_exit_code(err)
@@ -359,8 +354,11 @@ def stage_main(spec: StageSpec, argv: list[str] | None = None) -> int:
         log.error("interrupted", "stopped by the user")
         return 130
     except Exception as err:  # unexpected: keep the traceback, in the log too
+        if preemption.received() == preemption.STOP:  # e.g. a peer that stopped first broke a collective
+            return preemption.finish(preemption.Interrupted(preemption.STOP, f"{type(err).__name__}: {err}"), log)
         log.error("crashed", f"{type(err).__name__}: {err}", traceback=traceback.format_exc())
         raise
     finally:
-        monitor.stop()
-        log.close()
+        with preemption.deferred(preemption.WARNING, preemption.STOP):
+            monitor.stop()
+            log.close()

@@ -15,12 +15,21 @@ machine) :func:`open_gpus` returns the reason and the monitor carries on with ho
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import psutil
 
+if TYPE_CHECKING:
+    from pipeline.config import Config
+    from pipeline.jsonlog import JsonLogger
+
+MONITOR_SCRIPT = Path(__file__).resolve().parent.parent / "monitor.py"
 MJ_PER_WH = 3.6e6  # 1 Wh = 3600 J = 3.6e6 mJ
 BYTES_PER_GB = 1e9
 
@@ -188,3 +197,46 @@ def next_deadline(start: float, interval: float, now: float) -> float:
     skips the ticks it overran instead of shifting every later one."""
     k = math.floor((now - start) / interval) + 1
     return start + k * interval
+
+
+# ------------------------------------------------------------------------------------------- local lifecycle
+class LocalMonitor:
+    """The monitor's lifecycle beside a stage that runs outside the Slurm job shell (slurm/job.sh exports
+    ``PIPELINE_MONITOR`` and starts one per node itself): one per node (local rank 0), started with the first unit
+    that really runs, so a rerun that skips everything leaves the last run's telemetry summary alone; stopped when
+    the stage ends (and by itself, through ``--pid``, if the stage is killed). Telemetry never fails a stage: a
+    monitor that cannot start is a warning."""
+
+    def __init__(self, cfg: Config, stage: str, logs_dir: Path, log: JsonLogger) -> None:
+        wanted = cfg.monitor.enabled and "PIPELINE_MONITOR" not in os.environ
+        wanted = wanted and os.environ.get("LOCAL_RANK", "0") == "0"
+        self.log = log
+        self.process: subprocess.Popen | None = None
+        self.command = None
+        if wanted:
+            self.command = [sys.executable, str(MONITOR_SCRIPT), "--run", cfg.run_name, "--stage", stage]
+            self.command += ["--logs-dir", str(logs_dir), "--interval", str(cfg.monitor.interval_s)]
+            self.command += ["--pid", str(os.getpid())]
+
+    def start(self) -> None:
+        if self.command is None or self.process is not None:
+            return
+        try:  # its warnings (no NVML on this machine) are in its own log; keep the stage's console clean
+            self.process = subprocess.Popen(
+                self.command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            )
+        except OSError as err:
+            self.command = None
+            self.log.warning("monitor_failed", f"{MONITOR_SCRIPT} did not start ({err}); no telemetry for this run")
+
+    def stop(self) -> None:
+        """SIGTERM (the monitor writes its summary and exits), SIGKILL if it has not after 10 s."""
+        if self.process is None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.process = None

@@ -20,8 +20,8 @@ projectors, data, optimizer and schedule in dependency order; ``_loss_step(batch
 ``_train_variant`` runs the loop (accumulate, clip, step, schedule, log, validate, checkpoint) and saves.
 Resume is automatic (``train.resume: auto``): the latest complete checkpoint restores weights, optimizer, schedule,
 RNG and each rank's data position, so an interrupted run (kill -9, preemption) ends with the same weights and the
-same sample sequence as an uninterrupted one. USR1/TERM (Slurm's time-limit/preemption signals) → checkpoint at
-the next step boundary, ``scontrol requeue``, exit 0.
+same sample sequence as an uninterrupted one. USR1 (Slurm's time-limit/preemption warning) → checkpoint at the next
+step boundary, requeue, exit 0; SIGTERM (scancel) → checkpoint at the next step boundary, exit without requeue.
 """
 
 from __future__ import annotations
@@ -41,19 +41,27 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from pipeline import cache_format, losses
+from pipeline import cache_format, definition, losses, preemption
 from pipeline.config import Config, ConfigError, LossConfig, ModelConfig, TrainConfig
 from pipeline.modeling import check_layer_index, load_causal_lm, load_tokenizer, synchronize, vocab_hash, vocab_size
-from pipeline.preemption import EXIT_REQUEUED, PreemptionFlag, requeue
 from pipeline.rundir import PipelineError, RunDir, StageContext, StageSpec, atomic_write_json, stage_main
 
 STAGE = "train"
+# a rank's signal as a number that survives the step's sum over ranks: any stop request outweighs every warning
+SIGNAL_CODES = {preemption.WARNING: 1.0, preemption.STOP: 1e6}
 COMPONENTS = ("ce", "kd_response", "kd_feature", "kd_relation")  # metric names, also the weight keys
 CHECKPOINT_PREFIX = "step_"
 TMP_PREFIX = ".tmp-"
 # Knobs that change how a run is observed or stored, not what it computes: a resume may change them.
 OPERATIONAL_KEYS = ("checkpoint_every", "keep_checkpoints", "eval_every", "eval_batches", "log_every", "resume")
 OPERATIONAL_KEYS += ("num_workers", "threads", "variants", "baseline_variant")
+
+
+def signal_from_code(total: float) -> int | None:
+    """The signal the ranks act on, from the sum of their SIGNAL_CODES (STOP beats WARNING)."""
+    if total >= SIGNAL_CODES[preemption.STOP]:
+        return preemption.STOP
+    return preemption.WARNING if total > 0 else None
 
 
 # ------------------------------------------------------------------------------------------------ schedule
@@ -622,11 +630,10 @@ def _train_variant(cfg: Config, rd: RunDir, ctx: StageContext, variant: str) -> 
     )
 
     # --- loop ---
-    flag = PreemptionFlag()
     state = {"resume_hash": expected_hash, "variant": variant, "keep": train.keep_checkpoints}
     last_saved, last_train, val = step if checkpoints else -1, {}, {}
     window_tokens, window_s, started = 0.0, 0.0, time.monotonic()
-    try:
+    with preemption.deferred(preemption.WARNING, preemption.STOP):  # both wait for a checkpoint at the step's end
         while step < train.max_steps:
             t0 = time.perf_counter()
             sums = torch.zeros(len(COMPONENTS) + 3, dtype=torch.float64, device=acc.device)
@@ -646,7 +653,7 @@ def _train_variant(cfg: Config, rd: RunDir, ctx: StageContext, variant: str) -> 
                     if name in comps:
                         sums[1 + i] += comps[name].detach().double() / train.grad_accum_steps
                 sums[-2] += float(batch["attention_mask"].sum())
-            sums[-1] = 1.0 if flag.stop_requested else 0.0
+            sums[-1] = SIGNAL_CODES.get(preemption.received(), 0.0)  # summed over ranks: any rank's signal stops all
             if world > 1:
                 sums = acc.reduce(sums, reduction="sum")
             sums[: 1 + len(COMPONENTS)] /= world
@@ -690,24 +697,15 @@ def _train_variant(cfg: Config, rd: RunDir, ctx: StageContext, variant: str) -> 
                 if acc.is_main_process:
                     _append_jsonl(metrics_path, {"step": step, "split": "val", **val})
                 ctx.log.info("val", f"{variant} step {step}", **val)
-            stop = sums[-1].item() > 0
+            stop = signal_from_code(sums[-1].item())
             if step % train.checkpoint_every == 0 or step == train.max_steps or stop:
                 wall = wall_before + time.monotonic() - started
                 _save_checkpoint(acc, out, step, scheduler, position, {**state, "tokens": tokens_total,
                                                                           "wall_time_s": wall})  # fmt: skip
                 last_saved = step
             if stop:
-                requeued = requeue() if acc.is_main_process else False
-                ctx.log.info(
-                    "preempted",
-                    f"{variant}: {flag.signal_name or 'signal'} — checkpoint at step {step} saved; "
-                    + ("requeued" if requeued else "rerun the same command to resume"),
-                    step=step,
-                )
                 acc.wait_for_everyone()
-                raise SystemExit(EXIT_REQUEUED)
-    finally:
-        flag.restore()
+                raise preemption.Interrupted(stop, f"{variant}: checkpoint at step {step} saved", step=step)
 
     # --- save ---
     wall = wall_before + time.monotonic() - started
@@ -871,7 +869,7 @@ SPEC = StageSpec(
     name=STAGE,
     run=run,
     sections=_sections,
-    upstream=lambda cfg, unit: [("cache", None)],
+    upstream=lambda cfg, unit: definition.upstream(cfg, STAGE, unit),
     units=_units,
     add_args=_add_args,
     complete=_complete,

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline import rundir
+from pipeline import rundir, telemetry
 from pipeline.rundir import MARKER, PipelineError, RunDir, StageSpec, stage_main
 
 
@@ -249,7 +249,7 @@ def test_local_runs_start_monitor_beside_the_stage(tmp_path, toy, monkeypatch):
     toy.up_run = slow_run
     assert stage_main(toy.up, ["--config", str(cfg_path)]) == 0
     # (other children may exist in a full run, e.g. multiprocessing's resource tracker)
-    monitors = [c for c in psutil.Process().children(recursive=True) if str(rundir.MONITOR_SCRIPT) in c.cmdline()]
+    monitors = [c for c in psutil.Process().children(recursive=True) if str(telemetry.MONITOR_SCRIPT) in c.cmdline()]
     assert not monitors, "the monitor is stopped and reaped with the stage"
     logs = tmp_path / "logs" / "r" / "up"
     host = socket.gethostname()
