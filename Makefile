@@ -1,13 +1,15 @@
 # Entry points of the distillation pipeline. Targets only call commands; the logic lives in pipeline/ and slurm/.
 #   make demo                                  whole pipeline locally on SmolLM2-135M -> 15.6M student (offline)
 #   make test                                  pytest (starts the local Slurm cluster first when running as root)
+#   make run CONFIG=C ARGS="--stages cache,train --nproc-per-node 2"    the pipeline (or part of it) locally
 #   make train CONFIG=configs/demo.yaml ARGS="train.lr=3e-4 --force"
-#   make submit CONFIG=configs/llama70b_to_8b.yaml ; make status RUN=<run_name> ; make logs RUN=<run_name> STAGE=train
+#   make submit CONFIG=configs/llama70b_to_8b.yaml ; make status CONFIG=... ; make logs CONFIG=... STAGE=train
 
 PY ?= .venv/bin/python
 CONFIG ?= configs/demo.yaml
 ARGS ?=
 RUN ?=
+LOGS_DIR ?=
 STAGE ?=
 PYTEST_ARGS ?=
 DEMO_CONFIG ?= configs/demo.yaml
@@ -20,7 +22,7 @@ DEMO_STAMP := .venv/.demo-packages.stamp
 
 # stages must run one after another even under `make -j`
 .NOTPARALLEL:
-.PHONY: demo test lint cluster bench manifest cache train evaluate report submit status cancel logs venv
+.PHONY: demo test lint cluster bench run manifest cache train evaluate report submit status cancel logs venv
 
 # ---------------------------------------------------------------------------------------------- environment
 venv: $(VENV_STAMP)
@@ -36,6 +38,10 @@ $(DEMO_STAMP): $(VENV_STAMP)
 	touch $@
 
 # ------------------------------------------------------------------------------------------------- stages
+# the whole pipeline definition in order (pipeline/definition.py); ARGS: --stages a,b --nproc-per-node N overrides
+run:
+	$(PY) -m pipeline.run --config $(CONFIG) $(ARGS)
+
 manifest:
 	$(PY) -m pipeline.manifest --config $(CONFIG) $(ARGS)
 
@@ -55,8 +61,7 @@ report:
 # The report (seconds) always reruns: it prints the results table, also when every other stage is already complete.
 demo: $(DEMO_STAMP)
 	$(PY) -m pipeline.demo_assets --out models --data data
-	$(OFFLINE) $(MAKE) --no-print-directory manifest cache train evaluate CONFIG=$(DEMO_CONFIG) ARGS="$(ARGS)"
-	$(OFFLINE) $(MAKE) --no-print-directory report CONFIG=$(DEMO_CONFIG) ARGS="--force $(ARGS)"
+	$(OFFLINE) $(PY) -m pipeline.run --config $(DEMO_CONFIG) --redo report $(ARGS)
 
 # ---------------------------------------------------------------------------------------------- checks
 # The Slurm tests need a running cluster; as root (CI, dev containers) start the local one when it is not up.
@@ -67,6 +72,7 @@ test: $(VENV_STAMP)
 lint: $(VENV_STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
+	@if command -v shellcheck >/dev/null; then shellcheck slurm/job.sh; else echo "shellcheck not installed: slurm/job.sh not checked (apt-get install shellcheck)"; fi
 
 cluster:
 	bash slurm/local_cluster.sh ensure
@@ -78,11 +84,14 @@ bench: $(VENV_STAMP)
 submit:
 	$(PY) -m pipeline.slurm submit --config $(CONFIG) $(ARGS)
 
+# status, cancel and logs find the run through CONFIG (its run_name and logs_dir); RUN= and LOGS_DIR= override them
+RUN_ARGS = --config $(CONFIG) $(if $(RUN),--run $(RUN)) $(if $(LOGS_DIR),--logs-dir $(LOGS_DIR))
+
 status:
-	$(PY) -m pipeline.slurm status --run $(or $(RUN),$(error RUN=<run_name> is required))
+	$(PY) -m pipeline.slurm status $(RUN_ARGS) $(ARGS)
 
 cancel:
-	$(PY) -m pipeline.slurm cancel --run $(or $(RUN),$(error RUN=<run_name> is required))
+	$(PY) -m pipeline.slurm cancel $(RUN_ARGS) $(ARGS)
 
 logs:
-	$(PY) -m pipeline.logs --run $(or $(RUN),$(error RUN=<run_name> is required)) $(if $(STAGE),--stage $(STAGE))
+	$(PY) -m pipeline.logs $(RUN_ARGS) $(if $(STAGE),--stage $(STAGE)) $(ARGS)

@@ -43,7 +43,8 @@ from pipeline import cache as cache_stage
 from pipeline import cache_format as cf
 from pipeline import modeling as mdl
 from pipeline import train as train_stage
-from pipeline.config import STAGES, CacheConfig, ModelConfig
+from pipeline.config import CacheConfig, ModelConfig
+from pipeline.definition import STAGES
 from pipeline.rundir import REPO, atomic_write_json, atomic_write_text
 
 DEMO_TEACHER = REPO / "models" / "smollm2-135m-instruct"
@@ -509,7 +510,7 @@ def bench_bytes(files: list[Path], meta: dict[str, Any], assets: Assets) -> tupl
 
 
 SLURM_ROW = "Slurm chain overhead (5 trivial stages)"
-SLURM_STAGE_RESOURCES = {"gpus_per_node": 0, "cpus_per_task": 1, "mem_gb": 1, "time_min": 5}
+SLURM_STAGE_RESOURCES = {"gpus_per_node": 0, "cpus_per_task": 1, "mem_gb": 1, "time": "5"}
 
 
 def slurm_chain_config(root: Path) -> Path:

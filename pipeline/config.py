@@ -22,6 +22,8 @@ from typing import Any, Literal
 
 import yaml
 
+from pipeline.jsonlog import SECRET_NAME
+
 REQUIRED: Any = object()  # sentinel default for values every config must set
 
 
@@ -221,14 +223,53 @@ class ReportConfig:
 
 
 # ---------------------------------------------------------------------------------------------------- slurm
+# sbatch --time formats: minutes, minutes:seconds, hours:minutes:seconds, days-hours, days-hours:minutes,
+# days-hours:minutes:seconds
+SLURM_TIME = re.compile(
+    r"(?P<d>\d+)-(?P<dh>\d+)(?::(?P<dm>\d+)(?::(?P<ds>\d+))?)?"  # days-hours[:minutes[:seconds]]
+    r"|(?P<a>\d+)(?::(?P<b>\d+)(?::(?P<c>\d+))?)?"  # minutes[:seconds] or hours:minutes:seconds
+)
+SLURM_TIME_FORMATS = "minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS"
+
+
+def slurm_time_s(value: str | int) -> int | None:
+    """Seconds of an sbatch ``--time`` value (an int is minutes), None when it is not in one of Slurm's formats."""
+    match = SLURM_TIME.fullmatch(str(value).strip())
+    if match is None:
+        return None
+    g = {k: int(v) if v is not None else 0 for k, v in match.groupdict().items()}
+    if match["d"] is not None:
+        return ((g["d"] * 24 + g["dh"]) * 60 + g["dm"]) * 60 + g["ds"]
+    if match["c"] is not None:
+        return (g["a"] * 60 + g["b"]) * 60 + g["c"]
+    return g["a"] * 60 + g["b"]
+
+
+SLURM_TIME_CHECK = (lambda v: bool(slurm_time_s(v)), f"in sbatch --time format ({SLURM_TIME_FORMATS})")
+
+
 @dataclass
 class SlurmResources:
-    nodes: int = _opt(1, "nodes", POSITIVE)
-    gpus_per_node: int = _opt(0, "GPUs per node", NON_NEGATIVE)
-    cpus_per_task: int = _opt(4, "CPU cores per task", POSITIVE)
+    nodes: int = _opt(1, "nodes (only train spans nodes; the cache scales out with array_tasks)", POSITIVE)
+    gpus_per_node: int = _opt(0, "GPUs per node (--gpus-per-node)", NON_NEGATIVE)
+    nproc_per_node: int | None = _opt(None, "processes per node (None: one per GPU, 1 without GPUs)", POSITIVE)
+    cpus_per_task: int = _opt(4, "CPU cores per node (one task per node)", POSITIVE)
     mem_gb: int = _opt(16, "memory per node in GB", POSITIVE)
-    time_min: int = _opt(60, "wall-clock limit in minutes", POSITIVE)
+    time: str | int = _opt("1:00:00", f"wall-clock limit, as sbatch --time ({SLURM_TIME_FORMATS})", SLURM_TIME_CHECK)
     array_tasks: int = _opt(1, "array tasks (cache stage: shards are split over them)", POSITIVE)
+    # where the job runs and what it runs under; None / empty: the run's value (slurm.<key>)
+    partition: str | None = _opt(None, "partition (None: slurm.partition), e.g. cpu for manifest and report")
+    account: str | None = _opt(None, "account to charge (None: slurm.account)")
+    qos: str | None = _opt(None, "quality of service (None: slurm.qos)")
+    constraint: str | None = _opt(None, "node features, as --constraint (None: slurm.constraint), e.g. h100&ib")
+    reservation: str | None = _opt(None, "reservation (None: slurm.reservation)")
+    exclusive: bool | None = _opt(None, "whole nodes, --exclusive (None: slurm.exclusive)")
+    mail_type: str | None = _opt(None, "--mail-type, e.g. END,FAIL (None: slurm.mail_type)")
+    extra_args: list[str] = _opt([], "more sbatch options for this stage (after slurm.extra_args)")
+    setup: list[str] = _opt([], "shell lines run before this stage (after slurm.setup), e.g. module load cuda/12.4")
+    env: dict[str, str] = _opt({}, "variables exported to this stage (over slurm.env)")
+    srun_args: list[str] = _opt([], "more srun options for this stage's step (after slurm.srun_args)")
+    wrapper: list[str] | None = _opt(None, "command the stage runs under (None: slurm.wrapper)")
 
 
 def _stage_resources(name: str, **defaults: Any) -> type:
@@ -236,7 +277,7 @@ def _stage_resources(name: str, **defaults: Any) -> type:
     (a plain dict of SlurmResources would fall back to the generic defaults and drop the unnamed stages)."""
     hints = typing.get_type_hints(SlurmResources)
     fields = [
-        (f.name, hints[f.name], _opt(defaults.get(f.name, f.default), f.metadata["doc"], f.metadata["check"]))
+        (f.name, hints[f.name], _opt(defaults.get(f.name, _default_of(f)), f.metadata["doc"], f.metadata["check"]))
         for f in dataclasses.fields(SlurmResources)
     ]
     cls = dataclasses.make_dataclass(name, fields)
@@ -244,32 +285,74 @@ def _stage_resources(name: str, **defaults: Any) -> type:
     return cls
 
 
-ManifestResources = _stage_resources("ManifestResources", cpus_per_task=8, mem_gb=32, time_min=120)
-CacheResources = _stage_resources("CacheResources", gpus_per_node=8, cpus_per_task=32, mem_gb=512, time_min=720)
-TrainResources = _stage_resources("TrainResources", gpus_per_node=8, cpus_per_task=32, mem_gb=512, time_min=1440)
-EvaluateResources = _stage_resources("EvaluateResources", gpus_per_node=1, cpus_per_task=8, mem_gb=128, time_min=240)
-ReportResources = _stage_resources("ReportResources", cpus_per_task=2, mem_gb=8, time_min=30)
+def _default_of(f: dataclasses.Field) -> Any:
+    return f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+
+
+ManifestResources = _stage_resources("ManifestResources", cpus_per_task=8, mem_gb=32, time="2:00:00")
+CacheResources = _stage_resources("CacheResources", gpus_per_node=8, cpus_per_task=32, mem_gb=512, time="12:00:00")
+TrainResources = _stage_resources("TrainResources", gpus_per_node=8, cpus_per_task=32, mem_gb=512, time="1-00:00:00")
+EvaluateResources = _stage_resources("EvaluateResources", gpus_per_node=1, cpus_per_task=8, mem_gb=128, time="4:00:00")
+ReportResources = _stage_resources("ReportResources", cpus_per_task=2, mem_gb=8, time="30")
 
 
 @dataclass
 class SlurmStages:
     manifest: ManifestResources = _opt(ManifestResources(), "tokenize and pack (CPU)")
-    cache: CacheResources = _opt(CacheResources(), "teacher pass: one teacher per node, array_tasks split the shards")
-    train: TrainResources = _opt(TrainResources(), "one job per variant; one process per GPU on every node")
+    cache: CacheResources = _opt(CacheResources(), "teacher pass: torchrun on one node per array task")
+    train: TrainResources = _opt(TrainResources(), "one job per variant; torchrun with one process per GPU per node")
     evaluate: EvaluateResources = _opt(EvaluateResources(), "lm-eval of every variant and the teacher")
     report: ReportResources = _opt(ReportResources(), "tables and plots (CPU)")
 
 
 @dataclass
 class SlurmConfig:
+    # where every job runs (a stage's own value in slurm.stages.<stage> wins)
     partition: str | None = _opt(None, "partition (None: cluster default)")
     account: str | None = _opt(None, "account to charge")
     qos: str | None = _opt(None, "quality of service")
-    signal_s: int = _opt(300, "seconds before the time limit that USR1 is sent", POSITIVE)
+    constraint: str | None = _opt(None, "node features, as --constraint")
+    reservation: str | None = _opt(None, "reservation to run in")
+    exclusive: bool = _opt(False, "whole nodes (--exclusive)")
+    mail_type: str | None = _opt(None, "--mail-type, e.g. END,FAIL")
+    mail_user: str | None = _opt(None, "--mail-user (None: the submitting user)")
     extra_args: list[str] = _opt([], "extra sbatch arguments for every stage")
+    # the environment hook and the launch line (run-wide; per stage these add to it)
+    export: str | None = _opt(None, "sbatch --export (None: ALL; NONE starts the job from a clean environment)")
+    setup: list[str] = _opt([], "shell lines every job runs first: module load ..., source <venv>/bin/activate, ...")
+    env: dict[str, str] = _opt({}, "variables exported to every stage (no secrets: the scripts are kept in logs/)")
+    srun_args: list[str] = _opt([], "extra srun options of the stage step, e.g. --container-image=<img> (pyxis)")
+    wrapper: list[str] = _opt([], "command every stage runs under, e.g. [apptainer, exec, --nv, distill.sif]")
     python: str | None = _opt(None, "interpreter on the compute nodes (None: the one running submit)")
-    rdzv_port: int = _opt(29500, "torchrun rendezvous port on the first node of a train job", POSITIVE)
+    signal_s: int = _opt(300, "seconds before the time limit that the USR1 warning is sent (cache, train)", POSITIVE)
+    rdzv_port: int = _opt(29500, "torchrun rendezvous port on the first node of a multi-node job", POSITIVE)
     stages: SlurmStages = _opt(SlurmStages(), "resources per stage (the one source of truth for sbatch)")
+
+
+def _slurm_checks(cfg: Config) -> None:
+    """Slurm rules that span keys, so that submit refuses before anything is queued."""
+    from pipeline.definition import PIPELINE  # the definition imports this module's types
+
+    for stage in PIPELINE:
+        res = getattr(cfg.slurm.stages, stage.name)
+        key = f"slurm.stages.{stage.name}"
+        if res.nodes != 1 and not (stage.distributed and stage.slurm_jobs == "per_unit"):
+            why = "the cache scales out with array_tasks" if stage.slurm_jobs == "array" else "it runs one process"
+            raise ConfigError(f"{key}.nodes: expected 1 ({why}), got {res.nodes}")
+        if stage.preemptible and cfg.slurm.signal_s >= slurm_time_s(res.time):
+            raise ConfigError(
+                f"slurm.signal_s: expected fewer seconds than {key}.time ({res.time} = {slurm_time_s(res.time)} s), "
+                f"got {cfg.slurm.signal_s}: the warning would come as the job starts and it would requeue forever"
+            )
+        for where, env in ((key, res.env), ("slurm", cfg.slurm.env)):
+            for name in env:
+                if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+                    raise ConfigError(f"{where}.env.{name}: expected a shell variable name")
+                if SECRET_NAME.search(name):
+                    raise ConfigError(
+                        f"{where}.env.{name}: secrets do not belong in the config (the job scripts are kept under "
+                        "logs/); export it where you submit: jobs inherit the environment"
+                    )
 
 
 @dataclass
@@ -442,9 +525,7 @@ def _cross_checks(cfg: Config) -> None:
             raise ConfigError(f"{key}.feature.layer_pairs: expected at least one pair when feature.weight > 0")
         if loss.relation.weight > 0 and cfg.cache.embed_layer is None:
             raise ConfigError(f"{key}.relation.weight: needs cache.embed_layer set (pooled teacher embeddings)")
-
-
-STAGES = ("manifest", "cache", "train", "evaluate", "report")
+    _slurm_checks(cfg)
 
 
 # ------------------------------------------------------------------------------------------- overrides, load

@@ -1,7 +1,7 @@
 """Read a run's structured logs: a filtered, pretty-printed tail that can follow, and a one-screen overview.
 
-    python -m pipeline.logs --run R [--stage S] [--level L] [--event E] [-n N] [--follow]   (make logs RUN=R)
-    python -m pipeline.logs --run R --overview
+    python -m pipeline.logs --config C | --run R [--logs-dir D] [--stage S] [--level L] [--event E] [-n N] [--follow]
+    python -m pipeline.logs --run R --overview                                                    (make logs CONFIG=C)
 
 Reads every ``logs/<run>/<stage>/*.jsonl`` (stage ranks and monitor.py telemetry, one pipeline.jsonlog schema) and
 merges them by time. Telemetry samples are left out unless asked for (``--event telemetry`` or ``--telemetry``):
@@ -19,7 +19,9 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.config import STAGES
+from pipeline import config as config_mod
+from pipeline.config import ConfigError
+from pipeline.definition import STAGES
 from pipeline.jsonlog import LEVELS, format_console
 
 TELEMETRY_EVENTS = {"telemetry"}
@@ -163,10 +165,23 @@ def overview(run_dir: Path, max_bytes: int = 1 << 20) -> str:
 
 
 # ------------------------------------------------------------------------------------------------------- CLI
+def run_location(config: str | None, overrides: list[str], run: str | None, logs_dir: str | None) -> tuple[str, Path]:
+    """(run name, logs root) of the logs/status/cancel commands: ``--run``/``--logs-dir`` when given, else the
+    config's ``run_name``/``logs_dir`` (so a run with a non-default logs_dir is found through its config)."""
+    if config is not None:
+        cfg = config_mod.load(config, overrides)
+        run, logs_dir = run or cfg.run_name, logs_dir or cfg.logs_dir
+    if not run:
+        raise ConfigError("--run: expected a run name (or --config C to take the config's run_name)")
+    return run, Path(logs_dir or "logs")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pipeline.logs", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--run", required=True, help="run name (logs/<run>/)")
-    parser.add_argument("--logs-dir", default="logs", help="root of log directories (cfg.logs_dir)")
+    parser.add_argument("--config", help="YAML config: its run_name and logs_dir (with any overrides)")
+    parser.add_argument("--run", help="run name, logs/<run>/ (default: the config's run_name)")
+    parser.add_argument("--logs-dir", help="root of log directories (default: the config's logs_dir, else logs)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides of the config (e.g. logs_dir=/scratch/logs)")
     parser.add_argument("--stage", action="append", default=[], help="only this stage (repeatable)")
     parser.add_argument("--level", default="debug", choices=list(LEVELS), help="minimum level")
     parser.add_argument("--event", action="append", default=[], help="only this event (repeatable)")
@@ -181,9 +196,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    run_dir = Path(args.logs_dir) / args.run
+    try:
+        run, logs_dir = run_location(args.config, args.overrides, args.run, args.logs_dir)
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
+    run_dir = logs_dir / run
     if not run_dir.is_dir():
-        print(f"error: {run_dir}: no logs for run '{args.run}' (expected logs/<run>/<stage>/*.jsonl)", file=sys.stderr)
+        print(f"error: {run_dir}: no logs for run '{run}' (expected logs/<run>/<stage>/*.jsonl)", file=sys.stderr)
         return 1
     if args.overview:
         print(overview(run_dir))

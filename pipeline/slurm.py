@@ -1,29 +1,34 @@
-"""Submit, watch and cancel the whole pipeline on Slurm: manifest -> cache (array) -> train (one job per variant,
-side by side) -> evaluate (after every train job) -> report, chained with ``afterok`` and kill-on-invalid-dependency
-so a failure cancels everything downstream instead of leaving it pending forever.
+"""The Slurm executor: the pipeline definition (pipeline/definition.py) rendered into an ``afterok`` chain of jobs,
+plus status, cancel and the run's submission history.
 
-    python -m pipeline.slurm submit --config C [--dry-run] [key.path=value ...]   (make submit CONFIG=C)
-    python -m pipeline.slurm status --run R [--logs-dir logs] [--json]             (make status RUN=R)
-    python -m pipeline.slurm cancel --run R [--logs-dir logs]                      (make cancel RUN=R)
-    python -m pipeline.slurm launch --gpus-per-node G -- -m pipeline.train ...     (inside a train job, per node)
+    python -m pipeline.slurm submit --config C [--dry-run] [--force] [key.path=value ...]   (make submit CONFIG=C)
+    python -m pipeline.slurm status --config C | --run R [--logs-dir D] [--json]          (make status CONFIG=C)
+    python -m pipeline.slurm cancel --config C | --run R [--logs-dir D]                   (make cancel CONFIG=C)
 
-Resources have one source of truth, ``cfg.slurm`` (partition/account/qos/extra_args and ``slurm.stages.<stage>``),
-overridable like any key (``slurm.stages.train.nodes=4``). :func:`generate_script` renders ``slurm/<stage>.sbatch``
-with those ``#SBATCH`` lines and the run's settings into ``logs/<run>/slurm/<job>.sbatch``; that kept file is
-exactly what was submitted. The run record ``logs/<run>/slurm/submission.json`` lists every job.
+Submit queues only what is not complete: every unit of the definition is checked with ``rundir.unit_state`` (the
+check the stage wrapper itself makes before skipping a unit), downstream of a unit that will run counts as not
+complete, and the jobs that are left are chained on each other with ``afterok`` and ``--kill-on-invalid-dep=yes``
+(a failure cancels everything downstream instead of leaving it pending forever). The cache is one job array, each
+train variant its own job (side by side), evaluate one job after every train job it reads, report last.
+
+Resources and the environment have one source of truth, ``cfg.slurm`` (run-wide keys, and per stage
+``slurm.stages.<stage>``), overridable like any key. :func:`generate_script` renders ``slurm/<stage>.sbatch`` with
+those ``#SBATCH`` lines, the job shell ``slurm/job.sh``, the run's settings and the environment hook. Each
+submission gets its own directory ``logs/<run>/slurm/<NNN>/`` (scripts exactly as submitted, Slurm output,
+``submission.json``); ``logs/<run>/slurm/submission.json`` is the latest one, which status and cancel read.
 
 Why plain ``sbatch`` rather than submitit: submitit submits a pickled Python callable through its own generated
 script and handles USR1 with its own checkpoint-and-requeue protocol. Our jobs must wrap the stage in a shell that
-starts the monitor beside it, forwards USR1 to it and launches torchrun once per node; submitit's script cannot do
-that, and using it for some stages would make two submission paths and two requeue mechanisms. The stages already
-checkpoint and requeue themselves (pipeline.preemption) and skip completed work (markers), which is the part
-submitit would have added.
+starts the monitor beside it, gates the warning until the stage can take it, runs an environment hook and a
+container wrapper and launches torchrun once per node; submitit's script cannot do that, and using it for some
+stages would make two submission paths and two requeue mechanisms.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
+import importlib
 import json
 import os
 import shlex
@@ -34,77 +39,91 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import config as config_mod
-from pipeline.config import STAGES, Config, ConfigError
+from pipeline import definition
+from pipeline.config import Config, ConfigError
+from pipeline.definition import PIPELINE, STAGES
 from pipeline.jsonlog import format_console, redact
-from pipeline.logs import tail_records
-from pipeline.rundir import REPO, PipelineError, atomic_write_json, atomic_write_text, cli_exit_code
+from pipeline.logs import run_location, tail_records
+from pipeline.rundir import REPO, PipelineError, RunDir, atomic_write_json, atomic_write_text, cli_exit_code, unit_state
 
 TEMPLATES = REPO / "slurm"
-PREEMPTIBLE = ("cache", "train")  # stages that checkpoint on USR1 (pipeline.preemption); others must not get it
+JOB_SHELL = TEMPLATES / "job.sh"
 RECORD = "submission.json"
 # sacct/squeue states after which a job will not run again
 FAILED_STATES = {"FAILED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
 DONE_STATES = {"COMPLETED", "CANCELLED", *FAILED_STATES}
-# torchrun forwards these to its workers; SIGUSR1 is the time-limit/preemption warning the trainer checkpoints on
-TORCHRUN_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
-
-# Shell helpers every generated script carries (one copy here instead of five in the templates).
-PRELUDE = r"""
-STAGE_PID=""; MONITOR_PID=""
-forward_usr1() { # Slurm signals only the batch shell (--signal=B:USR1): pass the warning on to the stage
-  echo "$(date -Is) USR1 received: forwarding to the stage (pid ${STAGE_PID:-none})" >&2
-  if [ -n "$STAGE_PID" ]; then kill -USR1 "$STAGE_PID" 2>/dev/null || true; fi
-}
-start_monitor() { # telemetry beside the stage: one monitor per node, stopped when the stage ends
-  [ "$PIPELINE_MONITOR" = 1 ] || return 0
-  local mon=("$PIPELINE_PYTHON" "$PIPELINE_REPO/monitor.py" --run "$PIPELINE_RUN" --stage "$PIPELINE_STAGE"
-             --logs-dir "$PIPELINE_LOGS_DIR" --interval "$PIPELINE_MONITOR_INTERVAL")
-  if [ "${SLURM_NNODES:-1}" -gt 1 ]; then
-    srun --overlap --ntasks-per-node=1 "${mon[@]}" &
-  else
-    "${mon[@]}" --pid "$STAGE_PID" &
-  fi
-  MONITOR_PID=$!
-}
-stop_monitor() {
-  if [ -n "$MONITOR_PID" ]; then kill -TERM "$MONITOR_PID" 2>/dev/null || true; wait "$MONITOR_PID" || true; fi
-}
-trap stop_monitor EXIT
-run_stage() { # run_stage CMD...: CMD in the background (so traps run while it works), its exit code returned
-  "$@" &
-  STAGE_PID=$!
-  start_monitor
-  local rc r2
-  while :; do
-    wait "$STAGE_PID" && rc=0 || rc=$?
-    if [ "$rc" -gt 128 ]; then # a trapped signal interrupted wait, or the stage died of a signal
-      kill -0 "$STAGE_PID" 2>/dev/null && continue
-      wait "$STAGE_PID" 2>/dev/null && r2=0 || r2=$?
-      [ "$r2" = 127 ] || rc=$r2 # 127: status already collected above
-    fi
-    break
-  done
-  stop_monitor
-  MONITOR_PID=""
-  echo "$(date -Is) stage ${PIPELINE_STAGE} exited with ${rc}" >&2
-  return "$rc"
-}
-""".strip("\n")
 
 
-# ------------------------------------------------------------------------------------------------ generation
+# ------------------------------------------------------------------------------------------------ planning
 @dataclass
 class JobSpec:
-    """One job of the chain: which stage (and unit), the command it runs and what it waits for."""
+    """One job of the chain: which stage and units, the command it runs and the jobs it waits for."""
 
     stage: str
-    unit: str | None
+    unit: str | None  # the unit of a per-unit job (a train variant), else None
     command: list[str]
-    after: list[str] = field(default_factory=list)  # names of jobs this one depends on (afterok)
+    after: list[str] = field(default_factory=list)  # names of the jobs this one depends on (afterok)
+    units: dict[str, str] = field(default_factory=dict)  # the units this job will run -> why they run
 
     @property
     def name(self) -> str:
         return f"{self.stage}-{self.unit}" if self.unit else self.stage
+
+
+def _unit_label(stage: str, unit: str | None) -> str:
+    return f"{stage}[{unit}]" if unit else stage
+
+
+def pending_units(cfg: Config, *, force: bool = False) -> tuple[dict[tuple, str], dict[tuple, dict | None]]:
+    """Which units of the pipeline must run, and why ({(stage, unit): reason}); and the complete ones with their
+    markers. A unit runs when ``unit_state`` says it is not complete, or when something it reads will run first."""
+    rd = RunDir.from_config(cfg)
+    pending: dict[tuple, str] = {}
+    complete: dict[tuple, dict | None] = {}
+    for stage in PIPELINE:
+        spec = importlib.import_module(f"pipeline.{stage.name}").SPEC
+        for unit in definition.units(cfg, stage.name):
+            waiting = [u for u in definition.upstream(cfg, stage.name, unit) if u in pending]
+            if force:
+                reason = "--force"
+            elif waiting:
+                reason = f"{_unit_label(*waiting[0])} runs first"
+            else:
+                state = unit_state(spec, cfg, rd, unit)
+                reason = state.reason
+                if not reason:
+                    complete[(stage.name, unit)] = state.marker
+                    continue
+            pending[(stage.name, unit)] = reason
+    return pending, complete
+
+
+def stage_resources(cfg: Config, stage: str) -> Any:
+    """The stage's resources (``slurm.stages.<stage>``)."""
+    return getattr(cfg.slurm.stages, stage)
+
+
+def procs_per_node(cfg: Config, stage: str) -> int:
+    """Processes per node of a distributed stage: ``nproc_per_node``, else one per GPU, else 1."""
+    res = stage_resources(cfg, stage)
+    return res.nproc_per_node or max(res.gpus_per_node, 1)
+
+
+def job_options(cfg: Config, stage: str) -> dict[str, Any]:
+    """Where and under what a stage's job runs: the stage's own value, else the run's (lists add up, env merges)."""
+    run, res = cfg.slurm, stage_resources(cfg, stage)
+    keys = ("partition", "account", "qos", "constraint", "reservation", "exclusive", "mail_type")
+    options: dict[str, Any] = {k: getattr(res, k) if getattr(res, k) is not None else getattr(run, k) for k in keys}
+    options.update(
+        mail_user=run.mail_user,
+        export=run.export,
+        extra_args=[*run.extra_args, *res.extra_args],
+        setup=[*run.setup, *res.setup],
+        env={**run.env, **res.env},
+        srun_args=[*run.srun_args, *res.srun_args],
+        wrapper=res.wrapper if res.wrapper is not None else run.wrapper,
+    )
+    return options
 
 
 def python_of(cfg: Config) -> str:
@@ -112,88 +131,87 @@ def python_of(cfg: Config) -> str:
     return cfg.slurm.python or sys.executable
 
 
-def stage_resources(cfg: Config, stage: str) -> Any:
-    """The stage's SlurmResources (the one place resources come from)."""
-    return getattr(cfg.slurm.stages, stage)
+def stage_command(
+    cfg: Config, config_path: Path, overrides: list[str], stage: str, unit: str | None, force: bool
+) -> list[str]:
+    """What a job runs under srun on every node: the stage's own command line (a distributed stage with
+    ``--nproc-per-node``, which launches torchrun itself; pipeline/launch.py)."""
+    argv = [python_of(cfg), "-m", f"pipeline.{stage}", "--config", str(config_path)]
+    if unit is not None:
+        argv += ["--variant", unit]
+    if definition.stage(stage).distributed:
+        argv.append(f"--nproc-per-node={procs_per_node(cfg, stage)}")
+    return argv + (["--force"] if force else []) + overrides
 
 
+def plan(
+    cfg: Config, config_path: Path, overrides: list[str], commands: dict[str, str], *, force: bool = False
+) -> tuple[list[JobSpec], dict[tuple, dict | None]]:
+    """The jobs to submit, in submission order, and the units left out because they are complete.
+    ``commands`` replaces a stage's command by a shell line (tests and smoke runs of the orchestration)."""
+    pending, complete = pending_units(cfg, force=force)
+    jobs: list[JobSpec] = []
+    job_of: dict[tuple, str] = {}  # (stage, unit) -> the job that runs it
+    ancestors: dict[str, set[str]] = {}  # job -> every job it waits for, directly or not
+    for stage in PIPELINE:
+        mine = [(unit, why) for (s, unit), why in pending.items() if s == stage.name]
+        if not mine:
+            continue
+        groups = [[u] for u in mine] if stage.slurm_jobs == "per_unit" else [mine]
+        for group in groups:
+            unit = group[0][0] if stage.slurm_jobs == "per_unit" else None
+            if stage.name in commands:
+                command = ["bash", "-c", commands[stage.name]]
+            else:
+                command = stage_command(cfg, config_path, overrides, stage.name, unit, force)
+            job = JobSpec(stage.name, unit, command, units={str(u): why for u, why in group})
+            direct = {job_of[up] for u, _ in group for up in definition.upstream(cfg, stage.name, u) if up in job_of}
+            # afterok on a job's upstream jobs, less those another of them already waits for (report after
+            # evaluate, not also after every train job)
+            implied = set().union(*(ancestors[d] for d in direct))
+            job.after = [j.name for j in jobs if j.name in direct - implied]
+            ancestors[job.name] = direct | implied
+            job_of.update({(stage.name, u): job.name for u, _ in group})
+            jobs.append(job)
+    return jobs, complete
+
+
+# ---------------------------------------------------------------------------------------------- rendering
 def sbatch_directives(cfg: Config, job: JobSpec, *, output: Path, dependency: list[str]) -> list[str]:
     """The ``#SBATCH`` options of one job, all derived from ``cfg.slurm`` (pure)."""
-    res = stage_resources(cfg, job.stage)
+    res, opt, stage = stage_resources(cfg, job.stage), job_options(cfg, job.stage), definition.stage(job.stage)
     opts = [
         f"--job-name={cfg.run_name}.{job.name}",
         f"--nodes={res.nodes}",
-        "--ntasks-per-node=1",  # one launcher per node: torchrun (train) or the stage itself
+        "--ntasks-per-node=1",  # one task per node: the stage, which launches torchrun there itself
         f"--cpus-per-task={res.cpus_per_task}",
         f"--mem={res.mem_gb}G",
-        f"--time={res.time_min}",
+        f"--time={res.time}",
         f"--output={output}",
     ]
     if res.gpus_per_node:
         opts.append(f"--gpus-per-node={res.gpus_per_node}")
-    if job.stage == "cache":
+    if stage.slurm_jobs == "array":
         opts.append(f"--array=0-{res.array_tasks - 1}")
-    if job.stage in PREEMPTIBLE:
+    if stage.preemptible:  # to the batch shell (B:), which hands it on when the stage can take it
         opts.append(f"--signal=B:USR1@{cfg.slurm.signal_s}")
-    for key in ("partition", "account", "qos"):
-        if getattr(cfg.slurm, key):
-            opts.append(f"--{key}={getattr(cfg.slurm, key)}")
+    for key in ("partition", "account", "qos", "constraint", "reservation", "mail_type", "mail_user", "export"):
+        if opt[key]:
+            opts.append(f"--{key.replace('_', '-')}={opt[key]}")
+    if opt["exclusive"]:
+        opts.append("--exclusive")
     if dependency:
         opts += [f"--dependency=afterok:{':'.join(dependency)}", "--kill-on-invalid-dep=yes"]
-    return opts + list(cfg.slurm.extra_args)
+    return opts + opt["extra_args"]
 
 
-def stage_command(cfg: Config, config_path: Path, overrides: list[str], stage: str, unit: str | None) -> list[str]:
-    """What the job runs under srun: the stage module, or for train the per-node torchrun launcher."""
-    args = ["-m", f"pipeline.{stage}", "--config", str(config_path)]
-    if unit is not None:
-        args += ["--variant", unit]
-    args += overrides
-    if stage == "train":
-        res = stage_resources(cfg, stage)
-        return [
-            python_of(cfg),
-            "-m",
-            "pipeline.slurm",
-            "launch",
-            f"--gpus-per-node={res.gpus_per_node}",
-            f"--shutdown-timeout={cfg.slurm.signal_s}",
-            "--",
-            *args,
-        ]
-    return [python_of(cfg), *args]
+def _bash_array(name: str, items: list[str]) -> str:
+    return f"{name}=(" + " ".join(shlex.quote(a) for a in items) + ")"
 
 
-def chain(cfg: Config, config_path: Path, overrides: list[str], commands: dict[str, str]) -> list[JobSpec]:
-    """The jobs in submission order. ``commands`` replaces a stage's command by a shell line (tests, smoke runs)."""
-
-    for stage in STAGES:
-        if stage != "train" and stage_resources(cfg, stage).nodes != 1:
-            raise ConfigError(
-                f"slurm.stages.{stage}.nodes: expected 1 (only train spans nodes; the cache scales out with "
-                f"array_tasks), got {stage_resources(cfg, stage).nodes}"
-            )
-
-    def command(stage: str, unit: str | None) -> list[str]:
-        if stage in commands:
-            return ["bash", "-c", commands[stage]]
-        return stage_command(cfg, config_path, overrides, stage, unit)
-
-    trains = [JobSpec("train", v, command("train", v), ["cache"]) for v in cfg.train.variants]
-    return [
-        JobSpec("manifest", None, command("manifest", None)),
-        JobSpec("cache", None, command("cache", None), ["manifest"]),
-        *trains,
-        JobSpec("evaluate", None, command("evaluate", None), [t.name for t in trains]),
-        JobSpec("report", None, command("report", None), ["evaluate"]),
-    ]
-
-
-def generate_script(cfg: Config, job: JobSpec, *, output: Path, dependency: list[str], logs_dir: Path) -> str:
-    """``slurm/<stage>.sbatch`` with this job's ``#SBATCH`` lines and settings filled in (pure but for reading
-    the template)."""
-    template = (TEMPLATES / f"{job.stage}.sbatch").read_text()
-    directives = "\n".join(f"#SBATCH {d}" for d in sbatch_directives(cfg, job, output=output, dependency=dependency))
+def job_settings(cfg: Config, job: JobSpec, logs_dir: Path) -> str:
+    """The generated part of a job script: the variables job.sh reads, the stage command and the environment hook."""
+    opt = job_options(cfg, job.stage)
     settings = {
         "PIPELINE_REPO": str(REPO),
         "PIPELINE_PYTHON": python_of(cfg),
@@ -205,60 +223,34 @@ def generate_script(cfg: Config, job: JobSpec, *, output: Path, dependency: list
         "PIPELINE_MONITOR_INTERVAL": str(cfg.monitor.interval_s),
         "PIPELINE_RDZV_PORT": str(cfg.slurm.rdzv_port),
     }
-    lines = [f"export {k}={shlex.quote(v)}" for k, v in settings.items()]
-    lines.append("PIPELINE_CMD=(" + " ".join(shlex.quote(a) for a in job.command) + ")")
-    body = "# settings of this run (generated by python -m pipeline.slurm submit)\n" + "\n".join(lines)
-    for placeholder in ("# @SBATCH@", "# @SETTINGS@"):
-        if placeholder not in template:
-            raise PipelineError(f"{TEMPLATES / (job.stage + '.sbatch')}: expected a line '{placeholder}'")
-    return template.replace("# @SBATCH@", directives).replace("# @SETTINGS@", body + "\n" + PRELUDE)
-
-
-# ---------------------------------------------------------------------------------------------------- launch
-def torchrun_argv(
-    *,
-    python: str,
-    nnodes: int,
-    node_rank: int,
-    nproc_per_node: int,
-    master_addr: str,
-    master_port: int,
-    shutdown_timeout_s: int,
-    script_args: list[str],
-) -> list[str]:
-    """The per-node torchrun line (pure). Static rendezvous: Slurm has already fixed the members and their order,
-    so node ``node_rank`` gets global ranks ``node_rank*nproc .. +nproc-1`` and nothing is elastic."""
-    return [
-        python,
-        "-m",
-        "torch.distributed.run",
-        f"--nnodes={nnodes}",
-        f"--node-rank={node_rank}",
-        f"--nproc-per-node={nproc_per_node}",
-        "--rdzv-backend=static",
-        f"--rdzv-endpoint={master_addr}:{master_port}",
-        "--max-restarts=0",
-        f"--signals-to-handle={TORCHRUN_SIGNALS}",
-        f"--shutdown-timeout={shutdown_timeout_s}",
-        *script_args,
+    lines = ["# ---- settings of this job (generated by python -m pipeline.slurm submit)"]
+    lines += [f"export {k}={shlex.quote(v)}" for k, v in settings.items()]
+    lines.append(_bash_array("PIPELINE_SRUN_ARGS", opt["srun_args"]))
+    lines.append(_bash_array("PIPELINE_WRAPPER", opt["wrapper"]))
+    lines.append(_bash_array("PIPELINE_CMD", job.command))
+    hook = [f"  export {k}={shlex.quote(v)}" for k, v in opt["env"].items()]
+    hook += [f"  {line}" for line in opt["setup"]]
+    lines += [
+        f"pipeline_setup() {{ # the environment hook: slurm.setup/env and slurm.stages.{job.stage}.setup/env",
+        *hook,
+        "  :",
+        "}",
+        "job_start",
     ]
+    return "\n".join(lines)
 
 
-def launch_argv_from_env(env: dict[str, str], *, gpus_per_node: int, shutdown_timeout_s: int, script_args: list[str]):
-    """torchrun_argv for the node this process runs on, read from the Slurm step environment."""
-    missing = [k for k in ("SLURM_NNODES", "SLURM_NODEID", "MASTER_ADDR", "MASTER_PORT") if k not in env]
-    if missing:
-        raise PipelineError(f"launch: environment lacks {', '.join(missing)} (run it inside slurm/train.sbatch)")
-    return torchrun_argv(
-        python=sys.executable,
-        nnodes=int(env["SLURM_NNODES"]),
-        node_rank=int(env["SLURM_NODEID"]),
-        nproc_per_node=max(gpus_per_node, 1),  # CPU-only allocation: one process
-        master_addr=env["MASTER_ADDR"],
-        master_port=int(env["MASTER_PORT"]),
-        shutdown_timeout_s=shutdown_timeout_s,
-        script_args=script_args,
-    )
+def generate_script(cfg: Config, job: JobSpec, *, output: Path, dependency: list[str], logs_dir: Path) -> str:
+    """``slurm/<stage>.sbatch`` with this job's ``#SBATCH`` lines, slurm/job.sh and the job's settings filled in."""
+    template_path = TEMPLATES / f"{job.stage}.sbatch"
+    template = template_path.read_text()
+    for placeholder in ("# @SBATCH@", "# @JOB@"):
+        if placeholder not in template:
+            raise PipelineError(f"{template_path}: expected a line '{placeholder}'")
+    directives = "\n".join(f"#SBATCH {d}" for d in sbatch_directives(cfg, job, output=output, dependency=dependency))
+    shell = JOB_SHELL.read_text().replace("# shellcheck shell=bash\n", "", 1).rstrip("\n")
+    body = f"# ---- {JOB_SHELL.relative_to(REPO)}\n{shell}\n{job_settings(cfg, job, logs_dir)}"
+    return template.replace("# @SBATCH@", directives).replace("# @JOB@", body)
 
 
 # ---------------------------------------------------------------------------------------------------- submit
@@ -277,6 +269,27 @@ def _sbatch(script: Path) -> str:
     return result.stdout.strip().split(";")[0]
 
 
+def _submission_dir(slurm_dir: Path, dry_run: bool) -> Path:
+    """``<NNN>`` after the last submission's (earlier ones are kept), or ``dry-run``."""
+    if dry_run:
+        return slurm_dir / "dry-run"
+    numbers = [int(p.name) for p in slurm_dir.glob("[0-9][0-9][0-9]") if p.is_dir()] if slurm_dir.is_dir() else []
+    return slurm_dir / f"{max(numbers, default=0) + 1:03d}"
+
+
+def _refuse_if_active(logs_dir: Path, run: str) -> None:
+    """Two chains of one run would write the same files."""
+    if not (logs_dir / run / "slurm" / RECORD).is_file():
+        return
+    states = run_status(load_record(logs_dir, run))
+    active = [f"{_label(j)} {j['job_id']}" for j in states["jobs"] if j["state"] not in DONE_STATES]
+    if active:
+        raise PipelineError(
+            f"{logs_dir / run / 'slurm' / RECORD}: run '{run}' still has jobs queued or running ({', '.join(active)}); "
+            f"wait, or cancel them: python -m pipeline.slurm cancel --run {run} --logs-dir {logs_dir}"
+        )
+
+
 def submit(
     cfg: Config,
     config_path: Path,
@@ -284,52 +297,19 @@ def submit(
     *,
     commands: dict[str, str] | None = None,
     dry_run: bool = False,
+    force: bool = False,
 ) -> dict:
-    """Generate and submit the chain; write and return the run record."""
+    """Plan, render and submit what is left of the chain; write and return the run record (``jobs`` empty when
+    everything is complete)."""
     logs_dir = Path(cfg.logs_dir).resolve()
     slurm_dir = logs_dir / cfg.run_name / "slurm"
-    if not dry_run and (slurm_dir / RECORD).is_file():
-        previous = load_record(logs_dir, cfg.run_name)
-        states = run_status(previous)
-        active = [f"{_label(j)} {j['job_id']}" for j in states["jobs"] if j["state"] not in DONE_STATES]
-        if active:  # two chains of one run would write the same files
-            raise PipelineError(
-                f"{slurm_dir / RECORD}: run '{cfg.run_name}' still has jobs queued or running ({', '.join(active)}); "
-                f"wait, or make cancel RUN={cfg.run_name} first"
-            )
-    slurm_dir.mkdir(parents=True, exist_ok=True)  # Slurm opens --output before the job runs: it must exist
-    jobs = chain(cfg, config_path.resolve(), overrides, commands or {})
-    ids: dict[str, str] = {}
-    record_jobs = []
-    try:
-        for job in jobs:
-            pattern = "%A_%a" if job.stage == "cache" else "%j"
-            output = slurm_dir / f"{job.name}-{pattern}.out"
-            script = slurm_dir / f"{job.name}.sbatch"
-            dependency = [ids[name] for name in job.after]
-            atomic_write_text(
-                script, generate_script(cfg, job, output=output, dependency=dependency, logs_dir=logs_dir)
-            )
-            ids[job.name] = "dry-run" if dry_run else _sbatch(script)
-            record_jobs.append(
-                {
-                    "stage": job.stage,
-                    "unit": job.unit,
-                    "job_id": ids[job.name],
-                    "array_tasks": stage_resources(cfg, job.stage).array_tasks if job.stage == "cache" else None,
-                    "after": dependency,
-                    "script": str(script),
-                    "output": str(output),
-                }
-            )
-    except PipelineError as err:
-        submitted = [j["job_id"] for j in record_jobs if j["job_id"] != "dry-run"]
-        _scancel(submitted)  # half a chain would wait forever on the job that was refused
-        if submitted:
-            raise PipelineError(f"{err} (cancelled the jobs already submitted: {' '.join(submitted)})") from None
-        raise
+    if not dry_run:
+        _refuse_if_active(logs_dir, cfg.run_name)
+    jobs, complete = plan(cfg, config_path.resolve(), overrides, commands or {}, force=force)
+    out_dir = _submission_dir(slurm_dir, dry_run)
     record = {
         "run": cfg.run_name,
+        "submission": out_dir.name,
         "submitted_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "config": str(config_path.resolve()),
         "overrides": [redact(o) for o in overrides],  # a token passed as an override must not land in logs/
@@ -337,9 +317,47 @@ def submit(
         "cwd": os.getcwd(),
         "logs_dir": str(logs_dir),
         "dry_run": dry_run,
-        "jobs": record_jobs,
+        "complete": [
+            {"stage": s, "unit": u, "job_id": (marker or {}).get("slurm_job_id")} for (s, u), marker in complete.items()
+        ],
+        "jobs": [],
     }
-    atomic_write_json(slurm_dir / RECORD, record)
+    if not jobs:
+        return record
+    out_dir.mkdir(parents=True, exist_ok=True)  # Slurm opens --output before the job runs: it must exist
+    ids: dict[str, str] = {}
+    try:
+        for job in jobs:
+            pattern = "%A_%a" if definition.stage(job.stage).slurm_jobs == "array" else "%j"
+            output = out_dir / f"{job.name}-{pattern}.out"
+            script = out_dir / f"{job.name}.sbatch"
+            dependency = [ids[name] for name in job.after]
+            atomic_write_text(
+                script, generate_script(cfg, job, output=output, dependency=dependency, logs_dir=logs_dir)
+            )
+            ids[job.name] = "dry-run" if dry_run else _sbatch(script)
+            record["jobs"].append(
+                {
+                    "stage": job.stage,
+                    "unit": job.unit,
+                    "units": job.units,
+                    "job_id": ids[job.name],
+                    "array_tasks": stage_resources(cfg, job.stage).array_tasks if pattern == "%A_%a" else None,
+                    "after": dependency,
+                    "after_jobs": job.after,
+                    "script": str(script),
+                    "output": str(output),
+                }
+            )
+    except PipelineError as err:
+        submitted = [j["job_id"] for j in record["jobs"] if j["job_id"] != "dry-run"]
+        _scancel(submitted)  # half a chain would wait forever on the job that was refused
+        if submitted:
+            raise PipelineError(f"{err} (cancelled the jobs already submitted: {' '.join(submitted)})") from None
+        raise
+    atomic_write_json(out_dir / RECORD, record)
+    if not dry_run:
+        atomic_write_json(slurm_dir / RECORD, record)
     return record
 
 
@@ -350,6 +368,7 @@ def _scancel(job_ids: list[str]) -> None:
 
 # ---------------------------------------------------------------------------------------------------- status
 def load_record(logs_dir: Path, run: str) -> dict:
+    """The latest submission record of ``run``."""
     path = logs_dir / run / "slurm" / RECORD
     try:
         return json.loads(path.read_text())
@@ -363,47 +382,86 @@ def _query(cmd: list[str]) -> list[list[str]]:
     return [line.split("|") for line in _slurm(cmd).stdout.splitlines() if line.strip()]
 
 
-def slurm_states(job_ids: list[str]) -> dict[str, list[dict]]:
-    """Per submitted job id, one entry per job or array task: state, exit code, reason, elapsed.
+def elapsed_s(text: str) -> int | None:
+    """Seconds of a Slurm duration: sacct's ``[D-]HH:MM:SS`` and squeue's ``[D-][H:]M:SS`` alike."""
+    text = text.strip()
+    if not text or text in ("INVALID", "UNLIMITED"):
+        return None
+    days, _, clock = text.rpartition("-")
+    try:
+        parts = [int(p) for p in clock.split(":")]
+        seconds = 0
+        for part in parts:
+            seconds = seconds * 60 + part
+        return seconds + int(days or 0) * 86400
+    except ValueError:
+        return None
 
-    squeue knows pending/running jobs (and why they wait); sacct knows finished ones. squeue wins when both answer.
+
+def format_elapsed(seconds: int | None) -> str:
+    """One format for every duration shown: ``H:MM:SS``, ``D-HH:MM:SS`` from a day on."""
+    if seconds is None:
+        return "-"
+    days, rest = divmod(seconds, 86400)
+    clock = f"{rest // 3600:02d}:{rest % 3600 // 60:02d}:{rest % 60:02d}" if days else ""
+    return f"{days}-{clock}" if days else f"{rest // 3600}:{rest % 3600 // 60:02d}:{rest % 60:02d}"
+
+
+def slurm_states(job_ids: list[str]) -> dict[str, list[dict]]:
+    """Per submitted job id, one entry per job or array task: state, exit code, reason, elapsed seconds, whether it
+    ever started, and how often it was requeued.
+
+    sacct (with -D: every attempt of a requeued job) knows finished jobs and earlier attempts; squeue knows
+    pending/running jobs and why they wait, and wins when both answer.
     """
     out: dict[str, dict[str, dict]] = {j: {} for j in job_ids}
     if not job_ids:
         return {}
     ids = ",".join(job_ids)
-    for jobid, state, exit_code, elapsed, reason, start in _query(
-        ["sacct", "-n", "-P", "-X", "-j", ids, "-o", "JobID,State,ExitCode,Elapsed,Reason,Start"]
-    ):
+    attempts: dict[str, list[list[str]]] = {}
+    fields = "JobID,State,ExitCode,Elapsed,Reason,Start,Submit"
+    rows = _query(["sacct", "-n", "-P", "-X", "-D", "-j", ids, "-o", fields])
+    for row in sorted(rows, key=lambda r: (r[6], r[5])):  # oldest attempt first
+        attempts.setdefault(row[0], []).append(row)
+    for jobid, tries in attempts.items():
         base = jobid.split("_")[0].split("+")[0]
+        _, state, exit_code, elapsed, reason, start, _ = tries[-1]
+        state = state.split()[0]  # "CANCELLED by 0" -> CANCELLED
         # "[...]" lines are array ranges Slurm has not split into tasks: pending ones squeue reports better, but a
         # range cancelled before it ever ran stays in that form, and its final state is the only one left.
-        if base in out and ("[" not in jobid or state.split()[0] in DONE_STATES):
-            out[base][jobid] = {
-                "id": jobid,
-                "state": state.split()[0],  # "CANCELLED by 0" -> CANCELLED
-                "exit_code": exit_code,
-                "elapsed": elapsed,
-                "reason": reason,
-                # right after a dependency cancellation sacct briefly reports Start = the cancel time
-                "started": start not in ("Unknown", "None", "")
-                and not (state.startswith("CANCELLED") and elapsed == "00:00:00"),
-            }
+        if base not in out or ("[" in jobid and state not in DONE_STATES):
+            continue
+        ran = [t for t in tries if (elapsed_s(t[3]) or 0) > 0 or t[1].split()[0] in ("RUNNING", "REQUEUED")]
+        out[base][jobid] = {
+            "id": jobid,
+            "state": state,
+            "exit_code": exit_code,
+            "elapsed_s": elapsed_s(elapsed),
+            "reason": reason,
+            # right after a dependency cancellation sacct briefly reports Start = the cancel time
+            "started": bool(ran) or (start not in ("Unknown", "None", "") and state not in ("CANCELLED", "PENDING")),
+            "requeues": max(len(tries) - 1, sum(t[1].startswith("REQUEUED") for t in tries)),
+        }
     for jobid, array_job, state, reason, elapsed in _query(["squeue", "-h", "-r", "-j", ids, "-o", "%i|%F|%T|%r|%M"]):
         base = array_job if array_job in out else jobid.split("_")[0]
         if base in out:
-            # before sacct has the job: it ran if it is running now or spent time running (a job cancelled for
-            # a never-satisfied dependency shows CANCELLED with 0:00)
-            started = state in ("RUNNING", "COMPLETING", "SUSPENDED") or elapsed not in ("0:00", "")
-            entry = out[base].get(jobid, {"id": jobid, "exit_code": "", "started": started})
-            out[base][jobid] = {**entry, "state": state, "reason": reason, "elapsed": elapsed}
+            entry = out[base].get(jobid, {"id": jobid, "exit_code": "", "started": False, "requeues": 0})
+            running = state in ("RUNNING", "COMPLETING", "SUSPENDED") or (elapsed_s(elapsed) or 0) > 0
+            out[base][jobid] = {
+                **entry,
+                "state": state,
+                "reason": reason,
+                "elapsed_s": elapsed_s(elapsed) if running else entry.get("elapsed_s"),
+                "started": entry["started"] or running,
+            }
     return {j: sorted(tasks.values(), key=lambda t: t["id"]) for j, tasks in out.items()}
 
 
 def summarize_job(tasks: list[dict]) -> dict:
-    """One state for a job (an array: the worst task state), plus counts per state."""
+    """One state for a job (an array: the worst task state), plus counts per state, requeues and elapsed."""
     if not tasks:
-        return {"state": "UNKNOWN", "counts": {}, "exit_code": "", "reason": "", "elapsed": ""}
+        return {"state": "UNKNOWN", "counts": {}, "exit_code": "", "reason": "", "elapsed_s": None, "started": False,
+                "requeues": 0}  # fmt: skip
     counts: dict[str, int] = {}
     for t in tasks:
         counts[t["state"]] = counts.get(t["state"], 0) + 1
@@ -415,33 +473,40 @@ def summarize_job(tasks: list[dict]) -> dict:
         "counts": counts,
         "exit_code": worst.get("exit_code", ""),
         "reason": worst.get("reason", ""),
-        "elapsed": max((t.get("elapsed") or "" for t in tasks), default=""),
+        "elapsed_s": max((t.get("elapsed_s") or 0 for t in tasks), default=0) or None,
         "started": any(t.get("started") for t in tasks),
+        "requeues": sum(t.get("requeues", 0) for t in tasks),
     }
 
 
-def last_progress(logs_dir: Path, run: str, stage: str, unit: str | None = None) -> dict | None:
-    """The latest line of the stage's JSON logs (any rank); with ``unit`` (a train variant, which shares the stage's
-    log with the other variants) the latest line naming it, if any does."""
-    latest, latest_unit = None, None
-    for path in sorted((logs_dir / run / stage).glob("rank_*.jsonl")):
-        for rec in tail_records(path):
-            if latest is None or rec.get("ts", "") >= latest.get("ts", ""):
-                latest = rec
-            words = str(rec.get("message", "")).replace(":", " ").split()
-            if unit and unit in words and (latest_unit is None or rec.get("ts", "") >= latest_unit.get("ts", "")):
-                latest_unit = rec
-    return latest_unit or latest
+def job_log_records(logs_dir: Path, run: str, stage: str, job_id: str) -> list[dict]:
+    """The stage's JSON log records written by one Slurm job (every rank and array task of it), oldest first."""
+    records = []
+    for path in sorted((logs_dir / run / stage).glob(f"rank_*.job{job_id}[._]*jsonl")):
+        records += tail_records(path)
+    return sorted(records, key=lambda r: r.get("ts", ""))
+
+
+def last_progress(records: list[dict], failed: bool) -> dict | None:
+    """What to show for a job: its last error when it failed (the line that says why), else its latest line."""
+    if failed:
+        errors = [r for r in records if r.get("level") == "error"]
+        if errors:
+            return errors[-1]
+    return records[-1] if records else None
 
 
 def run_status(record: dict) -> dict:
-    """Each job's Slurm state and last progress line, and which stage failed / what it cancelled."""
+    """Each job's Slurm state and last progress line, which stage failed and what that cancelled, and the units
+    this submission left out because they were complete."""
     logs_dir = Path(record["logs_dir"])
-    states = slurm_states([j["job_id"] for j in record["jobs"]])
+    states = slurm_states([j["job_id"] for j in record["jobs"] if j["job_id"] != "dry-run"])
     rows = []
     for job in record["jobs"]:
         summary = summarize_job(states.get(job["job_id"], []))
-        rows.append({**job, **summary, "progress": last_progress(logs_dir, record["run"], job["stage"], job["unit"])})
+        records = job_log_records(logs_dir, record["run"], job["stage"], job["job_id"])
+        progress = last_progress(records, summary["state"] in FAILED_STATES)
+        rows.append({**job, **summary, "progress": progress})
     failed = [r for r in rows if r["state"] in FAILED_STATES]
     # cancelled because an upstream job failed (afterok can never be satisfied): rows are in submission order,
     # so every job's upstream has been classified before it
@@ -453,7 +518,9 @@ def run_status(record: dict) -> dict:
             downstream.append(r)
     return {
         "run": record["run"],
+        "submission": record.get("submission"),
         "jobs": rows,
+        "complete_before": record.get("complete", []),
         "failed": [_label(r) for r in failed],
         "cancelled_downstream": [_label(r) for r in downstream],
         "cancelled": [_label(r) for r in rows if r["state"] == "CANCELLED"],
@@ -463,13 +530,16 @@ def run_status(record: dict) -> dict:
 
 
 def _label(row: dict) -> str:
-    return f"{row['stage']}[{row['unit']}]" if row.get("unit") else row["stage"]
+    return _unit_label(row["stage"], row.get("unit"))
 
 
 def format_status(status: dict) -> str:
     """The human table of ``make status``."""
-    head = f"{'STAGE':<22} {'JOB':<9} {'STATE':<24} {'ELAPSED':<9} LAST PROGRESS"
-    lines = [f"run {status['run']}", head]
+    head = f"{'STAGE':<22} {'JOB':<9} {'STATE':<28} {'REQUEUES':<8} {'ELAPSED':<10} LAST PROGRESS"
+    lines = [f"run {status['run']} (submission {status.get('submission') or '-'})", head]
+    for done in status["complete_before"]:
+        job = done.get("job_id") or "-"
+        lines.append(f"{_unit_label(done['stage'], done['unit']):<22} {job:<9} {'complete, not queued':<28}")
     for r in status["jobs"]:
         state = r["state"]
         if len(r["counts"]) > 1 or sum(r["counts"].values()) > 1:
@@ -481,11 +551,14 @@ def format_status(status: dict) -> str:
         elif r["state"] == "PENDING" and r["reason"] not in ("", "None"):
             state += f" ({r['reason']})"
         progress = format_console(r["progress"]) if r["progress"] else "-"
-        lines.append(f"{_label(r):<22} {r['job_id']:<9} {state:<24} {r['elapsed'] or '-':<9} {progress[:100]}")
+        elapsed = format_elapsed(r["elapsed_s"])
+        lines.append(f"{_label(r):<22} {r['job_id']:<9} {state:<28} {r['requeues']:<8} {elapsed:<10} {progress[:100]}")
     if status["failed"]:
         lines.append(f"FAILED: {', '.join(status['failed'])}")
         for r in status["jobs"]:
             if r["state"] in FAILED_STATES:
+                if r["progress"] and r["progress"].get("level") == "error":
+                    lines.append(f"  {_label(r)} error: {r['progress'].get('message', '')}")
                 lines.append(f"  {_label(r)} output: {' '.join(map(str, job_outputs(r))) or r['output']}")
     if status["cancelled_downstream"]:
         lines.append(f"cancelled downstream (dependency never satisfied): {', '.join(status['cancelled_downstream'])}")
@@ -503,7 +576,7 @@ def job_outputs(job: dict) -> list[Path]:
 
 
 def cancel(record: dict) -> list[str]:
-    """scancel every job of the run; returns the ids."""
+    """scancel every job of the run's latest submission (running ones get SIGTERM: they stop, not requeue)."""
     ids = [j["job_id"] for j in record["jobs"] if j["job_id"] != "dry-run"]
     _scancel(ids)
     return ids
@@ -523,9 +596,10 @@ def _parse_commands(items: list[str]) -> dict[str, str]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pipeline.slurm", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
-    p = sub.add_parser("submit", help="submit the whole chain")
+    p = sub.add_parser("submit", help="submit what is left of the chain")
     p.add_argument("--config", required=True, help="YAML config")
-    p.add_argument("--dry-run", action="store_true", help="write the scripts and record, submit nothing")
+    p.add_argument("--dry-run", action="store_true", help="write the scripts to logs/<run>/slurm/dry-run/ only")
+    p.add_argument("--force", action="store_true", help="queue every stage and redo it (each stage gets --force)")
     p.add_argument(
         "--command",
         action="append",
@@ -535,16 +609,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("overrides", nargs="*", help="dotted overrides, passed on to every stage")
     for name in ("status", "cancel"):
-        p = sub.add_parser(name, help=f"{name} a submitted run")
-        p.add_argument("--run", required=True, help="run name")
-        p.add_argument("--logs-dir", default="logs", help="root of log directories (cfg.logs_dir)")
+        p = sub.add_parser(name, help=f"{name} the run's latest submission")
+        p.add_argument("--config", help="YAML config: its run_name and logs_dir (with any overrides)")
+        p.add_argument("--run", help="run name (default: the config's run_name)")
+        p.add_argument("--logs-dir", help="root of log directories (default: the config's logs_dir, else logs)")
+        p.add_argument("overrides", nargs="*", help="dotted overrides of the config (e.g. logs_dir=/scratch/logs)")
         if name == "status":
             p.add_argument("--json", action="store_true", help="machine-readable output")
-    p = sub.add_parser("launch", help="exec torchrun for this node (used inside slurm/train.sbatch)")
-    p.add_argument("--gpus-per-node", type=int, required=True)
-    p.add_argument("--shutdown-timeout", type=int, default=300, help="seconds workers get to save after a signal")
-    p.add_argument("--dry-run", action="store_true", help="print the torchrun line instead of running it")
-    p.add_argument("script_args", nargs=argparse.REMAINDER, help="-- -m pipeline.train --config ...")
     return parser
 
 
@@ -554,29 +625,31 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "submit":
             cfg = config_mod.load(args.config, args.overrides)
             record = submit(
-                cfg, Path(args.config), args.overrides, commands=_parse_commands(args.command), dry_run=args.dry_run
+                cfg,
+                Path(args.config),
+                args.overrides,
+                commands=_parse_commands(args.command),
+                dry_run=args.dry_run,
+                force=args.force,
             )
+            for done in record["complete"]:
+                print(f"{'complete':<9} {_unit_label(done['stage'], done['unit'])} (not queued)")
             for job in record["jobs"]:
-                after = f" after {','.join(job['after'])}" if job["after"] else ""
+                after = f" after {', '.join(job['after_jobs'])}" if job["after_jobs"] else ""
                 print(f"{job['job_id']:<9} {_label(job)}{after}")
-            print(f"run record: {Path(record['logs_dir']) / record['run'] / 'slurm' / RECORD}")
-        elif args.cmd == "status":
-            status = run_status(load_record(Path(args.logs_dir), args.run))
-            print(json.dumps(status, indent=2, default=str) if args.json else format_status(status))
-        elif args.cmd == "cancel":
-            ids = cancel(load_record(Path(args.logs_dir), args.run))
-            print(f"cancelled {len(ids)} jobs of run {args.run}: {' '.join(ids)}")
-        elif args.cmd == "launch":
-            script_args = args.script_args[1:] if args.script_args[:1] == ["--"] else args.script_args
-            argv_ = launch_argv_from_env(
-                dict(os.environ),
-                gpus_per_node=args.gpus_per_node,
-                shutdown_timeout_s=args.shutdown_timeout,
-                script_args=script_args,
-            )
-            print("launch: " + shlex.join(argv_), file=sys.stderr, flush=True)
-            if not args.dry_run:
-                os.execv(argv_[0], argv_)  # exec: srun's USR1 reaches torchrun itself, which forwards it
+            if not record["jobs"]:
+                print(f"run '{record['run']}' is complete for this config and its inputs: nothing to queue")
+            elif not args.dry_run:
+                print(f"run record: {Path(record['logs_dir']) / record['run'] / 'slurm' / RECORD}")
+        else:
+            run, logs_dir = run_location(args.config, args.overrides, args.run, args.logs_dir)
+            record = load_record(logs_dir, run)
+            if args.cmd == "status":
+                status = run_status(record)
+                print(json.dumps(status, indent=2, default=str) if args.json else format_status(status))
+            else:
+                ids = cancel(record)
+                print(f"cancelled {len(ids)} jobs of run {run}: {' '.join(ids)}")
         return 0
     except (ConfigError, PipelineError) as err:
         return cli_exit_code(err)

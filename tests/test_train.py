@@ -242,8 +242,7 @@ def test_two_process_ddp_sees_each_sample_once_with_the_single_process_lr(tmp_pa
             "train.eval_every": 100, "train.variants": variants}  # fmt: skip
     cfg = make_run(tmp_path / "ddp", tiny_assets, tiny_cache, over)
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "pipeline.train", "--config", str(cfg)]  # fmt: skip
+    cmd = [sys.executable, "-m", "pipeline.train", "--config", str(cfg), "--nproc-per-node", "2"]  # launches torchrun
     proc = subprocess.Popen(cmd, env=env, cwd=cfg.parent, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True)  # fmt: skip
     try:
@@ -252,6 +251,7 @@ def test_two_process_ddp_sees_each_sample_once_with_the_single_process_lr(tmp_pa
         if proc.poll() is None:  # a hung collective: take the launcher and both ranks down
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 0, output[-4000:]
+    assert "torch.distributed.run --nproc-per-node=2 --standalone" in output  # pipeline.launch's line
     for variant in ("ce", "relation"):
         seen = []
         for rank in (0, 1):

@@ -1,0 +1,118 @@
+"""Signals in a stage process (pipeline.preemption through the real stage wrapper, on a toy stage): a warning
+(USR1) before the first unit requeues at once, also when it came while the process was starting (the job shell's
+warning file); inside a deferred loop the stage stops at its safe point; SIGTERM stops without a requeue request;
+the handlers are in place before the config is even read and are removed afterwards."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+from pipeline import preemption
+from pipeline.rundir import RunDir, StageSpec, stage_main
+
+
+def _events(logs: Path, stage: str) -> list[dict]:
+    return [json.loads(line) for p in sorted((logs / "tiny" / stage).glob("rank_*.jsonl")) for line in
+            p.read_text().splitlines()]  # fmt: skip
+
+
+@pytest.fixture
+def job_shell(tmp_path, monkeypatch):
+    """The environment slurm/job.sh gives a stage: a signal directory."""
+    signal_dir = tmp_path / "signals"
+    signal_dir.mkdir()
+    monkeypatch.setenv(preemption.SIGNAL_DIR_ENV, str(signal_dir))
+    monkeypatch.setenv("SLURM_NODEID", "0")
+    return signal_dir
+
+
+def _toy(tmp_path, work) -> tuple[StageSpec, list[str]]:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(
+        f"run_name: tiny\nruns_dir: {tmp_path}/runs\nlogs_dir: {tmp_path}/logs\nteacher: {{name_or_path: t}}\n"
+        "student: {name_or_path: s}\nmonitor: {enabled: false}\n"
+    )
+    spec = StageSpec(name="toy", run=work, sections=lambda cfg, unit: (cfg.seed,),
+                     units=lambda cfg, args: ["a", "b"])  # fmt: skip
+    return spec, ["--config", str(cfg)]
+
+
+def test_a_warning_before_the_first_unit_requeues_at_once(tmp_path, job_shell):
+    ran = []
+
+    def work(cfg, rd, ctx):
+        ran.append(ctx.unit)
+        return {}
+
+    spec, argv = _toy(tmp_path, work)
+    (job_shell / "warning").touch()  # USR1 came while this process was still importing
+    before = signal.getsignal(signal.SIGUSR1)
+    assert stage_main(spec, argv) == preemption.EXIT_REQUEUED
+    assert ran == [] and (job_shell / "requeue").exists() and (job_shell / "ready.0").exists()
+    (event,) = [e for e in _events(tmp_path / "logs", "toy") if e["event"] == "preempted"]
+    assert "before starting toy a" in event["message"] and "requeue requested" in event["message"]
+    assert signal.getsignal(signal.SIGUSR1) is before
+
+
+def test_a_warning_during_a_unit_stops_before_the_next_one(tmp_path, job_shell):
+    ran = []
+
+    def work(cfg, rd, ctx):
+        ran.append(ctx.unit)
+        os.kill(os.getpid(), signal.SIGUSR1)  # not deferred here: the handler raises at once
+        raise AssertionError("not reached")
+
+    spec, argv = _toy(tmp_path, work)
+    assert stage_main(spec, argv) == 0
+    assert ran == ["a"] and (job_shell / "requeue").exists()
+    assert not RunDir(tmp_path / "runs" / "tiny", tmp_path / "logs").marker_path("toy", "a").exists()
+
+
+def test_sigterm_in_a_deferred_loop_stops_at_the_safe_point_without_requeue(tmp_path, job_shell):
+    steps = []
+
+    def work(cfg, rd, ctx):
+        with preemption.deferred(preemption.WARNING, preemption.STOP):
+            for step in range(100):
+                preemption.check(f"checkpoint at step {step} saved", step=step)
+                steps.append(step)
+                if step == 3:
+                    os.kill(os.getpid(), signal.SIGTERM)  # recorded only: the step in hand finishes
+        return {}
+
+    spec, argv = _toy(tmp_path, work)
+    assert stage_main(spec, argv) == 128 + signal.SIGTERM
+    assert steps == [0, 1, 2, 3] and not (job_shell / "requeue").exists()
+    (event,) = [e for e in _events(tmp_path / "logs", "toy") if e["event"] == "stopped"]
+    assert "SIGTERM" in event["message"] and "checkpoint at step 4 saved" in event["message"]
+    assert "without requeue" in event["message"] and event["level"] == "warning"
+
+
+def test_outside_the_job_shell_a_warning_just_stops(tmp_path, monkeypatch):
+    monkeypatch.delenv(preemption.SIGNAL_DIR_ENV, raising=False)
+
+    def work(cfg, rd, ctx):
+        os.kill(os.getpid(), signal.SIGUSR1)
+
+    spec, argv = _toy(tmp_path, work)
+    assert stage_main(spec, argv) == 0
+    (event,) = [e for e in _events(tmp_path / "logs", "toy") if e["event"] == "preempted"]
+    assert "rerun the same command to resume" in event["message"]
+
+
+def test_interrupted_passes_through_except_exception():
+    restore = preemption.install()
+    try:
+        with pytest.raises(preemption.Interrupted):
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)
+            except Exception:  # a library's broad handler must not swallow a stop
+                pytest.fail("Interrupted was caught as an Exception")
+        assert preemption.received() == signal.SIGTERM
+    finally:
+        restore()
