@@ -124,27 +124,38 @@ def finish(stop: Interrupted, log: JsonLogger) -> int:
         outcome = "requeue requested" if signal_dir else "not in a Slurm job: rerun the same command to resume"
         log.warning("preempted", f"SIGUSR1 (time limit or preemption warning){where}; {outcome}", **stop.metrics)
         return EXIT_REQUEUED
-    state = slurm_job_state() if env_rank() == 0 else None
-    if state in ("REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD", "PENDING", "PREEMPTED"):
-        log.warning("requeued", f"Slurm requeued the job (job state {state}){where}; it will run again", **stop.metrics)
+    cause = stop_cause() if env_rank() == 0 else None
+    if cause == "requeued":
+        log.warning("requeued", f"Slurm requeued the job (scontrol requeue or preemption){where}; it will run again",
+                    **stop.metrics)  # fmt: skip
     else:
-        why = {"CANCELLED": "job cancelled", "TIMEOUT": "time limit reached"}.get(state or "", "stop requested")
+        why = {"cancelled": "job cancelled", "timeout": "time limit reached", "preempted": "job preempted"}.get(
+            cause or "", "stop requested"
+        )
         name = signal.Signals(stop.signum).name
         log.warning("stopped", f"{name} ({why}){where}; exiting without requeue", **stop.metrics)
     return 128 + stop.signum
 
 
-def slurm_job_state() -> str | None:
-    """This job's state as the controller sees it (REQUEUED, CANCELLED, ...), or None outside Slurm or without
-    scontrol (inside a container); never raises."""
+def _slurm_query(cmd: list[str]) -> str:
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+
+
+def stop_cause() -> str | None:
+    """Why Slurm is ending this job: ``requeued`` (the controller counts more restarts than this attempt has:
+    scontrol requeue, preempt-requeue), ``cancelled``, ``timeout``, ``preempted``; None outside Slurm, without
+    the Slurm commands (inside a container) or when it cannot tell. While a job ends, scontrol shows COMPLETING
+    for all of these, so the restart count and sacct's state tell them apart."""
     job = os.environ.get("SLURM_JOB_ID")
     if not job:
         return None
-    try:
-        out = subprocess.run(["scontrol", "-o", "show", "job", job], capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    for field in out.stdout.split():
-        if field.startswith("JobState="):
-            return field.split("=", 1)[1]
-    return None
+    fields = dict(f.split("=", 1) for f in _slurm_query(["scontrol", "-o", "show", "job", job]).split() if "=" in f)
+    if fields.get("Restarts", "0").isdigit() and int(fields.get("Restarts", "0")) > int(
+        os.environ.get("SLURM_RESTART_COUNT", "0") or 0
+    ):
+        return "requeued"
+    state = (_slurm_query(["sacct", "-n", "-X", "-P", "-j", job, "-o", "State"]).split() or [""])[0]
+    return {"CANCELLED": "cancelled", "TIMEOUT": "timeout", "PREEMPTED": "preempted"}.get(state)

@@ -205,8 +205,14 @@ def sbatch_directives(cfg: Config, job: JobSpec, *, output: Path, dependency: li
     return opts + opt["extra_args"]
 
 
+def _sh(word: str) -> str:
+    """shlex.quote, and quoted when it holds a comma too (shellcheck reads a bare comma in an array as a typo)."""
+    quoted = shlex.quote(word)
+    return f"'{word}'" if quoted == word and "," in word else quoted
+
+
 def _bash_array(name: str, items: list[str]) -> str:
-    return f"{name}=(" + " ".join(shlex.quote(a) for a in items) + ")"
+    return f"{name}=(" + " ".join(_sh(a) for a in items) + ")"
 
 
 def job_settings(cfg: Config, job: JobSpec, logs_dir: Path) -> str:

@@ -33,91 +33,152 @@ def overrides(**extra) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------ no cluster needed
-def test_multi_node_launch_line():
-    """A 4-node x 8-GPU allocation: node 2 runs torchrun for 8 local ranks, rendezvous on the first node."""
-    env = {"SLURM_NNODES": "4", "SLURM_NODEID": "2", "MASTER_ADDR": "gpu017", "MASTER_PORT": "29517"}
-    argv = slurm.launch_argv_from_env(
-        env, gpus_per_node=8, shutdown_timeout_s=300, script_args=["-m", "pipeline.train", "--config", "c.yaml"]
-    )
-    line = " ".join(argv[1:])
-    print("launch line:", line)
-    assert line == (
-        "-m torch.distributed.run --nnodes=4 --node-rank=2 --nproc-per-node=8 --rdzv-backend=static "
-        "--rdzv-endpoint=gpu017:29517 --max-restarts=0 --signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 "
-        "--shutdown-timeout=300 -m pipeline.train --config c.yaml"
-    )
-    cpu = slurm.launch_argv_from_env({**env, "SLURM_NNODES": "1", "SLURM_NODEID": "0"}, gpus_per_node=0,
-                                     shutdown_timeout_s=60, script_args=[])  # fmt: skip
-    assert "--nproc-per-node=1" in cpu and "--nnodes=1" in cpu
-    with pytest.raises(slurm.PipelineError, match="SLURM_NODEID"):
-        slurm.launch_argv_from_env({"SLURM_NNODES": "4"}, gpus_per_node=8, shutdown_timeout_s=1, script_args=[])
-
-
-def test_launch_cli_dry_run_in_a_multi_node_environment():
-    env = {**os.environ, "SLURM_NNODES": "2", "SLURM_NODEID": "1", "MASTER_ADDR": "n1", "MASTER_PORT": "29600"}
-    out = subprocess.run(
-        [PY, "-m", "pipeline.slurm", "launch", "--gpus-per-node=4", "--dry-run", "--", "-m", "pipeline.train"],
-        capture_output=True, text=True, env=env, cwd=REPO, check=True,
-    )  # fmt: skip
-    assert "--nnodes=2 --node-rank=1 --nproc-per-node=4" in out.stderr
-    assert "--rdzv-endpoint=n1:29600" in out.stderr and out.stderr.rstrip().endswith("-m pipeline.train")
-
-
-def _dry_run(tmp_path: Path, config: Path, extra: list[str]) -> dict:
+def _dry_run(config: Path, extra: list[str]) -> dict:
     cfg = config_mod.load(config, extra)
     return slurm.submit(cfg, config, extra, dry_run=True)
 
 
-def test_scaling_out_training_is_a_resource_change_only(tiny_config, tmp_path):
+def _shellcheck(scripts: list[str]) -> None:
+    """Every rendered script is valid bash, and shellcheck-clean where shellcheck is installed (CI installs it)."""
+    for script in scripts:
+        subprocess.run(["bash", "-n", script], check=True)
+    if shutil.which("shellcheck") is None:
+        assert os.environ.get("CI", "").lower() != "true", "CI=true but shellcheck is not installed"
+        return
+    out = subprocess.run(["shellcheck", "-S", "warning", *scripts], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout
+
+
+def test_scaling_out_training_is_a_resource_change_only(tiny_config):
     config = tiny_config()
-    one = _dry_run(tmp_path, config, overrides())
+    one = _dry_run(config, overrides())
     one_script = Path(one["jobs"][2]["script"]).read_text()
-    four = _dry_run(
-        tmp_path, config, overrides(**{"slurm.stages.train.nodes": 4, "slurm.stages.train.gpus_per_node": 8})
-    )
+    four = _dry_run(config, overrides(**{"slurm.stages.train.nodes": 4, "slurm.stages.train.gpus_per_node": 8}))
     four_script = Path(four["jobs"][2]["script"]).read_text()
     assert "#SBATCH --nodes=4" in four_script and "#SBATCH --gpus-per-node=8" in four_script
     assert "#SBATCH --nodes=1" in one_script and "--gpus-per-node" not in one_script.split("PIPELINE_CMD")[0]
-    launch = 'run_stage srun --kill-on-bad-exit=1 "${PIPELINE_CMD[@]}"'
-    assert launch in one_script and launch in four_script
+    launch_line = (
+        'run_stage srun --kill-on-bad-exit=1 "${PIPELINE_SRUN_ARGS[@]}" "${PIPELINE_WRAPPER[@]}" "${PIPELINE_CMD[@]}"'
+    )
+    assert launch_line in one_script and launch_line in four_script
+    assert "--nproc-per-node=8" in four_script and "--nproc-per-node=1" in one_script  # torchrun per node: launch.py
     body = [line for line in four_script.splitlines() if not line.startswith(("#SBATCH", "PIPELINE_CMD="))]
     assert body == [line for line in one_script.splitlines() if not line.startswith(("#SBATCH", "PIPELINE_CMD="))]
-    for job in four["jobs"]:  # every generated script is valid bash
-        subprocess.run(["bash", "-n", job["script"]], check=True)
+    _shellcheck([job["script"] for job in four["jobs"]])
 
 
-def test_chain_layout_and_resources_come_from_the_config(tiny_config, tmp_path):
-    config = tiny_config()
-    extra = overrides(
-        **{"slurm.partition": "gpu", "slurm.account": "kd", "slurm.qos": "high", "slurm.extra_args": ["--exclusive"],
-           "slurm.stages.cache.array_tasks": 4, "slurm.signal_s": 120, "slurm.stages.evaluate.time_min": 90}
-    )  # fmt: skip
-    record = _dry_run(tmp_path, config, extra)
+def test_per_stage_resources_env_hook_and_wrapper_are_rendered(tiny_config):
+    extra = overrides(**{
+        "slurm.partition": "gpu", "slurm.account": "kd", "slurm.qos": "high", "slurm.constraint": "h100",
+        "slurm.extra_args": ["--comment=kd"], "slurm.signal_s": 120, "slurm.mail_type": "END,FAIL",
+        "slurm.setup": ["module load cuda/12.4", "source /shared/venv/bin/activate"],
+        "slurm.env": {"HF_HOME": "/scratch/hf cache"}, "slurm.export": "NONE",
+        "slurm.stages.manifest.partition": "cpu", "slurm.stages.report.partition": "cpu",
+        "slurm.stages.report.qos": "low", "slurm.stages.cache.array_tasks": 4,
+        "slurm.stages.cache.reservation": "teacher-pass", "slurm.stages.cache.exclusive": True,
+        "slurm.stages.cache.setup": ["export NCCL_DEBUG=WARN"], "slurm.stages.evaluate.time": "1-02:30:00",
+        "slurm.stages.train.srun_args": ["--container-image=/shared/distill.sqsh"],
+        "slurm.stages.evaluate.wrapper": ["apptainer", "exec", "--nv", "/shared/distill.sif"],
+    })  # fmt: skip
+    record = _dry_run(tiny_config(), extra)
     names = [(j["stage"], j["unit"]) for j in record["jobs"]]
     assert names == [("manifest", None), ("cache", None), ("train", "ce"), ("train", "kd"), ("train", "feature"),
                      ("train", "relation"), ("evaluate", None), ("report", None)]  # fmt: skip
     scripts = {(j["stage"], j["unit"]): Path(j["script"]).read_text() for j in record["jobs"]}
-    for text in scripts.values():
-        for line in ("--partition=gpu", "--account=kd", "--qos=high", "--exclusive", "--requeue"):
-            assert f"#SBATCH {line}" in text
-    assert "#SBATCH --array=0-3" in scripts[("cache", None)]
-    assert "#SBATCH --time=90" in scripts[("evaluate", None)]
-    assert "--signal=B:USR1@120" in scripts[("cache", None)] and "--signal=B:USR1@120" in scripts[("train", "kd")]
-    # evaluate does not checkpoint: a USR1 warning would only kill it
-    assert "#SBATCH --signal" not in scripts[("evaluate", None)]
-    assert "trap forward_usr1 USR1" in scripts[("train", "kd")] and "trap forward_usr1" not in scripts[("report", None)]
-    assert Path(record["logs_dir"], "tiny", "slurm", "submission.json").is_file()
+    for (stage, _), text in scripts.items():
+        for line in ("--account=kd", "--comment=kd", "--requeue", "--constraint=h100", "--mail-type=END,FAIL",
+                     "--export=NONE"):  # fmt: skip
+            assert f"#SBATCH {line}" in text, (stage, line)
+        partition = "cpu" if stage in ("manifest", "report") else "gpu"
+        assert f"#SBATCH --partition={partition}" in text and "--partition=gpu" not in text.replace(partition, "")
+        hook = text.split("pipeline_setup() {")[1].split("\n}")[0]
+        assert "export HF_HOME='/scratch/hf cache'" in hook and "module load cuda/12.4" in hook
+        assert ("export NCCL_DEBUG=WARN" in hook) == (stage == "cache")
+    assert "#SBATCH --qos=low" in scripts[("report", None)] and "#SBATCH --qos=high" in scripts[("manifest", None)]
+    cache = scripts[("cache", None)]
+    assert "#SBATCH --array=0-3" in cache and "#SBATCH --reservation=teacher-pass" in cache
+    assert "#SBATCH --exclusive" in cache and "#SBATCH --exclusive" not in scripts[("train", "kd")]
+    assert "#SBATCH --time=1-02:30:00" in scripts[("evaluate", None)]
+    assert "--signal=B:USR1@120" in cache and "--signal=B:USR1@120" in scripts[("train", "kd")]
+    assert "#SBATCH --signal" not in scripts[("evaluate", None)]  # evaluate does not checkpoint
+    assert "PIPELINE_SRUN_ARGS=(--container-image=/shared/distill.sqsh)" in scripts[("train", "kd")]
+    assert "PIPELINE_WRAPPER=(apptainer exec --nv /shared/distill.sif)" in scripts[("evaluate", None)]
+    assert "PIPELINE_WRAPPER=()" in scripts[("train", "kd")]
+    for text in scripts.values():  # the job shell comes first, its USR1 trap on the first line it runs
+        first = next(line for line in text.splitlines() if line.strip() and not line.startswith("#"))
+        assert first.startswith("trap 'PIPELINE_EARLY_WARNING=1' USR1")
+    _shellcheck([job["script"] for job in record["jobs"]])
+    assert Path(record["logs_dir"], "tiny", "slurm", "dry-run", "submission.json").is_file()
+    assert not Path(record["logs_dir"], "tiny", "slurm", "submission.json").exists()  # a dry run is not the run
 
 
-def test_unknown_stage_resources_are_a_config_error(tiny_config, capsys):
-    code = slurm.main(["submit", "--config", str(tiny_config()), "--dry-run", "slurm.stages.tokenize.nodes=1"])
-    assert code == 2
-    assert "slurm.stages.tokenize: unknown key" in capsys.readouterr().err
+def test_a_resubmit_queues_only_what_is_not_complete(tiny_config):
+    """Markers that match the config and inputs (as the stages write them) leave their units out of the chain,
+    and whatever reads a unit that runs again is queued after it."""
+    from pipeline import cache, manifest, train
+    from pipeline.rundir import RunDir, unit_state
+
+    config = tiny_config()
+    cfg = config_mod.load(config, overrides())
+    rd = RunDir.from_config(cfg)
+    for spec, unit in ((manifest.SPEC, None), (cache.SPEC, None), (train.SPEC, "kd")):
+        state = unit_state(spec, cfg, rd, unit)
+        rd.write_marker(spec.name, unit, state.config_hash, state.inputs, {})
+    record = _dry_run(config, overrides())
+    assert [(c["stage"], c["unit"]) for c in record["complete"]] == [("manifest", None), ("cache", None),
+                                                                     ("train", "kd")]  # fmt: skip
+    jobs = {slurm._label(j): j for j in record["jobs"]}
+    assert list(jobs) == ["train[ce]", "train[feature]", "train[relation]", "evaluate", "report"]
+    assert jobs["train[ce]"]["after_jobs"] == [] and jobs["report"]["after_jobs"] == ["evaluate"]
+    assert jobs["evaluate"]["after_jobs"] == ["train-ce", "train-feature", "train-relation"]
+    assert (
+        jobs["evaluate"]["units"]["kd"] == "not run yet" and jobs["evaluate"]["units"]["ce"] == "train[ce] runs first"
+    )
+    changed = _dry_run(config, overrides(**{"cache.top_k": 4}))  # the cache must be redone: all of it downstream
+    assert [slurm._label(j) for j in changed["jobs"]][:2] == ["cache", "train[ce]"]
+    assert changed["jobs"][0]["units"] == {"None": "its configuration changed"}
+    assert len(_dry_run(config, overrides(**{"cache.top_k": 4}))["jobs"]) == 8 - 1  # manifest still complete
 
 
-def test_only_train_spans_nodes(tiny_config, capsys):
-    code = slurm.main(["submit", "--config", str(tiny_config()), "--dry-run", "slurm.stages.cache.nodes=2"])
-    assert code == 2 and "slurm.stages.cache.nodes: expected 1" in capsys.readouterr().err
+def test_slurm_config_errors(tiny_config, capsys):
+    cases = {
+        "slurm.stages.tokenize.nodes=1": "slurm.stages.tokenize: unknown key",
+        "slurm.stages.cache.nodes=2": "slurm.stages.cache.nodes: expected 1 (the cache scales out with array_tasks)",
+        "slurm.stages.train.time=1h": "slurm.stages.train.time: expected str or int in sbatch --time format",
+        "slurm.stages.train.time=4": "slurm.signal_s: expected fewer seconds than slurm.stages.train.time (4 = 240 s)",
+        "slurm.env.HF_TOKEN=x": "slurm.env.HF_TOKEN: secrets do not belong in the config",
+        "slurm.stages.cache.env={1X: y}": "slurm.stages.cache.env.1X: expected a shell variable name",
+    }
+    for override, message in cases.items():
+        assert slurm.main(["submit", "--config", str(tiny_config()), "--dry-run", override]) == 2, override
+        assert message in capsys.readouterr().err, override
+
+
+def test_status_reads_every_attempt_and_one_elapsed_format(monkeypatch):
+    answers = {
+        "sacct": [  # a job that ran, was requeued and completed; one that never ran
+            ("41", "REQUEUED", "0:0", "00:00:07", "None", "2026-01-01T10:00:05", "2026-01-01T10:00:00"),
+            ("41", "COMPLETED", "0:0", "1-00:00:14", "None", "2026-01-01T10:01:00", "2026-01-01T10:00:30"),
+            ("42", "CANCELLED by 0", "0:0", "00:00:00", "Dependency", "None", "2026-01-01T10:00:00"),
+        ],
+        "squeue": [("43", "43", "RUNNING", "None", "1:02:03")],
+    }
+    monkeypatch.setattr(slurm, "_query", lambda argv: answers[argv[0]])
+    states = {j: slurm.summarize_job(t) for j, t in slurm.slurm_states(["41", "42", "43"]).items()}
+    assert states["41"]["state"] == "COMPLETED" and states["41"]["requeues"] == 1
+    assert slurm.format_elapsed(states["41"]["elapsed_s"]) == "1-00:00:14"
+    assert states["42"]["state"] == "CANCELLED" and not states["42"]["started"]
+    assert states["43"]["started"] and slurm.format_elapsed(states["43"]["elapsed_s"]) == "1:02:03"
+    assert slurm.elapsed_s("05:09") == 309 and slurm.elapsed_s("2-01:00:00") == 176400
+
+
+def test_an_array_cancelled_before_it_was_split_keeps_its_final_state(monkeypatch):
+    """sacct reports such an array only as '<job>_[0-N]'; once squeue forgets it, that line is all there is."""
+    answers = {"sacct": [("758_[0]", "CANCELLED by 0", "0:0", "00:00:00", "Dependency", "None", "x")], "squeue": []}
+    monkeypatch.setattr(slurm, "_query", lambda argv: answers[argv[0]])
+    assert slurm.summarize_job(slurm.slurm_states(["758"])["758"])["state"] == "CANCELLED"
+    answers["sacct"] = [("759_[0-3]", "PENDING", "0:0", "00:00:00", "Dependency", "Unknown", "x")]
+    assert slurm.slurm_states(["759"])["759"] == []  # a pending range: squeue's per-task view is the one to use
 
 
 def test_bad_command_override_is_rejected(tiny_config, capsys):
@@ -261,86 +322,196 @@ def test_a_refused_job_cancels_the_part_of_the_chain_already_submitted(cluster, 
     assert "CANCELLED" in seen
 
 
+def _make(target: str, config: Path, *args: str) -> subprocess.CompletedProcess:
+    """A make target as a user runs it: the run (and its non-default logs_dir) found through CONFIG."""
+    cmd = ["make", "-s", "--no-print-directory", target, f"CONFIG={config}", f"PY={PY}", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+
+
 @pytest.mark.slurm
 def test_cancel_cancels_every_job_of_the_run(cluster, tiny_config):
     config = tiny_config()
     record = _submit(config, overrides(), {**STANDIN, "manifest": "sleep 60"})
-    with pytest.raises(slurm.PipelineError, match="still has jobs queued or running"):
+    with pytest.raises(slurm.PipelineError, match="still has jobs queued or running.*pipeline.slurm cancel --run"):
         _submit(config, overrides(), STANDIN)  # a second chain of the same run while the first is active
-    out = subprocess.run(
-        [PY, "-m", "pipeline.slurm", "cancel", "--run", "tiny", "--logs-dir", record["logs_dir"]],
-        capture_output=True, text=True, cwd=REPO, check=True,
-    ).stdout  # fmt: skip
-    assert "cancelled 8 jobs" in out
+    out = _make("cancel", config)  # logs_dir is tmp_path/logs: make finds it through the config
+    assert out.returncode == 0 and "cancelled 8 jobs" in out.stdout, out.stderr
     status = _wait(record, 30)
     assert {r["state"] for r in status["jobs"]} == {"CANCELLED"}
 
 
-def _run_local(module: str, config: Path, extra: list[str]) -> None:
-    subprocess.run([PY, "-m", module, "--config", str(config), *extra], cwd=REPO, check=True, capture_output=True)
+def _run_local(module: str, config: Path, extra: list[str], *args: str) -> None:
+    subprocess.run([PY, "-m", module, "--config", str(config), *args, *extra], cwd=REPO, check=True,
+                   capture_output=True)  # fmt: skip
+
+
+def _wait_for(what: str, predicate, record: dict, timeout_s: float = 180) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"no {what} after {timeout_s} s:\n{slurm.format_status(slurm.run_status(record))}")
+
+
+def _events(record: dict, job: dict) -> list[dict]:
+    return slurm.job_log_records(Path(record["logs_dir"]), record["run"], job["stage"], job["job_id"])
+
+
+def _has_event(record: dict, job: dict, event: str) -> bool:
+    return any(r["event"] == event for r in _events(record, job))
+
+
+def _running(job_id: str) -> bool:
+    out = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True).stdout
+    return "RUNNING" in out
+
+
+def _nothing_left(record: dict, within_s: float = 60) -> dict:
+    """Every job of the record is over within ``within_s`` and stays so (no requeue brings one back)."""
+    status = _wait(record, within_s)
+    time.sleep(3)
+    again = slurm.run_status(record)
+    assert again["done"], slurm.format_status(again)
+    ids = ",".join(j["job_id"] for j in record["jobs"])
+    left = subprocess.run(["squeue", "-h", "-j", ids, "-o", "%i %T"], capture_output=True, text=True).stdout
+    assert not left.strip(), left
+    return status
 
 
 @pytest.mark.slurm
 @pytest.mark.slow
-def test_cache_array_tasks_split_shards_disjointly(cluster, tiny_config, tmp_path):
+def test_cancel_during_cache_resubmit_after_a_failure_and_cancel_during_train(cluster, tiny_config, tmp_path):
+    """scancel stops a running stage instead of letting it requeue itself; a resubmit queues only what is left and
+    keeps the earlier submissions; make status/logs/cancel find the run through its config (logs_dir in tmp)."""
     config = tiny_config()
-    extra = overrides(**{"slurm.stages.cache.array_tasks": 3})
+    extra = overrides(**{"cache.batch_size": 1, "train.variants": {"kd": {"ce_weight": 0.5, "response": {"weight": 0.5}}},
+                         "train.baseline_variant": "kd", "train.max_steps": 2000, "train.checkpoint_every": 1000})  # fmt: skip
+    # 1. cancel while the cache runs: it stops (no requeue) and nothing of the run is left a minute later
+    first = _submit(config, extra, {k: v for k, v in STANDIN.items() if k not in ("manifest", "cache")})
+    cache_job = first["jobs"][1]
+    _wait_for("cache start", lambda: _has_event(first, cache_job, "plan"), first)
+    out = subprocess.run([PY, "-m", "pipeline.slurm", "cancel", "--config", str(config), *extra],
+                         capture_output=True, text=True, cwd=REPO)  # fmt: skip
+    assert out.returncode == 0 and "cancelled 5 jobs" in out.stdout, out.stderr
+    status = _nothing_left(first)
+    row = status["jobs"][1]
+    assert row["state"] == "CANCELLED" and row["requeues"] == 0, slurm.format_status(status)
+    stopped = [e for e in _events(first, cache_job) if e["event"] in ("stopped", "requeued", "preempted", "crashed")]
+    assert [e["event"] for e in stopped] in ([], ["stopped"]), stopped  # [] if SIGTERM came before the handlers
+    assert all("job cancelled" in e["message"] for e in stopped)
+    # 2. resubmit: manifest is complete (not queued); the cache completes; a failing train cancels the rest
+    second = _submit(config, extra, {"train": "exit 3", "evaluate": "true", "report": "true"})  # the real cache
+    assert [c["stage"] for c in second["complete"]] == ["manifest"]
+    assert [slurm._label(j) for j in second["jobs"]] == ["cache", "train[kd]", "evaluate", "report"]
+    status = _wait(second, 240)
+    assert status["failed"] == ["train[kd]"], slurm.format_status(status)
+    # 3. resubmit after the failure: only train and what follows; cancel during training
+    third = _submit(config, extra, {k: v for k, v in STANDIN.items() if k != "train"})
+    assert [c["stage"] for c in third["complete"]] == ["manifest", "cache"]
+    assert [slurm._label(j) for j in third["jobs"]] == ["train[kd]", "evaluate", "report"]
+    assert third["jobs"][0]["after"] == []  # nothing queued before it: it starts at once
+    train_job = third["jobs"][0]
+    _wait_for("a training step", lambda: _has_event(third, train_job, "step"), third)
+    out = _make("status", config)
+    assert out.returncode == 0 and "train[kd]" in out.stdout and "complete, not queued" in out.stdout, out.stderr
+    assert _make("logs", config, "STAGE=train").stdout.count("[train]") >= 1
+    out = _make("cancel", config)
+    assert out.returncode == 0 and "cancelled 3 jobs" in out.stdout, out.stderr
+    status = _nothing_left(third)
+    assert status["jobs"][0]["state"] == "CANCELLED" and status["jobs"][0]["requeues"] == 0
+    (stop,) = [e for e in _events(third, train_job) if e["event"] == "stopped"]
+    assert "SIGTERM (job cancelled)" in stop["message"] and "checkpoint at step" in stop["message"], stop
+    assert list((tmp_path / "runs" / "tiny" / "train" / "kd" / "checkpoints").glob("step_*"))
+    slurm_dir = tmp_path / "logs" / "tiny" / "slurm"  # every submission kept: scripts, outputs, record
+    assert sorted(p.name for p in slurm_dir.glob("[0-9][0-9][0-9]")) == ["001", "002", "003"]
+    assert (slurm_dir / "001" / "cache.sbatch").is_file() and (slurm_dir / "002" / "train-kd.sbatch").is_file()
+    assert json.loads((slurm_dir / "submission.json").read_text())["submission"] == "003"
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_cache_job_launches_torchrun_and_array_tasks_split_shards(cluster, tiny_config, tmp_path):
+    config = tiny_config()
+    extra = overrides(**{"slurm.stages.cache.array_tasks": 2, "slurm.stages.cache.nproc_per_node": 2})
     _run_local("pipeline.manifest", config, extra)
     record = _submit(config, extra, {k: v for k, v in STANDIN.items() if k != "cache"})  # the real cache stage
-    status = _wait(record, 240)
+    assert [slurm._label(j) for j in record["jobs"]][0] == "cache"  # the manifest is complete: not queued
+    status = _wait(record, 300)
     assert status["complete"], slurm.format_status(status)
-    cache_job = record["jobs"][1]
-    assert status["jobs"][1]["counts"] == {"COMPLETED": 3}
+    cache_job = record["jobs"][0]
+    assert status["jobs"][0]["counts"] == {"COMPLETED": 2}
+    assert "--nproc-per-node=2" in Path(cache_job["script"]).read_text()
+    for out in slurm.job_outputs(cache_job):  # each task's stage re-executed itself as torchrun with 2 processes
+        assert "torch.distributed.run --nproc-per-node=2 --standalone" in out.read_text()
     by_task: dict[str, set[str]] = {}
-    for path in Path(record["logs_dir"], "tiny", "cache").glob("rank_*.jsonl"):
-        for line in path.read_text().splitlines():
-            rec = json.loads(line)
-            if rec["event"] == "shard":
-                assert rec["job"] == cache_job["job_id"]
-                by_task.setdefault(rec["task"], set()).add(rec["message"])
+    ranks = set()
+    for rec in _events(record, cache_job):
+        ranks.add((rec["task"], rec["rank"]))
+        if rec["event"] == "shard":
+            by_task.setdefault(rec["task"], set()).add(rec["message"])
+    assert ranks == {("0", 0), ("0", 1), ("1", 0), ("1", 1)}
     manifest_shards = {p.name for p in (tmp_path / "runs" / "tiny" / "manifest").glob("*.parquet")}
-    assert sorted(by_task) == ["0", "1", "2"]
-    tasks = list(by_task.values())
-    assert all(not (a & b) for i, a in enumerate(tasks) for b in tasks[i + 1 :]), by_task  # disjoint
-    assert set().union(*tasks) == manifest_shards  # and together they cover every shard
+    assert sorted(by_task) == ["0", "1"]
+    assert not (by_task["0"] & by_task["1"]), by_task  # disjoint
+    assert by_task["0"] | by_task["1"] == manifest_shards  # and together they cover every shard
     assert (tmp_path / "runs" / "tiny" / "cache" / "_COMPLETE.json").is_file()
 
 
+MAX_STEPS = 1200  # enough that the requeues below happen while it trains
+
+
 @pytest.mark.slurm
 @pytest.mark.slow
-def test_training_job_preempted_checkpoints_requeues_and_finishes(cluster, tiny_config, tmp_path):
+def test_warning_at_start_external_requeue_and_warning_mid_training_all_resume(cluster, tiny_config, tmp_path):
+    """USR1 right after the job starts (before the model is loaded) requeues it at once; an external scontrol
+    requeue is logged as a requeue, not a crash; USR1 during training checkpoints and requeues; the run completes
+    with the uninterrupted number of steps."""
     config = tiny_config()
     extra = overrides(
         **{"train.variants": {"kd": {"ce_weight": 0.5, "response": {"weight": 0.5}}}, "train.baseline_variant": "kd",
-           "train.max_steps": 40, "train.eval_every": 1000, "train.checkpoint_every": 1000}
+           "train.max_steps": MAX_STEPS, "train.eval_every": 1000, "train.checkpoint_every": 1000}
     )  # fmt: skip
     _run_local("pipeline.manifest", config, extra)
     _run_local("pipeline.cache", config, extra)
     record = _submit(config, extra, {k: v for k, v in STANDIN.items() if k != "train"})  # the real train stage
-    train_job = record["jobs"][2]["job_id"]
-    log = Path(record["logs_dir"], "tiny", "train", f"rank_00000.job{train_job}.jsonl")
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:  # wait for training steps, then send the preemption warning
-        if log.is_file() and '"event": "step"' in log.read_text():
-            break
-        time.sleep(0.2)
-    else:
-        raise AssertionError(f"no training step logged:\n{slurm.format_status(slurm.run_status(record))}")
-    subprocess.run(["scancel", "--signal=USR1", "--batch", train_job], check=True)
-    status = _wait(record, 240)
+    train = record["jobs"][0]
+    job = train["job_id"]
+
+    def output() -> str:
+        return "\n".join(p.read_text() for p in slurm.job_outputs(train))
+
+    def steps() -> int:
+        return len([e for e in _events(record, train) if e["event"] == "step"])
+
+    _wait_for("the train job running", lambda: _running(job), record)
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True)  # as the job starts
+    _wait_for("the early requeue", lambda: "requeueing job" in output(), record)
+    _wait_for("training steps after the requeue", lambda: steps() > 0, record)
+    subprocess.run(["scontrol", "requeue", job], check=True)  # an administrator's requeue
+    _wait_for("the logged requeue", lambda: _has_event(record, train, "requeued"), record)
+    _wait_for("a resumed run", lambda: _has_event(record, train, "resumed"), record)
+    before = steps()
+    _wait_for("more steps", lambda: steps() > before, record)
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True)  # the time-limit warning mid-training
+    status = _wait(record, 300)
     assert status["complete"], slurm.format_status(status)
-    events = [json.loads(line) for line in log.read_text().splitlines()]
+    assert status["jobs"][0]["requeues"] == 3, slurm.format_status(status)
+    events = _events(record, train)
+    assert not [e for e in events if e["level"] == "error"], [e for e in events if e["level"] == "error"]
     preempted = [e for e in events if e["event"] == "preempted"]
-    resumed = [e for e in events if e["event"] == "resumed"]
-    assert preempted and "requeued" in preempted[0]["message"], preempted
-    assert resumed and resumed[0]["metrics"]["step"] == preempted[0]["metrics"]["step"]
-    assert 0 < preempted[0]["metrics"]["step"] < 40
-    restarts = subprocess.run(["scontrol", "show", "job", train_job], capture_output=True, text=True).stdout
-    assert "Restarts=1" in restarts
+    assert all("requeue requested" in e["message"] for e in preempted), preempted
+    # the early warning: requeued before anything was loaded, by the stage or (before it started) by job.sh
+    assert len(preempted) == 2 and "before starting train kd" in preempted[0]["message"] or len(preempted) == 1
+    mid = preempted[-1]
+    assert "checkpoint at step" in mid["message"] and 0 < mid["metrics"]["step"] < MAX_STEPS, mid
+    (requeued,) = [e for e in events if e["event"] == "requeued"]
+    assert "Slurm requeued the job" in requeued["message"] and "checkpoint at step" in requeued["message"]
+    resumed = [e["metrics"]["step"] for e in events if e["event"] == "resumed"]
+    assert resumed == [requeued["metrics"]["step"], mid["metrics"]["step"]]
     marker = json.loads((tmp_path / "runs" / "tiny" / "train" / "kd" / "_COMPLETE.json").read_text())
-    assert marker["summary"]["steps"] == 40
-    out = next(iter(slurm.job_outputs(record["jobs"][2])), None)
-    assert out is not None and "USR1 received: forwarding to the stage" in out.read_text()
+    assert marker["summary"]["steps"] == MAX_STEPS
+    assert output().count("requeueing job") == 2 and "forwarding USR1 to the stage" in output()
 
 
 @pytest.mark.slurm
@@ -369,12 +540,3 @@ def test_tiny_config_full_chain_completes_in_order(cluster, tiny_config, tmp_pat
     assert (run / "report" / "summary.md").is_file()
     for job in record["jobs"]:  # telemetry beside every stage
         assert list(Path(record["logs_dir"], "tiny", job["stage"]).glob("telemetry_summary_*.json")), job["stage"]
-
-
-def test_an_array_cancelled_before_it_was_split_keeps_its_final_state(monkeypatch):
-    """sacct reports such an array only as '<job>_[0-N]'; once squeue forgets it, that line is all there is."""
-    answers = {"sacct": [("758_[0]", "CANCELLED by 0", "0:0", "00:00:00", "Dependency", "None")], "squeue": []}
-    monkeypatch.setattr(slurm, "_query", lambda argv: answers[argv[0]])
-    assert slurm.summarize_job(slurm.slurm_states(["758"])["758"])["state"] == "CANCELLED"
-    answers["sacct"] = [("759_[0-3]", "PENDING", "0:0", "00:00:00", "Dependency", "Unknown")]
-    assert slurm.slurm_states(["759"])["759"] == []  # a pending range: squeue's per-task view is the one to use
