@@ -254,7 +254,7 @@ def generate_script(cfg: Config, job: JobSpec, *, output: Path, dependency: list
         if placeholder not in template:
             raise PipelineError(f"{template_path}: expected a line '{placeholder}'")
     directives = "\n".join(f"#SBATCH {d}" for d in sbatch_directives(cfg, job, output=output, dependency=dependency))
-    shell = JOB_SHELL.read_text().replace("# shellcheck shell=bash\n", "", 1).rstrip("\n")
+    shell = JOB_SHELL.read_text().rstrip("\n")
     body = f"# ---- {JOB_SHELL.relative_to(REPO)}\n{shell}\n{job_settings(cfg, job, logs_dir)}"
     return template.replace("# @SBATCH@", directives).replace("# @JOB@", body)
 

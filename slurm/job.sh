@@ -1,4 +1,4 @@
-# shellcheck shell=bash
+# shellcheck shell=bash disable=SC2006
 # slurm/job.sh: the shell around every pipeline job.
 #
 # `python -m pipeline.slurm submit` copies this file into each rendered logs/<run>/slurm/<NNN>/<job>.sbatch right
@@ -17,13 +17,17 @@
 # - The environment hook (slurm.setup/env, per stage too), SLURM_EXPORT_ENV=ALL so the step inherits what the
 #   hook set up even under sbatch --export=NONE, and the rendezvous address of node 0 for multi-node torchrun.
 # - monitor.py beside the stage (once per node), stopped when the stage ends.
+#
+# Command substitutions below are `...`, not $(...): bash 5.2 parses $(...) while it reads a function definition,
+# and a trap that runs during that parse breaks it ("trap: unexpected EOF while looking for matching `)'", exit 2;
+# seen with a USR1 a few milliseconds into a job). Backquotes are parsed only when they run.
 trap 'PIPELINE_EARLY_WARNING=1' USR1 # first line: a warning while the job starts is kept and acted on below
 set -Eeuo pipefail
 trap 'say "failed: $BASH_COMMAND (line $LINENO)"' ERR
 export PYTHONUNBUFFERED=1
 STAGE_PID="" MONITOR_PID="" WARNING_PENDING=0
 
-say() { echo "$(date -Is) [job.sh] $*" >&2; }
+say() { echo "`date -Is` [job.sh] $*" >&2; }
 
 job_ref() { # what scontrol needs: <array job>_<task> for an array task, else the job id
   if [ -n "${SLURM_ARRAY_JOB_ID:-}" ]; then echo "${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}"; else echo "$SLURM_JOB_ID"; fi
@@ -39,7 +43,7 @@ on_warning() {
 forward_warning() { # to the stage step, once every node's stage process can take it
   [ "$WARNING_PENDING" = 1 ] && [ -n "$STAGE_PID" ] || return 0
   local ready
-  ready=$(find "$PIPELINE_SIGNAL_DIR" -maxdepth 1 -name 'ready.*' | wc -l)
+  ready=`find "$PIPELINE_SIGNAL_DIR" -maxdepth 1 -name 'ready.*' | wc -l`
   if [ "$ready" -ge "${SLURM_JOB_NUM_NODES:-1}" ]; then
     say "forwarding USR1 to the stage (srun pid $STAGE_PID)"
     kill -USR1 "$STAGE_PID" 2>/dev/null || true
@@ -50,9 +54,9 @@ forward_warning() { # to the stage step, once every node's stage process can tak
 on_term() { say "SIGTERM (cancel, requeue or time limit): the stage stops without requeueing; waiting for it"; }
 
 requeue() {
-  say "requeueing job $(job_ref): $1"
-  if ! scontrol requeue "$(job_ref)"; then
-    say "scontrol requeue $(job_ref) failed; the job ends here (resubmit to resume)"
+  say "requeueing job `job_ref`: $1"
+  if ! scontrol requeue "`job_ref`"; then
+    say "scontrol requeue `job_ref` failed; the job ends here (resubmit to resume)"
     exit 1
   fi
   exit 0 # the controller ends this attempt and queues the job again
@@ -81,21 +85,21 @@ job_end() {
 }
 
 job_start() {
-  PIPELINE_SIGNAL_DIR="$PIPELINE_LOGS_DIR/$PIPELINE_RUN/slurm/signals/$(job_ref)"
+  PIPELINE_SIGNAL_DIR="$PIPELINE_LOGS_DIR/$PIPELINE_RUN/slurm/signals/`job_ref`"
   export PIPELINE_SIGNAL_DIR
   rm -rf "$PIPELINE_SIGNAL_DIR" # an earlier attempt's files
   mkdir -p "$PIPELINE_SIGNAL_DIR"
   trap on_warning USR1
   trap on_term TERM
   trap job_end EXIT
-  say "job $(job_ref), attempt $((${SLURM_RESTART_COUNT:-0} + 1)), on $(hostname): $PIPELINE_STAGE${PIPELINE_UNIT:+ $PIPELINE_UNIT}"
+  say "job `job_ref`, attempt $((${SLURM_RESTART_COUNT:-0} + 1)), on `hostname`: $PIPELINE_STAGE${PIPELINE_UNIT:+ $PIPELINE_UNIT}"
   if [ "${PIPELINE_EARLY_WARNING:-0}" = 1 ]; then on_warning; fi
   set +u # activate scripts and module files read unset variables
   pipeline_setup
   set -u
   export SLURM_EXPORT_ENV=ALL # the step inherits this shell's environment, hook included, even under --export=NONE
   export PYTHONPATH="$PIPELINE_REPO${PYTHONPATH:+:$PYTHONPATH}"
-  MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+  MASTER_ADDR=`scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1`
   MASTER_PORT=$((PIPELINE_RDZV_PORT + SLURM_JOB_ID % 1000)) # jobs side by side on node 0 get different ports
   export MASTER_ADDR MASTER_PORT
 }
