@@ -385,8 +385,9 @@ def test_cancel_during_cache_resubmit_after_a_failure_and_cancel_during_train(cl
     """scancel stops a running stage instead of letting it requeue itself; a resubmit queues only what is left and
     keeps the earlier submissions; make status/logs/cancel find the run through its config (logs_dir in tmp)."""
     config = tiny_config()
-    extra = overrides(**{"cache.batch_size": 1, "train.variants": {"kd": {"ce_weight": 0.5, "response": {"weight": 0.5}}},
-                         "train.baseline_variant": "kd", "train.max_steps": 2000, "train.checkpoint_every": 1000})  # fmt: skip
+    kd = {"kd": {"ce_weight": 0.5, "response": {"weight": 0.5}}}
+    extra = overrides(**{"cache.batch_size": 1, "train.variants": kd, "train.baseline_variant": "kd",
+                         "train.max_steps": 2000, "train.checkpoint_every": 1000})  # fmt: skip
     # 1. cancel while the cache runs: it stops (no requeue) and nothing of the run is left a minute later
     first = _submit(config, extra, {k: v for k, v in STANDIN.items() if k not in ("manifest", "cache")})
     cache_job = first["jobs"][1]
