@@ -527,7 +527,7 @@ def slurm_chain_config(root: Path) -> Path:
         "student": {"name_or_path": "unused"},
         "train": {"variants": {"ce": {}}},
         "monitor": {"enabled": False},
-        "slurm": {"python": sys.executable, "stages": stages},
+        "slurm": {"python": sys.executable, "signal_s": 60, "stages": stages},  # signal_s below the 5 min limit
     }
     path = root / "config.yaml"
     root.mkdir(parents=True, exist_ok=True)
