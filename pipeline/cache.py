@@ -47,7 +47,8 @@ import torch
 from pipeline import cache_format as cf
 from pipeline import data_format, definition, preemption
 from pipeline import modeling as mdl
-from pipeline.config import CacheConfig, Config, ConfigError, ModelConfig, section_hash
+from pipeline import teacher_parallel as tp
+from pipeline.config import CacheConfig, Config, ConfigError, ModelConfig, model_identity, section_hash
 from pipeline.config import load as load_config
 from pipeline.jsonlog import JsonLogger
 from pipeline.rundir import (
@@ -174,7 +175,8 @@ def extract_batch(
     states[len(decoder_layers(body))] = out.last_hidden_state  # hidden_states[L] is post-norm
     batch, seq_len = input_ids.shape
     final = out.last_hidden_state.to(lm_head.weight.device).reshape(batch * seq_len, -1)
-    values, ids, tail = topk_chunked(final, lm_head, spec.top_k, spec.temperature, spec.logits_chunk)
+    head_topk = tp.vocab_parallel_topk if tp.vocab_sharded(lm_head) else topk_chunked
+    values, ids, tail = head_topk(final, lm_head, spec.top_k, spec.temperature, spec.logits_chunk)
     floor = cf.LOGPROB_FLOOR
     result = {
         "topk_logprobs": values.clamp_min(floor).reshape(batch, seq_len, -1).cpu(),
@@ -419,7 +421,7 @@ def output_sections(cfg: Config) -> tuple:
     """The config that determines the cached values (execution knobs such as batch size excluded)."""
     cache = {k: v for k, v in dataclasses.asdict(cfg.cache).items() if k not in EXECUTION_ONLY}
     seed = cfg.seed if cfg.cache.hidden_fraction is not None else None
-    return (cfg.teacher, cache, seed)
+    return (model_identity(cfg.teacher), cache, seed)
 
 
 def teacher_fingerprint(cfg: Config, tcfg: Any) -> str:
@@ -464,35 +466,48 @@ def _check_tokenizer(cfg: Config, manifest: dict[str, Any], where: Path) -> None
         )
 
 
-def _load_teacher(cfg: Config) -> torch.nn.Module:
-    model = mdl.load_causal_lm(cfg.teacher, "teacher")
-    model.eval()
-    return model
-
-
-def run(cfg: Config, rd: RunDir, ctx: StageContext) -> dict[str, float]:
-    """Cache this task's share of the manifest shards; return summary numbers."""
-    manifest_dir, cache_dir = rd.stage_dir("manifest"), rd.stage_dir(STAGE)
-    manifest = data_format.read_manifest(manifest_dir)
-    _check_tokenizer(cfg, manifest, manifest_dir / data_format.MANIFEST_FILE)
-    tcfg = load_teacher_config(cfg.teacher)
-    spec, fields = resolve_extraction(cfg.cache, tcfg, int(manifest["seq_len"]), cfg.seed)
-    fingerprint = teacher_fingerprint(cfg, tcfg)
-    index, count = task_split(ctx.args)
-    mine = manifest_shards(manifest)[index::count]
+def _pending(cfg: Config, cache_dir: Path, fingerprint: str, mine: list, force: bool) -> list:
+    """This task's shards without a matching record; temp files they left behind (kill -9) are removed."""
     pending = [
         (split, s)
         for split, s in mine
-        if ctx.force or not shard_done(cache_dir, s["file"], shard_signature(cfg, fingerprint, s["sha256"]), True)
+        if force or not shard_done(cache_dir, s["file"], shard_signature(cfg, fingerprint, s["sha256"]), True)
     ]
     for _, shard in pending:  # temp files of this task's shards left by a killed run (other tasks own theirs)
         for stale in cache_dir.glob(f".{cf.cache_shard_name(shard['file'])}.*.tmp"):
             stale.unlink(missing_ok=True)
-    ctx.log.info("plan", f"task {index}/{count}: {len(mine)} shards, {len(pending)} to compute", task_index=index)
+    return pending
+
+
+def run(cfg: Config, rd: RunDir, ctx: StageContext) -> dict[str, float]:
+    """Cache this task's share of the manifest shards; return summary numbers.
+
+    Under torchrun the task's processes form ``layout.replicas`` teacher replicas (``pipeline.teacher_parallel``):
+    rank 0 decides which shards are pending, replica r computes every R-th of them and its TP rank 0 writes them."""
+    manifest_dir, cache_dir = rd.stage_dir("manifest"), rd.stage_dir(STAGE)
+    manifest = data_format.read_manifest(manifest_dir)
+    _check_tokenizer(cfg, manifest, manifest_dir / data_format.MANIFEST_FILE)
+    tcfg = load_teacher_config(cfg.teacher)
+    tp.check_tensor_parallel(tcfg, cfg.teacher.tensor_parallel)
+    spec, fields = resolve_extraction(cfg.cache, tcfg, int(manifest["seq_len"]), cfg.seed)
+    fingerprint = teacher_fingerprint(cfg, tcfg)
+    index, count = task_split(ctx.args)
+    mine = manifest_shards(manifest)[index::count]
+    on = mdl.device()
+    layout = tp.setup(cfg.teacher.tensor_parallel, on)
+    pending = tp.broadcast(_pending(cfg, cache_dir, fingerprint, mine, ctx.force) if layout.rank == 0 else None, layout)
+    ours = pending[layout.replica :: layout.replicas]
+    ctx.log.info(
+        "plan",
+        f"task {index}/{count}: {len(mine)} shards, {len(pending)} to compute ({layout.describe()})",
+        task_index=index,
+        replicas=layout.replicas,
+        tensor_parallel=layout.tensor_parallel,
+    )
     totals = {"shards": float(len(mine)), "shards_computed": 0.0, "rows": 0.0, "tokens": 0.0, "bytes": 0.0}
     if not pending:
         return totals
-    model = _load_teacher(cfg)
+    model = tp.load_teacher(cfg.teacher, layout, on)
     base = {
         "teacher": cfg.teacher.name_or_path,
         "teacher_fingerprint": fingerprint,
@@ -501,18 +516,29 @@ def run(cfg: Config, rd: RunDir, ctx: StageContext) -> dict[str, float]:
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         **fields,
     }
-    progress = Progress(ctx.log, cfg.cache.log_every_s, len(pending))
+    progress = Progress(ctx.log, cfg.cache.log_every_s, len(ours))
+    done = {k: 0.0 for k in ("shards_computed", "rows", "tokens", "bytes")}
     with preemption.deferred(preemption.WARNING):  # the warning lets the shard in hand finish; SIGTERM stops at once
-        for split, shard in pending:
-            preemption.check(f"{progress.shards_done} of {len(pending)} shards written", **progress.metrics())
-            info = cache_one_shard(model, spec, base, split, shard, manifest_dir, cache_dir, cfg, progress)
-            signature = shard_signature(cfg, fingerprint, shard["sha256"])
-            atomic_write_json(record_path(cache_dir, shard["file"]), {**info, "signature": signature})
-            totals["shards_computed"] += 1
-            totals["rows"] += info["rows"]
-            totals["tokens"] += info["tokens"]
-            totals["bytes"] += info["bytes"]
-    totals["tokens_per_s"] = progress.tokens / max(progress.elapsed(), 1e-9)
+        stopped = False
+        for split, shard in ours:
+            # the ranks of a replica run collectives together: they stop at the same shard boundary or not at all
+            if tp.any_rank(preemption.received() is not None, layout.replica_group):
+                stopped = True
+                break
+            info = cache_one_shard(model, spec, base, split, shard, manifest_dir, cache_dir, cfg, progress,
+                                   write=layout.writer)  # fmt: skip
+            if info is not None:
+                signature = shard_signature(cfg, fingerprint, shard["sha256"])
+                atomic_write_json(record_path(cache_dir, shard["file"]), {**info, "signature": signature})
+                done["shards_computed"] += 1
+                for key in ("rows", "tokens", "bytes"):
+                    done[key] += info[key]
+        tp.barrier(layout)  # every replica's shards are on disk before rank 0 looks for the stage marker
+        if tp.any_rank(stopped, layout.control):  # every rank stops together, after its replica's last shard
+            where = f"{progress.shards_done} of {len(ours)} shards of this replica written"
+            raise preemption.Interrupted(preemption.received() or preemption.WARNING, where, **progress.metrics())
+    totals.update(tp.sum_over_ranks(done, layout))
+    totals["tokens_per_s"] = totals["tokens"] / max(progress.elapsed(), 1e-9)
     totals["bytes_per_token"] = totals["bytes"] / max(totals["tokens"], 1.0)
     return totals
 
@@ -553,8 +579,10 @@ def cache_one_shard(
     cache_dir: Path,
     cfg: Config,
     progress: Progress,
-) -> dict[str, Any]:
-    """Teacher pass over one manifest shard -> one cache shard; returns its record."""
+    write: bool = True,
+) -> dict[str, Any] | None:
+    """Teacher pass over one manifest shard -> one cache shard; returns its record (None when ``write`` is false: a
+    tensor-parallel rank other than the replica's writer computes alongside and writes nothing)."""
     source = manifest_dir / shard["file"]
     packed = data_format.read_packed_shard(source)
     rows = len(packed["sample_id"])
@@ -568,6 +596,9 @@ def cache_one_shard(
         mask = torch.from_numpy(packed["attention_mask"][start : start + batch].astype(np.int64))
         parts.append(extract_batch(model, ids, mask, spec))
         progress.add(int(mask.sum()))
+    if not write:
+        progress.shards_done += 1
+        return None
     meta = {
         **base,
         "split": split,
@@ -623,7 +654,9 @@ def plan_main(args: argparse.Namespace) -> int:
         cfg = load_config(args.config, args.overrides)
         rd = RunDir.from_config(cfg)
         manifest = data_format.read_manifest(rd.stage_dir("manifest"))
-        table = plan_rows(cfg, manifest, load_teacher_config(cfg.teacher))
+        tcfg = load_teacher_config(cfg.teacher)
+        tp.check_tensor_parallel(tcfg, cfg.teacher.tensor_parallel)
+        table = plan_rows(cfg, manifest, tcfg)
     except (ConfigError, PipelineError) as err:
         return cli_exit_code(err)
     tokens = sum(int(manifest["splits"][s]["rows"]) for s in data_format.SPLITS) * int(manifest["seq_len"])

@@ -65,6 +65,23 @@ class ModelConfig:
     trust_remote_code: bool = _opt(False, "allow custom modelling code from the hub")
 
 
+@dataclass
+class TeacherConfig(ModelConfig):
+    tensor_parallel: int = _opt(
+        1, "ranks per teacher replica under torchrun (transformers TP); 1: one whole teacher per rank", POSITIVE
+    )
+
+
+# How a model is run, not which model it is: left out of the identities that decide whether outputs are stale, so
+# re-running the cache with another tensor-parallel size reuses shards that are equal within storage rounding.
+EXECUTION_ONLY_MODEL_KEYS = ("tensor_parallel",)
+
+
+def model_identity(spec: ModelConfig) -> dict[str, Any]:
+    """The model section as hashed into markers and shard signatures (execution-only keys left out)."""
+    return {k: v for k, v in dataclasses.asdict(spec).items() if k not in EXECUTION_ONLY_MODEL_KEYS}
+
+
 # ------------------------------------------------------------------------------------------------- manifest
 @dataclass
 class SourceConfig:
@@ -368,7 +385,7 @@ class Config:
     runs_dir: str = _opt("runs", "root of run directories")
     logs_dir: str = _opt("logs", "root of log directories")
     seed: int = _opt(0, "global seed (data order, init, sampling)")
-    teacher: ModelConfig = _opt(doc="the teacher model")
+    teacher: TeacherConfig = _opt(doc="the teacher model")
     student: ModelConfig = _opt(doc="the student model (every variant starts from it)")
     manifest: ManifestConfig = _opt(ManifestConfig(), "data mixture -> packed shards")
     cache: CacheConfig = _opt(CacheConfig(), "teacher pass -> Parquet cache")
@@ -505,6 +522,12 @@ def _cross_checks(cfg: Config) -> None:
         raise ConfigError(
             f"train.baseline_variant: expected one of the variants ({', '.join(cfg.train.variants)}), "
             f"got {_show(cfg.train.baseline_variant)}"
+        )
+    if cfg.teacher.tensor_parallel > 1 and cfg.teacher.device_map:
+        raise ConfigError(
+            f"teacher.tensor_parallel: {cfg.teacher.tensor_parallel} shards every layer over that many ranks, "
+            f"teacher.device_map {_show(cfg.teacher.device_map)} spreads whole layers over one process's GPUs; "
+            "set one of them (device_map: null for tensor parallelism)"
         )
     if len(cfg.train.betas) != 2 or not all(0 <= b < 1 for b in cfg.train.betas):
         raise ConfigError(f"train.betas: expected two floats in [0, 1), got {cfg.train.betas}")

@@ -73,11 +73,14 @@ def load_tokenizer(spec: ModelConfig, key: str = "teacher") -> Any:
         raise _describe_load_error(key, spec, err) from None
 
 
-def load_causal_lm(spec: ModelConfig, key: str, on: torch.device | None = None) -> torch.nn.Module:
+def load_causal_lm(
+    spec: ModelConfig, key: str, on: torch.device | None = None, distributed_config: Any = None
+) -> torch.nn.Module:
     """``AutoModelForCausalLM.from_pretrained`` with the config's dtype and placement.
 
     With ``device_map`` set (e.g. ``auto`` for a teacher spread over a node's GPUs) accelerate places the layers and
-    ``on`` is ignored; otherwise the model is moved to ``on``.
+    ``on`` is ignored; with ``distributed_config`` (tensor parallelism, see ``pipeline.teacher_parallel``)
+    transformers loads each rank's shards onto its local rank's device; otherwise the model is moved to ``on``.
     """
     from transformers import AutoModelForCausalLM
 
@@ -93,11 +96,13 @@ def load_causal_lm(spec: ModelConfig, key: str, on: torch.device | None = None) 
         kwargs["attn_implementation"] = spec.attn_implementation
     if spec.device_map:
         kwargs["device_map"] = spec.device_map
+    if distributed_config is not None:
+        kwargs["distributed_config"] = distributed_config
     try:
         model = AutoModelForCausalLM.from_pretrained(spec.name_or_path, **kwargs)
     except (OSError, ValueError) as err:
         raise _describe_load_error(key, spec, err) from None
-    if not spec.device_map:
+    if not spec.device_map and distributed_config is None:
         model.to(on)
     return model
 

@@ -1,0 +1,262 @@
+"""Teacher parallelism for the cache stage: data-parallel replicas of tensor-parallel teachers under torchrun, and the
+exact vocabulary-parallel top-k that lets each rank compute logits for its own slice of the vocabulary only.
+
+Layout. torchrun starts G processes on a node (``WORLD_SIZE``; G = GPUs per node on Slurm, ``--nproc-per-node``
+locally). ``teacher.tensor_parallel`` = T groups them into R = G / T replicas, ranks ``r*T .. r*T + T-1`` forming
+replica ``r``. T = 1 is plain data parallelism: every rank loads a whole teacher on its own GPU. T > 1 loads each
+replica with transformers' tensor parallelism (the model's ``base_model_tp_plan``; weights are DTensor shards on the
+replica's ``tp`` sub-mesh of a (dp_replicate, tp) device mesh), so every GPU of a replica works on every layer at
+once, unlike ``device_map: auto``, which runs one GPU at a time. Replicas split the pending shards round-robin and
+TP rank 0 of each replica writes them.
+
+Two pieces are written here by hand, because no library does them:
+
+- ``_replicas_of_tp``: transformers 5.x builds its mesh from ``DistributedConfig(tp_size, dp_replicate_size)`` over the
+  whole world, which is exactly the (dp_replicate, tp) mesh R replicas need, but it then applies FSDP2 over the
+  replicate axis whenever ``dp_size > 1``. Inference replicas have nothing to shard or reduce (and FSDP2's hooks fail
+  under ``torch.inference_mode``), so the subclass keeps the mesh and reports ``dp_size`` 1: TP is applied on the
+  ``tp`` sub-mesh, nothing else. ``tests/test_teacher_parallel.py`` checks the resulting logits against a
+  single-process teacher, so a transformers upgrade that changes this contract fails there.
+- :func:`vocab_parallel_topk`: the model's own plan for the LM head (``colwise_gather_output``) all-gathers the
+  [positions, V] logits onto every rank. Instead each rank computes its [chunk, V/T] slice, its local top-k, its
+  log-normaliser and the exact mass outside its local top-k; a gather of k + 2 numbers per position and rank then
+  gives the global top-k log-probs and the exact tail (Megatron's vocab-parallel cross-entropy merges normalisers
+  the same way, but computes a loss, not top-k + tail). The peak memory stays one [chunk, V/T] fp32 block per rank.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import os
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from pipeline import modeling as mdl
+from pipeline.config import ConfigError, TeacherConfig
+from pipeline.rundir import PipelineError
+
+# Control collectives (pending-shard list, stop flags, the end-of-task barrier) wait for the slowest replica, which
+# may be a whole shard (minutes to an hour for a 70B teacher) behind: gloo with a long timeout, not NCCL's watchdog.
+CONTROL_TIMEOUT = dt.timedelta(hours=6)
+
+
+# ------------------------------------------------------------------------------------------------------ layout
+@dataclasses.dataclass
+class Layout:
+    """Where this process sits: global rank of ``world``, and its replica of ``tensor_parallel`` ranks."""
+
+    world: int = 1
+    rank: int = 0
+    tensor_parallel: int = 1
+    control: Any = None  # gloo group over every rank (None: single process)
+    replica_group: Any = None  # gloo group over this replica's ranks (None when T = 1)
+
+    @property
+    def replicas(self) -> int:
+        return self.world // self.tensor_parallel
+
+    @property
+    def replica(self) -> int:
+        return self.rank // self.tensor_parallel
+
+    @property
+    def tp_rank(self) -> int:
+        return self.rank % self.tensor_parallel
+
+    @property
+    def writer(self) -> bool:
+        """TP rank 0 of each replica writes its shards and records; the other ranks only compute."""
+        return self.tp_rank == 0
+
+    def describe(self) -> str:
+        if self.world == 1:
+            return "1 process"
+        return f"{self.world} processes = {self.replicas} replica(s) x tensor_parallel {self.tensor_parallel}"
+
+
+def setup(tensor_parallel: int, on: torch.device) -> Layout:
+    """The layout of this process (initialising torch.distributed under torchrun); PipelineError when T does not
+    divide the number of processes."""
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world % tensor_parallel:
+        raise PipelineError(
+            f"teacher.tensor_parallel: {tensor_parallel} does not divide the {world} processes of this task "
+            "(--nproc-per-node / slurm.stages.cache.gpus_per_node); every replica needs exactly that many ranks"
+        )
+    if world == 1:
+        return Layout()
+    if not dist.is_initialized():
+        if on.type == "cuda":
+            torch.cuda.set_device(on)
+        # TP collectives on the GPU through NCCL, control collectives on CPU tensors through gloo
+        backend = "cuda:nccl,cpu:gloo" if on.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, timeout=CONTROL_TIMEOUT)
+    rank = dist.get_rank()
+    control = dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
+    replica_group = None
+    if tensor_parallel > 1:
+        groups = [list(range(r, r + tensor_parallel)) for r in range(0, world, tensor_parallel)]
+        replica_group, _ = dist.new_subgroups_by_enumeration(groups, backend="gloo", timeout=CONTROL_TIMEOUT)
+    return Layout(world, rank, tensor_parallel, control, replica_group)
+
+
+def broadcast(obj: Any, layout: Layout) -> Any:
+    """Rank 0's ``obj`` on every rank (one decision, e.g. which shards are pending, taken once)."""
+    if layout.control is None:
+        return obj
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=0, group=layout.control)
+    return holder[0]
+
+
+def any_rank(flag: bool, group: Any) -> bool:
+    """True on every rank of ``group`` when ``flag`` is true on any (None: this process alone)."""
+    if group is None:
+        return flag
+    value = torch.tensor([1 if flag else 0], dtype=torch.int64)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX, group=group)
+    return bool(value.item())
+
+
+def sum_over_ranks(values: dict[str, float], layout: Layout) -> dict[str, float]:
+    """Per-key sums over every rank (float64 on the control group)."""
+    if layout.control is None:
+        return dict(values)
+    keys = sorted(values)
+    packed = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
+    dist.all_reduce(packed, group=layout.control)
+    return dict(zip(keys, packed.tolist(), strict=True))
+
+
+def barrier(layout: Layout) -> None:
+    if layout.control is not None:
+        dist.barrier(group=layout.control)
+
+
+# ------------------------------------------------------------------------------------------------ loading
+def check_tensor_parallel(tcfg: Any, tensor_parallel: int) -> None:
+    """Decidable from the teacher's config.json: a TP plan exists and T divides the attention and KV heads."""
+    if tensor_parallel == 1:
+        return
+    arch = (getattr(tcfg, "architectures", None) or [type(tcfg).__name__])[0]
+    if not getattr(tcfg, "base_model_tp_plan", None):
+        raise ConfigError(
+            f"teacher.tensor_parallel: {tensor_parallel} needs a tensor-parallel plan, and {arch} has none "
+            "(config.base_model_tp_plan); use teacher.tensor_parallel: 1 with teacher.device_map: auto instead"
+        )
+    heads = {
+        "num_attention_heads": getattr(tcfg, "num_attention_heads", None),
+        "num_key_value_heads": getattr(tcfg, "num_key_value_heads", None),
+    }
+    for name, count in heads.items():
+        if count is not None and count % tensor_parallel:
+            raise ConfigError(
+                f"teacher.tensor_parallel: {tensor_parallel} does not divide the teacher's {name} ({count}); "
+                f"pick a divisor of {count}"
+            )
+
+
+def _replicas_of_tp(tensor_parallel: int, replicas: int) -> Any:
+    """``DistributedConfig`` for R replicas of T tensor-parallel ranks and no FSDP (see the module docstring)."""
+    from transformers.distributed import DistributedConfig
+
+    @dataclasses.dataclass
+    class ReplicasOfTP(DistributedConfig):
+        @property
+        def dp_size(self) -> int:  # replicas share nothing: no FSDP over the dp_replicate axis
+            return 1
+
+    return ReplicasOfTP(tp_size=tensor_parallel, dp_replicate_size=replicas)
+
+
+def load_teacher(spec: TeacherConfig, layout: Layout, on: torch.device) -> torch.nn.Module:
+    """This rank's teacher: whole (T = 1, on ``on`` or spread by ``device_map``) or its tensor-parallel shards."""
+    if layout.tensor_parallel == 1:
+        if spec.device_map and layout.world > 1:
+            raise PipelineError(
+                f"teacher.device_map: {spec.device_map!r} spreads one teacher over every GPU of the process, but "
+                f"this task runs {layout.world} processes; use teacher.tensor_parallel (device_map: null) or run "
+                "one process per node"
+            )
+        model = mdl.load_causal_lm(spec, "teacher", on)
+    else:
+        distributed = _replicas_of_tp(layout.tensor_parallel, layout.replicas)
+        model = mdl.load_causal_lm(spec, "teacher", on, distributed_config=distributed)
+    model.eval()
+    return model
+
+
+# ------------------------------------------------------------------------------------------- vocab-parallel top-k
+def vocab_sharded(lm_head: torch.nn.Module) -> bool:
+    """Whether the LM head's weight is split over the vocabulary (a DTensor sharded on dim 0)."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    weight = getattr(lm_head, "weight", None)
+    return isinstance(weight, DTensor) and tuple(weight.placements) == (Shard(0),)
+
+
+def _gather(tensor: torch.Tensor, group: Any, size: int) -> torch.Tensor:
+    """[size, *tensor.shape]: ``tensor`` from every rank of ``group`` in rank order."""
+    out = [torch.empty_like(tensor) for _ in range(size)]
+    dist.all_gather(out, tensor.contiguous(), group=group)
+    return torch.stack(out)
+
+
+@torch.inference_mode()
+def vocab_parallel_topk(
+    final_hidden: torch.Tensor, lm_head: torch.nn.Module, top_k: int, temperature: float, chunk: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Same contract as ``cache.topk_chunked`` for an LM head whose weight is sharded over the vocabulary.
+
+    final_hidden: [N, H], identical on every rank of the TP group. Per chunk of c positions each rank r computes its
+    logits z over its vocabulary slice V_r, tempered, and keeps
+
+        m_r = logsumexp_{v in V_r} z_v,   its top-k (z, global id),   o_r = log sum_{v in V_r \\ topk_r} exp(z_v - m_r)
+
+    (o_r in place, as in the single-process path, so a tiny tail is summed directly). After one gather over the
+    group, with M = logsumexp_r m_r the full normaliser: the global top-k are the k largest of the T·k candidates
+    (every member of the global top-k is in its own rank's top-k), their log-probs z - M, and the tail is
+
+        log( sum_r exp(o_r + m_r - M) + sum_{candidates not selected} exp(z - M) ),
+
+    exact up to fp32 rounding. Returns (values [N, k] fp32, ids [N, k] int64, tail [N] fp32) on every rank.
+    """
+    weight = lm_head.weight
+    group, size = weight.device_mesh.get_group(), weight.device_mesh.size()
+    local = weight.to_local()  # [V_r, H]: this rank's rows of the vocabulary, in rank order
+    bias = getattr(lm_head, "bias", None)
+    bias = bias.to_local() if bias is not None and hasattr(bias, "to_local") else bias
+    rows = _gather(torch.tensor([local.shape[0]], device=local.device), group, size).flatten()
+    offset = int(rows[: weight.device_mesh.get_local_rank()].sum())
+    values, ids, tails = [], [], []
+    for start in range(0, final_hidden.shape[0], chunk):
+        logits = torch.nn.functional.linear(final_hidden[start : start + chunk], local, bias).float()  # [c, V_r]
+        if temperature != 1.0:
+            logits.div_(temperature)
+        positions, width = logits.shape
+        k_local = min(top_k, width)
+        norm = torch.logsumexp(logits, dim=-1)  # [c]
+        top_z, top_i = torch.topk(logits, k_local, dim=-1)
+        if k_local < top_k:  # a slice narrower than k: pad so every rank contributes k candidates
+            pad = top_k - k_local
+            top_z = torch.cat([top_z, top_z.new_full((positions, pad), float("-inf"))], dim=-1)
+            top_i = torch.cat([top_i, top_i.new_zeros((positions, pad))], dim=-1)
+        logits.sub_(norm.unsqueeze(-1)).scatter_(-1, top_i[:, :k_local], float("-inf")).exp_()
+        outside = logits.sum(dim=-1).log_()  # [c], -inf when the slice is all in its top-k
+        del logits
+        floats = _gather(torch.cat([top_z, norm[:, None], outside[:, None]], dim=-1), group, size)  # [T, c, k+2]
+        cand_i = _gather(top_i + offset, group, size)  # [T, c, k]
+        cand_z = floats[..., :top_k].permute(1, 0, 2).reshape(positions, size * top_k)
+        cand_i = cand_i.permute(1, 0, 2).reshape(positions, size * top_k)
+        norms, outsides = floats[..., top_k], floats[..., top_k + 1]  # [T, c]
+        full_norm = torch.logsumexp(norms, dim=0)  # [c]
+        sel_z, sel = torch.topk(cand_z, top_k, dim=-1)
+        unselected = cand_z.scatter(-1, sel, float("-inf")) - full_norm[:, None]
+        rest = (outsides + norms - full_norm).transpose(0, 1)  # [c, T]
+        tails.append(torch.logsumexp(torch.cat([unselected, rest], dim=-1), dim=-1))
+        values.append(sel_z - full_norm[:, None])
+        ids.append(cand_i.gather(-1, sel))
+    return torch.cat(values), torch.cat(ids), torch.cat(tails)
