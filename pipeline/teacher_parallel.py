@@ -205,24 +205,55 @@ def _gather(tensor: torch.Tensor, group: Any, size: int) -> torch.Tensor:
     return torch.stack(out)
 
 
+def local_candidates(logits: torch.Tensor, top_k: int, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One rank's share of the merge, from its tempered fp32 logits [c, V_r] (overwritten: no second [c, V_r] block).
+
+    Returns (floats [c, k + 2]: the k largest logits z then m_r = logsumexp z and o_r = log sum of exp(z - m_r)
+    outside those k; ids [c, k] global vocabulary ids). A slice narrower than k is padded with -inf logits so every
+    rank contributes k candidates; o_r is -inf when the whole slice is among them."""
+    positions, width = logits.shape
+    k_local = min(top_k, width)
+    norm = torch.logsumexp(logits, dim=-1)  # [c]
+    top_z, top_i = torch.topk(logits, k_local, dim=-1)
+    # the mass outside the local top-k, summed in place from normalised entries <= 0 (no overflow, tiny tails kept)
+    logits.sub_(norm.unsqueeze(-1)).scatter_(-1, top_i, float("-inf")).exp_()
+    outside = logits.sum(dim=-1).log_()
+    pad = top_k - k_local
+    top_z = torch.cat([top_z, top_z.new_full((positions, pad), float("-inf"))], dim=-1)
+    top_i = torch.cat([top_i, top_i.new_zeros((positions, pad))], dim=-1)
+    return torch.cat([top_z, norm[:, None], outside[:, None]], dim=-1), top_i + offset
+
+
+def merge_candidates(
+    floats: torch.Tensor, ids: torch.Tensor, top_k: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every rank's :func:`local_candidates` ([T, c, k + 2], [T, c, k]) -> (log-probs [c, k], ids [c, k], tail [c]).
+
+    With M = logsumexp_r m_r the full normaliser, the global top-k are the k largest of the T·k candidates (every
+    member of the global top-k is in its own rank's top-k), their log-probs z - M, and the tail log-mass is
+    log( sum_r exp(o_r + m_r - M) + sum_{candidates not selected} exp(z - M) ), exact up to fp32 rounding."""
+    size, positions = floats.shape[:2]
+    cand_z = floats[..., :top_k].permute(1, 0, 2).reshape(positions, size * top_k)
+    cand_i = ids.permute(1, 0, 2).reshape(positions, size * top_k)
+    norms, outsides = floats[..., top_k], floats[..., top_k + 1]  # [T, c]
+    full_norm = torch.logsumexp(norms, dim=0)  # [c]
+    sel_z, sel = torch.topk(cand_z, top_k, dim=-1)
+    unselected = cand_z.scatter(-1, sel, float("-inf")) - full_norm[:, None]
+    rest = (outsides + norms - full_norm).transpose(0, 1)  # [c, T]
+    tail = torch.logsumexp(torch.cat([unselected, rest], dim=-1), dim=-1)
+    return sel_z - full_norm[:, None], cand_i.gather(-1, sel), tail
+
+
 @torch.inference_mode()
 def vocab_parallel_topk(
     final_hidden: torch.Tensor, lm_head: torch.nn.Module, top_k: int, temperature: float, chunk: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Same contract as ``cache.topk_chunked`` for an LM head whose weight is sharded over the vocabulary.
 
-    final_hidden: [N, H], identical on every rank of the TP group. Per chunk of c positions each rank r computes its
-    logits z over its vocabulary slice V_r, tempered, and keeps
-
-        m_r = logsumexp_{v in V_r} z_v,   its top-k (z, global id),   o_r = log sum_{v in V_r \\ topk_r} exp(z_v - m_r)
-
-    (o_r in place, as in the single-process path, so a tiny tail is summed directly). After one gather over the
-    group, with M = logsumexp_r m_r the full normaliser: the global top-k are the k largest of the T·k candidates
-    (every member of the global top-k is in its own rank's top-k), their log-probs z - M, and the tail is
-
-        log( sum_r exp(o_r + m_r - M) + sum_{candidates not selected} exp(z - M) ),
-
-    exact up to fp32 rounding. Returns (values [N, k] fp32, ids [N, k] int64, tail [N] fp32) on every rank.
+    final_hidden: [N, H], identical on every rank of the TP group. Per chunk of ``chunk`` positions each rank
+    computes the tempered logits of its vocabulary slice, reduces them to :func:`local_candidates`, and one gather of
+    k + 2 floats and k ids per position and rank feeds :func:`merge_candidates`. Returns (values [N, k] fp32,
+    ids [N, k] int64, tail [N] fp32), the same on every rank.
     """
     weight = lm_head.weight
     group, size = weight.device_mesh.get_group(), weight.device_mesh.size()
@@ -236,27 +267,10 @@ def vocab_parallel_topk(
         logits = torch.nn.functional.linear(final_hidden[start : start + chunk], local, bias).float()  # [c, V_r]
         if temperature != 1.0:
             logits.div_(temperature)
-        positions, width = logits.shape
-        k_local = min(top_k, width)
-        norm = torch.logsumexp(logits, dim=-1)  # [c]
-        top_z, top_i = torch.topk(logits, k_local, dim=-1)
-        if k_local < top_k:  # a slice narrower than k: pad so every rank contributes k candidates
-            pad = top_k - k_local
-            top_z = torch.cat([top_z, top_z.new_full((positions, pad), float("-inf"))], dim=-1)
-            top_i = torch.cat([top_i, top_i.new_zeros((positions, pad))], dim=-1)
-        logits.sub_(norm.unsqueeze(-1)).scatter_(-1, top_i[:, :k_local], float("-inf")).exp_()
-        outside = logits.sum(dim=-1).log_()  # [c], -inf when the slice is all in its top-k
+        floats, cand = local_candidates(logits, top_k, offset)
         del logits
-        floats = _gather(torch.cat([top_z, norm[:, None], outside[:, None]], dim=-1), group, size)  # [T, c, k+2]
-        cand_i = _gather(top_i + offset, group, size)  # [T, c, k]
-        cand_z = floats[..., :top_k].permute(1, 0, 2).reshape(positions, size * top_k)
-        cand_i = cand_i.permute(1, 0, 2).reshape(positions, size * top_k)
-        norms, outsides = floats[..., top_k], floats[..., top_k + 1]  # [T, c]
-        full_norm = torch.logsumexp(norms, dim=0)  # [c]
-        sel_z, sel = torch.topk(cand_z, top_k, dim=-1)
-        unselected = cand_z.scatter(-1, sel, float("-inf")) - full_norm[:, None]
-        rest = (outsides + norms - full_norm).transpose(0, 1)  # [c, T]
-        tails.append(torch.logsumexp(torch.cat([unselected, rest], dim=-1), dim=-1))
-        values.append(sel_z - full_norm[:, None])
-        ids.append(cand_i.gather(-1, sel))
+        value, index, tail = merge_candidates(_gather(floats, group, size), _gather(cand, group, size), top_k)
+        values.append(value)
+        ids.append(index)
+        tails.append(tail)
     return torch.cat(values), torch.cat(ids), torch.cat(tails)

@@ -1,0 +1,86 @@
+"""pipeline.teacher_parallel: the exact merge of per-slice top-k and normalisers (in one process, slices of one
+logits matrix standing in for the ranks) and the layout and config checks. The real multi-process paths (2 replicas
+x TP=2 and DP=2 shards equal to single-process ones through transformers' tensor parallelism, kill -9 of a rank) run
+the cache stage under torchrun in tests/test_cache.py."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+
+from pipeline import config as config_mod
+from pipeline import teacher_parallel as tp
+from pipeline.config import ConfigError
+from pipeline.rundir import PipelineError
+
+
+def merged(logits: torch.Tensor, top_k: int, ranks: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What ``ranks`` ranks holding torch.chunk slices of the vocabulary compute together (DTensor's Shard(0))."""
+    floats, ids, offset = [], [], 0
+    for piece in torch.chunk(logits, ranks, dim=-1):
+        f, i = tp.local_candidates(piece.clone(), top_k, offset)
+        floats.append(f)
+        ids.append(i)
+        offset += piece.shape[-1]
+    return tp.merge_candidates(torch.stack(floats), torch.stack(ids), top_k)
+
+
+@pytest.mark.parametrize("ranks", [1, 2, 3, 5])
+@pytest.mark.parametrize("top_k", [1, 8, 12, 37])
+def test_merged_slices_give_the_full_distributions_top_k_and_exact_tail(ranks, top_k):
+    torch.manual_seed(ranks * 100 + top_k)
+    logits = torch.randn(20, 37) * 4  # 37 = 8+8+8+8+5 for 5 ranks: slices narrower than k = 12 are padded
+    values, ids, tail = merged(logits, top_k, ranks)
+    logp = torch.log_softmax(logits.double(), dim=-1)
+    ref_values, ref_ids = torch.topk(logp, top_k, dim=-1)
+    assert torch.equal(ids, ref_ids)
+    torch.testing.assert_close(values.double(), ref_values, rtol=0, atol=2e-6)
+    outside = logp.scatter(-1, ref_ids, float("-inf"))
+    ref_tail = torch.logsumexp(outside, dim=-1)
+    if top_k == 37:
+        assert torch.isneginf(tail).all()  # k == V: nothing outside
+    else:
+        torch.testing.assert_close(tail.double(), ref_tail, rtol=0, atol=2e-6)
+
+
+def test_tiny_tail_is_summed_directly_not_as_one_minus_the_top_k():
+    logits = torch.zeros(1, 6)
+    logits[0, 0] = 40.0  # p(top) = e^40 / (e^40 + 5): the tail, ~e^-38.4, is far below fp32's eps of 1 - p
+    _, ids, tail = merged(logits, 1, 2)
+    expected = torch.log(torch.tensor(5.0, dtype=torch.float64)) - torch.logsumexp(
+        torch.tensor([40.0, float(torch.log(torch.tensor(5.0)))], dtype=torch.float64), 0
+    )
+    assert ids.item() == 0 and abs(float(tail) - float(expected)) < 1e-4
+
+
+def test_layout_of_ranks_into_replicas(monkeypatch):
+    layout = tp.Layout(world=8, rank=5, tensor_parallel=4)
+    assert (layout.replicas, layout.replica, layout.tp_rank, layout.writer) == (2, 1, 1, False)
+    assert tp.Layout(world=8, rank=4, tensor_parallel=4).writer
+    assert tp.setup(1, torch.device("cpu")) == tp.Layout()  # no torchrun: one process, nothing initialised
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(PipelineError, match="teacher.tensor_parallel: 2 does not divide the 3 processes"):
+        tp.setup(2, torch.device("cpu"))
+
+
+def test_config_checks_name_the_key(tiny_assets):
+    from transformers import AutoConfig
+
+    tcfg = AutoConfig.from_pretrained(tiny_assets["teacher"])  # 4 attention heads, 2 KV heads
+    tp.check_tensor_parallel(tcfg, 2)
+    with pytest.raises(ConfigError, match="teacher.tensor_parallel: 4 does not divide the teacher's num_key_value"):
+        tp.check_tensor_parallel(tcfg, 4)
+    no_plan = types.SimpleNamespace(architectures=["OddLM"], num_attention_heads=8, num_key_value_heads=8)
+    with pytest.raises(ConfigError, match="OddLM has none .* teacher.device_map: auto"):
+        tp.check_tensor_parallel(no_plan, 2)
+    base = {"run_name": "r", "student": {"name_or_path": "s"}}
+    with pytest.raises(ConfigError, match="teacher.tensor_parallel: 2 shards every layer"):
+        config_mod.from_dict({**base, "teacher": {"name_or_path": "t", "tensor_parallel": 2, "device_map": "auto"}})
+    with pytest.raises(ConfigError, match="student.tensor_parallel: unknown key"):
+        student = {"name_or_path": "s", "tensor_parallel": 2}
+        config_mod.from_dict({**base, "teacher": {"name_or_path": "t"}, "student": student})
+    # how the teacher is run is not part of what the cache holds: its identity ignores tensor_parallel
+    one = config_mod.TeacherConfig(name_or_path="t")
+    assert config_mod.model_identity(one) == config_mod.model_identity(config_mod.TeacherConfig("t", tensor_parallel=8))
