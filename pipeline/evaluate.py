@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 from pipeline import definition
-from pipeline.config import Config, ConfigError, EvalTaskConfig, ModelConfig, section_hash
+from pipeline.config import Config, ConfigError, EvalTaskConfig, ModelConfig, model_identity, section_hash
 from pipeline.data_format import read_manifest, read_packed_shard, shard_paths
 from pipeline.metrics import INTRINSIC_METRICS, IntrinsicAccumulator
 from pipeline.modeling import device, load_causal_lm, load_tokenizer, vocab_hash, vocab_size
@@ -361,7 +361,7 @@ def run(cfg: Config, rd: RunDir, ctx: StageContext) -> dict[str, float]:
 def sections(cfg: Config, unit: str | None) -> tuple:
     """What a model's results depend on: its weights (train marker / teacher config) and the evaluation settings."""
     if unit == TEACHER:
-        return (cfg.teacher, cfg.evaluate, cfg.seed)
+        return (model_identity(cfg.teacher), cfg.evaluate, cfg.seed)
     return (cfg.student, cfg.evaluate, cfg.seed, unit)
 
 
