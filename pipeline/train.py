@@ -43,6 +43,7 @@ from torch import Tensor, nn
 
 from pipeline import cache_format, definition, losses, preemption
 from pipeline.config import Config, ConfigError, LossConfig, ModelConfig, TrainConfig
+from pipeline.fsdp import Fsdp2
 from pipeline.modeling import check_layer_index, load_causal_lm, load_tokenizer, synchronize, vocab_hash, vocab_size
 from pipeline.rundir import PipelineError, RunDir, StageContext, StageSpec, atomic_write_json, stage_main
 
@@ -281,27 +282,21 @@ def _loss_step(
 
 # ---------------------------------------------------------------------------------------------------- setup
 def _setup_accelerator(cfg: Config, recipe: Recipe) -> Any:
-    """Accelerator: DDP or FSDP across processes, bf16 autocast on GPU, plain fp32 on CPU.
+    """Accelerator: DDP, or FSDP2 (``pipeline.fsdp``, on CPU too) across processes; bf16 on GPU, fp32 on CPU.
 
     The LR scheduler is NOT handed to accelerate: its wrapper steps a scheduler once per process, which would run
     the schedule ``world_size`` times too fast; ``_train_variant`` steps it exactly once per optimizer step.
     """
-    from accelerate import Accelerator, DistributedDataParallelKwargs, FullyShardedDataParallelPlugin
+    from accelerate import Accelerator, DistributedDataParallelKwargs
 
     on_gpu = torch.cuda.is_available()
     mp = cfg.train.mixed_precision
     mixed = ("bf16" if on_gpu else "no") if mp == "auto" else mp
+    if cfg.train.distributed == "fsdp":  # FSDP2 casts to bf16 itself (MixedPrecisionPolicy): no autocast on top
+        return Fsdp2(Accelerator(cpu=not on_gpu, mixed_precision="no"), mixed)
     # Without logits in the loss the LM head (and layers past the last distilled one) get no gradient.
     ddp = DistributedDataParallelKwargs(find_unused_parameters=not recipe.uses_logits)
-    fsdp = None
-    if cfg.train.distributed == "fsdp" and on_gpu:
-        fsdp = FullyShardedDataParallelPlugin(
-            auto_wrap_policy="transformer_based_wrap",
-            use_orig_params=True,  # AdamW parameter groups (no decay on norms) need the original parameters
-            state_dict_type="SHARDED_STATE_DICT",
-            activation_checkpointing=cfg.train.gradient_checkpointing,
-        )
-    return Accelerator(cpu=not on_gpu, mixed_precision=mixed, kwargs_handlers=[ddp], fsdp_plugin=fsdp)
+    return Accelerator(cpu=not on_gpu, mixed_precision=mixed, kwargs_handlers=[ddp])
 
 
 def _setup_student_checks(cfg: Config, meta: dict[str, Any], recipe: Recipe, student: nn.Module) -> Any:
@@ -572,13 +567,13 @@ def _train_variant(cfg: Config, rd: RunDir, ctx: StageContext, variant: str) -> 
     torch.manual_seed(cfg.seed)  # identical projector init on every rank (DDP also broadcasts rank 0's)
     student = build_student(cfg, acc.device)
     tokenizer = _setup_student_checks(cfg, meta, recipe, student)
-    if train.gradient_checkpointing and train.distributed != "fsdp":
+    if train.gradient_checkpointing:
         student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     projectors = _setup_projectors(recipe, student, meta)
     model = Distillee(student, projectors).to(acc.device)
     model.train()
-    optimizer = _setup_optimizer(model, train)
-    model, optimizer = acc.prepare(model, optimizer)
+    model = acc.prepare(model)  # before the optimizer: FSDP2 replaces the parameters by their shards
+    optimizer = acc.prepare(_setup_optimizer(model, train))
     if train.lora.enabled and train.distributed != "fsdp":
         _checkpoint_trainable_only(acc)
     scheduler = _setup_scheduler(optimizer, train)
