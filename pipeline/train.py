@@ -4,7 +4,8 @@ Reads   runs/<run>/cache/{train,val}-*.parquet through ``pipeline.cache_format``
         student checkpoint ``student.name_or_path``.
 Writes  runs/<run>/train/<variant>/
           checkpoints/step_<n:07d>/   model + projectors (LoRA: adapter + projectors only), optimizer, RNG
-                                      (accelerate ``save_state``), scheduler.pt,
+                                      (accelerate ``save_state``; FSDP: model + optimizer as per-rank DCP shards
+                                      in sharded/, see pipeline.fsdp), scheduler.pt,
                                       data_rank_<r>.json (epoch, batches consumed), trainer_state.json; written under
                                       a temporary name and renamed, so a listed checkpoint is always complete
           final/                      HF ``save_pretrained`` dir + tokenizer (LoRA: the merged model)
@@ -13,7 +14,8 @@ Writes  runs/<run>/train/<variant>/
           samples/rank_<r:05d>.jsonl  sample ids consumed at each optimizer step (audit trail of the data order)
           summary.json, config.yaml, _COMPLETE.json (marker, last)
 Run     python -m pipeline.train --config C [--variant NAME] [key=value ...]      (no --variant: all, in order)
-        accelerate launch --num_processes N -m pipeline.train --config C ...      (DDP; train.distributed=fsdp)
+        python -m torch.distributed.run --nproc-per-node N -m pipeline.train --config C ...
+                                      (DDP; FSDP2 with train.distributed=fsdp, on CPU/gloo as on GPU/NCCL)
 
 The recipe reads top to bottom as in nanoGPT/torchtune: ``_setup_*`` helpers build the accelerator, student,
 projectors, data, optimizer and schedule in dependency order; ``_loss_step(batch)`` computes every loss component;
