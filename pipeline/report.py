@@ -39,7 +39,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pipeline import definition
+from pipeline import definition, telemetry
 from pipeline.config import Config
 from pipeline.metrics import INTRINSIC_METRICS
 from pipeline.rundir import (
@@ -275,37 +275,39 @@ def telemetry_point(line: dict[str, Any]) -> dict[str, float] | None:
                 values.append(value)
         if values:
             point[series] = sum(values) / len(values) if how == "mean" else sum(values)
+            if how == "mean":
+                point["gpu_count"] = len(values)  # weight of this host's mean when hosts are merged
     return point if len(point) > 1 else None
 
 
 def collect_telemetry(logs_dir: Path, notes: list[str]) -> dict[str, dict[str, Any]]:
-    """{stage: {points [...], summary {...} (summed over hosts/jobs)}} from monitor.py's files."""
+    """{stage: {points [...], summary {...}}} from monitor.py's files, merged over hosts, array tasks and requeued
+    attempts (``telemetry.merge_series``/``merge_summaries``: GPUs and power add, utilisation is the mean over all
+    GPUs, duration the wall span)."""
     out: dict[str, dict[str, Any]] = {}
     if not logs_dir.is_dir():
         return out
     # the report's own telemetry is still being written while it runs: what is there is an earlier report's
     for stage_dir in sorted(p for p in logs_dir.iterdir() if p.is_dir() and p.name != "report"):
-        points = []
+        series = []
         for path in sorted(stage_dir.glob("telemetry_*.jsonl")):
-            points += [p for p in map(telemetry_point, _read_jsonl(path, notes)) if p is not None]
+            points = sorted((p for p in map(telemetry_point, _read_jsonl(path, notes)) if p is not None),
+                            key=lambda p: p["t"])  # fmt: skip
+            series.append(points)
         summaries = [_read_json(p, notes) for p in sorted(stage_dir.glob("telemetry_summary_*.json"))]
         summaries = [s for s in summaries if isinstance(s, dict)]
-        if not points and not summaries:
+        if not any(series) and not summaries:
             continue
-        merged: dict[str, float] = {}
-        for summary in summaries:
-            for key, value in summary.items():
-                number = _number(value)
-                if number is None:
-                    continue
-                if key.endswith(("_max", "_peak_gb")) or "peak" in key or "max" in key:
-                    merged[key] = max(merged.get(key, number), number)
-                elif "energy" in key or key.endswith("duration_s"):
-                    merged[key] = merged.get(key, 0.0) + number
-                else:
-                    merged.setdefault(key, number)
-        out[stage_dir.name] = {"points": sorted(points, key=lambda p: p["t"]), "summary": merged}
+        interval = next((s["interval_s"] for s in summaries if _number(s.get("interval_s"))), None)
+        points = telemetry.merge_series(series, float(interval or _median_spacing(series)))
+        out[stage_dir.name] = {"points": points, "summary": telemetry.merge_summaries(summaries)}
     return out
+
+
+def _median_spacing(series: list[list[dict[str, float]]]) -> float:
+    """Sampling interval of telemetry files without a summary: the median gap between their points (else 1 s)."""
+    gaps = sorted(b["t"] - a["t"] for points in series for a, b in zip(points, points[1:], strict=False))
+    return gaps[len(gaps) // 2] if gaps and gaps[len(gaps) // 2] > 0 else 1.0
 
 
 def _energy_wh(summary: dict[str, float]) -> float | None:

@@ -14,6 +14,7 @@ machine) :func:`open_gpus` returns the reason and the monitor carries on with ho
 
 from __future__ import annotations
 
+import bisect
 import math
 import os
 import subprocess
@@ -156,6 +157,8 @@ class Summary:
     power_sum_w: float = 0.0
     energy_wh: list[float] = field(default_factory=list)
     gpu_count: int = 0
+    gpu_uuids: list[str] = field(default_factory=list)
+    started_at: float = field(default_factory=time.time)  # wall clock: the report lines up hosts and attempts
 
     def add(self, sample: dict) -> None:
         self.samples += 1
@@ -164,6 +167,7 @@ class Summary:
         self.ram_peak_gb = max(self.ram_peak_gb, sample["ram_used_gb"])
         gpus = sample.get("gpus") or []
         self.gpu_count = len(gpus)
+        self.gpu_uuids = [g["uuid"] for g in gpus if g.get("uuid")]
         utils = [g["util_pct"] for g in gpus if g["util_pct"] is not None]
         if utils:
             # mean over GPUs per sample, then over samples: the node's average busy fraction
@@ -179,11 +183,13 @@ class Summary:
         n = max(self.samples, 1)
         return {
             "duration_s": round((time.monotonic() if now is None else now) - self.started, 3),
+            "started_at": self.started_at,
             "samples": self.samples,
             "cpu_util_mean": self.cpu_sum / n,
             "cpu_util_max": self.cpu_max,
             "ram_peak_gb": self.ram_peak_gb,
             "gpu_count": self.gpu_count,
+            "gpu_uuids": self.gpu_uuids,
             "gpu_util_mean": self.gpu_util_sum / self.gpu_util_n if self.gpu_util_n else None,
             "gpu_util_max": self.gpu_util_max if self.gpu_util_n else None,
             "gpu_mem_peak_gb": self.gpu_mem_peak_gb if self.gpu_count else None,
@@ -240,3 +246,120 @@ class LocalMonitor:
             self.process.kill()
             self.process.wait()
         self.process = None
+
+
+# ------------------------------------------------------------------------------ merging across hosts and jobs
+def _busy_seconds(intervals: list[tuple[float, float]]) -> float:
+    """Length of the union of [start, end] intervals (time during which at least one of them ran)."""
+    total, reach = 0.0, float("-inf")
+    for start, end in sorted(intervals):
+        if end > reach:
+            total += end - max(start, reach)
+            reach = end
+    return total
+
+
+def merge_summaries(summaries: list[dict]) -> dict:
+    """One stage's telemetry from the summaries of every monitor that watched it: the nodes of a job, the tasks of
+    an array, the attempts of a requeued job (one file each, see monitor.py).
+
+    Each summary i covers one host for d_i seconds from ``started_at`` (wall clock; a file without it counts as
+    starting with the others) with n_i GPUs:
+
+    - ``duration_s``: wall span, first start to last end (concurrent jobs do not add up); ``busy_s`` the time at
+      least one of them ran (the span without the gaps between attempts)
+    - ``gpu_count``: distinct GPUs (by UUID; files without UUIDs: the most any file of a host saw, summed over hosts);
+      ``gpu_hours`` = sum n_i d_i / 3600
+    - ``gpu_util_mean`` = sum u_i n_i d_i / sum n_i d_i: the mean over every GPU and all time
+    - ``power_mean_w`` = sum p_i d_i / busy_s: GPUs of concurrent hosts add, sequential attempts do not
+    - ``cpu_util_mean``: mean over hosts and time; ``energy_wh``, ``samples``: sums; maxima and peaks: maxima
+    """
+    if not summaries:
+        return {}
+
+    def num(summary: dict, key: str) -> float | None:
+        value = summary.get(key)
+        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+    first = min((t for s in summaries if (t := num(s, "started_at")) is not None), default=0.0)
+    rows = []
+    for s in summaries:
+        start, seconds = num(s, "started_at"), num(s, "duration_s") or 0.0
+        start = first if start is None else start
+        rows.append({"s": s, "start": start, "end": start + seconds, "d": seconds, "n": int(num(s, "gpu_count") or 0)})
+    busy = _busy_seconds([(r["start"], r["end"]) for r in rows])
+    merged: dict[str, Any] = {
+        "duration_s": max(r["end"] for r in rows) - min(r["start"] for r in rows),
+        "busy_s": busy,
+        "files": len(rows),
+        "hosts": len({r["s"].get("host") for r in rows}),
+        "samples": sum(num(r["s"], "samples") or 0 for r in rows),
+    }
+    for key in ("cpu_util_max", "ram_peak_gb", "gpu_util_max", "gpu_mem_peak_gb"):
+        values = [v for r in rows if (v := num(r["s"], key)) is not None]
+        if values:
+            merged[key] = max(values)
+
+    def weighted(key: str, by_gpus: bool) -> float | None:
+        """Mean of ``key`` over the files, weighted by their seconds (x their GPUs when every file counts them)."""
+        pairs = [(v, r["d"] * (r["n"] if by_gpus else 1)) for r in rows if (v := num(r["s"], key)) is not None]
+        total = sum(w for _, w in pairs)
+        return sum(v * w for v, w in pairs) / total if pairs and total > 0 else None
+
+    if (cpu := weighted("cpu_util_mean", False)) is not None:
+        merged["cpu_util_mean"] = cpu
+    energies = [e for r in rows if (e := num(r["s"], "energy_wh")) is not None]
+    if energies:
+        merged["energy_wh"] = sum(energies)
+    powers = [(p, r["d"]) for r in rows if (p := num(r["s"], "power_mean_w")) is not None]
+    if powers and busy > 0:
+        merged["power_mean_w"] = sum(p * d for p, d in powers) / busy
+    counted = all(r["n"] > 0 for r in rows if num(r["s"], "gpu_util_mean") is not None)
+    if (util := weighted("gpu_util_mean", counted)) is not None:
+        merged["gpu_util_mean"] = util
+    if not any(r["n"] for r in rows):
+        return merged
+    if all(isinstance(r["s"].get("gpu_uuids"), list) for r in rows):
+        merged["gpu_count"] = len({u for r in rows for u in r["s"]["gpu_uuids"]})
+    else:
+        per_host: dict[Any, int] = {}
+        for r in rows:
+            per_host[r["s"].get("host")] = max(per_host.get(r["s"].get("host"), 0), r["n"])
+        merged["gpu_count"] = sum(per_host.values())
+    merged["gpu_hours"] = sum(r["n"] * r["d"] for r in rows) / 3600
+    return merged
+
+
+def merge_series(series: list[list[dict]], interval_s: float) -> list[dict]:
+    """Telemetry points of several monitors on one time axis. Each series is one file's time-sorted points
+    ``{t, gpu_util_pct (mean over its GPUs), gpu_count, gpu_mem_gb, gpu_power_w (sums over its GPUs)}``.
+
+    On a grid of ``interval_s`` seconds each series contributes its latest point if it is at most two intervals old
+    (so monitors sampling out of phase all count, and a finished one drops out); utilisation combines as the
+    GPU-weighted mean, memory and power add: two nodes drawing 1000 W and 5000 W give 6000 W, not alternately one
+    and the other."""
+    series = [points for points in series if points]
+    if not series:
+        return []
+    start, end = min(p[0]["t"] for p in series), max(p[-1]["t"] for p in series)
+    times = [[p["t"] for p in points] for points in series]
+    merged = []
+    for step in range(int((end - start) // interval_s) + 1):
+        t = start + step * interval_s
+        parts = []
+        for points, stamps in zip(series, times, strict=True):
+            latest = bisect.bisect_right(stamps, t + 1e-6) - 1
+            if latest >= 0 and t - stamps[latest] <= 2 * interval_s:
+                parts.append(points[latest])
+        if not parts:
+            continue
+        point: dict[str, float] = {"t": t}
+        utils = [(p["gpu_util_pct"], p.get("gpu_count", 1)) for p in parts if "gpu_util_pct" in p]
+        if utils:
+            point["gpu_util_pct"] = sum(u * n for u, n in utils) / max(sum(n for _, n in utils), 1e-9)
+            point["gpu_count"] = sum(n for _, n in utils)
+        for key in ("gpu_mem_gb", "gpu_power_w"):
+            if any(key in p for p in parts):
+                point[key] = sum(p[key] for p in parts if key in p)
+        merged.append(point)
+    return merged

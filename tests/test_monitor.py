@@ -18,7 +18,16 @@ import pytest
 
 import monitor
 from pipeline.jsonlog import JsonLogger
-from pipeline.telemetry import MJ_PER_WH, Gpus, Summary, decode_throttle, next_deadline, open_gpus
+from pipeline.telemetry import (
+    MJ_PER_WH,
+    Gpus,
+    Summary,
+    decode_throttle,
+    merge_series,
+    merge_summaries,
+    next_deadline,
+    open_gpus,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 SCHEMA = ["ts", "level", "run", "stage", "job", "task", "host", "rank", "event", "message", "metrics"]
@@ -133,6 +142,50 @@ def test_summary_aggregates():
     host_only = Summary(started=0.0)
     host_only.add({"cpu_util_pct": 5.0, "ram_used_gb": 1.0, "ram_total_gb": 8.0})
     assert host_only.result(now=1.0)["energy_wh"] is None and host_only.result(now=1.0)["gpu_util_mean"] is None
+
+
+def node(host: str, start: float, seconds: float, util: float, power: float, gpus: int = 8, **extra) -> dict:
+    """A monitor summary of one host: ``gpus`` GPUs at ``util`` % drawing ``power`` W together."""
+    return {"host": host, "started_at": start, "duration_s": seconds, "gpu_count": gpus, "gpu_util_mean": util,
+            "gpu_util_max": util + 3, "power_mean_w": power, "energy_wh": power * seconds / 3600, "samples": seconds,
+            "cpu_util_mean": 10.0, "gpu_uuids": [f"{host}-gpu{i}" for i in range(gpus)], **extra}  # fmt: skip
+
+
+def test_merged_summaries_of_concurrent_nodes_add_gpus_and_power_and_span_the_wall_clock():
+    # the issue's numbers: two 8-GPU nodes of one job, 3600 s side by side, at 20 % / 1000 W and 95 % / 5000 W
+    merged = merge_summaries([node("a", 1000.0, 3600, 20.0, 1000.0), node("b", 1002.0, 3598, 95.0, 5000.0)])
+    assert merged["gpu_count"] == 16 and merged["duration_s"] == 3600 and merged["hosts"] == 2
+    assert merged["gpu_util_mean"] == pytest.approx((20 * 3600 + 95 * 3598) / (3600 + 3598))
+    assert merged["power_mean_w"] == pytest.approx(6000, rel=1e-3) and merged["energy_wh"] == pytest.approx(6000, 1e-3)
+    assert merged["gpu_hours"] == pytest.approx(16, rel=1e-3) and merged["gpu_util_max"] == 98
+
+
+def test_merged_summaries_of_a_requeued_job_do_not_double_count():
+    # the same node twice (a requeue after an hour in the queue), then an array task elsewhere at the same time
+    first, second = node("a", 0.0, 3600, 50.0, 2000.0), node("a", 7200.0, 3600, 70.0, 3000.0)
+    merged = merge_summaries([first, second])
+    assert merged["gpu_count"] == 8 and merged["duration_s"] == 10800 and merged["busy_s"] == 7200
+    assert merged["power_mean_w"] == pytest.approx(2500) and merged["gpu_util_mean"] == pytest.approx(60)
+    assert merged["gpu_hours"] == pytest.approx(16) and merged["energy_wh"] == pytest.approx(5000)
+    merged = merge_summaries([first, second, node("b", 7200.0, 3600, 90.0, 4000.0)])
+    assert merged["gpu_count"] == 16 and merged["power_mean_w"] == pytest.approx((2000 + 3000 + 4000) / 2)
+    # older summaries without UUIDs: the most GPUs a host showed, summed over hosts
+    legacy = [{k: v for k, v in s.items() if k != "gpu_uuids"} for s in (first, second, node("b", 0.0, 10, 1, 1))]
+    assert merge_summaries(legacy)["gpu_count"] == 16
+    host_only = merge_summaries([{"host": "c", "duration_s": 5.0, "cpu_util_mean": 40.0, "gpu_count": 0}])
+    assert "gpu_count" not in host_only and host_only["cpu_util_mean"] == 40.0 and merge_summaries([]) == {}
+
+
+def test_merged_series_add_power_of_out_of_phase_monitors():
+    a = [{"t": 100.0 + i, "gpu_util_pct": 20.0, "gpu_count": 8, "gpu_power_w": 1000.0} for i in range(10)]
+    b = [{"t": 100.4 + i, "gpu_util_pct": 95.0, "gpu_count": 8, "gpu_power_w": 5000.0} for i in range(5)]
+    merged = merge_series([a, b], 1.0)
+    assert [p["t"] for p in merged] == [100.0 + i for i in range(10)]
+    both = merged[1:5]  # b's first sample (100.4) counts from t = 101 on; it ended at 104.4
+    assert all(p["gpu_power_w"] == 6000 and p["gpu_count"] == 16 for p in both)
+    assert all(p["gpu_util_pct"] == pytest.approx(57.5) for p in both)
+    assert merged[0]["gpu_power_w"] == 1000 and merged[-1]["gpu_power_w"] == 1000  # b only within 2 intervals
+    assert merge_series([[], []], 1.0) == []
 
 
 def test_next_deadline_skips_overrun_ticks():

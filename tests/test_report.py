@@ -252,3 +252,29 @@ def test_report_with_nothing_at_all(tmp_path, tiny_config):
     rd = RunDir.from_config(load(cfg_path))
     md = (rd.stage_dir("report") / "summary.md").read_text()
     assert "model ce: no evaluation" in md and not (rd.stage_dir("report") / "plots").exists()
+
+
+def test_telemetry_of_two_concurrent_nodes_is_merged_not_taken_from_the_first(tmp_path):
+    """Two 8-GPU nodes of one job for the same hour, at 20 % / 1000 W and 95 % / 5000 W (the issue's numbers): the
+    report shows 16 GPUs, 6000 W, the mean over all 16 GPUs and 3600 s of wall clock, and the plotted series add
+    the nodes' power at each moment."""
+    stage = tmp_path / "logs" / "cache"
+    stage.mkdir(parents=True)
+    for host, util, watts, offset in (("node1", 20.0, 125.0, 0.0), ("node2", 95.0, 625.0, 0.3)):
+        lines = [{"ts": 1000.0 + offset + i, "event": "telemetry",
+                  "metrics": {"gpus": [{"uuid": f"{host}-{g}", "util_pct": util, "mem_used_gb": 40.0,
+                                        "power_w": watts} for g in range(8)]}}
+                 for i in range(3600)]  # fmt: skip
+        (stage / f"telemetry_{host}_77_{host[-1]}.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+        summary = {"host": host, "interval_s": 1.0, "started_at": 1000.0 + offset, "duration_s": 3600.0,
+                   "gpu_count": 8, "gpu_uuids": [f"{host}-{g}" for g in range(8)], "gpu_util_mean": util,
+                   "power_mean_w": 8 * watts, "energy_wh": 8 * watts}  # fmt: skip
+        (stage / f"telemetry_summary_{host}_77_{host[-1]}.json").write_text(json.dumps(summary))
+    merged = report.collect_telemetry(tmp_path / "logs", [])["cache"]
+    s = merged["summary"]
+    assert s["gpu_count"] == 16 and s["power_mean_w"] == pytest.approx(6000, rel=1e-3)
+    assert s["gpu_util_mean"] == pytest.approx(57.5) and s["duration_s"] == pytest.approx(3600.3)
+    assert s["energy_wh"] == 6000
+    middle = merged["points"][1800]
+    assert middle["gpu_power_w"] == 6000 and middle["gpu_util_pct"] == pytest.approx(57.5)
+    assert middle["gpu_mem_gb"] == 16 * 40.0
