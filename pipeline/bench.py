@@ -42,6 +42,7 @@ from torch import nn
 from pipeline import cache as cache_stage
 from pipeline import cache_format as cf
 from pipeline import modeling as mdl
+from pipeline import teacher_parallel as tp
 from pipeline import train as train_stage
 from pipeline.config import CacheConfig, ModelConfig
 from pipeline.definition import STAGES
@@ -76,6 +77,8 @@ class Sizes:
     repeats: int  # timed repeats per measurement (medians reported)
     threads: int | None  # torch CPU threads; 1 on the shared machines, where 2 threads thrash under load
     use_demo_models: bool = False
+    parallel_rows: int = 64  # rows cached by each teacher-parallel mode (1 process, DP=2, TP)
+    parallel_shards: int = 4  # ... in this many shards, so data-parallel replicas split them
 
 
 # The cache is one shard of one row group (256 or 512 rows): real shards hold thousands of rows
@@ -85,7 +88,7 @@ QUICK = Sizes("quick", 400_000, 4096, 128, 4, 80, 64, 2, 128, 256, 256, 8, 4096,
 FULL = Sizes("full", 3_000_000, 4096, 128, 4, 120, 256, 4, 512, 512, 512, 8, 16384, 1024, 4096, 15, None, True)
 # Quick shapes on the demo's real teacher and student (make demo's assets): CPU figures for realistic models, where
 # the tiny models of quick mode overstate fixed per-step costs (LM head share, relation triplets).
-DEMO = dataclasses.replace(QUICK, name="demo-models", repeats=5, use_demo_models=True)
+DEMO = dataclasses.replace(QUICK, name="demo-models", repeats=5, use_demo_models=True, parallel_rows=32)
 MODES = {"quick": QUICK, "demo-models": DEMO, "full": FULL}
 
 
@@ -509,6 +512,118 @@ def bench_bytes(files: list[Path], meta: dict[str, Any], assets: Assets) -> tupl
     return row, {"bytes_per_token": columns, "tokens": tokens, "topk_mass": mass}
 
 
+def parallel_tensor_size(tcfg: Any) -> int:
+    """The smallest tensor-parallel size > 1 the teacher allows (2 for the tiny Llama, 3 for SmolLM2's 9/3 heads)."""
+    heads, kv = (
+        int(tcfg.num_attention_heads),
+        int(getattr(tcfg, "num_key_value_heads", None) or tcfg.num_attention_heads),
+    )
+    return next(t for t in range(2, heads + 1) if heads % t == 0 and kv % t == 0)
+
+
+def parallel_worker(root: Path, out: Path, tensor_parallel: int, batch: int, logits_chunk: int, shards: int) -> None:
+    """One process of a teacher-parallel mode (under torchrun): load the teacher as the cache stage does
+    (``teacher_parallel.setup``/``load_teacher``), cache ``root/rows.npy`` in ``shards`` shards with
+    ``cache.extract_batch`` (replica r takes shards r, r+R, ...; its TP rank 0 writes them) and let rank 0 write the
+    compute time between two barriers to ``out/result.json``."""
+    from pipeline.config import TeacherConfig
+
+    on = mdl.device()
+    layout = tp.setup(tensor_parallel, on)
+    spec_model = TeacherConfig(name_or_path=str(root / "teacher"), dtype="float32")
+    teacher = tp.load_teacher(spec_model, layout, on)
+    rows = np.load(root / "rows.npy")
+    layer = max(1, teacher.config.num_hidden_layers // 2)
+    ccfg = CacheConfig(top_k=TOP_K, hidden_layers=[layer], batch_size=batch, logits_chunk=logits_chunk)
+    spec, fields = cache_stage.resolve_extraction(ccfg, teacher.config, rows.shape[1], 0)
+    pieces = np.array_split(np.arange(len(rows)), shards)
+    tp.barrier(layout)
+    started = time.perf_counter()
+    for index in range(layout.replica, shards, layout.replicas):
+        ids = rows[pieces[index]]
+        parts = []
+        for start in range(0, len(ids), batch):
+            chunk = torch.from_numpy(ids[start : start + batch].astype(np.int64))
+            parts.append(cache_stage.extract_batch(teacher, chunk, torch.ones_like(chunk), spec))
+        if layout.writer:
+            packed = {"sample_id": pieces[index].astype(np.int64), "input_ids": ids,
+                      "attention_mask": np.ones_like(ids, dtype=np.int8)}  # fmt: skip
+            name = f"train-{index:05d}.parquet"
+            meta = {"teacher": "bench", "teacher_fingerprint": "bench", "vocab_hash": "bench",
+                    "vocab_size": int(teacher.config.vocab_size), "dtype": "float32", **fields, "split": "train",
+                    "manifest_shard": name, "manifest_sha256": "bench", "rows": len(ids)}  # fmt: skip
+            cf.write_shard(out / name, cache_stage.to_columns(parts, packed), meta)
+    tp.barrier(layout)
+    seconds = time.perf_counter() - started
+    if layout.rank == 0:
+        tokens = int(rows.size)
+        result = {"seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds}
+        atomic_write_json(
+            out / "result.json", {**result, "processes": layout.world, "tensor_parallel": tensor_parallel}
+        )
+
+
+def bench_parallel(
+    assets: Assets, sizes: Sizes, out: Path, log: Callable[[str], None], nproc_dp: int = 2
+) -> tuple[list[Row], dict[str, Any]]:
+    """The cache teacher under torchrun (gloo on CPU, NCCL on GPU): 1 process, DP=``nproc_dp`` (whole teacher per
+    rank) and TP=T (transformers tensor parallelism, T the smallest the heads allow) cache the same rows; rows say
+    how far each mode's shards are from the single process's and the tokens/s of each, measured one after another
+    in this run."""
+    root = out / "parallel"
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir(parents=True)
+    assets.teacher.save_pretrained(root / "teacher")
+    rows = assets.rows[: sizes.parallel_rows]
+    np.save(root / "rows.npy", rows)
+    tensor = parallel_tensor_size(assets.teacher.config)
+    modes = {"single": (1, 1), "dp": (nproc_dp, 1), "tp": (tensor, tensor)}
+    results: dict[str, Any] = {}
+    for mode, (nproc, tensor_parallel) in modes.items():
+        log(f"teacher parallelism: {mode} ({nproc} process(es), tensor_parallel {tensor_parallel})")
+        target = root / mode
+        target.mkdir()
+        env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(sizes.threads or 1)}
+        code = (
+            "import sys; from pathlib import Path; from pipeline.bench import parallel_worker; "
+            f"parallel_worker(Path({str(root)!r}), Path({str(target)!r}), {tensor_parallel}, {sizes.batch}, "
+            f"{sizes.logits_chunk}, {sizes.parallel_shards})"
+        )
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+               "--no-python", sys.executable, "-c", code]  # fmt: skip
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
+        if done.returncode != 0:
+            raise RuntimeError(f"bench parallel {mode} failed: {(done.stderr or done.stdout)[-2000:]}")
+        results[mode] = json.loads((target / "result.json").read_text())
+    dp, tp_ = tp.compare_caches(root / "dp", root / "single"), tp.compare_caches(root / "tp", root / "single")
+    speed = {mode: results[mode]["tokens_per_s"] for mode in modes}
+    where = "GPU" if torch.cuda.is_available() else "CPU, gloo"
+
+    def detail(cmp: dict[str, Any]) -> str:
+        diffs = ", ".join(f"{k} {v:.1e}" for k, v in cmp["max_abs"].items())
+        return (
+            f"{cmp['identical_shards']}/{cmp['shards']} shards byte-identical; top-{TOP_K} id sets equal at "
+            f"{cmp['positions'] - cmp['boundary_swaps'] - cmp['other_id_differences']}/{cmp['positions']} positions "
+            f"({cmp['reordered_positions']} reordered, {cmp['boundary_swaps']} k-th-place near-ties); "
+            f"max |diff|: {diffs}"
+        )
+
+    def distance(cmp: dict[str, Any]) -> float:
+        return cmp["max_fp16_steps"] if cmp["other_id_differences"] == 0 else float("inf")
+
+    ratio = speed["tp"] / speed["single"]
+    speeds = f"{speed['tp']:.0f} / {speed['dp']:.0f} / {speed['single']:.0f} tokens/s ({where}; {len(rows)} rows x "
+    speeds += f"{rows.shape[1]} in {sizes.parallel_shards} shards; value: TP over 1 process)"
+    table = [
+        Row("parallel_dp", f"DP={nproc_dp} cache vs 1 process (fp16 steps)", distance(dp), "", 1.0, "<=", detail(dp)),
+        Row("parallel_tp", f"TP={tensor} cache vs 1 process (fp16 steps)", distance(tp_), "", 1.0, "<=", detail(tp_)),
+        Row(
+            "parallel_speed", f"teacher tokens/s: TP={tensor} / DP={nproc_dp} / 1 process", ratio, "x", None, "", speeds
+        ),
+    ]
+    return table, {"results": results, "dp": dp, "tp": tp_, "tensor_parallel": tensor}
+
+
 SLURM_ROW = "Slurm chain overhead (5 trivial stages)"
 SLURM_STAGE_RESOURCES = {"gpus_per_node": 0, "cpus_per_task": 1, "mem_gb": 1, "time": "5"}
 
@@ -650,6 +765,7 @@ def run_bench(
     command: str,
     *,
     slurm: bool = True,
+    parallel: bool = True,
     log: Callable[[str], None] = lambda msg: print(f"bench: {msg}", file=sys.stderr, flush=True),
 ) -> dict[str, Any]:
     """Measure every row, write ``<out>/bench.json`` and (if given) the Markdown report; returns the result."""
@@ -679,6 +795,9 @@ def run_bench(
     row, raw["bytes"] = bench_bytes(files, meta, assets)
     rows.append(row)
     rows.append(flops)
+    if parallel:
+        parallel_rows, raw["parallel"] = bench_parallel(assets, sizes, out, log)
+        rows += parallel_rows
     if slurm:
         row, raw["slurm"] = bench_slurm(out, log)
     else:
@@ -715,10 +834,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--markdown", type=Path, default=REPO / "BENCHMARKS.md", help="report to refresh")
     parser.add_argument("--text", type=Path, default=DEFAULT_TEXT, help="real text (.jsonl with 'text' or plain)")
     parser.add_argument("--skip-slurm", action="store_true", help="leave out the Slurm chain row")
+    parser.add_argument("--skip-parallel", action="store_true", help="leave out the teacher-parallel rows")
     args = parser.parse_args(argv)
     sizes = MODES[args.mode or "quick"]
     command = "python -m pipeline.bench " + " ".join(argv if argv is not None else sys.argv[1:])
-    run_bench(sizes, args.out, args.markdown, args.text, command.strip(), slurm=not args.skip_slurm)
+    run_bench(sizes, args.out, args.markdown, args.text, command.strip(), slurm=not args.skip_slurm,
+              parallel=not args.skip_parallel)  # fmt: skip
     return 0
 
 

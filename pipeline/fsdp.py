@@ -147,4 +147,3 @@ class Fsdp2:
 
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         return get_model_state_dict(model, options=options)
-

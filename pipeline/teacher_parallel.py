@@ -274,3 +274,73 @@ def vocab_parallel_topk(
         ids.append(index)
         tails.append(tail)
     return torch.cat(values), torch.cat(ids), torch.cat(tails)
+
+
+# ------------------------------------------------------------------------------------------------------ parity
+def fp16_steps(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor | float = 2.0**-6) -> torch.Tensor:
+    """|a - b| in fp16 spacings at the larger magnitude, magnitudes under ``scale`` counted as ``scale``: an entry
+    computed as a sum of larger terms (a hidden-state component, a log-prob z - M) moves by the rounding of those
+    terms, which is many fp16 steps of a value near zero yet far below the storage rounding of the whole."""
+    a, b = a.float(), b.float()
+    size = torch.maximum(torch.maximum(a.abs(), b.abs()), torch.as_tensor(scale, dtype=torch.float32))
+    return (a - b).abs() / 2.0 ** (torch.floor(torch.log2(size)) - 10)
+
+
+def compare_caches(got: Any, want: Any) -> dict[str, Any]:
+    """How far the cache shards in directory ``got`` are from those in ``want`` (same file names), e.g. a
+    tensor-parallel run against a single-process one.
+
+    Stored top-k entries are matched by token id, since a reordered sum can swap two entries whose log-probs are
+    equal in storage: per position the id sets must agree, or differ by one id at the k-th place (a near-tie at the
+    boundary), and matched values must be within one fp16 step. Other float columns are compared element-wise (a
+    vector's entries at the scale of its RMS).
+    ``within_rounding`` says whether everything is; the counts and maxima say how close."""
+    from pathlib import Path
+
+    from pipeline import cache_format as cf
+
+    counts = (
+        "shards",
+        "identical_shards",
+        "positions",
+        "reordered_positions",
+        "boundary_swaps",
+        "other_id_differences",
+        "unequal_columns",
+    )
+    report: dict[str, Any] = {**dict.fromkeys(counts, 0), "max_abs": {}, "max_fp16_steps": 0.0}
+    for path in sorted(Path(want).glob("*.parquet")):
+        other = Path(got) / path.name
+        report["shards"] += 1
+        report["identical_shards"] += int(other.read_bytes() == path.read_bytes())
+        a = next(iter(cf.CacheDataset([path], batch_size=1 << 30, shuffle=False)))
+        b = next(iter(cf.CacheDataset([other], batch_size=1 << 30, shuffle=False)))
+        real = a["attention_mask"].bool()
+        ids_a, ids_b = a["topk_ids"][real], b["topk_ids"][real]  # [P, k]
+        val_a, val_b = a["topk_logprobs"][real].float(), b["topk_logprobs"][real].float()
+        found = (ids_a.unsqueeze(-1) == ids_b.unsqueeze(-2)).any(-1)  # [P, k]: a's id among b's
+        missing = (~found).sum(-1)
+        same = missing == 0
+        report["positions"] += int(real.sum())
+        report["reordered_positions"] += int((same & (ids_a != ids_b).any(-1)).sum())
+        # one id swapped for another is a near-tie at the k-th place only if the lost entry ties with a's last value
+        lost = torch.where(found, torch.inf, val_a).min(-1).values
+        boundary = (missing == 1) & (fp16_steps(lost, val_a.min(-1).values) <= 1.0)
+        report["boundary_swaps"] += int(boundary.sum())
+        report["other_id_differences"] += int(((missing > 0) & ~boundary).sum())
+        by_id_a = val_a.gather(-1, ids_a.argsort(-1))
+        by_id_b = val_b.gather(-1, ids_b.argsort(-1))
+        steps = [fp16_steps(by_id_a[same], by_id_b[same]).flatten(), fp16_steps(val_a[~same], val_b[~same]).flatten()]
+        for column, value in a.items():
+            if isinstance(value, torch.Tensor) and not value.is_floating_point() and column != "topk_ids":
+                report["unequal_columns"] += int(not torch.equal(value, b[column]))  # tokens, mask, sample ids
+            if isinstance(value, torch.Tensor) and value.is_floating_point():
+                report["max_abs"][column] = max(report["max_abs"].get(column, 0.0),
+                                                float((value.float() - b[column].float()).abs().max()))  # fmt: skip
+                if column != "topk_logprobs":  # vectors (hidden states, embeddings): their RMS is the scale
+                    scale = value.float().pow(2).mean(-1, keepdim=True).sqrt() if value.ndim > 1 else 2.0**-6
+                    steps.append(fp16_steps(value, b[column], scale).flatten())
+        report["max_fp16_steps"] = max(report["max_fp16_steps"], float(torch.cat(steps).max()))
+    exact = report["other_id_differences"] == report["unequal_columns"] == 0
+    report["within_rounding"] = exact and report["max_fp16_steps"] <= 1.0
+    return report

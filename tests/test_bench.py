@@ -3,6 +3,7 @@ Markdown report. The goals themselves are not asserted here (timings on shared m
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -36,7 +37,9 @@ ROWS = ("reader", "extraction", "memory", "kd_response", "kd_feature", "kd_relat
 
 def test_quick_machinery_writes_json_table_and_markdown(tmp_path, tiny_assets, capsys):
     out, markdown = tmp_path / "out", tmp_path / "BENCHMARKS.md"
-    result = bench.run_bench(TINY, out, markdown, tiny_assets["corpus"], "python -m pipeline.bench", slurm=False)
+    result = bench.run_bench(
+        TINY, out, markdown, tiny_assets["corpus"], "python -m pipeline.bench", slurm=False, parallel=False
+    )
     table = capsys.readouterr().out
 
     saved = json.loads((out / "bench.json").read_text())
@@ -103,3 +106,19 @@ def test_slurm_chain_of_five_trivial_jobs_completes(tmp_path):
     assert raw["jobs"] == 5 and set(raw["states"].values()) == {"COMPLETED"}
     record = json.loads((tmp_path / "slurm" / "logs" / "bench_slurm" / "slurm" / "submission.json").read_text())
     assert [job["stage"] for job in record["jobs"]] == ["manifest", "cache", "train", "evaluate", "report"]
+
+
+@pytest.mark.slow
+def test_teacher_parallel_rows_compare_dp_and_tp_caches_with_one_process(tmp_path, tiny_assets):
+    """The rows of ``bench_parallel``: 1 process, DP=2 and TP=2 under torchrun cache the same rows; DP is byte for
+    byte the single process, TP within storage rounding; tokens/s of each mode side by side."""
+    sizes = dataclasses.replace(TINY, parallel_rows=8, parallel_shards=2)
+    torch.set_num_threads(1)
+    assets = bench.build_assets(sizes, tiny_assets["corpus"], torch.device("cpu"), lambda msg: None)
+    rows, raw = bench.bench_parallel(assets, sizes, tmp_path, lambda msg: None)
+    by_key = {row.key: row for row in rows}
+    assert list(by_key) == ["parallel_dp", "parallel_tp", "parallel_speed"] and raw["tensor_parallel"] == 2
+    assert by_key["parallel_dp"].value == 0 and raw["dp"]["identical_shards"] == 2
+    assert by_key["parallel_tp"].status == "pass" and raw["tp"]["within_rounding"]
+    assert all(raw["results"][mode]["tokens_per_s"] > 0 for mode in ("single", "dp", "tp"))
+    assert raw["results"]["tp"]["processes"] == 2 and "tokens/s" in by_key["parallel_speed"].detail

@@ -84,3 +84,40 @@ def test_config_checks_name_the_key(tiny_assets):
     # how the teacher is run is not part of what the cache holds: its identity ignores tensor_parallel
     one = config_mod.TeacherConfig(name_or_path="t")
     assert config_mod.model_identity(one) == config_mod.model_identity(config_mod.TeacherConfig("t", tensor_parallel=8))
+
+
+def test_compare_caches_matches_top_k_by_id_and_rejects_real_differences(tmp_path):
+    """Two entries whose stored log-probs are equal may come out swapped (a reordered sum): still equal. A changed
+    id, a value two fp16 steps away or another token is not."""
+    import numpy as np
+
+    from pipeline import cache_format as cf
+
+    meta = {"top_k": 3, "temperature": 1.0, "hidden_layers": [1], "hidden_dim": 4, "hidden_dtype": "float16",
+            "hidden_positions": None, "hidden_index_convention": "x", "num_hidden_states": 3, "embed_layer": None,
+            "seq_len": 2, "teacher": "t", "teacher_fingerprint": "f", "vocab_hash": "v", "vocab_size": 50,
+            "dtype": "float32", "split": "train", "manifest_shard": "train-00000.parquet", "manifest_sha256": "s",
+            "rows": 1}  # fmt: skip
+
+    def write(directory, ids, values, tokens=(5, 6)):
+        cols = {"sample_id": np.array([0]), "input_ids": np.array([tokens], dtype=np.int32),
+                "attention_mask": np.ones((1, 2), dtype=np.int8),
+                "topk_ids": np.array([ids], dtype=np.int32), "topk_logprobs": np.array([values], dtype=np.float16),
+                "tail_logmass": np.full((1, 2), -3.0, dtype=np.float16),
+                "hidden_1": torch.ones(1, 2, 4, dtype=torch.float16).view(torch.int16).numpy()}  # fmt: skip
+        cf.write_shard(tmp_path / directory / "train-00000.parquet", cols, meta)
+        return tmp_path / directory
+
+    base = [[1, 2, 3], [4, 5, 6]], [[-0.5, -2.0, -2.0], [-0.1, -3.0, -4.0]]
+    want = write("want", *base)
+    swapped = write("swapped", [[1, 3, 2], [4, 5, 6]], base[1])
+    report = tp.compare_caches(swapped, want)
+    assert report["within_rounding"] and report["reordered_positions"] == 1 and report["identical_shards"] == 0
+    near_tie = tp.compare_caches(write("near_tie", [[1, 2, 9], [4, 5, 6]], base[1]), want)  # 9 ties with 3 at k
+    assert near_tie["within_rounding"] and near_tie["boundary_swaps"] == 1
+    other = tp.compare_caches(write("other_id", [[9, 2, 3], [4, 5, 6]], base[1]), want)
+    assert not other["within_rounding"] and other["other_id_differences"] == 1
+    far = write("far", base[0], [[-0.5, -2.0, -2.0], [-0.1, -3.0, -4.0 - 2 * 2.0**-8]])
+    assert tp.compare_caches(far, want)["max_fp16_steps"] == 2.0
+    assert not tp.compare_caches(write("tokens", *base, tokens=(5, 7)), want)["within_rounding"]
+    assert tp.compare_caches(write("same", *base), want)["identical_shards"] == 1
