@@ -22,7 +22,7 @@ DEMO_STAMP := .venv/.demo-packages.stamp
 
 # stages must run one after another even under `make -j`
 .NOTPARALLEL:
-.PHONY: demo test lint cluster bench run manifest cache train evaluate report submit status cancel logs venv
+.PHONY: demo test lint cluster bench gpu-check run manifest cache train evaluate report submit status cancel logs venv
 
 # ---------------------------------------------------------------------------------------------- environment
 venv: $(VENV_STAMP)
@@ -79,6 +79,11 @@ cluster:
 
 bench: $(VENV_STAMP)
 	$(PY) -m pipeline.bench $(ARGS)
+
+# Every CUDA path in one run (< 8 min on one H200), report in runs/gpu_check/gpu_check.json; exit 2 without a GPU.
+# No venv prerequisite: on a GPU node with its own CUDA torch, `make gpu-check PY=python3`.
+gpu-check:
+	$(OFFLINE) $(PY) -m pipeline.gpu_check $(ARGS)
 
 # ---------------------------------------------------------------------------------------------- Slurm
 submit:
