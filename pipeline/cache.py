@@ -452,7 +452,12 @@ def shard_done(cache_dir: Path, shard_file: str, signature: str, verify: bool) -
 def _add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--task-index", type=int, default=None, help="this task's index (default: Slurm array id)")
     parser.add_argument("--task-count", type=int, default=None, help="number of tasks (default: Slurm array size)")
-    parser.add_argument("--plan", action="store_true", help="print the size estimate and exit (no teacher forward)")
+    parser.add_argument("--plan", action="store_true", help="print the size and parallel plan, exit (no forward)")
+    hw = tp.Hardware()
+    parser.add_argument("--gpu-tflops", type=float, default=hw.gpu_tflops, help="--plan: dense bf16 peak per GPU")
+    parser.add_argument("--mfu", type=float, default=hw.mfu, help="--plan: fraction of the peak the teacher reaches")
+    parser.add_argument("--gpu-gb", type=float, default=hw.gpu_memory_gb, help="--plan: memory per GPU")
+    parser.add_argument("--allreduce-gb-s", type=float, default=hw.allreduce_gb_s, help="--plan: NVLink bus GB/s")
 
 
 def _check_tokenizer(cfg: Config, manifest: dict[str, Any], where: Path) -> None:
@@ -649,11 +654,18 @@ SPEC = StageSpec(
 
 
 def plan_main(args: argparse.Namespace) -> int:
-    """``--plan``: print the estimated cache size for the manifest and config."""
+    """``--plan``: the estimated cache size and the teacher-parallel layouts for the config (and the manifest, when
+    it exists; before it does, ``manifest.max_tokens`` stands in for the token count)."""
     try:
         cfg = load_config(args.config, args.overrides)
         rd = RunDir.from_config(cfg)
-        manifest = data_format.read_manifest(rd.stage_dir("manifest"))
+        manifest_dir = rd.stage_dir("manifest")
+        if (manifest_dir / data_format.MANIFEST_FILE).exists() or not cfg.manifest.max_tokens:
+            manifest, source = data_format.read_manifest(manifest_dir), "manifest"
+        else:
+            rows = cfg.manifest.max_tokens // cfg.manifest.seq_len
+            manifest = {"seq_len": cfg.manifest.seq_len, "splits": {"train": {"rows": rows}, "val": {"rows": 0}}}
+            source = "manifest.max_tokens (no manifest yet)"
         tcfg = load_teacher_config(cfg.teacher)
         tp.check_tensor_parallel(tcfg, cfg.teacher.tensor_parallel)
         table = plan_rows(cfg, manifest, tcfg)
@@ -661,6 +673,25 @@ def plan_main(args: argparse.Namespace) -> int:
         return cli_exit_code(err)
     tokens = sum(int(manifest["splits"][s]["rows"]) for s in data_format.SPLITS) * int(manifest["seq_len"])
     print(format_plan(table, tokens))
+    print(f"(tokens from {source})")
+    resources = cfg.slurm.stages.cache
+    if resources.gpus_per_node < 1:
+        print("\nno parallel plan: slurm.stages.cache.gpus_per_node is 0 (CPU)")
+        return 0
+    hw = tp.Hardware(args.gpu_tflops, args.mfu, args.gpu_gb, args.allreduce_gb_s)
+    dtype = cfg.teacher.dtype if cfg.teacher.dtype != "auto" else "bfloat16"  # auto is bf16 on the GPU
+    layouts = tp.plan_parallel(
+        tcfg,
+        seq_len=int(manifest["seq_len"]),
+        batch=cfg.cache.batch_size,
+        logits_chunk=cfg.cache.logits_chunk,
+        dtype_bytes=torch.finfo(getattr(torch, dtype)).bits // 8,
+        gpus_per_node=resources.gpus_per_node,
+        hw=hw,
+    )
+    print()
+    print(tp.format_parallel_plan(layouts, tokens, resources.array_tasks, resources.gpus_per_node,
+                                  cfg.teacher.tensor_parallel, hw))  # fmt: skip
     return 0
 
 

@@ -344,3 +344,85 @@ def compare_caches(got: Any, want: Any) -> dict[str, Any]:
     exact = report["other_id_differences"] == report["unequal_columns"] == 0
     report["within_rounding"] = exact and report["max_fp16_steps"] <= 1.0
     return report
+
+
+# ---------------------------------------------------------------------------------------------------- planning
+@dataclasses.dataclass(frozen=True)
+class Hardware:
+    """Assumptions of the parallel plan (``cache --plan`` flags override them); defaults: 8 x H100/H200 SXM."""
+
+    gpu_tflops: float = 989.0  # dense bf16 peak per GPU (data sheet)
+    mfu: float = 0.4  # fraction of it a large teacher's forward reaches (measure yours: make gpu-check)
+    gpu_memory_gb: float = 80.0
+    allreduce_gb_s: float = 370.0  # NCCL ring all-reduce bus bandwidth within an NVLink node (nccl-tests)
+    reserved_gb: float = 3.0  # CUDA context, NCCL buffers, allocator slack per GPU
+
+
+def teacher_shape(tcfg: Any) -> dict[str, int]:
+    """Sizes of a Llama-family decoder from its config.json, and its parameter count (embeddings, layers, head)."""
+    hidden, layers = int(tcfg.hidden_size), int(tcfg.num_hidden_layers)
+    heads = int(tcfg.num_attention_heads)
+    kv = int(getattr(tcfg, "num_key_value_heads", None) or heads)
+    head_dim = int(getattr(tcfg, "head_dim", None) or hidden // heads)
+    inter, vocab = int(tcfg.intermediate_size), int(tcfg.vocab_size)
+    per_layer = hidden * head_dim * (2 * heads + 2 * kv) + 3 * hidden * inter + 2 * hidden
+    tied = bool(getattr(tcfg, "tie_word_embeddings", False))
+    params = vocab * hidden * (1 if tied else 2) + layers * per_layer + hidden
+    matmul = params - (0 if tied else vocab * hidden)  # the embedding lookup is no matmul; the LM head is
+    return {"hidden": hidden, "layers": layers, "heads": heads, "kv_heads": kv, "head_dim": head_dim,
+            "intermediate": inter, "vocab": vocab, "params": params, "matmul_params": matmul}  # fmt: skip
+
+
+def plan_parallel(
+    tcfg: Any, *, seq_len: int, batch: int, logits_chunk: int, dtype_bytes: int, gpus_per_node: int, hw: Hardware
+) -> list[dict[str, Any]]:
+    """Per-GPU memory and per-node throughput of the teacher pass for every tensor-parallel size T that divides the
+    node's GPUs and the heads, plus ``device_map: auto`` (one copy over the node's GPUs, one GPU busy at a time).
+
+    memory/rank = weights/T + activations of one batch (B*S positions x (4 hidden + q/k/v/T + 3 intermediate/T)
+    values) + one LM-head chunk (chunk x V/T logits in the model dtype and fp32) + reserved.
+    time/token  = FLOPs/token / (T x peak x MFU) + two all-reduces per layer of hidden x bytes at 2(T-1)/T / bandwidth
+    (transformers' TP does not overlap them). FLOPs/token = 2 x matmul weights + 4 x layers x S x hidden (PaLM)."""
+    shape = teacher_shape(tcfg)
+    h, layers, inter, vocab = shape["hidden"], shape["layers"], shape["intermediate"], shape["vocab"]
+    flops = 2.0 * shape["matmul_params"] + 4.0 * layers * seq_len * h
+    positions = batch * seq_len
+    rows = []
+    sizes = [t for t in range(1, gpus_per_node + 1) if gpus_per_node % t == 0]
+    for t in [t for t in sizes if shape["heads"] % t == 0 and shape["kv_heads"] % t == 0] + ["auto"]:
+        tp = gpus_per_node if t == "auto" else t
+        attention = shape["head_dim"] * (shape["heads"] + 2 * shape["kv_heads"]) / tp
+        activations = positions * (4 * h + attention + 3 * inter / tp) * dtype_bytes
+        head = logits_chunk * -(-vocab // tp) * (4 + dtype_bytes)
+        weights = shape["params"] * dtype_bytes / tp
+        memory = (weights + activations + head) / 1e9 + hw.reserved_gb
+        compute = flops / ((1 if t == "auto" else tp) * hw.gpu_tflops * 1e12 * hw.mfu)
+        comm = 0.0 if t in ("auto", 1) else 2 * layers * h * dtype_bytes * 2 * (tp - 1) / tp / (hw.allreduce_gb_s * 1e9)
+        replicas = 1 if t == "auto" else gpus_per_node // tp
+        node_tokens_s = replicas / (compute + comm)
+        rows.append({
+            "tensor_parallel": t, "replicas": replicas, "weights_gb": weights / 1e9, "memory_gb": memory,
+            "fits": memory <= hw.gpu_memory_gb, "comm_share": comm / (compute + comm),
+            "node_tokens_per_s": node_tokens_s, "gpu_hours_per_1b_tokens": 1e9 / node_tokens_s * gpus_per_node / 3600,
+        })  # fmt: skip
+    return rows
+
+
+def format_parallel_plan(
+    rows: list[dict[str, Any]], tokens: int, nodes: int, gpus_per_node: int, configured: int, hw: Hardware
+) -> str:
+    """The plan as text: one line per layout, then the wall time of ``tokens`` on ``nodes`` nodes."""
+    lines = [
+        f"teacher pass on {nodes} node(s) x {gpus_per_node} GPUs ({hw.gpu_memory_gb:.0f} GB, {hw.gpu_tflops:.0f} "
+        f"TFLOP/s at MFU {hw.mfu}, all-reduce {hw.allreduce_gb_s:.0f} GB/s); configured tensor_parallel {configured}",
+        f"{'layout':<16}{'replicas':>9}{'GB/GPU':>9}{'fits':>6}{'comm':>7}{'tok/s/node':>14}{'GPU-h/1B tok':>14}"
+        f"{'wall h':>9}",
+    ]
+    for r in rows:
+        name = "device_map=auto" if r["tensor_parallel"] == "auto" else f"T={r['tensor_parallel']}"
+        wall = tokens / (r["node_tokens_per_s"] * nodes) / 3600
+        lines.append(
+            f"{name:<16}{r['replicas']:>9}{r['memory_gb']:>9.1f}{'yes' if r['fits'] else 'NO':>6}"
+            f"{r['comm_share']:>7.0%}{r['node_tokens_per_s']:>14,.0f}{r['gpu_hours_per_1b_tokens']:>14.4g}{wall:>9.3g}"
+        )
+    return "\n".join(lines)

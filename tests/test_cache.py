@@ -286,6 +286,12 @@ def test_plan_prints_sizes_without_running_the_teacher(run_config, capsys):
     # per token: sample_id 8/32 + ids 4 + mask 1 + top-16 (4 + 2) * 16 + tail 2 + 2 layers x 64 x 2 + embed 64 x 4/32
     assert float(total[1]) == 8 / 32 + 4 + 1 + 96 + 2 + 256 + 8
     assert not cache_dir(config).exists()
+    # the parallel plan for the configured node (8 GPUs by default): every valid T and device_map=auto
+    assert "configured tensor_parallel 1" in text and "T=2" in text and "device_map=auto" in text
+    # before the manifest exists, manifest.max_tokens stands in for the token count
+    unbuilt = run_config(run_name="unbuilt", **{"manifest.max_tokens": 3200, "cache.top_k": 16})
+    assert cache.main(["--config", str(unbuilt), "--plan"]) == 0
+    assert "cache plan for 3,200 tokens" in capsys.readouterr().out
 
 
 def test_cache_format_version_is_part_of_the_stage_identity(monkeypatch):

@@ -121,3 +121,25 @@ def test_compare_caches_matches_top_k_by_id_and_rejects_real_differences(tmp_pat
     assert tp.compare_caches(far, want)["max_fp16_steps"] == 2.0
     assert not tp.compare_caches(write("tokens", *base, tokens=(5, 7)), want)["within_rounding"]
     assert tp.compare_caches(write("same", *base), want)["identical_shards"] == 1
+
+
+def test_parallel_plan_for_llama_70b_on_8x80gb_nodes():
+    """The README's planning arithmetic: Llama-3.1-70B's config.json sizes, bf16, 4 x 4096 tokens per batch."""
+    from transformers import LlamaConfig
+
+    tcfg = LlamaConfig(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                       num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False)  # fmt: skip
+    assert tp.teacher_shape(tcfg)["params"] == 70_553_706_496
+    hw = tp.Hardware()
+    rows = tp.plan_parallel(tcfg, seq_len=4096, batch=4, logits_chunk=2048, dtype_bytes=2, gpus_per_node=8, hw=hw)
+    by = {r["tensor_parallel"]: r for r in rows}
+    assert list(by) == [1, 2, 4, 8, "auto"]
+    assert not by[1]["fits"] and by[4]["fits"] and by[8]["fits"]
+    assert by[4]["weights_gb"] == pytest.approx(141.1 / 4, rel=1e-3) and 35 < by[4]["memory_gb"] < 45
+    assert by[4]["replicas"] == 2 and by[8]["comm_share"] > by[4]["comm_share"] > 0
+    assert by[4]["node_tokens_per_s"] > by[8]["node_tokens_per_s"] > 6 * by["auto"]["node_tokens_per_s"]
+    flops = 2 * tp.teacher_shape(tcfg)["matmul_params"] + 4 * 80 * 4096 * 8192  # ~152 GFLOP per token
+    assert by[1]["node_tokens_per_s"] == pytest.approx(8 * 989e12 * 0.4 / flops)
+    assert by[4]["gpu_hours_per_1b_tokens"] == pytest.approx(1e9 / by[4]["node_tokens_per_s"] * 8 / 3600)
+    text = tp.format_parallel_plan(rows, 2_000_000_000, 16, 8, 4, hw)
+    assert "T=4" in text and "device_map=auto" in text and "NO" in text
