@@ -60,7 +60,11 @@ class ModelConfig:
     gguf_file: str | None = _opt(None, "GGUF file inside name_or_path to dequantize on load")
     tokenizer: str | None = _opt(None, "tokenizer name or path when it differs from name_or_path")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = _opt("auto", "auto: bf16 on GPU, fp32 on CPU")
-    device_map: str | None = _opt(None, "'auto' spreads one model over all visible GPUs (teacher on a node)")
+    device_map: str | None = _opt(
+        None,
+        "'auto' spreads one model layer by layer over the visible GPUs (one busy at a time): the fallback "
+        "for a teacher with no tensor-parallel plan",
+    )
     attn_implementation: str | None = _opt(None, "e.g. sdpa or flash_attention_2; None lets transformers pick")
     trust_remote_code: bool = _opt(False, "allow custom modelling code from the hub")
 
@@ -68,7 +72,10 @@ class ModelConfig:
 @dataclass
 class TeacherConfig(ModelConfig):
     tensor_parallel: int = _opt(
-        1, "ranks per teacher replica under torchrun (transformers TP); 1: one whole teacher per rank", POSITIVE
+        1,
+        "GPUs per teacher replica (transformers TP) when the cache runs under torchrun; 1: a whole teacher per GPU "
+        "(it fits one); else the smallest divisor of the heads whose shards fit (cache --plan)",
+        POSITIVE,
     )
 
 
@@ -202,7 +209,9 @@ class TrainConfig:
     log_every: int = _opt(10, "optimizer steps between log lines", POSITIVE)
     resume: Literal["auto", "never"] = _opt("auto", "auto: continue from the latest complete checkpoint")
     mixed_precision: Literal["auto", "no", "bf16"] = _opt("auto", "auto: bf16 on GPU, fp32 on CPU")
-    distributed: Literal["ddp", "fsdp"] = _opt("ddp", "multi-GPU strategy")
+    distributed: Literal["ddp", "fsdp"] = _opt(
+        "ddp", "ddp: full copy per rank; fsdp: FSDP2 shards weights, grads and AdamW state (student too big for one)"
+    )
     gradient_checkpointing: bool = _opt(False, "trade compute for activation memory")
     lora: LoraConfig = _opt(LoraConfig(), "parameter-efficient fine-tuning")
     num_workers: int = _opt(0, "DataLoader workers per rank", NON_NEGATIVE)
