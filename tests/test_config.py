@@ -247,7 +247,8 @@ def test_shipped_config_values_differ_from_defaults():
 
 def test_llama_config_is_the_cluster_target():
     cfg = config.load(REPO / "configs" / "llama70b_to_8b.yaml")
-    assert cfg.teacher.name_or_path == "meta-llama/Llama-3.1-70B-Instruct" and cfg.teacher.device_map == "auto"
+    assert cfg.teacher.name_or_path == "meta-llama/Llama-3.1-70B-Instruct" and cfg.teacher.device_map is None
+    assert cfg.teacher.tensor_parallel == 4 and cfg.slurm.stages.cache.gpus_per_node % 4 == 0  # 2 replicas/node
     assert cfg.student.name_or_path == "meta-llama/Llama-3.1-8B"
     assert cfg.teacher.dtype == cfg.student.dtype == "bfloat16"
     assert cfg.manifest.seq_len == 4096 and cfg.cache.top_k == 64 and cfg.cache.hidden_layers
