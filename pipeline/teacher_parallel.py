@@ -355,7 +355,8 @@ class Hardware:
     mfu: float = 0.4  # fraction of it a large teacher's forward reaches (measure yours: make gpu-check)
     gpu_memory_gb: float = 80.0
     allreduce_gb_s: float = 370.0  # NCCL ring all-reduce bus bandwidth within an NVLink node (nccl-tests)
-    reserved_gb: float = 3.0  # CUDA context, NCCL buffers, allocator slack per GPU
+    reserved_gb: float = 3.0  # CUDA context and NCCL buffers per GPU
+    headroom: float = 0.9  # a layout fits when it needs at most this share of the GPU (fragmentation, bigger batches)
 
 
 def teacher_shape(tcfg: Any) -> dict[str, int]:
@@ -382,7 +383,8 @@ def plan_parallel(
     memory/rank = weights/T + activations of one batch (B*S positions x (4 hidden + q/k/v/T + 3 intermediate/T)
     values) + one LM-head chunk (chunk x V/T logits in the model dtype and fp32) + reserved.
     time/token  = FLOPs/token / (T x peak x MFU) + two all-reduces per layer of hidden x bytes at 2(T-1)/T / bandwidth
-    (transformers' TP does not overlap them). FLOPs/token = 2 x matmul weights + 4 x layers x S x hidden (PaLM)."""
+    (transformers' TP does not overlap them). FLOPs/token = 2 x matmul weights + 4 x layers x S x hidden (PaLM).
+    A layout fits when it needs at most ``hw.headroom`` of the GPU's memory."""
     shape = teacher_shape(tcfg)
     h, layers, inter, vocab = shape["hidden"], shape["layers"], shape["intermediate"], shape["vocab"]
     flops = 2.0 * shape["matmul_params"] + 4.0 * layers * seq_len * h
@@ -402,7 +404,7 @@ def plan_parallel(
         node_tokens_s = replicas / (compute + comm)
         rows.append({
             "tensor_parallel": t, "replicas": replicas, "weights_gb": weights / 1e9, "memory_gb": memory,
-            "fits": memory <= hw.gpu_memory_gb, "comm_share": comm / (compute + comm),
+            "fits": memory <= hw.headroom * hw.gpu_memory_gb, "comm_share": comm / (compute + comm),
             "node_tokens_per_s": node_tokens_s, "gpu_hours_per_1b_tokens": 1e9 / node_tokens_s * gpus_per_node / 3600,
         })  # fmt: skip
     return rows
