@@ -326,10 +326,11 @@ def test_cluster_loading_device_map_auto_in_bf16(run_config, tiny_assets):
 
 # ---------------------------------------------------------------------------------------- several processes
 def torchrun(config: Path, nproc: int, *overrides: str) -> subprocess.Popen:
-    """``python -m pipeline.cache`` under torchrun with gloo (own session, so a hang can take the group down)."""
+    """``python -m pipeline.cache --nproc-per-node N``: the stage re-executes itself under torchrun, as in a Slurm
+    job (gloo on this CPU; own session, so a hang can take the group down)."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
-           "-m", "pipeline.cache", "--config", str(config), "monitor.enabled=false", *overrides]  # fmt: skip
+    cmd = [sys.executable, "-m", "pipeline.cache", "--config", str(config), "--nproc-per-node", str(nproc),
+           "monitor.enabled=false", *overrides]  # fmt: skip
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True)  # fmt: skip
 

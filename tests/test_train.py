@@ -273,10 +273,10 @@ def test_two_process_ddp_sees_each_sample_once_with_the_single_process_lr(tmp_pa
 
 # ----------------------------------------------------------------------------------------------------- FSDP
 def torchrun_train(cfg_path: Path, *args: str) -> subprocess.Popen:
-    """``python -m pipeline.train`` on 2 gloo processes (own session, so a hang can take the group down)."""
+    """``python -m pipeline.train --nproc-per-node 2`` (torchrun, gloo; own session, so a hang can take the group
+    down)."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "pipeline.train", "--config", str(cfg_path), *args]  # fmt: skip
+    cmd = [sys.executable, "-m", "pipeline.train", "--config", str(cfg_path), "--nproc-per-node", "2", *args]
     return subprocess.Popen(cmd, env=env, cwd=cfg_path.parent, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True)  # fmt: skip
 
