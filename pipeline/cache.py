@@ -22,6 +22,12 @@ its record's signature (output-affecting config, teacher fingerprint, manifest s
 checksum match the file; anything else is recomputed. Shards are written atomically and deterministically, so a
 kill -9 at any moment followed by a rerun gives byte-identical shards. On USR1 the current shard is finished, then
 the stage asks for a requeue and exits; SIGTERM stops it at once (pipeline.preemption).
+
+Several processes per task (``--nproc-per-node G``, torchrun): ``teacher.tensor_parallel`` T makes them G/T teacher
+replicas (``pipeline.teacher_parallel``: transformers' tensor parallelism on each replica's ranks, a whole teacher
+per rank when T = 1, an exact vocabulary-parallel top-k). Rank 0 decides which shards are pending, replica r takes
+every R-th of them and its TP rank 0 writes them and their records; the ranks of a replica stop together at a shard
+boundary on USR1, and all ranks meet before the marker is considered.
 """
 
 from __future__ import annotations
