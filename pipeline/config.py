@@ -538,6 +538,13 @@ def _cross_checks(cfg: Config) -> None:
             f"teacher.device_map {_show(cfg.teacher.device_map)} spreads whole layers over one process's GPUs; "
             "set one of them (device_map: null for tensor parallelism)"
         )
+    cache_res = cfg.slurm.stages.cache
+    procs = cache_res.nproc_per_node or max(cache_res.gpus_per_node, 1)  # what the cache job launches per node
+    if procs % cfg.teacher.tensor_parallel:
+        raise ConfigError(
+            f"teacher.tensor_parallel: {cfg.teacher.tensor_parallel} does not divide the cache's {procs} process(es) "
+            "per node (slurm.stages.cache.nproc_per_node, else gpus_per_node); every replica needs that many ranks"
+        )
     if len(cfg.train.betas) != 2 or not all(0 <= b < 1 for b in cfg.train.betas):
         raise ConfigError(f"train.betas: expected two floats in [0, 1), got {cfg.train.betas}")
     for name, loss in cfg.train.variants.items():

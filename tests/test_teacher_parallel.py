@@ -78,6 +78,10 @@ def test_config_checks_name_the_key(tiny_assets):
     base = {"run_name": "r", "student": {"name_or_path": "s"}}
     with pytest.raises(ConfigError, match="teacher.tensor_parallel: 2 shards every layer"):
         config_mod.from_dict({**base, "teacher": {"name_or_path": "t", "tensor_parallel": 2, "device_map": "auto"}})
+    with pytest.raises(ConfigError, match=r"tensor_parallel: 3 does not divide the cache's 8 process\(es\) per node"):
+        config_mod.from_dict({**base, "teacher": {"name_or_path": "t", "tensor_parallel": 3}})
+    three = {"slurm": {"stages": {"cache": {"nproc_per_node": 3}}}}
+    assert config_mod.from_dict({**base, **three, "teacher": {"name_or_path": "t", "tensor_parallel": 3}})
     with pytest.raises(ConfigError, match="student.tensor_parallel: unknown key"):
         student = {"name_or_path": "s", "tensor_parallel": 2}
         config_mod.from_dict({**base, "teacher": {"name_or_path": "t"}, "student": student})
