@@ -583,6 +583,10 @@ def bench_parallel(
         log(f"teacher parallelism: {mode} ({nproc} process(es), tensor_parallel {tensor_parallel})")
         target = root / mode
         target.mkdir()
+        if nproc == 1:  # the reference: this process, no launcher
+            parallel_worker(root, target, 1, sizes.batch, sizes.logits_chunk, sizes.parallel_shards)
+            results[mode] = json.loads((target / "result.json").read_text())
+            continue
         env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(sizes.threads or 1)}
         code = (
             "import sys; from pathlib import Path; from pipeline.bench import parallel_worker; "
