@@ -540,6 +540,12 @@ def _cross_checks(cfg: Config) -> None:
         )
     cache_res = cfg.slurm.stages.cache
     procs = cache_res.nproc_per_node or max(cache_res.gpus_per_node, 1)  # what the cache job launches per node
+    if cfg.teacher.device_map and procs > 1:
+        raise ConfigError(
+            f"teacher.device_map: {_show(cfg.teacher.device_map)} spreads one teacher over the node's GPUs from one "
+            f"process, but the cache job starts {procs} per node; set slurm.stages.cache.nproc_per_node: 1 (or "
+            "teacher.tensor_parallel with device_map: null)"
+        )
     if procs % cfg.teacher.tensor_parallel:
         raise ConfigError(
             f"teacher.tensor_parallel: {cfg.teacher.tensor_parallel} does not divide the cache's {procs} process(es) "

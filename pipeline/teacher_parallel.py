@@ -41,6 +41,9 @@ from pipeline.rundir import PipelineError
 # Control collectives (pending-shard list, stop flags, the end-of-task barrier) wait for the slowest replica, which
 # may be a whole shard (minutes to an hour for a 70B teacher) behind: gloo with a long timeout, not NCCL's watchdog.
 CONTROL_TIMEOUT = dt.timedelta(hours=6)
+# Loading a 70B teacher's shards can skew ranks by tens of minutes (transformers uses 2 h too): the TP collectives'
+# group must not time out during the load, and a real hang is still caught within hours, not days.
+GROUP_TIMEOUT = dt.timedelta(hours=2)
 
 
 # ------------------------------------------------------------------------------------------------------ layout
@@ -93,7 +96,7 @@ def setup(tensor_parallel: int, on: torch.device) -> Layout:
             torch.cuda.set_device(on)
         # TP collectives on the GPU through NCCL, control collectives on CPU tensors through gloo
         backend = "cuda:nccl,cpu:gloo" if on.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, timeout=CONTROL_TIMEOUT)
+        dist.init_process_group(backend=backend, timeout=GROUP_TIMEOUT)
     rank = dist.get_rank()
     control = dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
     replica_group = None

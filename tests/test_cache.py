@@ -311,7 +311,8 @@ def test_cluster_loading_device_map_auto_in_bf16(run_config, tiny_assets):
     records the dtype; the cached distributions match an fp32 teacher to bf16 precision."""
     spec = ModelConfig(name_or_path=str(tiny_assets["teacher"]), dtype="bfloat16", device_map="auto")
     assert {(p.dtype, p.device.type) for p in load_causal_lm(spec, "teacher").parameters()} == {(torch.bfloat16, "cpu")}
-    config = run_config(**{"teacher.device_map": "auto", "teacher.dtype": "bfloat16", "cache.top_k": 8})
+    auto = {"teacher.device_map": "auto", "slurm.stages.cache.nproc_per_node": 1}  # one process spans the GPUs
+    config = run_config(**auto, **{"teacher.dtype": "bfloat16", "cache.top_k": 8})
     assert cache.main(["--config", str(config)]) == 0
     shard = cf.list_cache_shards(cache_dir(config), "train")[0]
     assert cf.read_cache_meta(shard)["dtype"] == "bfloat16"

@@ -80,6 +80,8 @@ def test_config_checks_name_the_key(tiny_assets):
         config_mod.from_dict({**base, "teacher": {"name_or_path": "t", "tensor_parallel": 2, "device_map": "auto"}})
     with pytest.raises(ConfigError, match=r"tensor_parallel: 3 does not divide the cache's 8 process\(es\) per node"):
         config_mod.from_dict({**base, "teacher": {"name_or_path": "t", "tensor_parallel": 3}})
+    with pytest.raises(ConfigError, match='teacher.device_map: "auto" spreads one teacher .* starts 8 per node'):
+        config_mod.from_dict({**base, "teacher": {"name_or_path": "t", "device_map": "auto"}})
     three = {"slurm": {"stages": {"cache": {"nproc_per_node": 3}}}}
     assert config_mod.from_dict({**base, **three, "teacher": {"name_or_path": "t", "tensor_parallel": 3}})
     with pytest.raises(ConfigError, match="student.tensor_parallel: unknown key"):
