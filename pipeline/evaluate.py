@@ -293,7 +293,9 @@ def git_hash() -> str | None:
 def model_spec(cfg: Config, rd: RunDir, unit: str) -> tuple[ModelConfig, int | None]:
     """The model to load for a unit and its training step (None for the teacher)."""
     if unit == TEACHER:
-        return cfg.teacher, None
+        # evaluate is one process: a teacher the cache split over several GPUs is spread over the job's GPUs here
+        spread = cfg.teacher.device_map or ("auto" if cfg.teacher.tensor_parallel > 1 else None)
+        return dataclasses.replace(cfg.teacher, device_map=spread), None
     final = rd.stage_dir("train", unit) / "final"
     if not (final / "config.json").exists():
         raise PipelineError(f"{final}: no trained model (config.json missing); rerun train --variant {unit}")
