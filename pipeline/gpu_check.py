@@ -20,8 +20,9 @@ Checks, in order; one that fails is recorded and the next runs, one that needs a
 6. ``bench``        ``make bench --full``'s rows on this GPU (extraction overhead and FLOP/s, reader, memory, KD steps)
 
 The teacher is the demo's SmolLM2-135M-Instruct (``models/smollm2-135m-instruct``, or ``--gguf`` to convert the
-GGUF there) and otherwise a random-init Llama of the same shape with a BPE tokenizer trained on the text: the same
-FLOPs per token, so throughput and MFU stay representative; the report says which one ran.
+GGUF there) and otherwise a random-init Llama with SmolLM2's layers and a BPE tokenizer of 8,192 tokens trained on
+the text: the same body FLOPs per token (a smaller LM head), so throughput and MFU stay representative, but its
+distributions are not a trained model's; the report says which one ran.
 """
 
 from __future__ import annotations
