@@ -47,7 +47,7 @@ from pipeline import definition
 from pipeline.config import Config, ConfigError, EvalTaskConfig, ModelConfig, section_hash
 from pipeline.data_format import read_manifest, read_packed_shard, shard_paths
 from pipeline.metrics import INTRINSIC_METRICS, IntrinsicAccumulator
-from pipeline.modeling import device, load_causal_lm, load_tokenizer, vocab_hash, vocab_size
+from pipeline.modeling import device, load_causal_lm, load_tokenizer, vocab_hash, vocab_size, weights_fingerprint
 from pipeline.rundir import (
     REPO,
     PipelineError,
@@ -174,14 +174,6 @@ def task_manager(include_path: Path | None, tasks: list[EvalTaskConfig]) -> Any:
     if key not in _MANAGERS:
         _MANAGERS[key] = TaskManager(include_path=key[0], include_defaults=defaults)
     return _MANAGERS[key]
-
-
-def check_task_names(manager: Any, tasks: list[EvalTaskConfig]) -> None:
-    """Refuse unknown task or group names before any model runs, naming the config entry."""
-    known = set(manager.all_tasks)
-    for i, task in enumerate(tasks):
-        if task.name not in known:
-            raise PipelineError(f"evaluate.tasks.{i}.name: unknown lm-eval task or group {task.name!r}")
 
 
 def run_lm_eval(
@@ -315,9 +307,8 @@ def run(cfg: Config, rd: RunDir, ctx: StageContext) -> dict[str, float]:
     key = TEACHER if unit == TEACHER else "student"
     started = time.monotonic()
     tasks = task_list(cfg)
+    # task names were checked with the config (pipeline.validate) before anything ran
     include = prepare_local_tasks(cfg, rd, load_tokenizer(cfg.teacher)) if tasks and cfg.evaluate.local_tasks else None
-    if tasks:  # fail on a misspelt task before spending time on the model
-        check_task_names(task_manager(include, tasks), cfg.evaluate.tasks)
     tokenizer = load_tokenizer(spec, key)
     model = load_causal_lm(spec, key, device())
     model.eval()
@@ -325,6 +316,7 @@ def run(cfg: Config, rd: RunDir, ctx: StageContext) -> dict[str, float]:
     intrinsic = intrinsic_metrics(model, tokenizer, cfg, rd)
     ctx.log.info("intrinsic", f"{unit}: held-out metrics", **intrinsic)
 
+    ctx.begin_writes()  # the model loaded and its held-out metrics computed: now replace the earlier result
     lm_eval_info: dict[str, Any] = {}
     if tasks:
         lm_eval_info = run_lm_eval(model, tokenizer, spec.name_or_path, tasks, cfg, out / "lm_eval", include)
@@ -343,7 +335,7 @@ def run(cfg: Config, rd: RunDir, ctx: StageContext) -> dict[str, float]:
         "n_samples": lm_eval_info.get("n_samples", {}),
         "limits": lm_eval_info.get("limits", {}),
         "provenance": {
-            "config_hash": section_hash(*sections(cfg, unit)),
+            "config_hash": section_hash(sections(cfg, unit)),
             "packages": package_versions(),
             "python": sys.version.split()[0],
             "git_hash": git_hash(),
@@ -358,11 +350,11 @@ def run(cfg: Config, rd: RunDir, ctx: StageContext) -> dict[str, float]:
     return {k: v for k, v in intrinsic.items() if isinstance(v, float)}
 
 
-def sections(cfg: Config, unit: str | None) -> tuple:
-    """What a model's results depend on: its weights (train marker / teacher config) and the evaluation settings."""
-    if unit == TEACHER:
-        return (cfg.teacher, cfg.evaluate, cfg.seed)
-    return (cfg.student, cfg.evaluate, cfg.seed, unit)
+def sections(cfg: Config, unit: str | None) -> dict[str, Any]:
+    """What a model's results depend on besides its inputs (the trained weights, or the teacher's): how it is loaded
+    and the evaluation settings."""
+    model = {"teacher": cfg.teacher} if unit == TEACHER else {"student": cfg.student, "model": unit}
+    return {**model, "evaluate": cfg.evaluate, "seed": cfg.seed}
 
 
 def upstream(cfg: Config, unit: str | None) -> list[tuple[str, str | None]]:
@@ -370,10 +362,20 @@ def upstream(cfg: Config, unit: str | None) -> list[tuple[str, str | None]]:
     return definition.upstream(cfg, "evaluate", unit)
 
 
+def external(cfg: Config, unit: str | None) -> dict[str, str]:
+    """The teacher's weights for the teacher's unit (a student's weights are train's declared output)."""
+    return {"weights:teacher": weights_fingerprint(cfg.teacher, "teacher")} if unit == TEACHER else {}
+
+
+def outputs(cfg: Config, rd: RunDir, unit: str | None) -> dict[str, str | None]:
+    """results.json and every file of lm-eval's own output (the report reads the results files results.json lists)."""
+    out = rd.stage_dir("evaluate", unit)
+    files = [out / "results.json", *(p for p in (out / "lm_eval").rglob("*") if p.is_file())]
+    return {str(p.relative_to(out)): None for p in files}
+
+
 def units(cfg: Config, args: Any) -> list[str]:
     """Every variant in config order, then the teacher; ``--model`` picks a subset."""
-    if TEACHER in cfg.train.variants:
-        raise ConfigError(f'train.variants.{TEACHER}: the name "{TEACHER}" is reserved for the teacher\'s evaluation')
     every = definition.units(cfg, "evaluate")
     chosen = getattr(args, "model", None) or every
     for name in chosen:
@@ -386,7 +388,16 @@ def add_args(parser: Any) -> None:
     parser.add_argument("--model", action="append", help="evaluate only this model (repeatable; variant or teacher)")
 
 
-SPEC = StageSpec(name="evaluate", run=run, sections=sections, upstream=upstream, units=units, add_args=add_args)
+SPEC = StageSpec(
+    name="evaluate",
+    run=run,
+    sections=sections,
+    upstream=upstream,
+    external=external,
+    outputs=outputs,
+    units=units,
+    add_args=add_args,
+)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -103,7 +103,25 @@ def test_missing_required_value(data, expected):
         ),
         (
             with_(train={"variants": {"ce": {}, "f": {"feature": {"weight": 1, "layer_pairs": [[1, 9]]}}}}),
-            "train.variants.f.feature.layer_pairs.0: teacher layer 9 is not cached",
+            "train.variants.f.feature.weight: needs cache.hidden_layers",
+        ),
+        (
+            with_(train={"variants": {"ce": {}, "kd": {"response": {"weight": 1, "temperature": 2.0}}}}),
+            "train.variants.kd.response.temperature: tail_bucket needs the capture temperature of the cache (1.0)",
+        ),
+        (
+            with_(train={"variants": {"ce": {}, "j": {"response": {"weight": 1, "jsd_beta": 1.0}}}}),
+            "train.variants.j.response.jsd_beta: expected float in (0, 1), got 1.0",
+        ),
+        (with_(manifest={"seq_len": 1}), "manifest.seq_len: expected int >= 2, got 1"),
+        (with_(train={"variants": {"ce": {}, "tasks": {}}}), 'train.variants.tasks: the name "tasks" is reserved'),
+        (
+            with_(manifest={"sources": [{"path": "json", "fields": {"txt": "body"}}]}),
+            "manifest.sources.0.fields.txt: unknown field (expected one of: text,",
+        ),
+        (
+            with_(cache={"hidden_fraction": 0.5, "hidden_every_n": 2}),
+            "cache.hidden_fraction: set either hidden_fraction or hidden_every_n > 1, not both",
         ),
         (
             with_(train={"variants": {"ce": {}, "r": {"relation": {"weight": 1}}}}),
@@ -146,6 +164,7 @@ def test_overrides_are_yaml_typed_and_nested(tmp_path):
             "manifest.sources.1.weight=0.25",
             "manifest.sources.0.data_files=b.jsonl",
             "train.variants.kd.response.temperature=2",
+            "cache.temperature=2",
             "train.variants.wide.ce_weight=1.0",
             "teacher.revision=",
         ],
@@ -261,5 +280,6 @@ def test_section_hash_tracks_only_the_hashed_sections():
     a = config.from_dict(MINIMAL)
     b = config.from_dict(with_(train={"lr": 1e-3}))
     assert config.section_hash(a.cache, a.teacher) == config.section_hash(b.cache, b.teacher)
+    assert config.section_hash({"train": a.train}) != config.section_hash({"train": b.train})  # nested dataclasses
     assert config.section_hash(a.train) != config.section_hash(b.train)
     assert len(config.section_hash(a.train)) == 16
