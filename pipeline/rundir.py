@@ -376,8 +376,9 @@ def outputs_problem(directory: Path, outputs: dict[str, dict[str, Any]]) -> str:
 
 
 def _short(value: Any) -> str:
+    """A value for a one-line message; a long one keeps its end (where paths differ)."""
     text = json.dumps(value, default=str)
-    return text if len(text) <= 40 else text[:37] + "..."
+    return text if len(text) <= 48 else text[:12] + "..." + text[-33:]
 
 
 def describe_changes(old: dict[str, Any], new: dict[str, Any], limit: int = 3) -> str:
@@ -445,7 +446,7 @@ def run_unit(spec: StageSpec, cfg: Config, rd: RunDir, ctx: StageContext) -> dic
 
     ctx.state, ctx.begin_writes = state, begin_writes
     if state.marker is not None:
-        ctx.log.info("redo", f"{unit_key(spec.name, unit)}: {'--force' if state.complete else state.reason}")
+        ctx.log.info("redo", f"{unit_key(spec.name, unit)}: --force" if state.complete else state.reason)
     if ctx.monitor is not None:
         ctx.monitor.start()
     started = time.monotonic()
