@@ -83,6 +83,17 @@ def build_llama(out: Path, tokenizer, *, hidden: int, layers: int, seed: int) ->
     tokenizer.save_pretrained(out)
 
 
+def redeclare(unit_dir: Path) -> None:
+    """Re-record the outputs a unit's marker declares as they are on disk now, as if the stage had written them
+    like this: lineage then sees nothing wrong, and what a test damaged must be caught by the content checks (a
+    shard from another teacher, format version, NaN...) that guard against a producer, not a disk, gone wrong."""
+    from pipeline.rundir import MARKER, atomic_write_json, record_file
+
+    marker = json.loads((unit_dir / MARKER).read_text())
+    marker["outputs"] = {name: record_file(unit_dir / name) for name in marker["outputs"]}
+    atomic_write_json(unit_dir / MARKER, marker)
+
+
 @pytest.fixture(scope="session")
 def tiny_assets(tmp_path_factory) -> dict[str, Path]:
     """Paths of a tiny tokenizer, teacher (hidden 64, 3 layers), student (hidden 32, 2 layers) and corpus."""
