@@ -52,7 +52,7 @@ import yaml
 from pipeline import config as config_mod
 from pipeline import definition, launch, preemption, telemetry, validate
 from pipeline.config import Config, ConfigError
-from pipeline.jsonlog import JsonLogger, open_logger, redact
+from pipeline.jsonlog import JsonLogger, open_logger, redact, redact_values
 
 MARKER = "_COMPLETE.json"
 REPO = Path(__file__).resolve().parent.parent  # the checkout this code runs from
@@ -338,7 +338,7 @@ def unit_state(spec: StageSpec, cfg: Config, rd: RunDir, unit: str | None, memo:
         return memo[key]
     sections = spec.sections(cfg, unit)
     config_hash = config_mod.section_hash(sections)
-    config = config_mod.flatten(sections)
+    config = redact_values(config_mod.flatten(sections))  # recorded in the marker: no secret in it
     inputs, waiting, culprits = {}, {}, {}
     for stage, up_unit in spec.upstream(cfg, unit):
         up = unit_state(stage_spec(stage), cfg, rd, up_unit, memo)
@@ -386,7 +386,7 @@ def describe_changes(old: dict[str, Any], new: dict[str, Any], limit: int = 3) -
     missing = object()
     changed = [k for k in sorted(set(old) | set(new)) if old.get(k, missing) != new.get(k, missing)]
     if not changed:
-        return "(recorded before key-by-key records; values not comparable)"
+        return "a value recorded only as *** (secret-looking) changed"
     shown = [
         f"{k} (was {_short(old[k]) if k in old else 'unset'}, now {_short(new[k]) if k in new else 'unset'})"
         for k in changed[:limit]

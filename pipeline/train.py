@@ -43,6 +43,7 @@ from torch import Tensor, nn
 
 from pipeline import cache_format, definition, losses, preemption
 from pipeline.config import Config, ConfigError, LossConfig, ModelConfig, TrainConfig, flatten, to_dict
+from pipeline.jsonlog import redact_values
 from pipeline.modeling import (
     load_causal_lm,
     load_model_config,
@@ -386,7 +387,8 @@ def resume_identity(cfg: Config, variant: str, inputs: dict[str, str]) -> dict[s
     trained from (the cache's shard set by content, the student's initial weights)."""
     train = {k: v for k, v in to_dict(cfg.train).items() if k not in OPERATIONAL_KEYS}
     covered = {"student": cfg.student, f"train.variants.{variant}": cfg.train.variants[variant], "train": train}
-    return {**flatten({**covered, "seed": cfg.seed}), **{f"inputs.{k}": v for k, v in sorted(inputs.items())}}
+    config = redact_values(flatten({**covered, "seed": cfg.seed}))  # stored in the checkpoint: no secret in it
+    return {**config, **{f"inputs.{k}": v for k, v in sorted(inputs.items())}}
 
 
 def complete_checkpoints(root: Path) -> list[Path]:
