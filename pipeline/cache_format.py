@@ -325,8 +325,8 @@ def list_cache_shards(cache_dir: Path, split: str) -> list[Path]:
         problem = file_problem(cache_dir / name, declared[name])
         if problem:
             raise PipelineError(
-                f"{cache_dir / name}: {problem} since {cache_dir / MARKER} recorded it; run make cache "
-                "(it recomputes only missing or changed shards)"
+                f"{cache_dir / name} (declared in {MARKER}): {problem}; run make cache (it recomputes only missing "
+                "or changed shards)"
             )
         files.append(cache_dir / name)
     return files

@@ -125,10 +125,10 @@ def file_problem(path: Path, record: dict[str, Any]) -> str:
     except (FileNotFoundError, NotADirectoryError):
         return "missing"
     if stat.st_size != record.get("bytes"):
-        return f"changed ({stat.st_size} bytes, {record.get('bytes')} recorded)"
+        return f"changed since it was recorded ({stat.st_size} bytes, not {record.get('bytes')})"
     if stat.st_mtime_ns == record.get("mtime_ns") or file_sha256(path) == record.get("sha256"):
         return ""
-    return "changed (sha256 differs from its record)"
+    return "changed since it was recorded (sha256 differs)"
 
 
 def output_identity(outputs: dict[str, dict[str, Any]]) -> str:
@@ -371,7 +371,7 @@ def outputs_problem(directory: Path, outputs: dict[str, dict[str, Any]]) -> str:
     for name, record in sorted(outputs.items()):
         problem = file_problem(directory / name, record)
         if problem:
-            return f"{directory / name}: {problem} since {directory / MARKER} recorded it"
+            return f"{directory / name} (declared in {MARKER}): {problem}"
     return ""
 
 

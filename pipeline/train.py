@@ -591,6 +591,9 @@ def _train_variant(cfg: Config, rd: RunDir, ctx: StageContext, variant: str) -> 
     unwrapped = acc.unwrap_model(model)
     trainable = sum(p.numel() for p in unwrapped.parameters() if p.requires_grad)
 
+    # every shard's footer checked (one cache run, the columns this recipe reads) before anything is written
+    dataset = _setup_data(train_files, recipe, cfg, rank, world, train=True)
+
     # --- resume or start afresh ---
     ckpt_root = out / "checkpoints"
     metrics_path, samples_path = out / "metrics.jsonl", out / "samples" / f"rank_{rank:05d}.jsonl"
@@ -618,7 +621,6 @@ def _train_variant(cfg: Config, rd: RunDir, ctx: StageContext, variant: str) -> 
     if step == 0:
         samples_path.unlink(missing_ok=True)
     _truncate_jsonl(samples_path, step)
-    dataset = _setup_data(train_files, recipe, cfg, rank, world, train=True)
     dataset.start_from(position.epoch, position.batches_consumed)
     batches = iter(_loader(dataset, train.num_workers))
     if checkpoints:

@@ -282,10 +282,14 @@ def test_listed_shards_are_the_declared_ones_never_a_glob(tmp_path):
     rundir.atomic_write_json(tmp_path / rundir.MARKER, {"outputs": records})
     assert cf.list_cache_shards(tmp_path, "train") == paths[:2] and cf.list_cache_shards(tmp_path, "val") == []
     paths[1].write_bytes(paths[1].read_bytes()[:-10])
-    with pytest.raises(PipelineError, match=r"train-00001.parquet: changed \(.* recorded\).*run make cache"):
+    with pytest.raises(
+        PipelineError, match=r"train-00001.parquet \(declared in _COMPLETE.json\): changed since .*run make cache"
+    ):
         cf.list_cache_shards(tmp_path, "train")
     paths[1].unlink()
-    with pytest.raises(PipelineError, match=r"train-00001.parquet: missing since .*_COMPLETE.json recorded it"):
+    with pytest.raises(
+        PipelineError, match=r"train-00001.parquet \(declared in _COMPLETE.json\): missing; run make cache"
+    ):
         cf.list_cache_shards(tmp_path, "train")
 
 

@@ -161,8 +161,8 @@ def test_a_consumer_of_a_stale_or_damaged_upstream_refuses_naming_it(tmp_path, t
     capsys.readouterr()
     out = tmp_path / "runs" / "r" / "up" / "out.txt"
     cases = {  # what happens to up, and the line the consumer must print
-        "missing": (lambda: out.unlink(), f"up: {out}: missing since"),
-        "edited": (lambda: out.write_text("lr=0.0005"), f"up: {out}: changed (sha256 differs from its record)"),
+        "missing": (lambda: out.unlink(), f"up: {out} (declared in _COMPLETE.json): missing"),
+        "edited": (lambda: out.write_text("lr=0.0005"), f"up: {out} (declared in _COMPLETE.json): changed since it"),
         "reconfigured": (lambda: None, "up: its configuration changed: train.lr (was 0.0003, now 0.001)"),
     }
     for name, (damage, needle) in cases.items():
