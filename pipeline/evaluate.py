@@ -4,8 +4,8 @@ Reads:
     runs/<run>/train/<variant>/final/        each trained student (the CE-only baseline is one of the variants)
     runs/<run>/train/<variant>/summary.json  its step count
     cfg.teacher                              the teacher (unit ``teacher``; skipped while its marker matches)
-    runs/<run>/cache/val-*.parquet           held-out teacher top-k + tail (through pipeline.cache_format)
-    runs/<run>/manifest/val-*.parquet        held-out documents for the offline tasks (through pipeline.data_format)
+    runs/<run>/cache/val-*.parquet           held-out teacher top-k + tail: the shards the cache marker declares
+    runs/<run>/manifest/val-*.parquet        held-out documents for the offline tasks: the shards manifest.json lists
 Writes:
     runs/<run>/evaluate/tasks/               offline task YAMLs rendered from pipeline/eval_tasks/ + their data
     runs/<run>/evaluate/<model>/lm_eval/     lm-eval's own output (<model path sanitized>/results_<ts>.json, samples)
@@ -15,8 +15,9 @@ Run:
     python -m pipeline.evaluate --config C [--model NAME ...] [--force] [key.path=value ...]
 
 Units are models: each variant of ``cfg.train.variants`` in config order, then ``teacher`` when
-``evaluate.include_teacher``. The teacher's marker hashes only the teacher and evaluation settings (plus the held-out
-cache and manifest fingerprints), so retraining students reuses its result.
+``evaluate.include_teacher``. The teacher's marker records only the teacher, its weights and the evaluation settings
+(plus the manifest's and cache's identities), so retraining students reuses its result; a student's records its
+training unit's outputs, so a retrained student's result is stale until it is evaluated again.
 
 Offline tasks (``evaluate.local_tasks``): ``kd_heldout_mc`` (held-out documents cut into passages of
 ``evaluate.mc_passage_words`` words; pick a passage's true second half among ``evaluate.mc_choices``; distractors

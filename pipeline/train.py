@@ -1,7 +1,7 @@
 """Training stage: distil the cached teacher into the student — one unit per variant of ``train.variants``.
 
-Reads   runs/<run>/cache/{train,val}-*.parquet through ``pipeline.cache_format`` only (never the teacher), and the
-        student checkpoint ``student.name_or_path``.
+Reads   the cache shards the cache stage's marker declares (runs/<run>/cache/{train,val}-*.parquet, through
+        ``pipeline.cache_format`` only, never the teacher), and the student checkpoint ``student.name_or_path``.
 Writes  runs/<run>/train/<variant>/
           checkpoints/step_<n:07d>/   model + projectors (LoRA: adapter + projectors only), optimizer, RNG
                                       (accelerate ``save_state``), scheduler.pt,
@@ -20,8 +20,10 @@ projectors, data, optimizer and schedule in dependency order; ``_loss_step(batch
 ``_train_variant`` runs the loop (accumulate, clip, step, schedule, log, validate, checkpoint) and saves.
 Resume is automatic (``train.resume: auto``): the latest complete checkpoint restores weights, optimizer, schedule,
 RNG and each rank's data position, so an interrupted run (kill -9, preemption) ends with the same weights and the
-same sample sequence as an uninterrupted one. USR1 (Slurm's time-limit/preemption warning) → checkpoint at the next
-step boundary, requeue, exit 0; SIGTERM (scancel) → checkpoint at the next step boundary, exit without requeue.
+same sample sequence as an uninterrupted one; a checkpoint made from other settings or inputs (another cache or
+student) is refused naming the keys that differ, before anything of a finished run is touched. USR1 (Slurm's
+time-limit/preemption warning) → checkpoint at the next step boundary, requeue, exit 0; SIGTERM (scancel) →
+checkpoint at the next step boundary, exit without requeue.
 """
 
 from __future__ import annotations
