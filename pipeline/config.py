@@ -483,9 +483,6 @@ def _build(cls: type, data: dict, path: str) -> Any:
     return cls(**kwargs)
 
 
-
-
-
 # ------------------------------------------------------------------------------------------- overrides, load
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``a.b.c=value`` -> (["a", "b", "c"], yaml-parsed value)."""
