@@ -97,7 +97,7 @@ def test_submit_without_dry_run_refuses_before_queueing(tiny_config, tmp_path, c
 
 def test_a_valid_config_passes_submit_dry_run(tiny_config, capsys):
     assert submit(tiny_config(), "--dry-run") == 0
-    assert "run record:" in capsys.readouterr().out
+    assert "dry-run   report after evaluate" in capsys.readouterr().out
 
 
 def test_unknown_lm_eval_task_is_refused_at_submit(tiny_config, capsys):
@@ -113,6 +113,16 @@ def test_every_stage_refuses_the_same_rules_before_writing(stage, tiny_config, t
     assert stage.main(["--config", str(config)]) == 2
     assert "layer_pairs.0.0: hidden-state index 7 out of range" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists() and not (tmp_path / "logs").exists()
+
+
+def test_the_local_executor_refuses_before_the_first_stage(tiny_config, tmp_path, capsys):
+    from pipeline import run
+
+    config = tiny_config(**{"train.variants.relation.relation.student_layer": 9})
+    assert run.main(["--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "relation.student_layer: hidden-state index 9 out of range" in err and "==>" not in err
+    assert not (tmp_path / "runs").exists()
 
 
 def test_one_hidden_index_normaliser():
