@@ -3,11 +3,13 @@
 The schema (``pipeline.config``) checks each key alone: type, range, required. This module holds the rules that
 span keys or need the models' configs, so that one call refuses a config before anything is written or queued:
 
-- :func:`check_config` — rules decidable from the config alone (variant weights, the tail-bucket temperature against
-  the cache's capture temperature ``cache.temperature``, jsd beta, a relation variant needing ``cache.embed_layer``,
-  ...). ``config.load`` runs it, so no code ever holds a config that breaks them.
-- :func:`check` — :func:`check_config` plus the rules of a whole run: at least one data source, and everything
-  decidable from the teacher's and the student's ``config.json`` and tokenizer files (no weights are loaded): every
+- :func:`check_config` — light rules decidable from the config alone (variant weights, a relation variant needing
+  ``cache.embed_layer``, reserved names, Slurm limits, ...). ``config.load`` runs it, so no code ever holds a config
+  that breaks them, and it imports nothing heavy (``slurm status`` and ``cancel`` load configs on a login node).
+- :func:`check` — :func:`check_config` plus the rules of a whole run: at least one data source, the response-KD
+  options (the tail-bucket temperature against the cache's capture temperature ``cache.temperature``, through the
+  loss's own check, which needs torch), and everything decidable from the teacher's and the student's
+  ``config.json`` and tokenizer files (no weights are loaded): every
   hidden-state index in range for its model, ``seq_len`` within both models' context, ``cache.top_k`` within the
   vocabulary, the student's tokenizer equal to the teacher's, LoRA target modules present in the student, lm-eval
   task names that exist. Every stage runs it at start (``rundir.stage_main``) and so does ``slurm submit``, with or
@@ -82,18 +84,9 @@ def check_config(cfg: Config) -> None:
 
 
 def _check_variant(cfg: Config, key: str, loss: LossConfig) -> None:
-    from pipeline import losses  # torch: imported only when a config is checked
-
     total = loss.ce_weight + loss.response.weight + loss.feature.weight + loss.relation.weight
     if total <= 0:
         raise ConfigError(f"{key}: expected at least one positive loss weight, got all zero")
-    rc = loss.response
-    if rc.weight > 0:
-        # the cache stores log-probs at cache.temperature, and a cache made with another one is never read (lineage)
-        try:
-            losses.check_response_options(rc.divergence, rc.temperature, rc.tail, cfg.cache.temperature, rc.jsd_beta)
-        except ValueError as err:
-            raise ConfigError(f"{key}.response.{err}") from None
     for i, pair in enumerate(loss.feature.layer_pairs):
         if len(pair) != 2:
             raise ConfigError(f"{key}.feature.layer_pairs.{i}: expected [student_layer, teacher_layer], got {pair}")
@@ -144,11 +137,27 @@ def check(cfg: Config) -> None:
     _check_context(cfg, teacher, student)
     cached = _check_cache_layers(cfg, teacher)
     for name, loss in cfg.train.variants.items():
+        _check_response(cfg, f"train.variants.{name}.response", loss)
         _check_variant_layers(f"train.variants.{name}", loss, teacher, student, cached)
     if cfg.train.lora.enabled:
         _check_lora_targets(cfg, student)
     if cfg.evaluate.tasks:
         _check_task_names(cfg)
+
+
+def _check_response(cfg: Config, key: str, loss: LossConfig) -> None:
+    """The loss's own option check (pipeline.losses, which needs torch: kept out of ``check_config`` so that
+    ``config.load`` stays light for status/cancel on a login node). The cache stores log-probs at
+    ``cache.temperature``, and a cache made with another one is never read (lineage), so that is the capture
+    temperature a tail bucket must match."""
+    from pipeline import losses
+
+    rc = loss.response
+    if rc.weight > 0:
+        try:
+            losses.check_response_options(rc.divergence, rc.temperature, rc.tail, cfg.cache.temperature, rc.jsd_beta)
+        except ValueError as err:
+            raise ConfigError(f"{key}.{err}") from None
 
 
 def _check_tokenizers(cfg: Config, modeling: Any) -> None:

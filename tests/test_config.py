@@ -106,10 +106,6 @@ def test_missing_required_value(data, expected):
             "train.variants.f.feature.weight: needs cache.hidden_layers",
         ),
         (
-            with_(train={"variants": {"ce": {}, "kd": {"response": {"weight": 1, "temperature": 2.0}}}}),
-            "train.variants.kd.response.temperature: tail_bucket needs the capture temperature of the cache (1.0)",
-        ),
-        (
             with_(train={"variants": {"ce": {}, "j": {"response": {"weight": 1, "jsd_beta": 1.0}}}}),
             "train.variants.j.response.jsd_beta: expected float in (0, 1), got 1.0",
         ),
@@ -164,7 +160,6 @@ def test_overrides_are_yaml_typed_and_nested(tmp_path):
             "manifest.sources.1.weight=0.25",
             "manifest.sources.0.data_files=b.jsonl",
             "train.variants.kd.response.temperature=2",
-            "cache.temperature=2",
             "train.variants.wide.ce_weight=1.0",
             "teacher.revision=",
         ],
@@ -274,6 +269,17 @@ def test_llama_config_is_the_cluster_target():
     assert cfg.slurm.stages.cache.array_tasks > 1
     assert {t.name for t in cfg.evaluate.tasks} == {"mmlu", "hellaswag", "arc_challenge", "gsm8k", "truthfulqa_mc2"}
     assert all(t.limit is None for t in cfg.evaluate.tasks), "limit is for tests only"
+
+
+def test_loading_a_config_imports_no_torch():
+    """``slurm status``/``cancel`` load configs on a login node: the config and its light rules stay cheap."""
+    import subprocess
+    import sys
+
+    code = "import sys; from pipeline import config; config.load('configs/llama70b_to_8b.yaml')"
+    code += "; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
 
 
 def test_section_hash_tracks_only_the_hashed_sections():
