@@ -9,11 +9,11 @@ span keys or need the models' configs, so that one call refuses a config before 
 - :func:`check` — :func:`check_config` plus the rules of a whole run: at least one data source, the response-KD
   options (the tail-bucket temperature against the cache's capture temperature ``cache.temperature``, through the
   loss's own check, which needs torch), and everything decidable from the teacher's and the student's
-  ``config.json`` and tokenizer files (no weights are loaded): every
-  hidden-state index in range for its model, ``seq_len`` within both models' context, ``cache.top_k`` within the
-  vocabulary, the student's tokenizer equal to the teacher's, LoRA target modules present in the student, lm-eval
-  task names that exist. Every stage runs it at start (``rundir.stage_main``) and so does ``slurm submit``, with or
-  without ``--dry-run``: a config any stage would refuse never reaches the queue.
+  ``config.json`` and tokenizer files (no weights are loaded): every hidden-state index in range for its model,
+  ``seq_len`` within both models' context, ``cache.top_k`` within the vocabulary, the student's tokenizer equal to
+  the teacher's, LoRA target modules present in the student, lm-eval task names that exist. Every stage runs it at
+  start (``rundir.stage_main``), and so do the local executor (``pipeline.run``) and ``slurm submit`` (with or
+  without ``--dry-run``) before anything starts: a config any stage would refuse never reaches the queue.
 
 A broken rule raises :class:`~pipeline.config.ConfigError` naming the key path (exit code 2); a model whose config
 cannot be read at all is an input problem (:class:`~pipeline.rundir.PipelineError`, exit code 1).
