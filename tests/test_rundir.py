@@ -307,7 +307,7 @@ def test_local_runs_start_monitor_beside_the_stage(tmp_path, toy, monkeypatch):
     plain_run = toy.up_run
 
     def slow_run(cfg, rd, ctx):  # long enough for several samples
-        time.sleep(0.5)
+        time.sleep(1.0)
         return plain_run(cfg, rd, ctx)
 
     toy.up_run = slow_run
