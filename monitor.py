@@ -27,6 +27,8 @@ from pipeline.jsonlog import JsonLogger, slurm_ids
 from pipeline.rundir import atomic_write_json
 from pipeline.telemetry import Gpus, Summary, host_sample, next_deadline, open_gpus
 
+FIRST_CPU_WINDOW_S = 0.1  # the first CPU share is measured over this window (later ones: since the previous sample)
+
 
 def pid_alive(pid: int) -> bool:
     """Whether ``pid`` still runs (a zombie, i.e. finished but not yet reaped, counts as ended)."""
@@ -63,10 +65,11 @@ def monitor(
     """Sample until ``stop`` is set or ``pid`` ends; return the summary (also logged as ``telemetry_summary``)."""
     summary = Summary(started=clock())
     start = clock()
-    host_sample()  # psutil's CPU percentage is relative to the previous call: take the reference now
+    window: float | None = min(interval_s, FIRST_CPU_WINDOW_S)
     while True:
         now = clock()
-        sample = host_sample()
+        sample = host_sample(window)
+        window = None
         if gpus is not None:
             sample["gpus"] = gpus.sample(now)
         summary.add(sample)

@@ -18,10 +18,13 @@ top-k hold almost all mass.
 
 Resumable and shard-parallel: task ``I`` of ``N`` (defaults: Slurm array task id relative to the array's minimum,
 and the array's task count) owns shards ``I, I+N, ...`` of the combined train+val list. A shard counts as done when
-its record's signature (output-affecting config, teacher fingerprint, manifest shard checksum, format version) and
-checksum match the file; anything else is recomputed. Shards are written atomically and deterministically, so a
-kill -9 at any moment followed by a rerun gives byte-identical shards. On USR1 the current shard is finished, then
-the stage asks for a requeue and exits; SIGTERM stops it at once (pipeline.preemption).
+its record's signature (output-affecting config, teacher fingerprint, manifest shard checksum, format version)
+matches and the file is the one recorded (size and mtime; re-hashed when the mtime moved); anything else, a deleted
+or damaged shard included, is recomputed on a plain rerun, and only that shard. Shards and records that no shard of
+the current manifest maps to (a rebuilt, smaller manifest) are deleted; the stage marker declares exactly the
+current shards with their checksums, and consumers read only those. Shards are written atomically and
+deterministically, so a kill -9 at any moment followed by a rerun gives byte-identical shards. On USR1 the current
+shard is finished, then the stage asks for a requeue and exits; SIGTERM stops it at once (pipeline.preemption).
 
 Several processes per task (``--nproc-per-node G``, torchrun): ``teacher.tensor_parallel`` T makes them G/T teacher
 replicas (``pipeline.teacher_parallel``: transformers' tensor parallelism on each replica's ranks, a whole teacher
@@ -41,7 +44,6 @@ import statistics
 import subprocess
 import sys
 import time
-import types
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -51,10 +53,10 @@ import pyarrow as pa
 import torch
 
 from pipeline import cache_format as cf
-from pipeline import data_format, definition, preemption
+from pipeline import data_format, definition, preemption, validate
 from pipeline import modeling as mdl
 from pipeline import teacher_parallel as tp
-from pipeline.config import CacheConfig, Config, ConfigError, ModelConfig, model_identity, section_hash
+from pipeline.config import CacheConfig, Config, ConfigError, model_identity, section_hash
 from pipeline.config import load as load_config
 from pipeline.jsonlog import JsonLogger
 from pipeline.rundir import (
@@ -66,7 +68,8 @@ from pipeline.rundir import (
     atomic_write_json,
     build_parser,
     cli_exit_code,
-    file_sha256,
+    file_problem,
+    record_file,
     stage_main,
 )
 
@@ -302,34 +305,12 @@ def topk_peak_memory(
 
 
 # ------------------------------------------------------------------------------------------------- planning
-def load_teacher_config(spec: ModelConfig) -> Any:
-    """The teacher's ``config.json`` (no weights): sizes for checks and plans, commit hash for the fingerprint."""
-    from transformers import AutoConfig
-
-    kwargs: dict[str, Any] = {"revision": spec.revision, "trust_remote_code": spec.trust_remote_code}
-    if spec.gguf_file:
-        kwargs["gguf_file"] = spec.gguf_file
-    try:
-        return AutoConfig.from_pretrained(spec.name_or_path, **kwargs)
-    except (OSError, ValueError) as err:
-        raise PipelineError(f"teacher.name_or_path: cannot load the config of {spec.name_or_path!r} ({err})") from None
-
-
 def resolve_extraction(ccfg: CacheConfig, tcfg: Any, seq_len: int, seed: int) -> tuple[Extraction, dict[str, Any]]:
-    """Checks against the teacher's config, then the extraction spec and the metadata fields it implies."""
-    holder = types.SimpleNamespace(config=tcfg)
-    logits_width = int(tcfg.vocab_size)
-    if ccfg.top_k > logits_width:
-        raise PipelineError(f"cache.top_k: expected <= the teacher's vocabulary ({logits_width}), got {ccfg.top_k}")
-    layers = [mdl.check_layer_index(i, holder, f"cache.hidden_layers.{n}") for n, i in enumerate(ccfg.hidden_layers)]
-    if len(set(layers)) != len(layers):
-        raise ConfigError(f"cache.hidden_layers: expected distinct layers, got {ccfg.hidden_layers} ({layers})")
-    embed = None if ccfg.embed_layer is None else mdl.check_layer_index(ccfg.embed_layer, holder, "cache.embed_layer")
-    limit = mdl.max_positions(tcfg)
-    if limit is not None and seq_len > limit:
-        raise PipelineError(f"manifest seq_len {seq_len}: exceeds the teacher's max_position_embeddings ({limit})")
-    if ccfg.hidden_fraction is not None and ccfg.hidden_every_n > 1:
-        raise ConfigError("cache.hidden_fraction: set either hidden_fraction or hidden_every_n > 1, not both")
+    """The extraction spec and the metadata fields it implies, hidden indices normalised against the teacher's
+    config (the config rules themselves, ranges included, are ``pipeline.validate``'s and ran at stage start)."""
+    count = validate.num_hidden_states(tcfg)
+    layers = [validate.hidden_index(i, count, f"cache.hidden_layers.{n}") for n, i in enumerate(ccfg.hidden_layers)]
+    embed = None if ccfg.embed_layer is None else validate.hidden_index(ccfg.embed_layer, count, "cache.embed_layer")
     positions = cf.hidden_positions(seq_len, ccfg.hidden_every_n, ccfg.hidden_fraction, seed)
     spec = Extraction(
         top_k=ccfg.top_k,
@@ -348,7 +329,7 @@ def resolve_extraction(ccfg: CacheConfig, tcfg: Any, seq_len: int, seed: int) ->
         "hidden_dtype": ccfg.hidden_dtype,
         "hidden_positions": positions,
         "hidden_index_convention": mdl.HIDDEN_INDEX_CONVENTION,
-        "num_hidden_states": mdl.num_hidden_states(holder),
+        "num_hidden_states": count,
         "embed_layer": embed,
         "seq_len": seq_len,
     }
@@ -430,8 +411,8 @@ def output_sections(cfg: Config) -> tuple:
     return (model_identity(cfg.teacher), cache, seed)
 
 
-def teacher_fingerprint(cfg: Config, tcfg: Any) -> str:
-    return mdl.weights_fingerprint(cfg.teacher, types.SimpleNamespace(config=tcfg))
+def teacher_fingerprint(cfg: Config) -> str:
+    return mdl.weights_fingerprint(cfg.teacher, "teacher")
 
 
 def shard_signature(cfg: Config, fingerprint: str, manifest_sha: str) -> str:
@@ -442,16 +423,32 @@ def record_path(cache_dir: Path, shard_file: str) -> Path:
     return cache_dir / RECORDS / (Path(shard_file).stem + ".json")
 
 
-def shard_done(cache_dir: Path, shard_file: str, signature: str, verify: bool) -> bool:
-    """Whether a shard's record matches the current signature and (``verify``: its checksum) the file."""
+def read_record(cache_dir: Path, shard_file: str) -> dict[str, Any] | None:
     try:
-        record = json.loads(record_path(cache_dir, shard_file).read_text())
+        return json.loads(record_path(cache_dir, shard_file).read_text())
     except (OSError, ValueError):
+        return None
+
+
+def shard_done(cache_dir: Path, shard_file: str, signature: str) -> bool:
+    """Whether a shard's record matches the current signature and the file is still the one recorded (size and
+    mtime, re-hashed only when the mtime moved: a damaged or edited shard is recomputed, an intact one is not)."""
+    record = read_record(cache_dir, shard_file)
+    if record is None or record.get("signature") != signature:
         return False
-    path = cache_dir / cf.cache_shard_name(shard_file)
-    if record.get("signature") != signature or not path.is_file() or path.stat().st_size != record.get("bytes"):
-        return False
-    return not verify or file_sha256(path) == record.get("sha256")
+    return not file_problem(cache_dir / cf.cache_shard_name(shard_file), record)
+
+
+def remove_strays(cache_dir: Path, manifest: dict[str, Any]) -> list[str]:
+    """Delete the shards and records that no shard of the current manifest maps to (left by a run over an earlier,
+    larger manifest); returns their names. Consumers read only declared shards anyway; this keeps the directory
+    what it claims to be."""
+    wanted = {cf.cache_shard_name(s["file"]) for _, s in manifest_shards(manifest)}
+    strays = [p for p in cache_dir.glob("*.parquet") if p.name not in wanted]
+    strays += [p for p in (cache_dir / RECORDS).glob("*.json") if p.stem + ".parquet" not in wanted]
+    for path in strays:
+        path.unlink(missing_ok=True)
+    return sorted(p.name for p in strays)
 
 
 # ------------------------------------------------------------------------------------------------------ stage
@@ -478,11 +475,12 @@ def _check_tokenizer(cfg: Config, manifest: dict[str, Any], where: Path) -> None
 
 
 def _pending(cfg: Config, cache_dir: Path, fingerprint: str, mine: list, force: bool) -> list:
-    """This task's shards without a matching record; temp files they left behind (kill -9) are removed."""
+    """This task's shards without a matching record (or whose file is no longer the one recorded); temp files they
+    left behind (kill -9) are removed."""
     pending = [
         (split, s)
         for split, s in mine
-        if force or not shard_done(cache_dir, s["file"], shard_signature(cfg, fingerprint, s["sha256"]), True)
+        if force or not shard_done(cache_dir, s["file"], shard_signature(cfg, fingerprint, s["sha256"]))
     ]
     for _, shard in pending:  # temp files of this task's shards left by a killed run (other tasks own theirs)
         for stale in cache_dir.glob(f".{cf.cache_shard_name(shard['file'])}.*.tmp"):
@@ -494,19 +492,27 @@ def run(cfg: Config, rd: RunDir, ctx: StageContext) -> dict[str, float]:
     """Cache this task's share of the manifest shards; return summary numbers.
 
     Under torchrun the task's processes form ``layout.replicas`` teacher replicas (``pipeline.teacher_parallel``):
-    rank 0 decides which shards are pending, replica r computes every R-th of them and its TP rank 0 writes them."""
+    rank 0 removes strays and decides which shards are pending, replica r computes every R-th of them and its TP
+    rank 0 writes them."""
     manifest_dir, cache_dir = rd.stage_dir("manifest"), rd.stage_dir(STAGE)
     manifest = data_format.read_manifest(manifest_dir)
     _check_tokenizer(cfg, manifest, manifest_dir / data_format.MANIFEST_FILE)
-    tcfg = load_teacher_config(cfg.teacher)
+    tcfg = mdl.load_model_config(cfg.teacher, "teacher")
     tp.check_tensor_parallel(tcfg, cfg.teacher.tensor_parallel)
     spec, fields = resolve_extraction(cfg.cache, tcfg, int(manifest["seq_len"]), cfg.seed)
-    fingerprint = teacher_fingerprint(cfg, tcfg)
+    fingerprint = teacher_fingerprint(cfg)
     index, count = task_split(ctx.args)
     mine = manifest_shards(manifest)[index::count]
     on = mdl.device()
     layout = tp.setup(cfg.teacher.tensor_parallel, on)
-    pending = tp.broadcast(_pending(cfg, cache_dir, fingerprint, mine, ctx.force) if layout.rank == 0 else None, layout)
+    ctx.begin_writes()
+    pending = None
+    if layout.rank == 0:
+        strays = remove_strays(cache_dir, manifest)
+        if strays:
+            ctx.log.info("strays", f"removed {len(strays)} files no manifest shard maps to", files=strays[:20])
+        pending = _pending(cfg, cache_dir, fingerprint, mine, ctx.force)
+    pending = tp.broadcast(pending, layout)
     ours = pending[layout.replica :: layout.replicas]
     ctx.log.info(
         "plan",
@@ -540,7 +546,8 @@ def run(cfg: Config, rd: RunDir, ctx: StageContext) -> dict[str, float]:
                                    write=layout.writer)  # fmt: skip
             if info is not None:
                 signature = shard_signature(cfg, fingerprint, shard["sha256"])
-                atomic_write_json(record_path(cache_dir, shard["file"]), {**info, "signature": signature})
+                recorded = record_file(cache_dir / info["file"], info["sha256"])  # + size and mtime, as markers hold
+                atomic_write_json(record_path(cache_dir, shard["file"]), {**info, **recorded, "signature": signature})
                 done["shards_computed"] += 1
                 for key in ("rows", "tokens", "bytes"):
                     done[key] += info[key]
@@ -635,18 +642,27 @@ def cache_one_shard(
 def _complete(cfg: Config, rd: RunDir, ctx: StageContext) -> bool:
     """The stage marker may be written once every shard of every task has a matching record."""
     manifest = data_format.read_manifest(rd.stage_dir("manifest"))
-    fingerprint = teacher_fingerprint(cfg, load_teacher_config(cfg.teacher))
+    fingerprint = teacher_fingerprint(cfg)
     cache_dir = rd.stage_dir(STAGE)
     return all(
-        shard_done(cache_dir, s["file"], shard_signature(cfg, fingerprint, s["sha256"]), False)
+        shard_done(cache_dir, s["file"], shard_signature(cfg, fingerprint, s["sha256"]))
         for _, s in manifest_shards(manifest)
     )
 
 
-def _sections(cfg: Config, unit: str | None) -> tuple:
+def _outputs(cfg: Config, rd: RunDir, unit: str | None) -> dict[str, str | None]:
+    """Every shard, with the checksum its record took when it was written (no re-read of a terabyte cache)."""
+    manifest = data_format.read_manifest(rd.stage_dir("manifest"))
+    cache_dir = rd.stage_dir(STAGE)
+    shards = [s["file"] for _, s in manifest_shards(manifest)]
+    return {cf.cache_shard_name(name): read_record(cache_dir, name)["sha256"] for name in shards}
+
+
+def _sections(cfg: Config, unit: str | None) -> dict[str, Any]:
     # The format version is part of the stage's identity: after an upgrade a rerun rebuilds the cache instead of
     # skipping it as complete and leaving train to fail on old-format shards.
-    return (*output_sections(cfg), cf.FORMAT_VERSION)
+    teacher, cache, seed = output_sections(cfg)
+    return {"teacher": teacher, "cache": cache, "seed": seed, "cache_format_version": cf.FORMAT_VERSION}
 
 
 SPEC = StageSpec(
@@ -654,6 +670,8 @@ SPEC = StageSpec(
     run=run,
     sections=_sections,
     upstream=lambda cfg, unit: definition.upstream(cfg, STAGE, unit),
+    external=lambda cfg, unit: {"weights:teacher": teacher_fingerprint(cfg)},
+    outputs=_outputs,
     add_args=_add_args,
     complete=_complete,
 )
@@ -664,6 +682,7 @@ def plan_main(args: argparse.Namespace) -> int:
     it exists; before it does, ``manifest.max_tokens`` stands in for the token count)."""
     try:
         cfg = load_config(args.config, args.overrides)
+        validate.check(cfg)
         rd = RunDir.from_config(cfg)
         manifest_dir = rd.stage_dir("manifest")
         if (manifest_dir / data_format.MANIFEST_FILE).exists() or not cfg.manifest.max_tokens:
@@ -672,7 +691,7 @@ def plan_main(args: argparse.Namespace) -> int:
             rows = cfg.manifest.max_tokens // cfg.manifest.seq_len
             manifest = {"seq_len": cfg.manifest.seq_len, "splits": {"train": {"rows": rows}, "val": {"rows": 0}}}
             source = "manifest.max_tokens (no manifest yet)"
-        tcfg = load_teacher_config(cfg.teacher)
+        tcfg = mdl.load_model_config(cfg.teacher, "teacher")
         tp.check_tensor_parallel(tcfg, cfg.teacher.tensor_parallel)
         table = plan_rows(cfg, manifest, tcfg)
     except (ConfigError, PipelineError) as err:

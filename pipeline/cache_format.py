@@ -53,7 +53,8 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from pipeline.data_format import schema_json
-from pipeline.rundir import PipelineError, atomic_path, file_sha256
+from pipeline.rundir import MARKER, PipelineError, atomic_path, declared_outputs, file_problem, file_sha256
+from pipeline.validate import hidden_index
 
 FORMAT_VERSION = 2
 META_KEY = b"pipeline.cache"
@@ -314,17 +315,26 @@ def _read_footer(path: Path) -> tuple[dict[str, Any], pq.FileMetaData]:
 
 
 def list_cache_shards(cache_dir: Path, split: str) -> list[Path]:
-    """The cache shards of ``split`` in ``cache_dir``, sorted by shard index (temporary files excluded)."""
+    """The cache shards of ``split`` that the cache stage's marker declares, by shard index: never a glob of what is
+    on disk (a shard left from an earlier run is not data). A declared shard that is missing or no longer the one
+    recorded is a PipelineError naming it and the command that recomputes it."""
     cache_dir = Path(cache_dir)
-    if not cache_dir.is_dir():
-        raise PipelineError(f"{cache_dir}: cache directory missing; run the cache stage first (make cache)")
-    return sorted(p for p in cache_dir.glob(f"{split}-*.parquet") if not p.name.startswith("."))
+    declared = declared_outputs(cache_dir)
+    files = []
+    for name in sorted(n for n in declared if n.startswith(f"{split}-") and n.endswith(".parquet")):
+        problem = file_problem(cache_dir / name, declared[name])
+        if problem:
+            raise PipelineError(
+                f"{cache_dir / name} (declared in {MARKER}): {problem}; run make cache (it recomputes only missing "
+                "or changed shards)"
+            )
+        files.append(cache_dir / name)
+    return files
 
 
 def normalise_layer(layer: int, meta: dict[str, Any]) -> int:
-    """A hidden_states index (negative counts from the end) as the non-negative index used in the cache."""
-    count = int(meta["num_hidden_states"])
-    return layer % count if -count <= layer < count else layer
+    """A hidden_states index of the cached teacher (negative counts from the end) as stored in the cache."""
+    return hidden_index(layer, int(meta["num_hidden_states"]), f"teacher hidden layer {layer}", "the cached teacher")
 
 
 def validate_for_student(

@@ -22,8 +22,6 @@ from typing import Any, Literal
 
 import yaml
 
-from pipeline.jsonlog import SECRET_NAME
-
 REQUIRED: Any = object()  # sentinel default for values every config must set
 
 
@@ -50,6 +48,7 @@ POSITIVE = (lambda v: v > 0, "> 0")
 NON_NEGATIVE = (lambda v: v >= 0, ">= 0")
 FRACTION = (lambda v: 0 <= v < 1, "in [0, 1)")
 UNIT = (lambda v: 0 <= v <= 1, "in [0, 1]")
+OPEN_UNIT = (lambda v: 0 < v < 1, "in (0, 1)")
 
 
 # --------------------------------------------------------------------------------------------------- models
@@ -90,6 +89,16 @@ def model_identity(spec: ModelConfig) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------- manifest
+SHAPE_FIELDS = {  # record shape -> its canonical fields (what manifest.sources.<i>.fields maps), in detection order
+    "text": ("text",),
+    "alpaca": ("instruction", "input", "output"),
+    "prompt_response": ("prompt", "response"),
+    "messages": ("messages",),
+    "sharegpt": ("conversations",),
+}
+CANONICAL_FIELDS = tuple(dict.fromkeys(f for fields in SHAPE_FIELDS.values() for f in fields))
+
+
 @dataclass
 class SourceConfig:
     path: str = _opt(doc="datasets path: hub name, or a builder such as json/parquet with data_files")
@@ -97,7 +106,8 @@ class SourceConfig:
     data_files: str | list[str] | dict[str, str | list[str]] | None = _opt(None, "files for a local builder")
     split: str = _opt("train", "split to read")
     revision: str | None = _opt(None, "hub revision; recorded in the manifest")
-    weight: float = _opt(1.0, "mixture weight (relative; normalised over sources)", NON_NEGATIVE)
+    weight: float = _opt(1.0, "mixture weight: this source's share of the kept tokens (relative; see mixture)",
+                         NON_NEGATIVE)  # fmt: skip
     streaming: bool = _opt(False, "stream instead of downloading the whole split")
     format: Literal["auto", "text", "alpaca", "prompt_response", "messages", "sharegpt"] = _opt(
         "auto", "record shape; auto recognises each record's shape"
@@ -108,7 +118,11 @@ class SourceConfig:
 @dataclass
 class ManifestConfig:
     sources: list[SourceConfig] = _opt([], "the dataset mixture")
-    seq_len: int = _opt(2048, "tokens per packed sequence", POSITIVE)
+    mixture: Literal["tokens", "documents"] = _opt(
+        "tokens", "what the weights share out: kept tokens (as data-mixture papers mean), or documents read"
+    )
+    seq_len: int = _opt(2048, "tokens per packed sequence (>= 2: position t learns token t+1)",
+                        (lambda v: v >= 2, ">= 2"))  # fmt: skip
     max_samples: int | None = _opt(None, "cap on kept documents, train + val (None: until a source runs out)", POSITIVE)
     max_tokens: int | None = _opt(None, "cap on kept tokens incl. EOS, train + val (None: no cap)", POSITIVE)
     min_chars: int = _opt(1, "drop documents shorter than this", NON_NEGATIVE)
@@ -145,7 +159,7 @@ class ResponseKDConfig:
     divergence: Literal["forward_kl", "reverse_kl", "jsd", "tvd"] = _opt("forward_kl", "divergence")
     temperature: float = _opt(1.0, "tau (loss x tau^2); tail_bucket needs cache.temperature, renormalize any", POSITIVE)
     tail: Literal["tail_bucket", "renormalize"] = _opt("tail_bucket", "k+1 classes with the exact tail, or over k")
-    jsd_beta: float = _opt(0.5, "beta of the generalized JSD, in (0, 1) (0 and 1 make it vanish)", UNIT)
+    jsd_beta: float = _opt(0.5, "beta of the generalized JSD (0 and 1 make it vanish)", OPEN_UNIT)
 
 
 @dataclass
@@ -355,32 +369,6 @@ class SlurmConfig:
     stages: SlurmStages = _opt(SlurmStages(), "resources per stage (the one source of truth for sbatch)")
 
 
-def _slurm_checks(cfg: Config) -> None:
-    """Slurm rules that span keys, so that submit refuses before anything is queued."""
-    from pipeline.definition import PIPELINE  # the definition imports this module's types
-
-    for stage in PIPELINE:
-        res = getattr(cfg.slurm.stages, stage.name)
-        key = f"slurm.stages.{stage.name}"
-        if res.nodes != 1 and not (stage.distributed and stage.slurm_jobs == "per_unit"):
-            why = "the cache scales out with array_tasks" if stage.slurm_jobs == "array" else "it runs one process"
-            raise ConfigError(f"{key}.nodes: expected 1 ({why}), got {res.nodes}")
-        if stage.preemptible and cfg.slurm.signal_s >= slurm_time_s(res.time):
-            raise ConfigError(
-                f"slurm.signal_s: expected fewer seconds than {key}.time ({res.time} = {slurm_time_s(res.time)} s), "
-                f"got {cfg.slurm.signal_s}: the warning would come as the job starts and it would requeue forever"
-            )
-        for where, env in ((key, res.env), ("slurm", cfg.slurm.env)):
-            for name in env:
-                if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
-                    raise ConfigError(f"{where}.env.{name}: expected a shell variable name")
-                if SECRET_NAME.search(name):
-                    raise ConfigError(
-                        f"{where}.env.{name}: secrets do not belong in the config (the job scripts are kept under "
-                        "logs/); export it where you submit: jobs inherit the environment"
-                    )
-
-
 @dataclass
 class MonitorConfig:
     enabled: bool = _opt(True, "run monitor.py beside every stage")
@@ -521,58 +509,6 @@ def _build(cls: type, data: dict, path: str) -> Any:
     return cls(**kwargs)
 
 
-def _cross_checks(cfg: Config) -> None:
-    """Rules that span several keys."""
-    if not cfg.run_name or "/" in cfg.run_name:
-        raise ConfigError(f'run_name: expected a non-empty name without "/", got {_show(cfg.run_name)}')
-    if cfg.manifest.sources and sum(s.weight for s in cfg.manifest.sources) <= 0:
-        raise ConfigError("manifest.sources: expected weights summing to a positive number, got all zero")
-    if cfg.train.baseline_variant not in cfg.train.variants:
-        raise ConfigError(
-            f"train.baseline_variant: expected one of the variants ({', '.join(cfg.train.variants)}), "
-            f"got {_show(cfg.train.baseline_variant)}"
-        )
-    if cfg.teacher.tensor_parallel > 1 and cfg.teacher.device_map:
-        raise ConfigError(
-            f"teacher.tensor_parallel: {cfg.teacher.tensor_parallel} shards every layer over that many ranks, "
-            f"teacher.device_map {_show(cfg.teacher.device_map)} spreads whole layers over one process's GPUs; "
-            "set one of them (device_map: null for tensor parallelism)"
-        )
-    cache_res = cfg.slurm.stages.cache
-    procs = cache_res.nproc_per_node or max(cache_res.gpus_per_node, 1)  # what the cache job launches per node
-    if cfg.teacher.device_map and procs > 1:
-        raise ConfigError(
-            f"teacher.device_map: {_show(cfg.teacher.device_map)} spreads one teacher over the node's GPUs from one "
-            f"process, but the cache job starts {procs} per node; set slurm.stages.cache.nproc_per_node: 1 (or "
-            "teacher.tensor_parallel with device_map: null)"
-        )
-    if procs % cfg.teacher.tensor_parallel:
-        raise ConfigError(
-            f"teacher.tensor_parallel: {cfg.teacher.tensor_parallel} does not divide the cache's {procs} process(es) "
-            "per node (slurm.stages.cache.nproc_per_node, else gpus_per_node); every replica needs that many ranks"
-        )
-    if len(cfg.train.betas) != 2 or not all(0 <= b < 1 for b in cfg.train.betas):
-        raise ConfigError(f"train.betas: expected two floats in [0, 1), got {cfg.train.betas}")
-    for name, loss in cfg.train.variants.items():
-        key = f"train.variants.{name}"
-        total = loss.ce_weight + loss.response.weight + loss.feature.weight + loss.relation.weight
-        if total <= 0:
-            raise ConfigError(f"{key}: expected at least one positive loss weight, got all zero")
-        for i, pair in enumerate(loss.feature.layer_pairs):
-            if len(pair) != 2:
-                raise ConfigError(f"{key}.feature.layer_pairs.{i}: expected [student_layer, teacher_layer]")
-            if loss.feature.weight > 0 and pair[1] not in cfg.cache.hidden_layers:
-                raise ConfigError(
-                    f"{key}.feature.layer_pairs.{i}: teacher layer {pair[1]} is not cached "
-                    f"(cache.hidden_layers={cfg.cache.hidden_layers})"
-                )
-        if loss.feature.weight > 0 and not loss.feature.layer_pairs:
-            raise ConfigError(f"{key}.feature.layer_pairs: expected at least one pair when feature.weight > 0")
-        if loss.relation.weight > 0 and cfg.cache.embed_layer is None:
-            raise ConfigError(f"{key}.relation.weight: needs cache.embed_layer set (pooled teacher embeddings)")
-    _slurm_checks(cfg)
-
-
 # ------------------------------------------------------------------------------------------- overrides, load
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``a.b.c=value`` -> (["a", "b", "c"], yaml-parsed value)."""
@@ -657,7 +593,9 @@ def from_dict(data: dict) -> Config:
     if not isinstance(data, dict):
         raise ConfigError(f"<root>: expected a mapping, got {_show(data)}")
     cfg = _build(Config, data, "")
-    _cross_checks(cfg)
+    from pipeline import validate  # validate imports this module for the schema: imported here, not at the top
+
+    validate.check_config(cfg)
     return cfg
 
 
@@ -688,7 +626,24 @@ def to_dict(obj: Any) -> Any:
     return dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj
 
 
+def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested config values (dataclasses, mappings, lists) as ``{"a.b.0.c": leaf}``: key paths as the user writes
+    them, so a changed value can be named."""
+    obj = _plain(obj)
+    if isinstance(obj, dict):
+        items: Any = obj.items()
+    elif isinstance(obj, list) and obj:
+        items = enumerate(obj)
+    else:
+        return {prefix: obj}
+    out: dict[str, Any] = {}
+    for key, value in items:
+        out.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out
+
+
 def section_hash(*sections: Any) -> str:
-    """Stable short hash of config sections (what a stage's output depends on)."""
-    blob = json.dumps([to_dict(s) for s in sections], sort_keys=True, default=str)
+    """Stable short hash of config sections (what a stage's output depends on); dataclasses at any depth count by
+    their fields."""
+    blob = json.dumps([_plain(s) for s in sections], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]

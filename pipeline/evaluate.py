@@ -4,8 +4,8 @@ Reads:
     runs/<run>/train/<variant>/final/        each trained student (the CE-only baseline is one of the variants)
     runs/<run>/train/<variant>/summary.json  its step count
     cfg.teacher                              the teacher (unit ``teacher``; skipped while its marker matches)
-    runs/<run>/cache/val-*.parquet           held-out teacher top-k + tail (through pipeline.cache_format)
-    runs/<run>/manifest/val-*.parquet        held-out documents for the offline tasks (through pipeline.data_format)
+    runs/<run>/cache/val-*.parquet           held-out teacher top-k + tail: the shards the cache marker declares
+    runs/<run>/manifest/val-*.parquet        held-out documents for the offline tasks: the shards manifest.json lists
 Writes:
     runs/<run>/evaluate/tasks/               offline task YAMLs rendered from pipeline/eval_tasks/ + their data
     runs/<run>/evaluate/<model>/lm_eval/     lm-eval's own output (<model path sanitized>/results_<ts>.json, samples)
@@ -15,8 +15,9 @@ Run:
     python -m pipeline.evaluate --config C [--model NAME ...] [--force] [key.path=value ...]
 
 Units are models: each variant of ``cfg.train.variants`` in config order, then ``teacher`` when
-``evaluate.include_teacher``. The teacher's marker hashes only the teacher and evaluation settings (plus the held-out
-cache and manifest fingerprints), so retraining students reuses its result.
+``evaluate.include_teacher``. The teacher's marker records only the teacher, its weights and the evaluation settings
+(plus the manifest's and cache's identities), so retraining students reuses its result; a student's records its
+training unit's outputs, so a retrained student's result is stale until it is evaluated again.
 
 Offline tasks (``evaluate.local_tasks``): ``kd_heldout_mc`` (held-out documents cut into passages of
 ``evaluate.mc_passage_words`` words; pick a passage's true second half among ``evaluate.mc_choices``; distractors
@@ -47,7 +48,7 @@ from pipeline import definition
 from pipeline.config import Config, ConfigError, EvalTaskConfig, ModelConfig, model_identity, section_hash
 from pipeline.data_format import read_manifest, read_packed_shard, shard_paths
 from pipeline.metrics import INTRINSIC_METRICS, IntrinsicAccumulator
-from pipeline.modeling import device, load_causal_lm, load_tokenizer, vocab_hash, vocab_size
+from pipeline.modeling import device, load_causal_lm, load_tokenizer, vocab_hash, vocab_size, weights_fingerprint
 from pipeline.rundir import (
     REPO,
     PipelineError,
@@ -174,14 +175,6 @@ def task_manager(include_path: Path | None, tasks: list[EvalTaskConfig]) -> Any:
     if key not in _MANAGERS:
         _MANAGERS[key] = TaskManager(include_path=key[0], include_defaults=defaults)
     return _MANAGERS[key]
-
-
-def check_task_names(manager: Any, tasks: list[EvalTaskConfig]) -> None:
-    """Refuse unknown task or group names before any model runs, naming the config entry."""
-    known = set(manager.all_tasks)
-    for i, task in enumerate(tasks):
-        if task.name not in known:
-            raise PipelineError(f"evaluate.tasks.{i}.name: unknown lm-eval task or group {task.name!r}")
 
 
 def run_lm_eval(
@@ -317,9 +310,8 @@ def run(cfg: Config, rd: RunDir, ctx: StageContext) -> dict[str, float]:
     key = TEACHER if unit == TEACHER else "student"
     started = time.monotonic()
     tasks = task_list(cfg)
+    # task names were checked with the config (pipeline.validate) before anything ran
     include = prepare_local_tasks(cfg, rd, load_tokenizer(cfg.teacher)) if tasks and cfg.evaluate.local_tasks else None
-    if tasks:  # fail on a misspelt task before spending time on the model
-        check_task_names(task_manager(include, tasks), cfg.evaluate.tasks)
     tokenizer = load_tokenizer(spec, key)
     model = load_causal_lm(spec, key, device())
     model.eval()
@@ -327,6 +319,7 @@ def run(cfg: Config, rd: RunDir, ctx: StageContext) -> dict[str, float]:
     intrinsic = intrinsic_metrics(model, tokenizer, cfg, rd)
     ctx.log.info("intrinsic", f"{unit}: held-out metrics", **intrinsic)
 
+    ctx.begin_writes()  # the model loaded and its held-out metrics computed: now replace the earlier result
     lm_eval_info: dict[str, Any] = {}
     if tasks:
         lm_eval_info = run_lm_eval(model, tokenizer, spec.name_or_path, tasks, cfg, out / "lm_eval", include)
@@ -345,7 +338,7 @@ def run(cfg: Config, rd: RunDir, ctx: StageContext) -> dict[str, float]:
         "n_samples": lm_eval_info.get("n_samples", {}),
         "limits": lm_eval_info.get("limits", {}),
         "provenance": {
-            "config_hash": section_hash(*sections(cfg, unit)),
+            "config_hash": section_hash(sections(cfg, unit)),
             "packages": package_versions(),
             "python": sys.version.split()[0],
             "git_hash": git_hash(),
@@ -360,11 +353,11 @@ def run(cfg: Config, rd: RunDir, ctx: StageContext) -> dict[str, float]:
     return {k: v for k, v in intrinsic.items() if isinstance(v, float)}
 
 
-def sections(cfg: Config, unit: str | None) -> tuple:
-    """What a model's results depend on: its weights (train marker / teacher config) and the evaluation settings."""
-    if unit == TEACHER:
-        return (model_identity(cfg.teacher), cfg.evaluate, cfg.seed)
-    return (cfg.student, cfg.evaluate, cfg.seed, unit)
+def sections(cfg: Config, unit: str | None) -> dict[str, Any]:
+    """What a model's results depend on besides its inputs (the trained weights, or the teacher's): how it is loaded
+    and the evaluation settings."""
+    model = {"teacher": model_identity(cfg.teacher)} if unit == TEACHER else {"student": cfg.student, "model": unit}
+    return {**model, "evaluate": cfg.evaluate, "seed": cfg.seed}
 
 
 def upstream(cfg: Config, unit: str | None) -> list[tuple[str, str | None]]:
@@ -372,10 +365,20 @@ def upstream(cfg: Config, unit: str | None) -> list[tuple[str, str | None]]:
     return definition.upstream(cfg, "evaluate", unit)
 
 
+def external(cfg: Config, unit: str | None) -> dict[str, str]:
+    """The teacher's weights for the teacher's unit (a student's weights are train's declared output)."""
+    return {"weights:teacher": weights_fingerprint(cfg.teacher, "teacher")} if unit == TEACHER else {}
+
+
+def outputs(cfg: Config, rd: RunDir, unit: str | None) -> dict[str, str | None]:
+    """results.json and every file of lm-eval's own output (the report reads the results files results.json lists)."""
+    out = rd.stage_dir("evaluate", unit)
+    files = [out / "results.json", *(p for p in (out / "lm_eval").rglob("*") if p.is_file())]
+    return {str(p.relative_to(out)): None for p in files}
+
+
 def units(cfg: Config, args: Any) -> list[str]:
     """Every variant in config order, then the teacher; ``--model`` picks a subset."""
-    if TEACHER in cfg.train.variants:
-        raise ConfigError(f'train.variants.{TEACHER}: the name "{TEACHER}" is reserved for the teacher\'s evaluation')
     every = definition.units(cfg, "evaluate")
     chosen = getattr(args, "model", None) or every
     for name in chosen:
@@ -388,7 +391,16 @@ def add_args(parser: Any) -> None:
     parser.add_argument("--model", action="append", help="evaluate only this model (repeatable; variant or teacher)")
 
 
-SPEC = StageSpec(name="evaluate", run=run, sections=sections, upstream=upstream, units=units, add_args=add_args)
+SPEC = StageSpec(
+    name="evaluate",
+    run=run,
+    sections=sections,
+    upstream=upstream,
+    external=external,
+    outputs=outputs,
+    units=units,
+    add_args=add_args,
+)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -40,6 +40,11 @@ def redact(text: str) -> str:
     return text
 
 
+def redact_values(values: dict[str, Any]) -> dict[str, Any]:
+    """A flat mapping with every string value redacted: what markers and checkpoints may record of a config."""
+    return {key: redact(value) if isinstance(value, str) else value for key, value in values.items()}
+
+
 def slurm_ids() -> tuple[str | None, str | None]:
     """(job id, array task id) of the current Slurm job; for an array, the array's job id."""
     job = os.environ.get("SLURM_ARRAY_JOB_ID") or os.environ.get("SLURM_JOB_ID")

@@ -8,16 +8,19 @@ Run     ``python -m pipeline.manifest --config configs/demo.yaml [key.path=value
 
 One pass, in this order (memory: one chunk of documents, one shard per split and the dedup hashes):
 
-1. Checks before any work: the tokenizer has an EOS token, ``seq_len`` fits the teacher's positions, every source
-   loads and its field mapping names existing columns.
-2. Mixture: a seeded RNG picks the source of every next record with probability proportional to its weight. The
-   mixture ends when a picked source runs out or a cap is reached, so the proportions follow the weights whether or
-   not a cap is set (no "source 1 to its quota, then source 2").
+1. Checks before any work: the config rules (``pipeline.validate``: EOS token, ``seq_len`` within both models'
+   context, ...) ran at stage start; here every source loads, a local pattern matches files that are not empty, and
+   the field mapping names existing columns.
+2. Mixture (:class:`Mixer`): the weights are shares of the kept tokens (``manifest.mixture: tokens``, the default):
+   the next record comes from the source furthest below its share; ``documents`` draws each record's source with
+   probability proportional to its weight instead. The mixture ends when a picked source runs out or a cap is
+   reached, so the shares hold whether or not a cap is set (no "source 1 to its quota, then source 2"); the realised
+   ``token_share`` of every source is recorded next to its ``target_share``.
 3. Record -> text: plain ``text``; alpaca (``instruction`` + optional ``input`` + ``output``) and
    ``prompt``/``response`` become a user/assistant exchange; chat ``messages`` (content a string or a list of parts)
    and ShareGPT ``conversations`` (``from``/``value``). Exchanges are rendered with the tokenizer's chat template when
    it has one (``manifest.chat_template``), else as ``Role: content`` paragraphs. Records of no known shape are
-   counted as ``unmatched`` and skipped.
+   counted as ``unmatched`` and skipped (a null ``text`` is an empty document).
 4. Filters, each counted per source: empty, too_short/too_long (characters of the rendered text), duplicate (hash of
    NFKC-normalised, case- and whitespace-folded text).
 5. Held-out split by document, before packing: a document is validation when a seeded hash of its normalised text
@@ -27,7 +30,8 @@ One pass, in this order (memory: one chunk of documents, one shard per split and
    ``doc_starts`` records where each one begins; only the last row of a split is padded). ``max_tokens`` stops at
    the first document that would exceed it.
 7. Shards are written into ``manifest/.staging`` and moved into place only when everything succeeded, then
-   ``manifest.json``; a failed run deletes the staging directory and leaves an earlier complete output untouched.
+   ``manifest.json``; shards of an earlier run that the new manifest does not list are deleted. A failed run deletes
+   the staging directory and leaves an earlier complete output (marker included) untouched.
 
 Output bytes depend only on the config, the data and the library versions: no timestamps in what is written.
 """
@@ -37,6 +41,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import itertools
+import json
 import logging
 import os
 import shutil
@@ -51,26 +56,20 @@ from typing import Any
 import numpy as np
 
 from pipeline import data_format
-from pipeline.config import Config, ConfigError, ManifestConfig, SourceConfig
+from pipeline.config import CANONICAL_FIELDS, SHAPE_FIELDS, Config, ManifestConfig, SourceConfig
 from pipeline.modeling import load_tokenizer, vocab_hash, vocab_size
 from pipeline.rundir import PipelineError, RunDir, StageContext, StageSpec, atomic_write_json, file_sha256, stage_main
 
 STAGE = "manifest"
-SHAPES = ("text", "alpaca", "prompt_response", "messages", "sharegpt")
-SHAPE_FIELDS = {
-    "text": ("text",),
-    "alpaca": ("instruction", "input", "output"),
-    "prompt_response": ("prompt", "response"),
-    "messages": ("messages",),
-    "sharegpt": ("conversations",),
-}
-CANONICAL_FIELDS = tuple(dict.fromkeys(f for fields in SHAPE_FIELDS.values() for f in fields))
+SHAPES = tuple(SHAPE_FIELDS)  # the order auto-detection tries them in
 DROP_REASONS = ("unmatched", "empty", "too_short", "too_long", "duplicate", "over_cap")
 # ShareGPT speaker names (OpenHermes-2.5, Vicuna, tool-use sets) -> chat-template roles; others pass through.
 ROLE_ALIASES = {"human": "user", "gpt": "assistant", "chatgpt": "assistant", "bard": "assistant", "model": "assistant"}
 READ_BATCH = 1024  # records per Arrow batch read from a source (amortises Arrow -> Python conversion)
 DRAW_BLOCK = 4096  # source picks drawn from the RNG at once
 CHUNK_DOCS = 16384  # documents per datasets.map call: amortises the process pool, bounds memory
+FIRST_CHUNK_DOCS = 256  # the first chunks are small (doubling up to CHUNK_DOCS): the token mixture learns each
+#                         source's tokens per character from exact counts early, not after 16k documents
 MIN_DOCS_PER_PROC = 2048  # below this a worker pool costs more than it saves
 TEMPLATE_DATE = "26 Jul 2024"  # date_string for chat templates that print a date (Llama 3.1's own default)
 
@@ -113,9 +112,7 @@ def _local_files(builder: Any) -> list[Path]:
 def _field_mapping(i: int, src: SourceConfig, columns: list[str], label: str) -> dict[str, str]:
     """canonical field -> column of this source; mapped columns must exist."""
     key = f"manifest.sources.{i}"
-    for canon, column in src.fields.items():
-        if canon not in CANONICAL_FIELDS:
-            raise ConfigError(f"{key}.fields.{canon}: unknown field (expected one of: {', '.join(CANONICAL_FIELDS)})")
+    for canon, column in src.fields.items():  # the names themselves are checked with the config (validate)
         if column not in columns:
             raise PipelineError(
                 f"{key}.fields.{canon}: column {column!r} not found in {label} (columns: {', '.join(columns)})"
@@ -136,7 +133,58 @@ def _field_mapping(i: int, src: SourceConfig, columns: list[str], label: str) ->
     return mapping
 
 
-def _batches(ds: Any, key: str, label: str) -> Iterator[dict[str, list]]:
+def _patterns(src: SourceConfig) -> list[str]:
+    """The data_files patterns of a source, flattened (a string, a list, or a mapping split -> either)."""
+    spec = src.data_files
+    items = spec if isinstance(spec, list) else list(spec.values()) if isinstance(spec, dict) else [spec]
+    return [p for item in items if item for p in (item if isinstance(item, list) else [item])]
+
+
+def _is_local_builder(src: SourceConfig) -> bool:
+    """json/parquet/csv/... over files on this machine (a hub dataset's data_files are paths inside its repo)."""
+    from datasets.packaged_modules import _PACKAGED_DATASETS_MODULES
+
+    return src.path in _PACKAGED_DATASETS_MODULES and src.data_files is not None
+
+
+def _check_local_files(key: str, src: SourceConfig) -> None:
+    """A pattern that matches nothing, or a file without a byte, is named before datasets turns it into an
+    anonymous StopIteration."""
+    for pattern in _patterns(src):
+        if "://" in pattern:
+            continue
+        matches = sorted(glob.glob(pattern))
+        if not matches:
+            raise PipelineError(f"{key}.data_files: no file matches {pattern!r}")
+        for match in matches:
+            if os.path.isfile(match) and os.path.getsize(match) == 0:
+                raise PipelineError(f"{key}.data_files: no records in {match} (empty file)")
+
+
+def _bad_json_line(src: SourceConfig) -> str | None:
+    """``<file>:<line>: <problem>`` of the first line of a local JSON-lines source that is not one JSON value
+    (Arrow's reader reports a row within a block, which a person cannot find in the file)."""
+    if src.path != "json" or not _is_local_builder(src):
+        return None
+    for pattern in _patterns(src):
+        for path in sorted(glob.glob(pattern)):
+            with open(path, encoding="utf-8", errors="replace") as fh:
+                for number, line in enumerate(fh, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        json.loads(line)
+                    except json.JSONDecodeError as err:
+                        return f"{path}:{number}: malformed JSON ({err.msg}, column {err.colno})"
+    return None
+
+
+def _unreadable(key: str, label: str, src: SourceConfig, err: BaseException, what: str) -> PipelineError:
+    line = _bad_json_line(src)
+    return PipelineError(f"{key} ({label}): {line}" if line else f"{key} ({label}): {what} ({_cause(err)})")
+
+
+def _batches(ds: Any, key: str, label: str, src: SourceConfig) -> Iterator[dict[str, list]]:
     it = iter(ds.iter(batch_size=READ_BATCH))
     while True:
         try:
@@ -144,7 +192,7 @@ def _batches(ds: Any, key: str, label: str) -> Iterator[dict[str, list]]:
         except StopIteration:
             return
         except Exception as err:  # any reader error (bad JSON line, corrupt Parquet page) is a bad input file
-            raise PipelineError(f"{key} ({label}): unreadable data ({_cause(err)})") from None
+            raise _unreadable(key, label, src, err, "unreadable data") from None
         yield batch
 
 
@@ -162,6 +210,8 @@ def open_source(i: int, src: SourceConfig) -> Source:
     import datasets
 
     key, label = f"manifest.sources.{i}", _label(src)
+    if _is_local_builder(src):
+        _check_local_files(key, src)
     try:
         builder = datasets.load_dataset_builder(
             src.path, name=src.name, data_files=src.data_files, revision=src.revision
@@ -172,17 +222,17 @@ def open_source(i: int, src: SourceConfig) -> Source:
             builder.download_and_prepare()
             ds = builder.as_dataset(split=src.split)
     except Exception as err:  # datasets raises many types for a bad path/file/split; all mean "cannot load this"
-        raise PipelineError(f"{key} ({label}): cannot load ({_cause(err)})") from None
+        raise _unreadable(key, label, src, err, "cannot load") from None
     first = None
     if ds.column_names is None:  # streaming without declared features: learn the columns from the first batch
-        first = next(_batches(ds, key, label), None)
+        first = next(_batches(ds, key, label, src), None)
     mapping = _field_mapping(i, src, list(ds.column_names or first or []), label)
     if ds.column_names is not None:  # convert only the mapped columns to Python objects
         ds = ds.select_columns(sorted(set(mapping.values())))
-    batches = _batches(ds, key, label)
+    batches = _batches(ds, key, label, src)
     first = first or next(batches, None)
     if not first or not len(next(iter(first.values()))):
-        raise PipelineError(f"{key} ({label}): split {src.split!r} has no records")
+        raise PipelineError(f"{key} ({label}): no records in split {src.split!r}")
     local = _local_files(builder)
     provenance = {
         "path": src.path,
@@ -201,17 +251,15 @@ def open_source(i: int, src: SourceConfig) -> Source:
     return Source(src, key, label, _records(first, batches, mapping), provenance)
 
 
-def data_file_stats(cfg: ManifestConfig) -> list:
-    """Size and mtime of every local data file: part of the stage's identity, so edited data is not skipped."""
-    stats = []
+def data_file_identities(cfg: ManifestConfig) -> dict[str, str]:
+    """``{"data:<file>": "<bytes>:<mtime_ns>"}`` of every local data file: inputs of the stage, so edited data is
+    not skipped (size and mtime: hashing gigabytes of JSONL at every lineage check is not worth it)."""
+    out = {}
     for src in cfg.sources:
-        spec = src.data_files
-        patterns = spec if isinstance(spec, list) else list(spec.values()) if isinstance(spec, dict) else [spec]
-        flat = [p for item in patterns if item for p in (item if isinstance(item, list) else [item])]
-        for path in sorted({m for p in flat for m in glob.glob(p)}):
+        for path in sorted({m for p in _patterns(src) for m in glob.glob(p)}):
             st = os.stat(path)
-            stats.append([path, st.st_size, st.st_mtime_ns])
-    return stats
+            out[f"data:{path}"] = f"{st.st_size}:{st.st_mtime_ns}"
+    return out
 
 
 # ------------------------------------------------------------------------------------------- records -> text
@@ -255,7 +303,8 @@ def _exchange(user: str, assistant: str) -> list[dict[str, str]]:
 
 
 def record_shape(rec: dict[str, Any], fmt: str) -> tuple[str, str | list[dict[str, str]]] | None:
-    """(shape, plain text or chat messages) of a record with canonical field names; None if no shape matches."""
+    """(shape, plain text or chat messages) of a record with canonical field names; None if no shape matches.
+    A null ``text`` (a record of a text column with no value) is an empty text, unless another shape matches."""
     for shape in SHAPES if fmt == "auto" else (fmt,):
         if shape == "messages":
             msgs = _messages(rec.get("messages"), "role", "content")
@@ -275,6 +324,8 @@ def record_shape(rec: dict[str, Any], fmt: str) -> tuple[str, str | list[dict[st
             continue
         if msgs is not None:
             return shape, msgs
+    if "text" in rec and rec["text"] is None and fmt in ("auto", "text"):
+        return "text", ""
     return None
 
 
@@ -415,46 +466,57 @@ def _counts() -> dict[str, Any]:
     }
 
 
-def check_teacher(cfg: Config, tokenizer: Any) -> tuple[int, int]:
-    """(eos id, pad id) after checking the tokenizer's EOS and seq_len against the teacher's positions."""
-    from transformers import AutoConfig
-
-    teacher = cfg.teacher
-    if tokenizer.eos_token_id is None:
-        raise PipelineError(
-            f"teacher.tokenizer ({teacher.tokenizer or teacher.name_or_path}): tokenizer has no EOS token; "
-            "packing separates documents with EOS"
-        )
-    kwargs: dict[str, Any] = {"revision": teacher.revision, "trust_remote_code": teacher.trust_remote_code}
-    if teacher.gguf_file:
-        kwargs["gguf_file"] = teacher.gguf_file
-    try:
-        model_cfg = AutoConfig.from_pretrained(teacher.name_or_path, **kwargs)
-    except (OSError, ValueError) as err:
-        raise PipelineError(
-            f"teacher.name_or_path: cannot read the config of {teacher.name_or_path!r} ({err})"
-        ) from None
-    limit = getattr(model_cfg, "max_position_embeddings", None)
-    if limit is not None and cfg.manifest.seq_len > limit:
-        raise PipelineError(
-            f"manifest.seq_len: {cfg.manifest.seq_len} exceeds the teacher's max_position_embeddings {limit} "
-            f"({teacher.name_or_path})"
-        )
+def special_ids(tokenizer: Any) -> tuple[int, int]:
+    """(eos id, pad id); EOS exists (a config rule, ``pipeline.validate``), pad falls back to EOS."""
     pad = tokenizer.pad_token_id
     return int(tokenizer.eos_token_id), int(tokenizer.eos_token_id if pad is None else pad)
 
 
-def _mixture(sources: list[Source], seed: int, state: dict[str, str]) -> Iterator[tuple[int, dict[str, Any]]]:
-    weights = np.array([s.cfg.weight for s in sources], dtype=np.float64)
-    probs = weights / weights.sum()
-    rng = np.random.default_rng(seed)
-    while True:
-        for i in rng.choice(len(sources), size=DRAW_BLOCK, p=probs):
-            rec = next(sources[i].records, None)
-            if rec is None:
-                state["stop_reason"] = f"source {i} exhausted"
-                return
-            yield int(i), rec
+class Mixer:
+    """Picks the source of every next record so the weights hold at every point of the stream, whether or not a cap
+    ends it early.
+
+    ``tokens`` (default): the weights are shares of the kept tokens, as data-mixture papers mean them. The next record
+    comes from the source furthest below its share (deterministic deficit scheduling); kept documents not tokenized yet
+    count with their source's measured tokens per character, dropped ones count zero. ``documents``: a seeded RNG
+    picks each record's source with probability proportional to its weight (shares of records read).
+    """
+
+    def __init__(self, weights: list[float], mode: str, seed: int) -> None:
+        self.shares = np.asarray(weights, dtype=np.float64) / sum(weights)
+        self.mode = mode
+        self.rng = np.random.default_rng(seed)
+        n = len(weights)
+        self.tokens, self.chars = np.zeros(n), np.zeros(n)  # tokenized documents
+        self.pending_chars = np.zeros(n)  # kept documents waiting for the tokenizer
+
+    def picks(self) -> Iterator[int]:
+        if self.mode == "documents":
+            while True:
+                yield from (int(i) for i in self.rng.choice(len(self.shares), size=DRAW_BLOCK, p=self.shares))
+        while True:
+            ratio = self.tokens.sum() / self.chars.sum() if self.chars.sum() else 0.25
+            per_char = np.where(self.chars > 0, self.tokens / np.maximum(self.chars, 1), ratio)
+            estimate = self.tokens + self.pending_chars * per_char
+            # the source furthest below its share (ties: the larger share, then the lower index); zero shares never
+            yield int(np.argmax(np.where(self.shares > 0, self.shares * (estimate.sum() + 1) - estimate, -np.inf)))
+
+    def kept(self, i: int, chars: int) -> None:
+        self.pending_chars[i] += chars
+
+    def tokenized(self, i: int, chars: int, tokens: int) -> None:
+        self.pending_chars[i] -= chars
+        self.chars[i] += chars
+        self.tokens[i] += tokens
+
+
+def _mixture(sources: list[Source], mixer: Mixer, state: dict[str, str]) -> Iterator[tuple[int, dict[str, Any]]]:
+    for i in mixer.picks():
+        rec = next(sources[i].records, None)
+        if rec is None:
+            state["stop_reason"] = f"source {i} exhausted"
+            return
+        yield i, rec
 
 
 def run(cfg: Config, rd: RunDir, ctx: StageContext) -> dict[str, float]:
@@ -465,10 +527,8 @@ def run(cfg: Config, rd: RunDir, ctx: StageContext) -> dict[str, float]:
     datasets.disable_progress_bars()
     logging.getLogger("datasets").setLevel(logging.CRITICAL)  # its errors are re-raised as one PipelineError
     mcfg = cfg.manifest
-    if not mcfg.sources:
-        raise ConfigError("manifest.sources: expected at least one source")
     tokenizer = load_tokenizer(cfg.teacher)
-    eos, pad = check_teacher(cfg, tokenizer)
+    eos, pad = special_ids(tokenizer)
     template = str(getattr(tokenizer, "chat_template", None) or "")
     if mcfg.chat_template and "strftime_now" in template and "date_string" not in template:
         ctx.log.warning("chat_template_date", "the teacher's chat template prints today's date: bytes vary by day")
@@ -476,8 +536,8 @@ def run(cfg: Config, rd: RunDir, ctx: StageContext) -> dict[str, float]:
     sources = [open_source(i, src) for i, src in enumerate(mcfg.sources)]
     total_weight = sum(s.cfg.weight for s in sources)
     for s in sources:
-        s.provenance["probability"] = s.cfg.weight / total_weight
-        ctx.log.info("source", f"{s.key}: {s.label}", probability=s.provenance["probability"])
+        s.provenance["target_share"] = s.cfg.weight / total_weight
+        ctx.log.info("source", f"{s.key}: {s.label}", target_share=s.provenance["target_share"])
 
     out = rd.stage_dir(STAGE)
     staging = out / ".staging"
@@ -485,6 +545,7 @@ def run(cfg: Config, rd: RunDir, ctx: StageContext) -> dict[str, float]:
     staging.mkdir(parents=True)
     try:
         manifest = _build(cfg, sources, tokenizer, eos, pad, staging, ctx)
+        ctx.begin_writes()  # everything checked and built: only now is the earlier manifest replaced
         _publish(staging, out, manifest)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -518,9 +579,10 @@ def _build(
     total = _counts()
     seen: set[bytes] = set()
     state = {"stop_reason": "mixture exhausted"}
+    mixer = Mixer([s.cfg.weight for s in sources], mcfg.mixture, cfg.seed)
     packed_tokens = 0
     chunk: list[tuple[int, str, bool]] = []
-    kept = 0
+    kept, chunk_docs = 0, FIRST_CHUNK_DOCS
 
     def drop(i: int, reason: str) -> None:
         per_source[i]["dropped"][reason] += 1
@@ -529,7 +591,8 @@ def _build(
         """Tokenize and pack a chunk; False once max_tokens is reached (the rest counts as over_cap)."""
         nonlocal packed_tokens
         ids_list = tokenize_texts([text for _, text, _ in chunk], tokenizer, eos, mcfg.num_proc)
-        for n, ((i, _, val), ids) in enumerate(zip(chunk, ids_list, strict=True)):
+        for n, ((i, text, val), ids) in enumerate(zip(chunk, ids_list, strict=True)):
+            mixer.tokenized(i, len(text), len(ids))
             if mcfg.max_tokens is not None and packed_tokens + len(ids) > mcfg.max_tokens:
                 for j, _, _ in chunk[n:]:
                     drop(j, "over_cap")
@@ -543,7 +606,7 @@ def _build(
             packed_tokens += len(ids)
         return True
 
-    for i, rec in _mixture(sources, cfg.seed, state):
+    for i, rec in _mixture(sources, mixer, state):
         c = per_source[i]
         c["read"] += 1
         shaped = record_shape(rec, sources[i].cfg.format)
@@ -575,10 +638,11 @@ def _build(
                 continue
             seen.add(digest)
         chunk.append((i, text, is_validation(norm, cfg.seed, mcfg.val_fraction)))
+        mixer.kept(i, len(text))
         kept += 1
         capped = mcfg.max_samples is not None and kept >= mcfg.max_samples
-        if len(chunk) >= CHUNK_DOCS or capped:
-            full, chunk = chunk, []
+        if len(chunk) >= chunk_docs or capped:
+            full, chunk, chunk_docs = chunk, [], min(2 * chunk_docs, CHUNK_DOCS)
             if not pack(full):
                 break
             if capped:
@@ -597,12 +661,15 @@ def _build(
             for k, v in c[group].items():
                 total[group][k] += v
     total["stop_reason"] = state["stop_reason"]
+    for c in per_source:  # the realised mixture, next to each source's target_share
+        c["token_share"] = c["tokens"] / total["tokens"] if total["tokens"] else 0.0
     _check_not_empty(cfg, total, sources)
     ctx.log.info("packed", "documents tokenized and packed", docs=total["kept"], tokens=total["tokens"])
     return {
         "format_version": data_format.PACKED_FORMAT_VERSION,
         "seq_len": mcfg.seq_len,
         "seed": cfg.seed,
+        "mixture": mcfg.mixture,
         "tokenizer": {
             "name_or_path": cfg.teacher.tokenizer or cfg.teacher.name_or_path,
             "revision": cfg.teacher.revision,
@@ -678,8 +745,9 @@ def summary_text(manifest: dict[str, Any], out: Path, metrics: dict[str, float])
         c = src["counts"]
         shapes = ", ".join(f"{k} {v:,}" for k, v in c["shapes"].items() if v) or "none"
         lines.append(
-            f"  [{i}] {src['path']} {src['split']} p={src['probability']:.3f}: read {c['read']:,}, kept "
-            f"{c['kept']:,}, tokens {c['tokens']:,} (shapes: {shapes})"
+            f"  [{i}] {src['path']} {src['split']}: token share {c['token_share']:.3f} (target "
+            f"{src['target_share']:.3f} of {manifest['mixture']}), read {c['read']:,}, kept {c['kept']:,}, tokens "
+            f"{c['tokens']:,} (shapes: {shapes})"
         )
     splits = manifest["splits"]
     lines.append(
@@ -694,18 +762,31 @@ def summary_text(manifest: dict[str, Any], out: Path, metrics: dict[str, float])
     return "\n".join(lines)
 
 
-def _sections(cfg: Config, unit: str | None) -> tuple:
+def _sections(cfg: Config, unit: str | None) -> dict[str, Any]:
     teacher = cfg.teacher
-    tokenizer_identity = {
-        "name_or_path": teacher.tokenizer or teacher.name_or_path,
-        "revision": teacher.revision,
-        "gguf_file": None if teacher.tokenizer else teacher.gguf_file,
-        "max_positions_from": teacher.name_or_path,
+    return {
+        "teacher.tokenizer": teacher.tokenizer or teacher.name_or_path,
+        "teacher.revision": teacher.revision,
+        "teacher.gguf_file": None if teacher.tokenizer else teacher.gguf_file,
+        "manifest": cfg.manifest,
+        "seed": cfg.seed,
     }
-    return tokenizer_identity, cfg.manifest, cfg.seed, data_file_stats(cfg.manifest)
 
 
-SPEC = StageSpec(name=STAGE, run=run, sections=_sections)
+def _outputs(cfg: Config, rd: RunDir, unit: str | None) -> dict[str, str | None]:
+    """manifest.json and every shard it lists (their checksums are in it)."""
+    manifest = data_format.read_manifest(rd.stage_dir(STAGE))
+    shards = {s["file"]: s["sha256"] for split in data_format.SPLITS for s in manifest["splits"][split]["shards"]}
+    return {data_format.MANIFEST_FILE: None, **shards}
+
+
+SPEC = StageSpec(
+    name=STAGE,
+    run=run,
+    sections=_sections,
+    external=lambda cfg, unit: data_file_identities(cfg.manifest),
+    outputs=_outputs,
+)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -59,6 +59,22 @@ def _describe_load_error(key: str, spec: ModelConfig, err: Exception) -> Pipelin
     return PipelineError(f"{key}.name_or_path: cannot load {where!r} ({hint})")
 
 
+def load_model_config(spec: ModelConfig, key: str) -> Any:
+    """The model's ``config.json`` through ``AutoConfig`` (no weights): sizes for the config rules and plans, and the
+    hub commit for fingerprints. The one loader of model configs; ``key`` (teacher/student) names the config key in
+    the error."""
+    from transformers import AutoConfig
+
+    kwargs: dict[str, Any] = {"revision": spec.revision, "trust_remote_code": spec.trust_remote_code}
+    if spec.gguf_file:
+        kwargs["gguf_file"] = spec.gguf_file
+    try:
+        return AutoConfig.from_pretrained(spec.name_or_path, **kwargs)
+    except (OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise PipelineError(f"{key}.name_or_path: cannot load the config of {spec.name_or_path!r} ({first})") from None
+
+
 def load_tokenizer(spec: ModelConfig, key: str = "teacher") -> Any:
     """The tokenizer of ``spec`` (``spec.tokenizer`` when set)."""
     from transformers import AutoTokenizer
@@ -118,9 +134,10 @@ def vocab_size(tokenizer: Any) -> int:
     return len(tokenizer.get_vocab())
 
 
-def weights_fingerprint(spec: ModelConfig, model: torch.nn.Module | None = None) -> str:
-    """Cheap identity of a checkpoint: hub commit, or for a local directory its config and weight files' sizes
-    plus the first MiB of each (reading every byte of a 140 GB teacher to fingerprint it is not worth it)."""
+def weights_fingerprint(spec: ModelConfig, key: str) -> str:
+    """Cheap identity of a checkpoint: for a local directory its config and weight files' sizes plus the first MiB of
+    each (reading every byte of a 140 GB teacher to fingerprint it is not worth it), for a hub name the commit its
+    revision resolves to in the local cache (``config.json`` only)."""
     digest = hashlib.sha256()
     digest.update(spec.name_or_path.encode())
     root = Path(spec.name_or_path)
@@ -133,27 +150,6 @@ def weights_fingerprint(spec: ModelConfig, model: torch.nn.Module | None = None)
             with open(path, "rb") as fh:
                 digest.update(fh.read(1 << 20))
     else:
-        commit = getattr(getattr(model, "config", None), "_commit_hash", None)
-        digest.update(str(spec.revision or commit or "").encode())
+        commit = getattr(load_model_config(spec, key), "_commit_hash", None)
+        digest.update(str(commit or spec.revision or "").encode())
     return digest.hexdigest()[:16]
-
-
-def num_hidden_states(model: torch.nn.Module) -> int:
-    """How many entries ``hidden_states`` has (layers + 1), for range checks on configured indices."""
-    return int(model.config.num_hidden_layers) + 1
-
-
-def check_layer_index(index: int, model: torch.nn.Module, key: str) -> int:
-    """Normalise a hidden_states index (negative from the end) or fail naming the config key."""
-    count = num_hidden_states(model)
-    if not -count <= index < count:
-        raise PipelineError(
-            f"{key}: hidden-state index {index} out of range for a model with {count - 1} layers "
-            f"(valid: {-count}..{count - 1}, {HIDDEN_INDEX_CONVENTION})"
-        )
-    return index % count
-
-
-def max_positions(model_or_config: Any) -> int | None:
-    cfg = getattr(model_or_config, "config", model_or_config)
-    return getattr(cfg, "max_position_embeddings", None)

@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import definition, telemetry
-from pipeline.config import Config
+from pipeline.config import Config, flatten
 from pipeline.metrics import INTRINSIC_METRICS
 from pipeline.rundir import (
     RunDir,
@@ -163,9 +163,11 @@ def higher_is_better(entry: dict[str, Any] | None, metric: str) -> bool:
     return not LOWER_IS_BETTER.search(metric)
 
 
-def collect_lm_eval(model_dir: Path, notes: list[str]) -> dict[str, dict[str, Any]]:
-    """Every task of one model over all its lm-eval result files; for a task run several times the newest wins."""
-    files = sorted(model_dir.glob("lm_eval/**/results_*.json"), key=lambda p: (p.name, str(p)))
+def collect_lm_eval(model_dir: Path, listed: list[str], notes: list[str]) -> dict[str, dict[str, Any]]:
+    """Every task of one model over the lm-eval result files its results.json lists (paths relative to
+    ``model_dir``, never a glob: a file left from an earlier evaluation is not a result); for a task run several
+    times the newest wins."""
+    files = sorted((model_dir / name for name in listed), key=lambda p: (p.name, str(p)))
     tasks: dict[str, dict[str, Any]] = {}
     for path in files:
         try:
@@ -199,10 +201,11 @@ def displayed_tasks(tasks: dict[str, dict[str, Any]]) -> list[str]:
     return shown
 
 
-def collect_training(train_dir: Path, notes: list[str]) -> dict[str, dict[str, Any]]:
-    """{variant: {summary, curve_train [(step, loss)], curve_val [(step, loss)]}} for every variant directory."""
+def collect_training(rd: RunDir, variants: list[str], notes: list[str]) -> dict[str, dict[str, Any]]:
+    """{variant: {summary, curve_train [(step, loss)], curve_val [(step, loss)]}} of the given (complete) variants."""
     out = {}
-    for vdir in sorted(p for p in train_dir.glob("*") if p.is_dir()) if train_dir.is_dir() else []:
+    for variant in variants:
+        vdir = rd.stage_dir("train", variant)
         summary_path, metrics_path = vdir / "summary.json", vdir / "metrics.jsonl"
         summary = _read_json(summary_path, notes) if summary_path.exists() else None
         rows = _read_jsonl(metrics_path, notes) if metrics_path.exists() else []
@@ -211,7 +214,7 @@ def collect_training(train_dir: Path, notes: list[str]) -> dict[str, dict[str, A
             step, loss = _number(row.get("step")), _number(row.get("loss"))
             if step is not None and loss is not None and row.get("split", "train") in curves:
                 curves[row.get("split", "train")].append((step, loss))
-        out[vdir.name] = {
+        out[variant] = {
             "summary": summary if isinstance(summary, dict) else None,
             "curve_train": curves["train"],
             "curve_val": curves["val"],
@@ -230,20 +233,6 @@ def _timestamp(value: Any) -> float | None:
     return None
 
 
-def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
-    """Nested dicts/lists -> {"a.b.0.c": value} (telemetry lines nest per-GPU readings)."""
-    if isinstance(obj, dict):
-        items = obj.items()
-    elif isinstance(obj, list):
-        items = enumerate(obj)
-    else:
-        return {prefix: obj}
-    out: dict[str, Any] = {}
-    for key, value in items:
-        out.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
-    return out
-
-
 TELEMETRY_SERIES = {  # series -> (key pattern, how per-GPU readings combine)
     "gpu_util_pct": (re.compile(r"gpu.*util(?!.*mem)|util.*gpu", re.I), "mean"),
     "gpu_mem_gb": (re.compile(r"gpu.*mem.*(used|gb)|mem.*used.*gpu", re.I), "sum"),
@@ -260,7 +249,7 @@ def telemetry_point(line: dict[str, Any]) -> dict[str, float] | None:
     t = _timestamp(line.get("ts", line.get("time", line.get("t"))))
     if t is None:
         return None
-    flat = {k: v for k, v in _flatten(line).items() if _number(v) is not None}
+    flat = {k: v for k, v in flatten(line).items() if _number(v) is not None}
     point: dict[str, float] = {"t": t}
     for series, (pattern, how) in TELEMETRY_SERIES.items():
         values = []
@@ -320,28 +309,30 @@ def _energy_wh(summary: dict[str, float]) -> float | None:
 
 
 # ------------------------------------------------------------------------------------------------ building
-def build_summary(cfg: Config, rd: RunDir) -> dict[str, Any]:
-    """Everything the report shows, as plain data (this is summary.json)."""
+def build_summary(cfg: Config, rd: RunDir, missing: dict[str, str]) -> dict[str, Any]:
+    """Everything the report shows, as plain data (this is summary.json). ``missing``: the evaluate and train units
+    (``evaluate/kd``, ``train/kd``) that are not complete for this config, and why; they are left out with a note,
+    so a stale result never appears as current."""
     notes: list[str] = []
     baseline = cfg.train.baseline_variant
     expected = [*cfg.train.variants, *([TEACHER] if cfg.evaluate.include_teacher else [])]
     eval_dir = rd.stage_dir("evaluate")
-    found = sorted(p.name for p in eval_dir.iterdir() if (p / "results.json").exists()) if eval_dir.is_dir() else []
-    models = [m for m in expected if m in found] + [m for m in found if m not in expected]
+    models = [m for m in expected if f"evaluate/{m}" not in missing]
     for name in expected:
-        if name not in found:
-            notes.append(f"model {name}: no evaluation ({eval_dir / name / 'results.json'} missing)")
+        if f"evaluate/{name}" in missing:
+            notes.append(f"model {name}: no evaluation ({missing[f'evaluate/{name}']})")
 
-    training = collect_training(rd.stage_dir("train"), notes)
+    trained = [v for v in cfg.train.variants if f"train/{v}" not in missing]
+    training = collect_training(rd, trained, notes)
     for name in cfg.train.variants:
-        if training.get(name, {}).get("summary") is None:
-            notes.append(f"variant {name}: no training summary ({rd.stage_dir('train', name) / 'summary.json'})")
+        if f"train/{name}" in missing:
+            notes.append(f"variant {name}: no training summary ({missing[f'train/{name}']})")
 
     per_model: dict[str, dict[str, Any]] = {}
     all_tasks: dict[str, dict[str, Any]] = {}
     for name in models:
         results = _read_json(eval_dir / name / "results.json", notes) or {}
-        tasks = collect_lm_eval(eval_dir / name, notes)
+        tasks = collect_lm_eval(eval_dir / name, results.get("lm_eval_files") or [], notes)
         if not tasks and results.get("tasks"):
             notes.append(f"model {name}: results.json lists tasks but no lm-eval results_*.json was found")
         for task, entry in tasks.items():
@@ -704,8 +695,12 @@ def make_plots(summary: dict[str, Any], plot_dir: Path) -> dict[str, str]:
 def run(cfg: Config, rd: RunDir, ctx: StageContext) -> dict[str, float]:
     """Build summary.{csv,json,md} and plots from the run's result files; print the compact table."""
     out = rd.stage_dir("report")
-    summary = build_summary(cfg, rd)
+    summary = build_summary(cfg, rd, ctx.state.waiting)
+    ctx.begin_writes()
     plots = make_plots(summary, out / "plots") if cfg.report.plots else {}
+    for stale in (out / "plots").glob("*.png"):  # an earlier report's plot this one does not make
+        if f"plots/{stale.name}" not in plots.values():
+            stale.unlink()
     public = {k: v for k, v in summary.items() if not k.startswith("_")}
     public["plots"] = plots
     atomic_write_text(out / "summary.csv", to_csv(table_rows(summary)))
@@ -719,18 +714,30 @@ def run(cfg: Config, rd: RunDir, ctx: StageContext) -> dict[str, float]:
 
 
 def upstream(cfg: Config, unit: str | None) -> list[tuple[str, str | None]]:
-    """The evaluate and train markers that exist now: the report reruns when any of them changes, yet a missing
-    one (a failed variant) is a note in the report, not a refusal to start."""
-    rd = RunDir.from_config(cfg)
-    candidates = definition.upstream(cfg, "report", unit)
-    return [(stage, unit) for stage, unit in candidates if rd.marker_path(stage, unit).exists()]
+    """Every model's evaluation and every variant's training (the definition's edges). Optional
+    (``optional_upstream``): the complete ones are read and recorded, so the report reruns when any of them changes,
+    and one that is not complete (a failed variant, a stale evaluation) is a note in the report, not a refusal."""
+    return definition.upstream(cfg, "report", unit)
+
+
+def outputs(cfg: Config, rd: RunDir, unit: str | None) -> dict[str, str | None]:
+    """The three summaries and the plots summary.json lists."""
+    out = rd.stage_dir("report")
+    plots = json.loads((out / "summary.json").read_text()).get("plots") or {}
+    return {name: None for name in [f"summary.{ext}" for ext in ("csv", "json", "md")] + sorted(plots.values())}
 
 
 SPEC = StageSpec(
     name="report",
     run=run,
-    sections=lambda cfg, unit: (cfg.report, cfg.run_name, cfg.train.baseline_variant, list(cfg.train.variants)),
+    sections=lambda cfg, unit: {
+        "report": cfg.report,
+        "run_name": cfg.run_name,
+        "train.baseline_variant": cfg.train.baseline_variant,
+    },
     upstream=upstream,
+    outputs=outputs,
+    optional_upstream=True,
 )
 
 

@@ -20,7 +20,7 @@ import subprocess
 import sys
 
 from pipeline import config as config_mod
-from pipeline import definition
+from pipeline import definition, validate
 from pipeline.config import Config, ConfigError
 from pipeline.rundir import PipelineError, RunDir, cli_exit_code, unit_state
 
@@ -79,12 +79,15 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         cfg = config_mod.load(args.config, args.overrides)  # a config error stops here, before any stage starts
+        validate.check(cfg)  # and every rule any stage would refuse (the models' configs included)
         stages = definition.select(args.stages.split(",") if args.stages else None)
         args.redo = {s.name for s in definition.select(args.redo.split(","))} if args.redo else set()
         if args.nproc_per_node is not None and args.nproc_per_node < 1:
             raise ConfigError(f"--nproc-per-node: expected an int >= 1, got {args.nproc_per_node}")
     except ValueError as err:  # ConfigError included
         return cli_exit_code(err if isinstance(err, ConfigError) else ConfigError(f"--stages/--redo: {err}"))
+    except PipelineError as err:  # a model whose config cannot be read
+        return cli_exit_code(err)
     for stage in stages:
         argv_ = stage_command(stage, args)
         print(f"==> {stage.name}: {shlex.join(argv_)}", file=sys.stderr, flush=True)

@@ -1,20 +1,31 @@
-"""Run directories, atomic writes, completion markers and the wrapper every stage runs under.
+"""Run directories, atomic writes, completion markers, lineage and the wrapper every stage runs under.
 
 Layout (a contract other tools rely on)::
 
     runs/<run>/<stage>/[<unit>/]...            stage outputs (unit: a training variant, an evaluated model)
     runs/<run>/<stage>/[<unit>/]config.yaml    the fully resolved config the stage ran with
-    runs/<run>/<stage>/[<unit>/]_COMPLETE.json marker, written last: config hash, input fingerprints, summary
+    runs/<run>/<stage>/[<unit>/]_COMPLETE.json marker, written last: config, inputs, declared outputs, summary
     logs/<run>/<stage>/rank_<rank>.jsonl       structured logs (see jsonlog)
 
-Like datatrove's ``_run_for_rank``: the wrapper refuses to start while an upstream marker is missing, skips a unit
-whose marker matches the current config hash and input fingerprints (unless ``--force``), writes the resolved
-config, runs the stage and writes the marker only on success. Errors meant for users are :class:`PipelineError`:
-one line naming the file, column or key and what was expected; the process exits 1 (2 for config errors).
-Outside the Slurm job shell (which starts ``monitor.py`` once per node itself) the wrapper runs ``monitor.py`` beside
-the stage (``telemetry.LocalMonitor``), so local runs get ``logs/<run>/<stage>/telemetry_*`` too. Signal handlers
-(``pipeline.preemption``) are in place from the wrapper's first line; ``--nproc-per-node N`` on a distributed stage
-re-executes it under torchrun (``pipeline.launch``).
+Lineage (DVC's lock file, datatrove's completion markers): a unit's marker records the config it depends on, the
+identity of every input (each upstream unit's declared outputs by content hash, model weights, data files) and its
+own declared outputs (relative path -> sha256, bytes, mtime). :func:`unit_state` is the one decision: a unit is
+complete only when its upstream units are complete, its config and inputs equal those recorded, and its declared
+outputs are still on disk as recorded (size and mtime; a file whose mtime moved is re-hashed). Otherwise ``reason``
+says, in one line, what is missing or changed. Identities are content hashes, so an upstream redone with
+byte-identical outputs leaves its consumers complete, and one redone differently makes them stale.
+
+The wrapper (datatrove's ``_run_for_rank``): checks the config (:func:`pipeline.validate.check`), refuses to start
+while an upstream unit is not complete (naming the file or change and the command that fixes it), skips a complete
+unit (unless ``--force``), runs the stage, and writes the marker last. Nothing a finished run wrote is touched until
+the stage calls ``ctx.begin_writes()`` after its own input checks: that withdraws the old marker (a crashed redo can
+never look complete) and writes ``config.yaml``; a refused rerun therefore leaves every finished output
+byte-identical. Consumers read exactly the files their upstream's marker declares (:func:`declared_outputs`).
+Errors meant for users are :class:`PipelineError`: one line naming the file, column or key and what was expected;
+the process exits 1 (2 for config errors). Outside the Slurm job shell (which starts ``monitor.py`` once per node
+itself) the wrapper runs ``monitor.py`` beside the stage (``telemetry.LocalMonitor``), so local runs get
+``logs/<run>/<stage>/telemetry_*`` too. Signal handlers (``pipeline.preemption``) are in place from the wrapper's
+first line; ``--nproc-per-node N`` on a distributed stage re-executes it under torchrun (``pipeline.launch``).
 """
 
 from __future__ import annotations
@@ -23,6 +34,7 @@ import argparse
 import contextlib
 import datetime as dt
 import hashlib
+import importlib
 import json
 import os
 import socket
@@ -38,9 +50,9 @@ from typing import Any
 import yaml
 
 from pipeline import config as config_mod
-from pipeline import definition, launch, preemption, telemetry
+from pipeline import definition, launch, preemption, telemetry, validate
 from pipeline.config import Config, ConfigError
-from pipeline.jsonlog import JsonLogger, open_logger, redact
+from pipeline.jsonlog import JsonLogger, open_logger, redact, redact_values
 
 MARKER = "_COMPLETE.json"
 REPO = Path(__file__).resolve().parent.parent  # the checkout this code runs from
@@ -96,6 +108,48 @@ def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+# -------------------------------------------------------------------------------------------- output records
+def record_file(path: Path, sha256: str | None = None) -> dict[str, Any]:
+    """What a marker records of one output file: its content hash (``sha256`` when the stage already computed it,
+    as the cache does for every shard; else hashed now), size and mtime."""
+    stat = path.stat()
+    return {"sha256": sha256 or file_sha256(path), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def file_problem(path: Path, record: dict[str, Any]) -> str:
+    """How ``path`` differs from its record ("" when it matches). Size and mtime decide cheaply, so checking a
+    terabyte cache costs one ``stat`` per shard; only a file whose mtime moved (touched, copied, rewritten) is
+    re-hashed, and it still matches if its bytes are the recorded ones."""
+    try:
+        stat = path.stat()
+    except (FileNotFoundError, NotADirectoryError):
+        return "missing"
+    if stat.st_size != record.get("bytes"):
+        return f"changed since it was recorded ({stat.st_size} bytes, not {record.get('bytes')})"
+    if stat.st_mtime_ns == record.get("mtime_ns") or file_sha256(path) == record.get("sha256"):
+        return ""
+    return "changed since it was recorded (sha256 differs)"
+
+
+def output_identity(outputs: dict[str, dict[str, Any]]) -> str:
+    """Content identity of a unit's declared outputs: equal exactly when every file has the same bytes."""
+    blob = json.dumps({name: record["sha256"] for name, record in outputs.items()}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def declared_outputs(directory: Path) -> dict[str, dict[str, Any]]:
+    """The outputs the marker in ``directory`` declares (relative path -> record): the only files a consumer reads.
+    A PipelineError names the marker when there is none."""
+    marker = Path(directory) / MARKER
+    try:
+        data = json.loads(marker.read_text())
+    except (FileNotFoundError, NotADirectoryError):
+        raise PipelineError(f"{marker}: missing — {directory} has not completed; run that stage first") from None
+    except (OSError, json.JSONDecodeError) as err:
+        raise PipelineError(f"{marker}: unreadable completion marker ({err}); rerun that stage") from None
+    return data.get("outputs") or {}
+
+
 def check_writable(directory: Path) -> None:
     """Fail early, naming the directory, when outputs cannot be written there."""
     try:
@@ -133,30 +187,18 @@ class RunDir:
         except (OSError, json.JSONDecodeError) as err:
             raise PipelineError(f"{path}: unreadable completion marker ({err}); rerun that stage") from None
 
-    def require(self, stage: str, unit: str | None = None) -> dict:
-        """The upstream marker, or a PipelineError naming what is missing and how to produce it."""
-        marker = self.read_marker(stage, unit)
-        if marker is None:
-            what = f"{stage} ({unit})" if unit else stage
-            raise PipelineError(
-                f"{self.marker_path(stage, unit)}: missing — upstream stage '{what}' has not completed; "
-                f"run it first (make {stage})"
-            )
-        return marker
-
-    def fingerprint(self, stage: str, unit: str | None = None) -> str:
-        """Identity of an upstream result: the hash of its marker (changes whenever it is redone)."""
-        return file_sha256(self.marker_path(stage, unit))[:16]
-
-    def write_marker(self, stage: str, unit: str | None, config_hash: str, inputs: dict, summary: dict) -> None:
+    def write_marker(self, stage: str, unit: str | None, state: UnitState, outputs: dict, summary: dict) -> None:
+        """The marker: what :func:`unit_state` compares next time (config, inputs, declared outputs) + summary."""
         job = os.environ.get("SLURM_JOB_ID")
         atomic_write_json(
             self.marker_path(stage, unit),
             {
                 "stage": stage,
                 "unit": unit,
-                "config_hash": config_hash,
-                "inputs": inputs,
+                "config_hash": state.config_hash,
+                "config": state.config,
+                "inputs": state.inputs,
+                "outputs": outputs,
                 "summary": summary,
                 "finished_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
                 "host": socket.gethostname(),
@@ -179,33 +221,63 @@ def cli_exit_code(err: ConfigError | PipelineError) -> int:
 # ------------------------------------------------------------------------------------------- stage wrapper
 @dataclass
 class StageContext:
-    """What a stage's ``run`` receives besides the config and run directory."""
+    """What a stage's ``run`` receives besides the config and run directory.
+
+    ``state`` is the unit's lineage decision (its ``inputs`` are what the checkpoints and outputs are made from).
+    ``begin_writes()`` must be called once the stage has checked its inputs and before it writes or deletes any
+    output: it withdraws the unit's old marker and writes ``config.yaml`` (the wrapper calls it after ``run`` if the
+    stage did not)."""
 
     log: JsonLogger
     unit: str | None = None
     args: argparse.Namespace = field(default_factory=argparse.Namespace)
     force: bool = False
     monitor: telemetry.LocalMonitor | None = None
+    state: UnitState | None = None
+    begin_writes: Callable[[], None] = lambda: None
 
 
 @dataclass
 class StageSpec:
-    """How the wrapper drives one stage.
+    """How the wrapper drives one stage (defining one registers it: :func:`stage_spec` finds it by name).
 
-    sections(cfg, unit) -> the config parts this unit's output depends on (hashed into the marker).
-    upstream(cfg, unit) -> the (stage, unit) markers that must exist before it starts.
+    sections(cfg, unit) -> {config key path: value} this unit's output depends on (hashed and stored in the marker).
+    upstream(cfg, unit) -> the (stage, unit) whose outputs it reads; each must be complete before it starts.
+    external(cfg, unit) -> {name: identity} of inputs outside the run directory (model weights, data files).
+    outputs(cfg, rd, unit) -> {path relative to the unit's directory: sha256 or None} of the files it declares;
+                          consumers read exactly these. None: the wrapper hashes the file.
     units(cfg, args)    -> the units to run in this process ([None] for a single-output stage).
     run(cfg, rd, ctx)   -> summary numbers; raise PipelineError for user-fixable problems.
     complete(cfg, rd, ctx) -> whether the stage's marker may be written (array tasks: all shards done).
+    optional_upstream   -> an upstream unit that is not complete is left out instead of blocking (the report).
+    check(cfg)          -> the config rules, run before anything else (pipeline.validate.check).
     """
 
     name: str
     run: Callable[[Config, RunDir, StageContext], dict]
-    sections: Callable[[Config, str | None], tuple]
+    sections: Callable[[Config, str | None], dict[str, Any]]
     upstream: Callable[[Config, str | None], list[tuple[str, str | None]]] = lambda cfg, unit: []
+    external: Callable[[Config, str | None], dict[str, str]] = lambda cfg, unit: {}
+    outputs: Callable[[Config, RunDir, str | None], dict[str, str | None]] = lambda cfg, rd, unit: {}
     units: Callable[[Config, argparse.Namespace], list[str | None]] = lambda cfg, args: [None]
     add_args: Callable[[argparse.ArgumentParser], None] = lambda parser: None
     complete: Callable[[Config, RunDir, StageContext], bool] = lambda cfg, rd, ctx: True
+    optional_upstream: bool = False
+    check: Callable[[Config], None] = validate.check
+
+    def __post_init__(self) -> None:
+        SPECS[self.name] = self
+
+
+SPECS: dict[str, StageSpec] = {}
+
+
+def stage_spec(name: str) -> StageSpec:
+    """The spec of stage ``name``: a registered one, else the ``SPEC`` of ``pipeline.<name>`` (imported by name, so
+    stage modules still never import each other)."""
+    if name not in SPECS:
+        importlib.import_module(f"pipeline.{name}")
+    return SPECS[name]
 
 
 def build_parser(stage: str, add_args: Callable[[argparse.ArgumentParser], None]) -> argparse.ArgumentParser:
@@ -238,57 +310,155 @@ class UnitState:
     complete: bool
     reason: str  # one line naming what is missing or changed ("" when complete)
     config_hash: str
-    inputs: dict[str, str]  # identity of every upstream output this unit consumes
+    inputs: dict[str, str]  # identity of every input this unit consumes (upstream units by content, models, data)
     marker: dict | None  # the unit's marker as found on disk
+    config: dict[str, Any] = field(default_factory=dict)  # the flattened config sections behind config_hash
+    waiting: dict[str, str] = field(default_factory=dict)  # upstream unit -> why it is not complete
+    culprit: str = ""  # the unit whose own state ``reason`` describes (this one, or an upstream one)
 
 
-def unit_state(spec: StageSpec, cfg: Config, rd: RunDir, unit: str | None) -> UnitState:
-    """Decide, without side effects, whether ``unit`` of ``spec`` is complete for ``cfg`` and the upstream outputs
-    on disk now. Raises PipelineError when an upstream marker is missing. The stage wrapper skips a complete unit;
-    ``slurm submit`` queues only the units that are not."""
-    inputs = {}
+def unit_key(stage: str, unit: str | None) -> str:
+    """``cache``, ``train/kd``: how a unit is named in markers, inputs and messages."""
+    return f"{stage}/{unit}" if unit else stage
+
+
+def unit_state(spec: StageSpec, cfg: Config, rd: RunDir, unit: str | None, memo: dict | None = None) -> UnitState:
+    """Decide, without side effects, whether ``unit`` of ``spec`` is complete for ``cfg`` and the files on disk now.
+
+    Complete means: every upstream unit is complete (recursively, so a cache made under another ``cache.*`` config
+    or from another manifest is not an input), this unit's recorded config and input identities equal the current
+    ones, and its declared outputs are on disk as recorded. ``reason`` names the first thing that is not so;
+    ``waiting`` names the upstream units that are not complete (the wrapper refuses to start while one is; ``slurm
+    submit`` queues only incomplete units). Costs one ``stat`` per declared file (plus a re-hash of a file whose
+    mtime moved) and reads of ``config.json`` files; ``memo`` shares the answers across calls of one decision.
+    """
+    memo = {} if memo is None else memo
+    key = (spec.name, unit)
+    if key in memo:
+        return memo[key]
+    sections = spec.sections(cfg, unit)
+    config_hash = config_mod.section_hash(sections)
+    config = redact_values(config_mod.flatten(sections))  # recorded in the marker: no secret in it
+    inputs, waiting, culprits = {}, {}, {}
     for stage, up_unit in spec.upstream(cfg, unit):
-        rd.require(stage, up_unit)
-        inputs[f"{stage}/{up_unit}" if up_unit else stage] = rd.fingerprint(stage, up_unit)
-    config_hash = config_mod.section_hash(*spec.sections(cfg, unit))
+        up = unit_state(stage_spec(stage), cfg, rd, up_unit, memo)
+        if up.complete:
+            inputs[unit_key(stage, up_unit)] = output_identity(up.marker.get("outputs") or {})
+        else:
+            waiting[unit_key(stage, up_unit)], culprits[unit_key(stage, up_unit)] = up.reason, up.culprit
+    inputs.update(spec.external(cfg, unit))
     marker = rd.read_marker(spec.name, unit)
-    if marker is None:
-        reason = "not run yet"
+    me = unit_key(spec.name, unit)
+    culprit = me
+    if waiting and not spec.optional_upstream:  # the root cause, as the upstream unit that has it says it
+        name = next(iter(waiting))
+        reason, culprit = waiting[name], culprits[name]
+    elif marker is None:
+        reason = f"{me} has not completed ({rd.marker_path(spec.name, unit)} missing)"
     elif marker.get("config_hash") != config_hash:
-        reason = "its configuration changed"
+        reason = f"{me}: its configuration changed: {describe_changes(marker.get('config') or {}, config)}"
     elif marker.get("inputs") != inputs:
-        reason = "an upstream output changed"
+        reason = f"{me}: {describe_input_changes(marker.get('inputs') or {}, inputs)}"
     else:
-        reason = ""
-    return UnitState(not reason, reason, config_hash, inputs, marker)
+        problem = outputs_problem(rd.stage_dir(spec.name, unit), marker.get("outputs") or {})
+        reason = f"{me}: {problem}" if problem else ""
+    memo[key] = UnitState(not reason, reason, config_hash, inputs, marker, config, waiting, culprit if reason else "")
+    return memo[key]
+
+
+def outputs_problem(directory: Path, outputs: dict[str, dict[str, Any]]) -> str:
+    """The first declared output that is missing or differs from its record, as one line ("" when all match)."""
+    for name, record in sorted(outputs.items()):
+        problem = file_problem(directory / name, record)
+        if problem:
+            return f"{directory / name} (declared in {MARKER}): {problem}"
+    return ""
+
+
+def _short(value: Any) -> str:
+    """A value for a one-line message; a long one keeps its end (where paths differ)."""
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 48 else text[:12] + "..." + text[-33:]
+
+
+def describe_changes(old: dict[str, Any], new: dict[str, Any], limit: int = 3) -> str:
+    """``cache.top_k (was 4, now 8), seed (was 0, now 1)``: the keys whose values differ, ``limit`` named."""
+    missing = object()
+    changed = [k for k in sorted(set(old) | set(new)) if old.get(k, missing) != new.get(k, missing)]
+    if not changed:
+        return "a value recorded only as *** (secret-looking) changed"
+    shown = [
+        f"{k} (was {_short(old[k]) if k in old else 'unset'}, now {_short(new[k]) if k in new else 'unset'})"
+        for k in changed[:limit]
+    ]
+    more = f" and {len(changed) - limit} more" if len(changed) > limit else ""
+    return ", ".join(shown) + more
+
+
+def describe_input_changes(old: dict[str, str], new: dict[str, str]) -> str:
+    """One line naming the inputs that differ from those the unit was made from."""
+    parts = []
+    for name in sorted(set(old) | set(new)):
+        if old.get(name) == new.get(name):
+            continue
+        if name not in new:
+            parts.append(f"{name} is no longer an input")
+        elif name not in old:
+            parts.append(f"{name} is a new input")
+        else:
+            parts.append(f"{name} changed (was {old[name]}, now {new[name]})")
+    return "made from other inputs: " + "; ".join(parts)
+
+
+def upstream_refusal(spec: StageSpec, unit: str | None, state: UnitState) -> PipelineError:
+    """The consumer's refusal: what is missing or changed upstream (the reason names the file or key) and the
+    command that fixes it."""
+    stage = state.culprit.split("/")[0]
+    return PipelineError(
+        f"{state.reason}; {unit_key(spec.name, unit)} cannot start until {state.culprit} is complete: run make "
+        f"{stage} first (it redoes only what is missing or changed)"
+    )
 
 
 def run_unit(spec: StageSpec, cfg: Config, rd: RunDir, ctx: StageContext) -> dict:
-    """Check upstream, skip if done, write the resolved config, run, write the marker last."""
+    """Check upstream, skip if done, run (the stage calls ``ctx.begin_writes()``), write the marker last."""
     unit = ctx.unit
     state = unit_state(spec, cfg, rd, unit)
-    config_hash, inputs, marker = state.config_hash, state.inputs, state.marker
+    if state.waiting and not spec.optional_upstream:
+        raise upstream_refusal(spec, unit, state)
     if state.complete and not ctx.force:
         ctx.log.info("skipped", f"{rd.stage_dir(spec.name, unit)} is already complete (use --force to redo)")
-        return {**marker.get("summary", {}), "skipped": True}
+        return {**state.marker.get("summary", {}), "skipped": True}
     preemption.check(f"before starting {spec.name}{' ' + unit if unit else ''}")  # nothing to save yet: stop now
     out = rd.stage_dir(spec.name, unit)
     check_writable(out)
     # Under DDP every rank runs the stage; rank 0 alone owns the files the wrapper writes.
     lead = ctx.log.rank == 0
-    if marker is not None and lead:  # stale result: remove the marker first so a crash cannot leave it valid
-        rd.marker_path(spec.name, unit).unlink(missing_ok=True)
-    if lead:
-        atomic_write_text(out / "config.yaml", redacted_config_yaml(cfg))
+    began = []
+
+    def begin_writes() -> None:
+        if began:
+            return
+        began.append(True)
+        if lead:  # a stale result: withdraw the marker first so a crashed redo cannot look complete
+            rd.marker_path(spec.name, unit).unlink(missing_ok=True)
+            atomic_write_text(out / "config.yaml", redacted_config_yaml(cfg))
+
+    ctx.state, ctx.begin_writes = state, begin_writes
+    if state.marker is not None:
+        ctx.log.info("redo", f"{unit_key(spec.name, unit)}: --force" if state.complete else state.reason)
     if ctx.monitor is not None:
         ctx.monitor.start()
     started = time.monotonic()
-    ctx.log.info("start", f"{spec.name}{' ' + unit if unit else ''}", config_hash=config_hash)
+    ctx.log.info("start", f"{spec.name}{' ' + unit if unit else ''}", config_hash=state.config_hash)
     summary = spec.run(cfg, rd, ctx)
+    begin_writes()
     summary = {**summary, "duration_s": round(time.monotonic() - started, 3)}
     if spec.complete(cfg, rd, ctx):
         if lead:
-            rd.write_marker(spec.name, unit, config_hash, inputs, summary)
+            declared = spec.outputs(cfg, rd, unit)
+            outputs = {name: record_file(out / name, sha) for name, sha in sorted(declared.items())}
+            rd.write_marker(spec.name, unit, state, outputs, summary)
         ctx.log.info("complete", f"{spec.name}{' ' + unit if unit else ''}", **summary)
     else:
         ctx.log.info("task_done", "this task's share is done; the stage completes when every task has", **summary)
@@ -304,7 +474,8 @@ def stage_main(spec: StageSpec, argv: list[str] | None = None) -> int:
             args = parser.parse_args(argv)
             try:
                 cfg = config_mod.load(args.config, args.overrides)
-            except ConfigError as err:
+                spec.check(cfg)  # every config rule, before anything is written (slurm submit runs the same)
+            except (ConfigError, PipelineError) as err:
                 return cli_exit_code(err)
             if launch.wanted(getattr(args, "nproc_per_node", None)):
                 return _launch_workers(spec, cfg, args, argv)

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import config as config_mod
-from pipeline import definition
+from pipeline import definition, validate
 from pipeline.config import Config, ConfigError
 from pipeline.definition import PIPELINE, STAGES
 from pipeline.jsonlog import format_console, redact
@@ -630,6 +630,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.cmd == "submit":
             cfg = config_mod.load(args.config, args.overrides)
+            validate.check(cfg)  # every rule any stage would refuse, before a script is written or a job queued
             record = submit(
                 cfg,
                 Path(args.config),

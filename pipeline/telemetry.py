@@ -131,11 +131,13 @@ def open_gpus(nvml: Any = None) -> tuple[Gpus | None, str | None]:
         return None, f"NVML device query failed ({err}); GPU metrics off, host metrics continue"
 
 
-def host_sample() -> dict:
-    """System-wide CPU utilisation since the previous call (psutil keeps the reference) and RAM."""
+def host_sample(window_s: float | None = None) -> dict:
+    """System-wide CPU utilisation and RAM. The CPU share is measured since the previous call (psutil keeps the
+    reference), or over ``window_s`` seconds from now when given (the first sample: with no previous call the share
+    over a few microseconds is 0 or 100)."""
     mem = psutil.virtual_memory()
     return {
-        "cpu_util_pct": psutil.cpu_percent(interval=None),
+        "cpu_util_pct": psutil.cpu_percent(interval=window_s),
         "ram_used_gb": (mem.total - mem.available) / BYTES_PER_GB,
         "ram_total_gb": mem.total / BYTES_PER_GB,
     }

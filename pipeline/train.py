@@ -1,7 +1,7 @@
 """Training stage: distil the cached teacher into the student — one unit per variant of ``train.variants``.
 
-Reads   runs/<run>/cache/{train,val}-*.parquet through ``pipeline.cache_format`` only (never the teacher), and the
-        student checkpoint ``student.name_or_path``.
+Reads   the cache shards the cache stage's marker declares (runs/<run>/cache/{train,val}-*.parquet, through
+        ``pipeline.cache_format`` only, never the teacher), and the student checkpoint ``student.name_or_path``.
 Writes  runs/<run>/train/<variant>/
           checkpoints/step_<n:07d>/   model + projectors (LoRA: adapter + projectors only), optimizer, RNG
                                       (accelerate ``save_state``; FSDP: model + optimizer as per-rank DCP shards
@@ -22,8 +22,10 @@ projectors, data, optimizer and schedule in dependency order; ``_loss_step(batch
 ``_train_variant`` runs the loop (accumulate, clip, step, schedule, log, validate, checkpoint) and saves.
 Resume is automatic (``train.resume: auto``): the latest complete checkpoint restores weights, optimizer, schedule,
 RNG and each rank's data position, so an interrupted run (kill -9, preemption) ends with the same weights and the
-same sample sequence as an uninterrupted one. USR1 (Slurm's time-limit/preemption warning) → checkpoint at the next
-step boundary, requeue, exit 0; SIGTERM (scancel) → checkpoint at the next step boundary, exit without requeue.
+same sample sequence as an uninterrupted one; a checkpoint made from other settings or inputs (another cache or
+student) is refused naming the keys that differ, before anything of a finished run is touched. USR1 (Slurm's
+time-limit/preemption warning) → checkpoint at the next step boundary, requeue, exit 0; SIGTERM (scancel) →
+checkpoint at the next step boundary, exit without requeue.
 """
 
 from __future__ import annotations
@@ -44,10 +46,28 @@ import torch
 from torch import Tensor, nn
 
 from pipeline import cache_format, definition, losses, preemption
-from pipeline.config import Config, ConfigError, LossConfig, ModelConfig, TrainConfig
+from pipeline.config import Config, ConfigError, LossConfig, ModelConfig, TrainConfig, flatten, to_dict
 from pipeline.fsdp import Fsdp2
-from pipeline.modeling import check_layer_index, load_causal_lm, load_tokenizer, synchronize, vocab_hash, vocab_size
-from pipeline.rundir import PipelineError, RunDir, StageContext, StageSpec, atomic_write_json, stage_main
+from pipeline.jsonlog import redact_values
+from pipeline.modeling import (
+    load_causal_lm,
+    load_model_config,
+    load_tokenizer,
+    synchronize,
+    vocab_hash,
+    vocab_size,
+    weights_fingerprint,
+)
+from pipeline.rundir import (
+    PipelineError,
+    RunDir,
+    StageContext,
+    StageSpec,
+    atomic_write_json,
+    describe_changes,
+    stage_main,
+)
+from pipeline.validate import hidden_index, num_hidden_states
 
 STAGE = "train"
 # a rank's signal as a number that survives the step's sum over ranks: any stop request outweighs every warning
@@ -136,23 +156,15 @@ class Recipe:
 
 
 def resolve_recipe(name: str, loss: LossConfig, meta: dict[str, Any], student_config: Any) -> Recipe:
-    """Check a variant's loss settings against the cache metadata and the student; ConfigError names the key."""
+    """A variant's losses with every hidden index normalised against the student and the cached teacher (the config
+    rules, ranges included, are ``pipeline.validate``'s and ran at stage start)."""
     key = f"train.variants.{name}"
-    rc = loss.response
-    if rc.weight > 0:
-        try:
-            losses.check_response_options(
-                rc.divergence, rc.temperature, rc.tail, float(meta["temperature"]), rc.jsd_beta
-            )
-        except ValueError as err:
-            raise ConfigError(f"{key}.response.{err}") from None
-    probe = nn.Module()
-    probe.config = student_config
+    count = num_hidden_states(student_config)
     pairs = []
     for i, (s, t) in enumerate(loss.feature.layer_pairs if loss.feature.weight > 0 else []):
-        s_idx = check_layer_index(s, probe, f"{key}.feature.layer_pairs.{i}.0")
+        s_idx = hidden_index(s, count, f"{key}.feature.layer_pairs.{i}.0", "the student")
         pairs.append((s_idx, cache_format.normalise_layer(t, meta)))
-    relation_layer = check_layer_index(loss.relation.student_layer, probe, f"{key}.relation.student_layer")
+    relation_layer = hidden_index(loss.relation.student_layer, count, f"{key}.relation.student_layer", "the student")
     return Recipe(name, loss, float(meta["temperature"]), pairs, relation_layer)
 
 
@@ -368,12 +380,14 @@ def _setup_scheduler(optimizer: torch.optim.Optimizer, train: TrainConfig) -> to
 
 
 # ------------------------------------------------------------------------------------------------ checkpoints
-def resume_hash(cfg: Config, variant: str) -> str:
-    """What a checkpoint's continuation depends on: student, this variant's losses, the computational train knobs."""
-    from pipeline.config import section_hash, to_dict
-
+def resume_identity(cfg: Config, variant: str, inputs: dict[str, str]) -> dict[str, Any]:
+    """What a checkpoint's continuation depends on, key by key (stored in it, so a refusal names what differs): the
+    student, this variant's losses, the computational train knobs, the seed, and the identities of the inputs it was
+    trained from (the cache's shard set by content, the student's initial weights)."""
     train = {k: v for k, v in to_dict(cfg.train).items() if k not in OPERATIONAL_KEYS}
-    return section_hash(cfg.student, cfg.train.variants[variant], train, cfg.seed)
+    covered = {"student": cfg.student, f"train.variants.{variant}": cfg.train.variants[variant], "train": train}
+    config = redact_values(flatten({**covered, "seed": cfg.seed}))  # stored in the checkpoint: no secret in it
+    return {**config, **{f"inputs.{k}": v for k, v in sorted(inputs.items())}}
 
 
 def complete_checkpoints(root: Path) -> list[Path]:
@@ -465,12 +479,15 @@ def _checkpoint_trainable_only(acc: Any) -> None:
     acc.register_load_state_pre_hook(load)
 
 
-def _read_checkpoint_state(ckpt: Path, acc: Any, expected_hash: str) -> tuple[dict, Position]:
+def _read_checkpoint_state(ckpt: Path, acc: Any, expected: dict[str, Any], variant: str) -> tuple[dict, Position]:
+    """The checkpoint's trainer state and this rank's data position; refused, naming the keys that differ, when it
+    was made from another config or other inputs (another cache, manifest or student)."""
     state = json.loads((ckpt / "trainer_state.json").read_text())
-    if state.get("resume_hash") != expected_hash:
+    if state.get("resume") != expected:
         raise PipelineError(
-            f"{ckpt}: written with a different configuration (resume hash {state.get('resume_hash')}, now "
-            f"{expected_hash}); set train.resume=never or pass --force to start this variant afresh"
+            f"{ckpt}: cannot be resumed, made from other settings or inputs: "
+            f"{describe_changes(state.get('resume') or {}, expected)}; pass --force to train {variant} afresh "
+            "(or set train.resume=never)"
         )
     if state.get("world_size") != acc.num_processes:
         raise PipelineError(
@@ -553,16 +570,7 @@ def _train_variant(cfg: Config, rd: RunDir, ctx: StageContext, variant: str) -> 
     meta = cache_format.read_cache_meta(train_files[0])
 
     # --- accelerator, student, projectors, checks ---
-    from transformers import AutoConfig
-
-    try:
-        student_config = AutoConfig.from_pretrained(
-            cfg.student.name_or_path, revision=cfg.student.revision, trust_remote_code=cfg.student.trust_remote_code
-        )
-    except (OSError, ValueError) as err:
-        raise PipelineError(
-            f"student.name_or_path: cannot load the config of {cfg.student.name_or_path!r} ({err})"
-        ) from None
+    student_config = load_model_config(cfg.student, "student")
     recipe = resolve_recipe(variant, train.variants[variant], meta, student_config)
     acc = _setup_accelerator(cfg, recipe)
     rank, world = acc.process_index, acc.num_processes
@@ -582,10 +590,20 @@ def _train_variant(cfg: Config, rd: RunDir, ctx: StageContext, variant: str) -> 
     unwrapped = acc.unwrap_model(model)
     trainable = sum(p.numel() for p in unwrapped.parameters() if p.requires_grad)
 
+    # every shard's footer checked (one cache run, the columns this recipe reads) before anything is written
+    dataset = _setup_data(train_files, recipe, cfg, rank, world, train=True)
+
     # --- resume or start afresh ---
     ckpt_root = out / "checkpoints"
     metrics_path, samples_path = out / "metrics.jsonl", out / "samples" / f"rank_{rank:05d}.jsonl"
     fresh = train.resume == "never" or ctx.force
+    expected = resume_identity(cfg, variant, ctx.state.inputs)
+    checkpoints = [] if fresh else complete_checkpoints(ckpt_root)
+    step, tokens_total, wall_before, position = 0, 0.0, 0.0, Position()
+    if checkpoints:  # refused here, before anything of the finished run is deleted
+        state, position = _read_checkpoint_state(checkpoints[-1], acc, expected, variant)
+        step, tokens_total, wall_before = state["step"], state["tokens"], state["wall_time_s"]
+    ctx.begin_writes()
     if acc.is_main_process:
         for stale in ckpt_root.glob(f"{TMP_PREFIX}*") if ckpt_root.is_dir() else []:
             shutil.rmtree(stale, ignore_errors=True)
@@ -594,12 +612,6 @@ def _train_variant(cfg: Config, rd: RunDir, ctx: StageContext, variant: str) -> 
         for path in (out / "final", out / "adapter", out / "summary.json"):
             shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
     acc.wait_for_everyone()
-    expected_hash = resume_hash(cfg, variant)
-    checkpoints = [] if fresh else complete_checkpoints(ckpt_root)
-    step, tokens_total, wall_before, position = 0, 0.0, 0.0, Position()
-    if checkpoints:
-        state, position = _read_checkpoint_state(checkpoints[-1], acc, expected_hash)
-        step, tokens_total, wall_before = state["step"], state["tokens"], state["wall_time_s"]
     if acc.is_main_process:
         if step == 0:
             metrics_path.unlink(missing_ok=True)
@@ -608,7 +620,6 @@ def _train_variant(cfg: Config, rd: RunDir, ctx: StageContext, variant: str) -> 
     if step == 0:
         samples_path.unlink(missing_ok=True)
     _truncate_jsonl(samples_path, step)
-    dataset = _setup_data(train_files, recipe, cfg, rank, world, train=True)
     dataset.start_from(position.epoch, position.batches_consumed)
     batches = iter(_loader(dataset, train.num_workers))
     if checkpoints:
@@ -627,7 +638,7 @@ def _train_variant(cfg: Config, rd: RunDir, ctx: StageContext, variant: str) -> 
     )
 
     # --- loop ---
-    state = {"resume_hash": expected_hash, "variant": variant, "keep": train.keep_checkpoints}
+    state = {"resume": expected, "variant": variant, "keep": train.keep_checkpoints}
     last_saved, last_train, val = step if checkpoints else -1, {}, {}
     window_tokens, window_s, started = 0.0, 0.0, time.monotonic()
     with preemption.deferred(preemption.WARNING, preemption.STOP):  # both wait for a checkpoint at the step's end
@@ -845,11 +856,19 @@ def _units(cfg: Config, args: Any) -> list[str | None]:
     return [args.variant]
 
 
-def _sections(cfg: Config, unit: str | None) -> tuple:
-    from pipeline.config import to_dict
-
+def _sections(cfg: Config, unit: str | None) -> dict[str, Any]:
     train = {k: v for k, v in to_dict(cfg.train).items() if k not in ("variants", "baseline_variant")}
-    return cfg.student, cfg.train.variants[unit], train, cfg.seed
+    variant = cfg.train.variants[unit]
+    return {"student": cfg.student, f"train.variants.{unit}": variant, "train": train, "seed": cfg.seed}
+
+
+def _outputs(cfg: Config, rd: RunDir, unit: str | None) -> dict[str, str | None]:
+    """The trained model (``final/``, LoRA ``adapter/``), summary.json and metrics.jsonl (what evaluate and report
+    read); checkpoints and the sample audit trail are the stage's own."""
+    out = rd.stage_dir(STAGE, unit)
+    files = [p for d in ("final", "adapter") if (out / d).is_dir() for p in (out / d).rglob("*") if p.is_file()]
+    files += [out / "summary.json", out / "metrics.jsonl"]
+    return {str(p.relative_to(out)): None for p in files}
 
 
 def _complete(cfg: Config, rd: RunDir, ctx: StageContext) -> bool:
@@ -867,6 +886,8 @@ SPEC = StageSpec(
     run=run,
     sections=_sections,
     upstream=lambda cfg, unit: definition.upstream(cfg, STAGE, unit),
+    external=lambda cfg, unit: {"weights:student": weights_fingerprint(cfg.student, "student")},
+    outputs=_outputs,
     units=_units,
     add_args=_add_args,
     complete=_complete,

@@ -83,6 +83,29 @@ def build_llama(out: Path, tokenizer, *, hidden: int, layers: int, seed: int) ->
     tokenizer.save_pretrained(out)
 
 
+def redeclare(unit_dir: Path) -> None:
+    """Re-record the outputs a unit's marker declares as they are on disk now, as if the stage had written them
+    like this: lineage then sees nothing wrong, and what a test damaged must be caught by the content checks (a
+    shard from another teacher, format version, NaN...) that guard against a producer, not a disk, gone wrong."""
+    from pipeline.rundir import MARKER, atomic_write_json, record_file
+
+    marker = json.loads((unit_dir / MARKER).read_text())
+    marker["outputs"] = {name: record_file(unit_dir / name) for name in marker["outputs"]}
+    atomic_write_json(unit_dir / MARKER, marker)
+
+
+def mark_complete(cfg, stage: str, unit: str | None, names: list[str], summary: dict | None = None) -> None:
+    """Write the marker ``stage`` would write after producing the files ``names`` (relative to its unit directory)
+    for ``cfg``: for tests that fabricate a stage's outputs instead of running it. Its upstream must be complete."""
+    from pipeline.rundir import RunDir, record_file, stage_spec, unit_state
+
+    rd = RunDir.from_config(cfg)
+    state = unit_state(stage_spec(stage), cfg, rd, unit)
+    assert not state.waiting, state.reason
+    out = rd.stage_dir(stage, unit)
+    rd.write_marker(stage, unit, state, {name: record_file(out / name) for name in names}, summary or {})
+
+
 @pytest.fixture(scope="session")
 def tiny_assets(tmp_path_factory) -> dict[str, Path]:
     """Paths of a tiny tokenizer, teacher (hidden 64, 3 layers), student (hidden 32, 2 layers) and corpus."""

@@ -12,6 +12,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from pipeline import cache_format as cf
+from pipeline import rundir
+from pipeline.config import ConfigError
 from pipeline.rundir import PipelineError
 
 T, K, H, V = 6, 3, 4, 50
@@ -264,11 +266,31 @@ def test_metadata_errors(tmp_path):
     other, _ = write_shards(tmp_path / "other", [3], top_k=K, teacher_fingerprint="different")
     with pytest.raises(PipelineError, match="teacher_fingerprint.*cannot be mixed"):
         cf.CacheDataset(paths + other, batch_size=2)
-    assert cf.list_cache_shards(tmp_path, "train") == [paths[0], old]
-    with pytest.raises(PipelineError, match="cache directory missing"):
+    with pytest.raises(PipelineError, match="_COMPLETE.json: missing"):
         cf.list_cache_shards(tmp_path / "absent", "train")
+    with pytest.raises(ConfigError, match="hidden-state index 7 out of range for the cached teacher"):
+        cf.normalise_layer(7, good)
     with pytest.raises(PipelineError, match="fewer than world_size"):
         cf.CacheDataset(paths, batch_size=4, rank=1, world_size=2, infinite=True)
+
+
+def test_listed_shards_are_the_declared_ones_never_a_glob(tmp_path):
+    """A consumer reads exactly what the cache marker declares: a stray shard on disk is not data, and a declared
+    shard that is missing or changed is refused naming it and the command that recomputes it."""
+    paths, _ = write_shards(tmp_path, [3, 2, 4])
+    records = {p.name: rundir.record_file(p) for p in paths[:2]}  # the third is a stray of an earlier run
+    rundir.atomic_write_json(tmp_path / rundir.MARKER, {"outputs": records})
+    assert cf.list_cache_shards(tmp_path, "train") == paths[:2] and cf.list_cache_shards(tmp_path, "val") == []
+    paths[1].write_bytes(paths[1].read_bytes()[:-10])
+    with pytest.raises(
+        PipelineError, match=r"train-00001.parquet \(declared in _COMPLETE.json\): changed since .*run make cache"
+    ):
+        cf.list_cache_shards(tmp_path, "train")
+    paths[1].unlink()
+    with pytest.raises(
+        PipelineError, match=r"train-00001.parquet \(declared in _COMPLETE.json\): missing; run make cache"
+    ):
+        cf.list_cache_shards(tmp_path, "train")
 
 
 def test_writer_is_deterministic(tmp_path):

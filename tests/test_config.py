@@ -103,7 +103,21 @@ def test_missing_required_value(data, expected):
         ),
         (
             with_(train={"variants": {"ce": {}, "f": {"feature": {"weight": 1, "layer_pairs": [[1, 9]]}}}}),
-            "train.variants.f.feature.layer_pairs.0: teacher layer 9 is not cached",
+            "train.variants.f.feature.weight: needs cache.hidden_layers",
+        ),
+        (
+            with_(train={"variants": {"ce": {}, "j": {"response": {"weight": 1, "jsd_beta": 1.0}}}}),
+            "train.variants.j.response.jsd_beta: expected float in (0, 1), got 1.0",
+        ),
+        (with_(manifest={"seq_len": 1}), "manifest.seq_len: expected int >= 2, got 1"),
+        (with_(train={"variants": {"ce": {}, "tasks": {}}}), 'train.variants.tasks: the name "tasks" is reserved'),
+        (
+            with_(manifest={"sources": [{"path": "json", "fields": {"txt": "body"}}]}),
+            "manifest.sources.0.fields.txt: unknown field (expected one of: text,",
+        ),
+        (
+            with_(cache={"hidden_fraction": 0.5, "hidden_every_n": 2}),
+            "cache.hidden_fraction: set either hidden_fraction or hidden_every_n > 1, not both",
         ),
         (
             with_(train={"variants": {"ce": {}, "r": {"relation": {"weight": 1}}}}),
@@ -258,9 +272,21 @@ def test_llama_config_is_the_cluster_target():
     assert all(t.limit is None for t in cfg.evaluate.tasks), "limit is for tests only"
 
 
+def test_loading_a_config_imports_no_torch():
+    """``slurm status``/``cancel`` load configs on a login node: the config and its light rules stay cheap."""
+    import subprocess
+    import sys
+
+    code = "import sys; from pipeline import config; config.load('configs/llama70b_to_8b.yaml')"
+    code += "; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
 def test_section_hash_tracks_only_the_hashed_sections():
     a = config.from_dict(MINIMAL)
     b = config.from_dict(with_(train={"lr": 1e-3}))
     assert config.section_hash(a.cache, a.teacher) == config.section_hash(b.cache, b.teacher)
+    assert config.section_hash({"train": a.train}) != config.section_hash({"train": b.train})  # nested dataclasses
     assert config.section_hash(a.train) != config.section_hash(b.train)
     assert len(config.section_hash(a.train)) == 16

@@ -12,14 +12,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import corpus_texts, write_config
+from conftest import corpus_texts, mark_complete, write_config
 
-from pipeline import evaluate, report
+from pipeline import evaluate, report, rundir
 from pipeline.cache_format import write_shard
-from pipeline.config import ConfigError, EvalTaskConfig, load
+from pipeline.config import ConfigError, load
 from pipeline.data_format import read_manifest, read_packed_shard, shard_paths
 from pipeline.modeling import HIDDEN_INDEX_CONVENTION, load_causal_lm, load_tokenizer, vocab_hash, vocab_size
-from pipeline.rundir import PipelineError, RunDir
+from pipeline.rundir import RunDir
 
 REPO = Path(__file__).resolve().parent.parent
 VARIANTS = {"ce": {}, "kd": {"ce_weight": 0.5, "response": {"weight": 0.5}}}
@@ -39,6 +39,7 @@ def write_val_cache(cfg, rd: RunDir) -> None:
     tok = load_tokenizer(cfg.teacher)
     manifest_dir = rd.stage_dir("manifest")
     k = cfg.cache.top_k
+    names = []
     for path in shard_paths(read_manifest(manifest_dir), manifest_dir, "val"):
         shard = read_packed_shard(path)
         ids = torch.from_numpy(shard["input_ids"].astype(np.int64))
@@ -62,16 +63,19 @@ def write_val_cache(cfg, rd: RunDir) -> None:
             "tail_logmass": tail.half().numpy(),
         }
         write_shard(rd.stage_dir("cache") / path.name, columns, meta)
-    rd.write_marker("cache", None, "test", {}, {"tokens": 1.0})
+        names.append(path.name)
+    mark_complete(cfg, "cache", None, names, {"tokens": 1.0})
 
 
-def write_trained(rd: RunDir, variant: str, student: Path) -> None:
-    """A trained variant as the train stage leaves it: final/ HF dir, summary.json, marker."""
+def write_trained(cfg, rd: RunDir, variant: str, student: Path) -> None:
+    """A trained variant as the train stage leaves it: final/ HF dir, summary.json, metrics.jsonl, marker."""
     vdir = rd.stage_dir("train", variant)
     shutil.copytree(student, vdir / "final")
-    (vdir / "summary.json").write_text(json.dumps({"variant": variant, "steps": 6, "tokens": 768, "wall_time_s": 3.0}))
+    summary = {"variant": variant, "steps": 6, "tokens": 768, "wall_time_s": 3.0}
+    (vdir / "summary.json").write_text(json.dumps(summary))
     (vdir / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 6.0 - s / 10}) + "\n" for s in range(6)))
-    rd.write_marker("train", variant, "test", {}, {})
+    files = [str(p.relative_to(vdir)) for p in (vdir / "final").iterdir()] + ["summary.json", "metrics.jsonl"]
+    mark_complete(cfg, "train", variant, files)
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +90,7 @@ def upstream(tmp_path_factory, tiny_assets):
     run_manifest(cfg_path)
     write_val_cache(cfg, rd)
     for variant in VARIANTS:
-        write_trained(rd, variant, tiny_assets["student"])
+        write_trained(cfg, rd, variant, tiny_assets["student"])
     return cfg_path, cfg, rd
 
 
@@ -149,36 +153,33 @@ def test_evaluate_stage_end_to_end(upstream, capsys):
     assert student["kl_teacher_student"] > 10 * teacher["kl_teacher_student"]
 
     # lm-eval's own output, parsed by the report's parser: group replaced by its two subtasks
-    parsed = report.collect_lm_eval(rd.stage_dir("evaluate", "ce"), [])
+    listed = json.loads((rd.stage_dir("evaluate", "ce") / "results.json").read_text())["lm_eval_files"]
+    parsed = report.collect_lm_eval(rd.stage_dir("evaluate", "ce"), listed, [])
     assert report.displayed_tasks(parsed) == ["kd_heldout_mc", "kd_heldout_ppl"]
     assert report.primary_metric(parsed["kd_heldout_mc"]) == ("acc_norm", "none")
     assert parsed["kd_heldout_mc"]["n_samples"] == 6 and parsed["kd_heldout_mc"]["parent"] == "kd_heldout"
     assert parsed["kd_heldout_ppl"]["metrics"]["word_perplexity"]["none"]["value"] > 1
 
-    # retraining a student does not redo the teacher; the student is redone
+    # retraining a student does not redo the teacher; the student's evaluation is stale, and the report says so
     before = (rd.stage_dir("evaluate", "teacher") / "_COMPLETE.json").read_text()
-    rd.write_marker("train", "kd", "retrained", {}, {})
+    summary_path = rd.stage_dir("train", "kd") / "summary.json"
+    summary_path.write_text(summary_path.read_text().replace('"steps": 6', '"steps": 7'))  # a retrain, as train would
+    mark_complete(load(cfg_path, args[2:]), "train", "kd", list(rundir.declared_outputs(summary_path.parent)))
     capsys.readouterr()
     assert evaluate.main([*args, "--model", "teacher"]) == 0
     assert "evaluate/teacher is already complete" in capsys.readouterr().err
-    assert evaluate.upstream(cfg, "kd")[-1] == ("train", "kd")  # while the student's marker follows its training
     assert (rd.stage_dir("evaluate", "teacher") / "_COMPLETE.json").read_text() == before
+    stale = rundir.unit_state(evaluate.SPEC, load(cfg_path, args[2:]), rd, "kd")
+    assert not stale.complete and stale.reason.startswith("evaluate/kd: made from other inputs: train/kd changed")
 
-    assert report.main(["--config", str(cfg_path)]) == 0
+    assert report.main(["--config", str(cfg_path), *args[2:]]) == 0
     summary = json.loads((rd.stage_dir("report") / "summary.json").read_text())
-    assert summary["columns"] == ["kd_heldout_mc", "kd_heldout_ppl"]
-    assert summary["models"]["kd"]["deltas"]["kd_heldout_ppl_vs_teacher"] is not None
+    assert summary["columns"] == ["kd_heldout_mc", "kd_heldout_ppl"] and set(summary["models"]) == {"ce", "teacher"}
+    assert summary["models"]["ce"]["deltas"]["kd_heldout_ppl_vs_teacher"] is not None
+    assert "model kd: no evaluation (evaluate/kd: made from other inputs: train/kd changed" in "\n".join(
+        summary["notes"]
+    )
     assert "ppl↓" in capsys.readouterr().out
-
-
-def test_unknown_task_name_is_refused(upstream):
-    _, cfg, rd = upstream
-    task_dir = evaluate.prepare_local_tasks(cfg, rd, load_tokenizer(cfg.teacher))
-    wanted = [EvalTaskConfig(name="kd_heldout_mc"), EvalTaskConfig(name="kd_heldout_nope")]
-    manager = evaluate.task_manager(task_dir, [wanted[0]])  # our tasks only: no 15k-YAML index in the test
-    evaluate.check_task_names(manager, wanted[:1])
-    with pytest.raises(PipelineError, match=r"evaluate.tasks.1.name: unknown lm-eval task or group 'kd_heldout_nope'"):
-        evaluate.check_task_names(manager, wanted)
 
 
 def test_intrinsic_batches_cap_and_determinism(upstream):

@@ -137,17 +137,59 @@ def test_normalise_and_split_are_pure():
 
 
 # --------------------------------------------------------------------------------------------------- mixture
-def test_mixture_follows_weights_until_a_source_runs_out():
+def test_document_mixture_follows_weights_until_a_source_runs_out():
     sizes, weights = (3000, 20000), (0.3, 0.7)
     sources = [
         manifest.Source(SourceConfig(path="x", weight=w), f"s{i}", "x", iter([{}] * n), {})
         for i, (n, w) in enumerate(zip(sizes, weights, strict=True))
     ]
     state: dict[str, str] = {}
-    picks = np.array([i for i, _ in manifest._mixture(sources, 0, state)])
+    picks = np.array([i for i, _ in manifest._mixture(sources, manifest.Mixer(list(weights), "documents", 0), state)])
     assert state["stop_reason"] == "source 0 exhausted"
     assert (picks == 0).sum() == 3000
     assert abs((picks == 0).mean() - 0.3) < 0.015
+
+
+def test_token_mixture_holds_token_shares_at_every_point():
+    """Deficit scheduling: short and long documents, weights 0.8/0.2 of the tokens; the shares hold after 100
+    documents as after 5000, and a source whose documents are all dropped (zero tokens) would be read until it
+    runs out rather than skew the others."""
+    tokens_per_doc = (10, 60)
+    mixer = manifest.Mixer([0.8, 0.2, 0.0], "tokens", 0)
+    picks, totals = mixer.picks(), np.zeros(3)
+    for n in range(1, 5001):
+        i = next(picks)
+        mixer.kept(i, 4 * tokens_per_doc[i])  # tokenized one chunk later, as in the stage
+        if n % 64 == 0:
+            mixer.tokenized(0, 0, 0)
+        mixer.tokenized(i, 4 * tokens_per_doc[i], tokens_per_doc[i])
+        totals[i] += tokens_per_doc[i]
+        if n in (100, 5000):
+            np.testing.assert_allclose(totals / totals.sum(), [0.8, 0.2, 0.0], atol=60 / totals.sum() + 1e-9)
+
+
+def test_mixture_weights_are_token_shares_by_default(tmp_path, tiny_config, capsys):
+    """The issue's case: weights 0.8/0.2, documents of 10 vs 60 words. Tokens (default) keep 0.8/0.2 of the tokens
+    (documents: 0.8/0.2 of the documents, 0.40/0.60 of the tokens); realised shares are in manifest.json and the
+    summary line."""
+    short = write_jsonl(tmp_path / "short.jsonl", [{"text": f"short {i} " + "word " * 8} for i in range(6000)])
+    long = write_jsonl(tmp_path / "long.jsonl", [{"text": f"long {i} " + "word " * 58} for i in range(3000)])
+    sources = [source(short, weight=0.8), source(long, weight=0.2)]
+    common = {"manifest.sources": sources, "manifest.max_tokens": 50000, "manifest.val_fraction": 0.0}
+    config = tiny_config(**common)
+    code, text = run_stage(config, capsys)
+    assert code == 0, text
+    meta = data_format.read_manifest(out_dir(config))
+    shares = [s["counts"]["token_share"] for s in meta["sources"]]
+    np.testing.assert_allclose(shares, [0.8, 0.2], atol=0.01)
+    assert [s["target_share"] for s in meta["sources"]] == [0.8, 0.2] and meta["mixture"] == "tokens"
+    assert f"token share {shares[0]:.3f} (target 0.800 of tokens)" in text
+    config = tiny_config(**common, **{"manifest.mixture": "documents"})
+    assert run_stage(config, capsys)[0] == 0
+    meta = data_format.read_manifest(out_dir(config))
+    kept = np.array([s["counts"]["kept"] for s in meta["sources"]])
+    np.testing.assert_allclose(kept / kept.sum(), [0.8, 0.2], atol=0.03)
+    assert meta["sources"][1]["counts"]["token_share"] > 0.5  # long documents dominate the tokens
 
 
 def test_mixture_proportions_with_cap_streaming_and_parquet(tmp_path, tiny_config, capsys):
@@ -169,7 +211,7 @@ def test_mixture_proportions_with_cap_streaming_and_parquet(tmp_path, tiny_confi
     kept = np.array([s["counts"]["kept"] for s in meta["sources"]])
     assert kept.sum() == 3000 and meta["counts"]["stop_reason"] == "max_samples reached"
     np.testing.assert_allclose(kept / 3000, [0.5, 0.3, 0.2], atol=0.035)
-    assert [s["probability"] for s in meta["sources"]] == [0.5, 0.3, 0.2]
+    assert [s["target_share"] for s in meta["sources"]] == [0.5, 0.3, 0.2]
     assert meta["sources"][1]["fingerprint"] is None and meta["sources"][0]["fingerprint"]
     assert meta["sources"][0]["data_files"][0]["sha256"] == data_format.file_sha256(Path(files[0]))
     assert meta["splits"]["val"] == {"rows": 0, "docs": 0, "tokens": 0, "padding": 0, "shards": []}
@@ -249,6 +291,7 @@ def test_every_record_shape_from_json_and_parquet(tmp_path, tiny_config, capsys,
 # ------------------------------------------------------------------------------------ filters, packing, split
 def test_dedup_and_length_filters_count_each_reason(tmp_path, tiny_config, capsys):
     texts = ["Alpha beta gamma.", "alpha   BETA gamma.", "Alpha beta gamma.", "", "   ", "tiny", "x" * 300, "Kept one."]
+    texts.append(None)  # a null text is an empty document, not a record of unknown shape
     config = tiny_config(
         **{
             "manifest.sources": [source(write_jsonl(tmp_path / "d.jsonl", [{"text": t} for t in texts]))],
@@ -261,7 +304,7 @@ def test_dedup_and_length_filters_count_each_reason(tmp_path, tiny_config, capsy
     assert code == 0, text
     counts = data_format.read_manifest(out_dir(config))["counts"]
     assert counts["dropped"] == {
-        "unmatched": 0, "empty": 2, "too_short": 1, "too_long": 1, "duplicate": 2, "over_cap": 0,
+        "unmatched": 0, "empty": 3, "too_short": 1, "too_long": 1, "duplicate": 2, "over_cap": 0,
     }  # fmt: skip
     assert counts["kept"] == 2 and counts["read"] == len(texts)
 
@@ -366,6 +409,8 @@ def bad_inputs(tmp_path, tiny_assets):
     tok.save_pretrained(no_eos)
     bad_json = tmp_path / "bad.jsonl"
     bad_json.write_text('{"text": "fine"}\n{"text": "broken\n')
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
     other = write_jsonl(tmp_path / "other.jsonl", [{"body": "x", "id": 1}])
     return {
         "unknown dataset": (
@@ -374,11 +419,29 @@ def bad_inputs(tmp_path, tiny_assets):
             1,
         ),
         "unknown split": ({"manifest.sources.0.split": "validation"}, "validation", 1),
-        "missing file": ({"manifest.sources.0.data_files": str(tmp_path / "nope.jsonl")}, "nope.jsonl", 1),
-        "unreadable file": ({"manifest.sources.0.data_files": str(bad_json)}, "bad.jsonl", 1),
+        "missing file": (
+            {"manifest.sources.0.data_files": str(tmp_path / "nope.jsonl")},
+            f"manifest.sources.0.data_files: no file matches '{tmp_path / 'nope.jsonl'}'",
+            1,
+        ),
+        "glob matching nothing": (
+            {"manifest.sources.0.data_files": str(tmp_path / "none-*.jsonl")},
+            f"manifest.sources.0.data_files: no file matches '{tmp_path / 'none-*.jsonl'}'",
+            1,
+        ),
+        "empty file": (
+            {"manifest.sources.0.data_files": str(empty)},
+            f"manifest.sources.0.data_files: no records in {empty} (empty file)",
+            1,
+        ),
+        "unreadable file": (
+            {"manifest.sources.0.data_files": str(bad_json)},
+            f"{bad_json}:2: malformed JSON (Invalid control character at, column 17)",
+            1,
+        ),
         "unreadable streamed file": (
             {"manifest.sources.0.data_files": str(bad_json), "manifest.sources.0.streaming": True},
-            "bad.jsonl): unreadable data",
+            f"{bad_json}:2: malformed JSON",
             1,
         ),
         "mapping names a missing column": (
@@ -395,9 +458,9 @@ def bad_inputs(tmp_path, tiny_assets):
         "unknown canonical field": ({"manifest.sources.0.fields": {"txt": "text"}}, "fields.txt: unknown field", 2),
         "weights all zero": ({"manifest.sources.0.weight": 0.0}, "weights summing to a positive number", 2),
         "negative weight": ({"manifest.sources.0.weight": -1.0}, "manifest.sources.0.weight", 2),
-        "tokenizer without EOS": ({"teacher.tokenizer": str(no_eos)}, "no EOS token", 1),
+        "tokenizer without EOS": ({"teacher.tokenizer": str(no_eos)}, "teacher.tokenizer: " + str(no_eos), 2),
         "empty after filtering": ({"manifest.min_chars": 100000}, "no training document left", 1),
-        "seq_len above teacher positions": ({"manifest.seq_len": 512}, "max_position_embeddings 256", 1),
+        "seq_len above teacher positions": ({"manifest.seq_len": 512}, "max_position_embeddings 256", 2),
         "empty held-out split": ({"manifest.val_fraction": 1e-6}, "manifest.val_fraction", 1),
     }
 

@@ -239,6 +239,28 @@ def test_cadence_is_fixed_and_does_not_drift(tmp_path):
     assert all(list(line) == SCHEMA for line in lines)
 
 
+def test_the_first_cpu_sample_is_measured_over_a_real_window(monkeypatch):
+    """psutil's CPU share is relative to the previous call; the first sample has none, and a share over the few
+    microseconds since a reference taken just before is 0 or 100. It is measured over a real window instead."""
+    import psutil
+
+    from pipeline import telemetry
+
+    windows, real = [], psutil.cpu_percent
+
+    def spy(interval=None, percpu=False):
+        windows.append(interval)
+        return real(interval=interval)
+
+    monkeypatch.setattr(telemetry.psutil, "cpu_percent", spy)
+    clock = FakeClock()
+    log = JsonLogger("r", "train", None, console=False)
+    started = time.monotonic()
+    result = monitor.monitor(log, interval_s=0.5, stop=FakeStop(clock, 3), gpus=None, clock=clock)
+    assert windows == [monitor.FIRST_CPU_WINDOW_S, None, None] and time.monotonic() - started >= 0.1
+    assert 0 <= result["cpu_util_max"] <= 100 and result["samples"] == 3
+
+
 def test_a_sample_slower_than_the_interval_skips_ticks(tmp_path):
     clock = FakeClock()
     gpus = SlowGpus(clock, cost=1.2)

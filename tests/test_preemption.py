@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import preemption
+from pipeline import preemption, validate
 from pipeline.rundir import RunDir, StageSpec, stage_main
 
 
@@ -37,8 +37,8 @@ def _toy(tmp_path, work) -> tuple[StageSpec, list[str]]:
         f"run_name: tiny\nruns_dir: {tmp_path}/runs\nlogs_dir: {tmp_path}/logs\nteacher: {{name_or_path: t}}\n"
         "student: {name_or_path: s}\nmonitor: {enabled: false}\n"
     )
-    spec = StageSpec(name="toy", run=work, sections=lambda cfg, unit: (cfg.seed,),
-                     units=lambda cfg, args: ["a", "b"])  # fmt: skip
+    spec = StageSpec(name="toy", run=work, sections=lambda cfg, unit: {"seed": cfg.seed},
+                     units=lambda cfg, args: ["a", "b"], check=validate.check_config)  # fmt: skip
     return spec, ["--config", str(cfg)]
 
 

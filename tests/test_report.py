@@ -8,6 +8,7 @@ import struct
 from pathlib import Path
 
 import pytest
+from conftest import mark_complete
 
 from pipeline import report
 from pipeline.config import load
@@ -75,7 +76,11 @@ def lm_eval_json(scores: dict[str, float], stamp: str) -> dict:
 
 
 def make_run(root: Path, cfg, *, models=(*VARIANTS, "teacher"), trained=VARIANTS, telemetry=True) -> RunDir:
+    """Result files as the stages leave them, each unit marked complete for ``cfg`` (the upstream manifest and cache
+    with no files of their own: the report reads only evaluation and training results)."""
     rd = RunDir.from_config(cfg)
+    mark_complete(cfg, "manifest", None, [])
+    mark_complete(cfg, "cache", None, [], {"tokens": 9000})
     quality = {"ce": 0.3, "kd": 0.5, "feature": 0.4, "relation": 0.35, "teacher": 0.9}
     for model in models:
         q = quality[model]
@@ -108,8 +113,8 @@ def make_run(root: Path, cfg, *, models=(*VARIANTS, "teacher"), trained=VARIANTS
                 "packages": {"lm_eval": "0.4.13", "torch": "2.13.0", "transformers": "5.23.0"},
             },
         }
+        results["lm_eval_files"] = [str(p.relative_to(mdir)) for p in sorted(out.iterdir())]
         (mdir / "results.json").write_text(json.dumps(results))
-        (mdir / "_COMPLETE.json").write_text(json.dumps({"config_hash": "x"}))
     for variant in trained:
         vdir = rd.stage_dir("train", variant)
         vdir.mkdir(parents=True)
@@ -126,6 +131,11 @@ def make_run(root: Path, cfg, *, models=(*VARIANTS, "teacher"), trained=VARIANTS
             "val_loss": 4.0,
         }
         (vdir / "summary.json").write_text(json.dumps(summary))
+        mark_complete(cfg, "train", variant, ["summary.json", "metrics.jsonl"])
+    for model in models:
+        mdir = rd.stage_dir("evaluate", model)
+        if model == "teacher" or model in trained:
+            mark_complete(cfg, "evaluate", model, [str(p.relative_to(mdir)) for p in mdir.rglob("*") if p.is_file()])
     if telemetry:
         for stage in ("cache", "train", "report"):  # report: an earlier report run's (left out)
             sdir = rd.logs / stage
@@ -157,8 +167,6 @@ def make_run(root: Path, cfg, *, models=(*VARIANTS, "teacher"), trained=VARIANTS
                     }
                 )
             )
-        (rd.stage_dir("cache")).mkdir(parents=True, exist_ok=True)
-        (rd.marker_path("cache")).write_text(json.dumps({"summary": {"tokens": 9000}}))
     return rd
 
 
@@ -205,7 +213,7 @@ def test_report_complete_inputs(tmp_path, tiny_config, capsys):
     assert summary["energy"]["cache"]["tokens"] == 9000
     assert sorted(summary["telemetry"]) == ["cache", "train"]
     assert summary["notes"] == [
-        f"{rd.stage_dir('train', v) / 'metrics.jsonl'}: 1 malformed line(s) skipped" for v in sorted(VARIANTS)
+        f"{rd.stage_dir('train', v) / 'metrics.jsonl'}: 1 malformed line(s) skipped" for v in VARIANTS
     ]
     rows = list(csv.DictReader((out / "summary.csv").open()))
     assert [r["model"] for r in rows] == [*VARIANTS, "teacher"]
@@ -224,7 +232,13 @@ def test_report_partial_inputs(tmp_path, tiny_config, capsys):
     cfg_path = tiny_config()
     cfg = load(cfg_path)
     rd = make_run(tmp_path, cfg, models=("ce", "kd"), trained=("ce", "kd"), telemetry=False)
-    (rd.stage_dir("evaluate", "kd") / "lm_eval" / "__runs__x" / "results_2026-03-01T00-00-00.json").write_text("{")
+    kd = rd.stage_dir("evaluate", "kd")
+    (kd / "lm_eval" / "__runs__x" / "results_2026-03-01T00-00-00.json").write_text("{")  # listed, unreadable
+    (kd / "lm_eval" / "__runs__x" / "results_2026-04-01T00-00-00.json").write_text("{")  # a stray: never read
+    results = json.loads((kd / "results.json").read_text())
+    results["lm_eval_files"].append("lm_eval/__runs__x/results_2026-03-01T00-00-00.json")
+    (kd / "results.json").write_text(json.dumps(results))
+    mark_complete(cfg, "evaluate", "kd", ["results.json", *results["lm_eval_files"]])
     assert report.main(["--config", str(cfg_path)]) == 0
     out = rd.stage_dir("report")
     summary = json.loads((out / "summary.json").read_text())
@@ -239,6 +253,7 @@ def test_report_partial_inputs(tmp_path, tiny_config, capsys):
         "results_2026-03-01T00-00-00.json",
     ):
         assert expected in notes
+    assert "results_2026-04-01" not in notes
     md = (out / "summary.md").read_text()
     assert "## Not included" in md and "model feature: no evaluation" in md
     assert "## Deltas vs teacher" not in md and "plots/telemetry_" not in md

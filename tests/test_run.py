@@ -33,7 +33,7 @@ def test_runs_in_order_and_stops_at_the_first_failure(tiny_config, tmp_path):
     assert out.returncode == 1, out.stderr[-2000:]
     assert "==> manifest" in out.stderr and "==> evaluate" in out.stderr and "==> report" not in out.stderr
     assert "stage evaluate exited with 1; stopping" in out.stderr
-    assert "cache/_COMPLETE.json: missing" in out.stderr  # the stage's own one-line error
+    assert "cache/_COMPLETE.json missing); evaluate/ce cannot start" in out.stderr  # the stage's own one-line error
     assert (tmp_path / "runs" / "tiny" / "manifest" / "_COMPLETE.json").is_file()
     again = _run("--config", config, "--stages", "manifest")
     assert again.returncode == 0 and "already complete" in again.stderr

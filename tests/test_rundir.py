@@ -1,6 +1,7 @@
-"""Run directories and the stage wrapper: markers written last, skip / --force, refusal when upstream is missing,
-atomic writes that leave no partial file, and clear errors for unwritable outputs. Two toy stages (``up`` and
-``down``) run through the real ``stage_main`` so the behaviour every stage inherits is tested once."""
+"""Run directories and the stage wrapper: markers written last, skip / --force, lineage (refusal when upstream is
+missing or changed, staleness by content), atomic writes that leave no partial file, and clear errors for unwritable
+outputs. Two toy stages (``up`` and ``down``) run through the real ``stage_main`` so the behaviour every stage
+inherits is tested once; the real stages' lineage is tests/test_lineage.py."""
 
 from __future__ import annotations
 
@@ -13,8 +14,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline import rundir, telemetry
-from pipeline.rundir import MARKER, PipelineError, RunDir, StageSpec, stage_main
+from pipeline import config as config_mod
+from pipeline import rundir, telemetry, validate
+from pipeline.rundir import MARKER, PipelineError, RunDir, StageSpec, stage_main, unit_state
 
 
 def write_config(tmp_path: Path, **train) -> Path:
@@ -37,12 +39,17 @@ class ToyStages:
     def __init__(self) -> None:
         self.calls: list[str] = []
         self.fail: Exception | None = None
+        self.refuse: Exception | None = None  # raised before begin_writes: a refusal after the input checks
+        self.up, self.down  # noqa: B018 (defining a spec registers it: down's upstream is found by name)
 
     def up_run(self, cfg, rd: RunDir, ctx) -> dict:
         self.calls.append("up")
         out = rd.stage_dir("up")
-        assert not (out / MARKER).exists(), "the marker must not exist while the stage runs"
-        assert (out / "config.yaml").exists(), "the resolved config is written before the stage runs"
+        if self.refuse:
+            raise self.refuse
+        ctx.begin_writes()
+        assert not (out / MARKER).exists(), "the marker must not exist while the stage writes"
+        assert (out / "config.yaml").exists(), "the resolved config is written before the stage writes"
         rundir.atomic_write_text(out / "out.txt", f"lr={cfg.train.lr}")
         if self.fail:
             raise self.fail
@@ -50,22 +57,31 @@ class ToyStages:
 
     def down_run(self, cfg, rd: RunDir, ctx) -> dict:
         self.calls.append(f"down:{ctx.unit}")
-        text = (rd.stage_dir("up") / "out.txt").read_text()
+        names = rundir.declared_outputs(rd.stage_dir("up"))  # what up declares, not what is on disk
+        text = "".join((rd.stage_dir("up") / name).read_text() for name in sorted(names))
         rundir.atomic_write_text(rd.stage_dir("down", ctx.unit) / "copy.txt", text)
         return {}
 
     @property
     def up(self) -> StageSpec:
-        return StageSpec(name="up", run=self.up_run, sections=lambda cfg, unit: (cfg.train.lr, cfg.seed))
+        return StageSpec(
+            name="up",
+            run=self.up_run,
+            sections=lambda cfg, unit: {"train.lr": cfg.train.lr, "seed": cfg.seed},
+            outputs=lambda cfg, rd, unit: {"out.txt": None},
+            check=validate.check_config,  # the toy models are not on disk: no model-config rules
+        )
 
     @property
     def down(self) -> StageSpec:
         return StageSpec(
             name="down",
             run=self.down_run,
-            sections=lambda cfg, unit: (cfg.train.variants[unit],),
+            sections=lambda cfg, unit: {f"train.variants.{unit}": cfg.train.variants[unit]},
             upstream=lambda cfg, unit: [("up", None)],
+            outputs=lambda cfg, rd, unit: {"copy.txt": None},
             units=lambda cfg, args: list(cfg.train.variants),
+            check=validate.check_config,
         )
 
 
@@ -81,7 +97,9 @@ def test_marker_is_written_last_with_config_hash_inputs_and_summary(tmp_path, to
     marker = json.loads((out / MARKER).read_text())
     assert marker["stage"] == "up" and marker["unit"] is None and marker["inputs"] == {}
     assert marker["summary"]["rows"] == 3.0 and marker["summary"]["duration_s"] >= 0
-    assert len(marker["config_hash"]) == 16
+    assert len(marker["config_hash"]) == 16 and marker["config"] == {"train.lr": 3e-4, "seed": 0}
+    record = marker["outputs"]["out.txt"]
+    assert record["sha256"] == rundir.file_sha256(out / "out.txt") and record["bytes"] == len("lr=0.0003")
     assert (out / MARKER).stat().st_mtime_ns >= (out / "out.txt").stat().st_mtime_ns
     resolved = yaml.safe_load((out / "config.yaml").read_text())
     assert resolved["train"]["lr"] == 3e-4 and resolved["train"]["variants"]["kd"]["response"]["weight"] == 0.5
@@ -93,7 +111,7 @@ def test_marker_is_written_last_with_config_hash_inputs_and_summary(tmp_path, to
     for unit in ("ce", "kd"):
         down = json.loads((tmp_path / "runs" / "r" / "down" / unit / MARKER).read_text())
         assert down["unit"] == unit
-        assert down["inputs"] == {"up": rundir.file_sha256(out / MARKER)[:16]}
+        assert down["inputs"] == {"up": rundir.output_identity(marker["outputs"])}  # up's outputs, by content
     assert toy.calls == ["up", "down:ce", "down:kd"]
 
 
@@ -120,11 +138,56 @@ def test_changed_config_section_or_upstream_redoes_only_what_depends_on_it(tmp_p
     assert stage_main(toy.up, ["--config", str(cfg_path), "train.max_steps=7"]) == 0
     assert stage_main(toy.down, ["--config", str(cfg_path), "train.variants.kd.ce_weight=0.7"]) == 0
     assert toy.calls == ["up", "down:ce", "down:kd", "down:kd"]
-    # a changed upstream result (new marker fingerprint) makes every downstream unit stale
+    # a changed upstream result (other output bytes) makes every downstream unit stale
     assert stage_main(toy.up, ["--config", str(cfg_path), "train.lr=1e-3"]) == 0
-    assert stage_main(toy.down, ["--config", str(cfg_path), "train.variants.kd.ce_weight=0.7"]) == 0
+    assert stage_main(toy.down, ["--config", str(cfg_path), "train.lr=1e-3", "train.variants.kd.ce_weight=0.7"]) == 0
     assert toy.calls[-3:] == ["up", "down:ce", "down:kd"]
     assert (tmp_path / "runs" / "r" / "down" / "ce" / "copy.txt").read_text() == "lr=0.001"
+
+
+def test_an_upstream_redone_with_identical_outputs_leaves_consumers_complete(tmp_path, toy):
+    """Identities are content hashes (DVC): --force that writes the same bytes is not a change downstream."""
+    cfg_path = write_config(tmp_path)
+    assert stage_main(toy.up, ["--config", str(cfg_path)]) == 0
+    assert stage_main(toy.down, ["--config", str(cfg_path)]) == 0
+    assert stage_main(toy.up, ["--config", str(cfg_path), "--force"]) == 0
+    assert stage_main(toy.down, ["--config", str(cfg_path)]) == 0
+    assert toy.calls == ["up", "down:ce", "down:kd", "up"]
+
+
+def test_a_consumer_of_a_stale_or_damaged_upstream_refuses_naming_it(tmp_path, toy, capsys):
+    cfg_path = write_config(tmp_path)
+    assert stage_main(toy.up, ["--config", str(cfg_path)]) == 0
+    capsys.readouterr()
+    out = tmp_path / "runs" / "r" / "up" / "out.txt"
+    cases = {  # what happens to up, and the line the consumer must print
+        "missing": (lambda: out.unlink(), f"up: {out} (declared in _COMPLETE.json): missing"),
+        "edited": (lambda: out.write_text("lr=0.0005"), f"up: {out} (declared in _COMPLETE.json): changed since it"),
+        "reconfigured": (lambda: None, "up: its configuration changed: train.lr (was 0.0003, now 0.001)"),
+    }
+    for name, (damage, needle) in cases.items():
+        damage()
+        extra = ["train.lr=1e-3"] if name == "reconfigured" else []
+        assert stage_main(toy.down, ["--config", str(cfg_path), *extra]) == 1, name
+        err = capsys.readouterr().err
+        assert needle in err and "down/ce cannot start until up is complete: run make up first" in err, err
+        assert toy.calls == ["up"], name
+        rundir.atomic_write_text(out, "lr=0.0003")
+    # a file whose mtime moved but whose bytes are the recorded ones is still the same output
+    os.utime(out, ns=(1, 1))
+    assert unit_state(toy.up, config_mod.load(cfg_path), RunDir.from_config(config_mod.load(cfg_path)), None).complete
+
+
+def test_a_refused_rerun_keeps_the_finished_marker_and_config(tmp_path, toy):
+    """A stage that refuses before ctx.begin_writes() leaves the finished unit exactly as it was."""
+    cfg_path = write_config(tmp_path)
+    assert stage_main(toy.up, ["--config", str(cfg_path)]) == 0
+    out = tmp_path / "runs" / "r" / "up"
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    toy.refuse = PipelineError("inputs do not fit")
+    assert stage_main(toy.up, ["--config", str(cfg_path), "train.lr=1e-3"]) == 1
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert unit_state(toy.up, config_mod.load(cfg_path), RunDir.from_config(config_mod.load(cfg_path)), None).complete
 
 
 def test_refuses_to_start_when_upstream_is_missing(tmp_path, toy, capsys):
@@ -132,7 +195,8 @@ def test_refuses_to_start_when_upstream_is_missing(tmp_path, toy, capsys):
     assert stage_main(toy.down, ["--config", str(cfg_path)]) == 1
     err = capsys.readouterr()
     message = (err.err or err.out).strip().splitlines()[-1]
-    assert "up/_COMPLETE.json: missing — upstream stage 'up' has not completed; run it first (make up)" in message
+    assert "up has not completed (" in message and "up/_COMPLETE.json missing); down/ce cannot start" in message
+    assert "run make up first" in message
     assert toy.calls == []
     assert not (tmp_path / "runs" / "r" / "down").exists()
 
@@ -171,7 +235,7 @@ def test_corrupt_marker_is_a_clear_error(tmp_path):
     rd.stage_dir("up").mkdir(parents=True)
     rd.marker_path("up").write_text("{not json")
     with pytest.raises(PipelineError, match=r"up/_COMPLETE.json: unreadable completion marker .*rerun that stage"):
-        rd.require("up")
+        rd.read_marker("up")
 
 
 # ------------------------------------------------------------------------------------------------ atomic I/O
@@ -243,7 +307,7 @@ def test_local_runs_start_monitor_beside_the_stage(tmp_path, toy, monkeypatch):
     plain_run = toy.up_run
 
     def slow_run(cfg, rd, ctx):  # long enough for several samples
-        time.sleep(0.5)
+        time.sleep(1.0)
         return plain_run(cfg, rd, ctx)
 
     toy.up_run = slow_run

@@ -123,7 +123,7 @@ def test_a_resubmit_queues_only_what_is_not_complete(tiny_config):
     rd = RunDir.from_config(cfg)
     for spec, unit in ((manifest.SPEC, None), (cache.SPEC, None), (train.SPEC, "kd")):
         state = unit_state(spec, cfg, rd, unit)
-        rd.write_marker(spec.name, unit, state.config_hash, state.inputs, {})
+        rd.write_marker(spec.name, unit, state, {}, {})
     record = _dry_run(config, overrides())
     assert [(c["stage"], c["unit"]) for c in record["complete"]] == [("manifest", None), ("cache", None),
                                                                      ("train", "kd")]  # fmt: skip
@@ -131,12 +131,11 @@ def test_a_resubmit_queues_only_what_is_not_complete(tiny_config):
     assert list(jobs) == ["train[ce]", "train[feature]", "train[relation]", "evaluate", "report"]
     assert jobs["train[ce]"]["after_jobs"] == [] and jobs["report"]["after_jobs"] == ["evaluate"]
     assert jobs["evaluate"]["after_jobs"] == ["train-ce", "train-feature", "train-relation"]
-    assert (
-        jobs["evaluate"]["units"]["kd"] == "not run yet" and jobs["evaluate"]["units"]["ce"] == "train[ce] runs first"
-    )
+    assert jobs["evaluate"]["units"]["kd"].startswith("evaluate/kd has not completed")
+    assert jobs["evaluate"]["units"]["ce"] == "train[ce] runs first"
     changed = _dry_run(config, overrides(**{"cache.top_k": 4}))  # the cache must be redone: all of it downstream
     assert [slurm._label(j) for j in changed["jobs"]][:2] == ["cache", "train[ce]"]
-    assert changed["jobs"][0]["units"] == {"None": "its configuration changed"}
+    assert changed["jobs"][0]["units"] == {"None": "cache: its configuration changed: cache.top_k (was 8, now 4)"}
     assert len(_dry_run(config, overrides(**{"cache.top_k": 4}))["jobs"]) == 8 - 1  # manifest still complete
 
 

@@ -38,10 +38,11 @@ def tiny_cache(tiny_assets, tmp_path_factory) -> Path:
 
 
 def make_run(tmp: Path, assets: dict, cache_run: Path, overrides: dict | None = None) -> Path:
-    """A config under ``tmp`` whose run directory already holds the shared cache; returns the config path."""
+    """A config under ``tmp`` whose run directory already holds the shared manifest and cache; returns its path."""
     tmp.mkdir(parents=True, exist_ok=True)
     path = write_config(tmp, assets, {**BASE, **(overrides or {})})
-    shutil.copytree(cache_run / "cache", tmp / "runs" / "tiny" / "cache")
+    for stage in ("manifest", "cache"):
+        shutil.copytree(cache_run / stage, tmp / "runs" / "tiny" / stage)
     return path
 
 
@@ -378,10 +379,10 @@ def test_student_with_another_vocabulary_is_refused_before_step_1(tmp_path, tiny
     tok.add_tokens(["<extra_token>"])
     tok.save_pretrained(tmp_path / "other_tokenizer")
     cfg = make_run(tmp_path, tiny_assets, tiny_cache, {"student.tokenizer": str(tmp_path / "other_tokenizer")})
-    assert train.main(["--config", str(cfg), "--variant", "ce"]) == 1
+    assert train.main(["--config", str(cfg), "--variant", "ce"]) == 2  # a config rule: submit refuses it too
     err = capsys.readouterr().err
-    assert "vocabulary" in err and "train-00000.parquet" in err
-    assert not (variant_dir(cfg, "ce") / "metrics.jsonl").exists()
+    assert "student.tokenizer: the student's vocabulary" in err and "differs from the teacher's" in err
+    assert not variant_dir(cfg, "ce").exists()
 
 
 @pytest.mark.parametrize(
