@@ -13,6 +13,16 @@ Columns of every shard (one row = one packed sequence of ``seq_len`` tokens):
     attention_mask  fixed_size_list<int8>[T]      1 real token, 0 padding (only a split's last row is padded)
     doc_starts      list<int32>                   positions in the row where a document starts (a row that
                                                   begins mid-document has no 0 entry; EOS ends every document)
+    text            binary                        the UTF-8 bytes of the text the row's tokens cover: the pieces of
+                                                  its documents back to back (EOS adds no bytes); cut at token
+                                                  boundaries, so a row's first or last bytes may be part of a
+                                                  character that continues in the neighbouring row
+    token_ends      fixed_size_list<int32>[T]     byte offset in ``text`` where each token ends (non-decreasing;
+                                                  an EOS appended after a document ends where the document does;
+                                                  padding ends at len(text)); see pipeline.xtok.document_ends
+
+``text`` and ``token_ends`` (format 2) are what a student with another tokenizer needs to re-tokenize the same text
+and line its positions up with the cached teacher's (pipeline.xtok).
 
 Arrow schema metadata ``b"pipeline.data"`` holds JSON {format_version, split, shard_index, seq_len, vocab_hash,
 vocab_size}. Raise :data:`PACKED_FORMAT_VERSION` on any change to the columns or their meaning.
@@ -31,11 +41,13 @@ import pyarrow.parquet as pq
 
 from pipeline.rundir import PipelineError, atomic_path, file_sha256
 
-PACKED_FORMAT_VERSION = 1
+PACKED_FORMAT_VERSION = 2  # 2: text and token_ends
 META_KEY = b"pipeline.data"
 MANIFEST_FILE = "manifest.json"
 SPLITS = ("train", "val")
 SHARD_META_KEYS = ("split", "shard_index", "seq_len", "vocab_hash", "vocab_size")
+TOKEN_COLUMNS = ("sample_id", "input_ids", "attention_mask", "doc_starts")
+TEXT_COLUMNS = ("text", "token_ends")
 
 
 def shard_name(split: str, index: int) -> str:
@@ -50,21 +62,51 @@ def packed_schema(seq_len: int, meta: dict[str, Any]) -> pa.Schema:
         pa.field("input_ids", pa.list_(pa.int32(), seq_len), nullable=False),
         pa.field("attention_mask", pa.list_(pa.int8(), seq_len), nullable=False),
         pa.field("doc_starts", pa.list_(pa.int32()), nullable=False),
+        pa.field("text", pa.binary(), nullable=False),
+        pa.field("token_ends", pa.list_(pa.int32(), seq_len), nullable=False),
     ]
     blob = json.dumps({"format_version": PACKED_FORMAT_VERSION, **meta}, sort_keys=True)
     return pa.schema(fields, metadata={META_KEY: blob.encode()})
 
 
 def _check_arrays(
-    input_ids: np.ndarray, attention_mask: np.ndarray, doc_starts: Sequence[np.ndarray], sample_ids: np.ndarray
+    input_ids: np.ndarray,
+    attention_mask: np.ndarray,
+    doc_starts: Sequence[np.ndarray],
+    sample_ids: np.ndarray,
+    texts: Sequence[bytes],
+    token_ends: np.ndarray,
 ) -> None:
     """Programming errors in the writer's caller, not user input: plain ValueError."""
-    if input_ids.ndim != 2 or attention_mask.shape != input_ids.shape:
-        raise ValueError(f"input_ids {input_ids.shape} and attention_mask {attention_mask.shape} must be equal [N, T]")
-    if len(doc_starts) != len(input_ids) or sample_ids.shape != (len(input_ids),):
-        raise ValueError(f"doc_starts ({len(doc_starts)}) and sample_ids {sample_ids.shape} must have N entries")
+    if input_ids.ndim != 2 or attention_mask.shape != input_ids.shape or token_ends.shape != input_ids.shape:
+        raise ValueError(
+            f"input_ids {input_ids.shape}, attention_mask {attention_mask.shape} and token_ends {token_ends.shape} "
+            "must be equal [N, T]"
+        )
+    if len(doc_starts) != len(input_ids) or sample_ids.shape != (len(input_ids),) or len(texts) != len(input_ids):
+        raise ValueError(
+            f"doc_starts ({len(doc_starts)}), texts ({len(texts)}) and sample_ids {sample_ids.shape} must have N "
+            "entries"
+        )
     if not np.isin(attention_mask, (0, 1)).all():
         raise ValueError("attention_mask must hold only 0 and 1")
+    problem = token_ends_problem(texts, token_ends)
+    if problem:
+        raise ValueError(problem)
+
+
+def token_ends_problem(texts: Sequence[bytes], token_ends: np.ndarray) -> str | None:
+    """What is wrong with a shard's ``token_ends`` against its ``text`` (None when nothing): every row's ends are
+    non-decreasing, within its text, and the last one is its text's length."""
+    lengths = np.fromiter((len(t) for t in texts), dtype=np.int64, count=len(texts))
+    if len(token_ends) and token_ends.shape[1]:
+        if (token_ends < 0).any() or (np.diff(token_ends, axis=1) < 0).any():
+            return "token_ends must be non-negative and non-decreasing along every row"
+        bad = np.flatnonzero(token_ends[:, -1] != lengths)
+        if len(bad):
+            row = int(bad[0])
+            return f"token_ends of row {row} end at {int(token_ends[row, -1])}, its text has {lengths[row]} bytes"
+    return None
 
 
 def write_packed_shard(
@@ -75,17 +117,22 @@ def write_packed_shard(
     sample_ids: np.ndarray,
     meta: dict[str, Any],
     compression: str = "zstd",
+    *,
+    texts: Sequence[bytes],
+    token_ends: np.ndarray,
 ) -> dict[str, Any]:
     """Write one packed shard atomically (temp file + rename); return {file, rows, sha256, bytes}.
 
-    ``input_ids``/``attention_mask`` are [N, T] arrays, ``doc_starts`` N arrays of positions, ``sample_ids`` [N];
-    ``meta`` must hold split, shard_index, seq_len, vocab_hash and vocab_size.
+    ``input_ids``/``attention_mask``/``token_ends`` are [N, T] arrays, ``doc_starts`` N arrays of positions,
+    ``sample_ids`` [N], ``texts`` N byte strings; ``meta`` must hold split, shard_index, seq_len, vocab_hash and
+    vocab_size.
     """
     path = Path(path)
     input_ids = np.ascontiguousarray(input_ids, dtype=np.int32)
     attention_mask = np.ascontiguousarray(attention_mask, dtype=np.int8)
+    token_ends = np.ascontiguousarray(token_ends, dtype=np.int64)
     sample_ids = np.asarray(sample_ids, dtype=np.int64)
-    _check_arrays(input_ids, attention_mask, doc_starts, sample_ids)
+    _check_arrays(input_ids, attention_mask, doc_starts, sample_ids, texts, token_ends)
     missing = [k for k in SHARD_META_KEYS if k not in meta]
     if missing:
         raise ValueError(f"shard metadata lacks {missing}")
@@ -101,6 +148,8 @@ def write_packed_shard(
         pa.FixedSizeListArray.from_arrays(pa.array(input_ids.reshape(-1)), seq_len),
         pa.FixedSizeListArray.from_arrays(pa.array(attention_mask.reshape(-1)), seq_len),
         pa.ListArray.from_arrays(pa.array(offsets), pa.array(starts, type=pa.int32())),
+        pa.array(list(texts), type=pa.binary()),
+        pa.FixedSizeListArray.from_arrays(pa.array(token_ends.reshape(-1).astype(np.int32)), seq_len),
     ]
     table = pa.Table.from_arrays(columns, schema=packed_schema(seq_len, meta))
     with atomic_path(path) as tmp:
@@ -140,27 +189,37 @@ def _meta_from_schema(path: Path, schema: pa.Schema) -> dict[str, Any]:
             f"{path}: format_version {meta.get('format_version')!r}, expected {PACKED_FORMAT_VERSION}; "
             "rerun the manifest stage with this code"
         )
-    for key in ("sample_id", "input_ids", "attention_mask", "doc_starts"):
+    for key in TOKEN_COLUMNS + TEXT_COLUMNS:
         if key not in schema.names:
             raise PipelineError(f"{path}: column {key!r} missing")
     return meta
 
 
-def read_packed_shard(path: Path) -> dict[str, Any]:
-    """A shard as numpy arrays: {sample_id [N] int64, input_ids [N,T] int32, attention_mask [N,T] int8,
-    doc_starts: list of N int32 arrays, meta: dict}. Vectorised (no per-row Python conversion)."""
+def _read_table(path: Path, columns: Sequence[str]) -> tuple[pa.Table, dict[str, Any]]:
     path = Path(path)
     try:
-        table = pq.read_table(path)
+        schema = pq.read_schema(path)
+        meta = _meta_from_schema(path, schema)
+        return pq.read_table(path, columns=list(columns)), meta
     except (OSError, pa.ArrowException) as err:
         raise PipelineError(f"{path}: not a readable Parquet shard ({err})") from None
-    meta = _meta_from_schema(path, table.schema)
+
+
+def _square(table: pa.Table, name: str, dtype: type, seq_len: int) -> np.ndarray:
+    col = table.column(name).combine_chunks()
+    return col.flatten().to_numpy(zero_copy_only=False).astype(dtype, copy=False).reshape(table.num_rows, seq_len)
+
+
+def read_packed_shard(path: Path) -> dict[str, Any]:
+    """A shard's tokens as numpy arrays: {sample_id [N] int64, input_ids [N,T] int32, attention_mask [N,T] int8,
+    doc_starts: list of N int32 arrays, meta: dict}. Vectorised (no per-row Python conversion); the text columns
+    are left unread (:func:`read_packed_text`)."""
+    table, meta = _read_table(path, TOKEN_COLUMNS)
     seq_len = int(meta["seq_len"])
     rows = table.num_rows
 
     def square(name: str, dtype: type) -> np.ndarray:
-        col = table.column(name).combine_chunks()
-        return col.flatten().to_numpy(zero_copy_only=False).astype(dtype, copy=False).reshape(rows, seq_len)
+        return _square(table, name, dtype, seq_len)
 
     starts = table.column("doc_starts").combine_chunks()
     offsets = starts.offsets.to_numpy()
@@ -170,6 +229,23 @@ def read_packed_shard(path: Path) -> dict[str, Any]:
         "input_ids": square("input_ids", np.int32),
         "attention_mask": square("attention_mask", np.int8),
         "doc_starts": np.split(values, offsets[1:-1] - offsets[0]) if rows else [],
+        "meta": meta,
+    }
+
+
+def read_packed_text(path: Path) -> dict[str, Any]:
+    """A shard's text columns: {sample_id [N] int64, text: list of N byte strings, token_ends [N,T] int32, meta};
+    a PipelineError naming the file when the ends do not fit the text (a damaged shard)."""
+    table, meta = _read_table(path, ("sample_id", *TEXT_COLUMNS))
+    texts = table.column("text").to_pylist()
+    ends = _square(table, "token_ends", np.int32, int(meta["seq_len"]))
+    problem = token_ends_problem(texts, ends)
+    if problem:
+        raise PipelineError(f"{path}: {problem}; the shard is damaged, rerun the manifest stage")
+    return {
+        "sample_id": table.column("sample_id").to_numpy().astype(np.int64, copy=False),
+        "text": texts,
+        "token_ends": ends,
         "meta": meta,
     }
 

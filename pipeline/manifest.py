@@ -28,7 +28,9 @@ One pass, in this order (memory: one chunk of documents, one shard per split and
 6. Chunks of documents are tokenized with ``datasets.map(batched=True, num_proc=...)``, EOS is appended to every
    document and documents are packed back to back into rows of ``seq_len`` (a document may continue on the next row;
    ``doc_starts`` records where each one begins; only the last row of a split is padded). ``max_tokens`` stops at
-   the first document that would exceed it.
+   the first document that would exceed it. Every row also keeps the text its tokens cover and the byte offset
+   after each token (from the fast tokenizer's offset mapping, ``pipeline.xtok.document_ends``): what a student
+   with another tokenizer needs to re-tokenize the same text and meet the cached teacher at aligned positions.
 7. Shards are written into ``manifest/.staging`` and moved into place only when everything succeeded, then
    ``manifest.json``; shards of an earlier run that the new manifest does not list are deleted. A failed run deletes
    the staging directory and leaves an earlier complete output (marker included) untouched.
@@ -55,7 +57,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import data_format
+from pipeline import data_format, xtok
 from pipeline.config import CANONICAL_FIELDS, SHAPE_FIELDS, Config, ManifestConfig, SourceConfig
 from pipeline.modeling import load_tokenizer, vocab_hash, vocab_size
 from pipeline.rundir import PipelineError, RunDir, StageContext, StageSpec, atomic_write_json, file_sha256, stage_main
@@ -366,8 +368,9 @@ def is_validation(norm: str, seed: int, val_fraction: float) -> bool:
 # -------------------------------------------------------------------------------------------------- packing
 @dataclass
 class Packer:
-    """Packs documents (token arrays ending in EOS) back to back into rows of ``seq_len``; writes full shards as
-    they fill and pads only the split's last row."""
+    """Packs documents (token arrays ending in EOS, with their text and token byte ends) back to back into rows of
+    ``seq_len``; writes full shards as they fill and pads only the split's last row. Every row keeps the bytes of
+    text its tokens cover and each token's end offset in them (format 2, for students with another tokenizer)."""
 
     split: str
     seq_len: int
@@ -377,17 +380,24 @@ class Packer:
     out_dir: Path
     compression: str
     pending: list[np.ndarray] = field(default_factory=list)
+    pending_ends: list[np.ndarray] = field(default_factory=list)  # byte ends in the pending text stream
+    pending_text: list[bytes] = field(default_factory=list)
     starts: list[int] = field(default_factory=list)  # doc start offsets within the pending tokens
     pending_tokens: int = 0
+    pending_bytes: int = 0
     docs: int = 0
     tokens: int = 0
     rows: int = 0
     shards: list[dict[str, Any]] = field(default_factory=list)
 
-    def add(self, ids: np.ndarray) -> None:
+    def add(self, ids: np.ndarray, ends: np.ndarray, text: bytes) -> None:
+        """One document: its token ids, the byte offset in ``text`` after each token, and its UTF-8 text."""
         self.starts.append(self.pending_tokens)
         self.pending.append(ids)
+        self.pending_ends.append(np.asarray(ends, dtype=np.int64) + self.pending_bytes)
+        self.pending_text.append(text)
         self.pending_tokens += len(ids)
+        self.pending_bytes += len(text)
         self.docs += 1
         self.tokens += len(ids)
         if self.pending_tokens >= self.seq_len * self.rows_per_shard:
@@ -399,6 +409,8 @@ class Packer:
     def _flush(self, final: bool) -> None:
         shard_tokens = self.seq_len * self.rows_per_shard
         flat = np.concatenate(self.pending) if self.pending else np.zeros(0, np.int32)
+        flat_ends = np.concatenate(self.pending_ends) if self.pending_ends else np.zeros(0, np.int64)
+        stream = b"".join(self.pending_text)
         starts = np.asarray(self.starts, dtype=np.int64)
         while len(flat) >= shard_tokens or (final and len(flat)):
             take = min(len(flat), shard_tokens)
@@ -410,31 +422,63 @@ class Packer:
             here = starts[starts < take]
             bounds = np.searchsorted(here, np.arange(1, rows) * self.seq_len)
             doc_starts = [s % self.seq_len for s in np.split(here, bounds)]
-            self._write(ids.reshape(rows, self.seq_len), mask.reshape(rows, self.seq_len), doc_starts)
-            flat, starts = flat[take:], starts[starts >= take] - take
+            texts, row_ends = self._row_text(flat_ends[:take], stream, rows)
+            self._write(ids.reshape(rows, self.seq_len), mask.reshape(rows, self.seq_len), doc_starts, texts, row_ends)
+            cut = int(flat_ends[take - 1])
+            flat, flat_ends, stream = flat[take:], flat_ends[take:] - cut, stream[cut:]
+            starts = starts[starts >= take] - take
         self.pending = [flat] if len(flat) else []
+        self.pending_ends = [flat_ends] if len(flat) else []
+        self.pending_text = [stream] if len(flat) else []
         self.starts = starts.tolist()
         self.pending_tokens = len(flat)
+        self.pending_bytes = len(stream) if len(flat) else 0
 
-    def _write(self, ids: np.ndarray, mask: np.ndarray, doc_starts: list[np.ndarray]) -> None:
+    def _row_text(self, ends: np.ndarray, stream: bytes, rows: int) -> tuple[list[bytes], np.ndarray]:
+        """Each row's text (from the end of the token before it to the end of its last token) and its tokens' ends
+        relative to it; padding positions end at the text's end."""
+        texts, out = [], np.zeros((rows, self.seq_len), dtype=np.int64)
+        for r in range(rows):
+            part = ends[r * self.seq_len : (r + 1) * self.seq_len]
+            begin = int(ends[r * self.seq_len - 1]) if r else 0
+            texts.append(stream[begin : int(part[-1])])
+            out[r, : len(part)] = part - begin
+            out[r, len(part) :] = len(texts[-1])
+        return texts, out
+
+    def _write(
+        self, ids: np.ndarray, mask: np.ndarray, doc_starts: list[np.ndarray], texts: list[bytes], ends: np.ndarray
+    ) -> None:
         index = len(self.shards)
         path = self.out_dir / data_format.shard_name(self.split, index)
         sample_ids = np.arange(self.rows, self.rows + len(ids), dtype=np.int64)
         meta = {**self.meta, "split": self.split, "shard_index": index}
         self.shards.append(
-            data_format.write_packed_shard(path, ids, mask, doc_starts, sample_ids, meta, self.compression)
+            data_format.write_packed_shard(
+                path, ids, mask, doc_starts, sample_ids, meta, self.compression, texts=texts, token_ends=ends
+            )
         )
         self.rows += len(ids)
 
 
-def tokenize_texts(texts: list[str], tokenizer: Any, eos: int, num_proc: int) -> list[np.ndarray]:
-    """Token ids of each text followed by EOS (unless it already ends in EOS), via datasets.map. No other special
-    tokens are added: chat templates already carry theirs, and plain documents are delimited by EOS alone."""
+def tokenize_texts(
+    texts: list[str], tokenizer: Any, vocab: xtok.Vocabulary, num_proc: int
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """(token ids, token byte ends) of each text, EOS appended (unless it already ends in EOS), via datasets.map.
+    No other special tokens are added: chat templates already carry theirs, and plain documents are delimited by EOS
+    alone. The ends come from the fast tokenizer's offset mapping (``xtok.document_ends``)."""
     import datasets
 
     def encode(batch: dict[str, list[str]]) -> dict[str, list[list[int]]]:
-        encoded = tokenizer(batch["text"], add_special_tokens=False, return_attention_mask=False)["input_ids"]
-        return {"input_ids": [ids if ids and ids[-1] == eos else ids + [eos] for ids in encoded]}
+        encoded = tokenizer(
+            batch["text"], add_special_tokens=False, return_attention_mask=False, return_offsets_mapping=True
+        )
+        out: dict[str, list[list[int]]] = {"input_ids": [], "token_ends": []}
+        for text, ids, offsets in zip(batch["text"], encoded["input_ids"], encoded["offset_mapping"], strict=True):
+            ids, ends = xtok.document_ends(text, ids, offsets, vocab, ends_document=True)
+            out["input_ids"].append(ids)
+            out["token_ends"].append(ends.tolist())
+        return out
 
     procs = num_proc if num_proc > 1 and len(texts) >= num_proc * MIN_DOCS_PER_PROC else None
     ds = datasets.Dataset.from_dict({"text": texts})
@@ -443,13 +487,19 @@ def tokenize_texts(texts: list[str], tokenizer: Any, eos: int, num_proc: int) ->
         batched=True,
         num_proc=procs,
         remove_columns=["text"],
-        features=datasets.Features({"input_ids": datasets.List(datasets.Value("int32"))}),
+        features=datasets.Features(
+            {"input_ids": datasets.List(datasets.Value("int32")), "token_ends": datasets.List(datasets.Value("int64"))}
+        ),
         new_fingerprint="manifest-tokenize",  # skips hashing the tokenizer closure; nothing is cached on disk
     )
-    column = out.data.column("input_ids").combine_chunks()
-    offsets = column.offsets.to_numpy()
-    values = column.flatten().to_numpy().astype(np.int32, copy=False)
-    return np.split(values, offsets[1:-1] - offsets[0])
+
+    def split(name: str, dtype: type) -> list[np.ndarray]:
+        column = out.data.column(name).combine_chunks()
+        offsets = column.offsets.to_numpy()
+        values = column.flatten().to_numpy().astype(dtype, copy=False)
+        return np.split(values, offsets[1:-1] - offsets[0])
+
+    return split("input_ids", np.int32), split("token_ends", np.int64)
 
 
 # ------------------------------------------------------------------------------------------------ the stage
@@ -528,7 +578,8 @@ def run(cfg: Config, rd: RunDir, ctx: StageContext) -> dict[str, float]:
     logging.getLogger("datasets").setLevel(logging.CRITICAL)  # its errors are re-raised as one PipelineError
     mcfg = cfg.manifest
     tokenizer = load_tokenizer(cfg.teacher)
-    eos, pad = special_ids(tokenizer)
+    pad = special_ids(tokenizer)[1]
+    vocab = xtok.vocabulary(tokenizer)  # a fast tokenizer: the token byte ends come from its offsets
     template = str(getattr(tokenizer, "chat_template", None) or "")
     if mcfg.chat_template and "strftime_now" in template and "date_string" not in template:
         ctx.log.warning("chat_template_date", "the teacher's chat template prints today's date: bytes vary by day")
@@ -544,7 +595,7 @@ def run(cfg: Config, rd: RunDir, ctx: StageContext) -> dict[str, float]:
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
-        manifest = _build(cfg, sources, tokenizer, eos, pad, staging, ctx)
+        manifest = _build(cfg, sources, tokenizer, vocab, pad, staging, ctx)
         ctx.begin_writes()  # everything checked and built: only now is the earlier manifest replaced
         _publish(staging, out, manifest)
     finally:
@@ -566,7 +617,13 @@ def run(cfg: Config, rd: RunDir, ctx: StageContext) -> dict[str, float]:
 
 
 def _build(
-    cfg: Config, sources: list[Source], tokenizer: Any, eos: int, pad: int, staging: Path, ctx: StageContext
+    cfg: Config,
+    sources: list[Source],
+    tokenizer: Any,
+    vocab: xtok.Vocabulary,
+    pad: int,
+    staging: Path,
+    ctx: StageContext,
 ) -> dict[str, Any]:
     mcfg = cfg.manifest
     render = chat_renderer(tokenizer, mcfg.chat_template)
@@ -590,15 +647,15 @@ def _build(
     def pack(chunk: list[tuple[int, str, bool]]) -> bool:
         """Tokenize and pack a chunk; False once max_tokens is reached (the rest counts as over_cap)."""
         nonlocal packed_tokens
-        ids_list = tokenize_texts([text for _, text, _ in chunk], tokenizer, eos, mcfg.num_proc)
-        for n, ((i, text, val), ids) in enumerate(zip(chunk, ids_list, strict=True)):
+        ids_list, ends_list = tokenize_texts([text for _, text, _ in chunk], tokenizer, vocab, mcfg.num_proc)
+        for n, ((i, text, val), ids, ends) in enumerate(zip(chunk, ids_list, ends_list, strict=True)):
             mixer.tokenized(i, len(text), len(ids))
             if mcfg.max_tokens is not None and packed_tokens + len(ids) > mcfg.max_tokens:
                 for j, _, _ in chunk[n:]:
                     drop(j, "over_cap")
                 state["stop_reason"] = "max_tokens reached"
                 return False
-            packers["val" if val else "train"].add(ids)
+            packers["val" if val else "train"].add(ids, ends, text.encode("utf-8"))
             c = per_source[i]
             c["kept"] += 1
             c["val_docs" if val else "train_docs"] += 1
@@ -675,10 +732,13 @@ def _build(
             "revision": cfg.teacher.revision,
             "vocab_hash": shard_meta["vocab_hash"],
             "vocab_size": shard_meta["vocab_size"],
-            "eos_token_id": eos,
+            "eos_token_id": vocab.eos_id,
             "pad_token_id": pad,
+            "convention": vocab.convention,  # how token ids spell bytes (pipeline.xtok.Vocabulary)
             "chat_template": bool(getattr(tokenizer, "chat_template", None)) and mcfg.chat_template,
         },
+        # what every row keeps for a student with another tokenizer (pipeline.xtok re-tokenizes the same text)
+        "row_text": {"text": "utf-8 bytes the row's tokens cover", "token_ends": "byte offset after each token"},
         "sources": [{**s.provenance, "counts": c} for s, c in zip(sources, per_source, strict=True)],
         "counts": total,
         "options": {
@@ -770,6 +830,7 @@ def _sections(cfg: Config, unit: str | None) -> dict[str, Any]:
         "teacher.gguf_file": None if teacher.tokenizer else teacher.gguf_file,
         "manifest": cfg.manifest,
         "seed": cfg.seed,
+        "format_version": data_format.PACKED_FORMAT_VERSION,  # a manifest in an older format is rebuilt
     }
 
 

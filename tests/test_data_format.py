@@ -24,9 +24,17 @@ def _arrays(rows: int = 3, seq_len: int = 6):
     return ids, mask, starts, np.arange(rows)
 
 
+TEXTS = [b"abcdefgh", "caf\u00e9 ok".encode(), b"xyz"]
+ENDS = np.array([[1, 2, 4, 4, 6, 8], [2, 3, 5, 5, 7, 8], [1, 2, 2, 3, 3, 3]])  # the last row's padding ends at 3
+
+
+def text_columns(rows: int = 3) -> dict:
+    return {"texts": TEXTS[:rows], "token_ends": ENDS[:rows]}
+
+
 def test_round_trip_and_schema(tmp_path):
     ids, mask, starts, sids = _arrays()
-    info = df.write_packed_shard(tmp_path / "train-00000.parquet", ids, mask, starts, sids, META)
+    info = df.write_packed_shard(tmp_path / "train-00000.parquet", ids, mask, starts, sids, META, **text_columns())
     path = tmp_path / "train-00000.parquet"
     assert info == {"file": path.name, "rows": 3, "sha256": file_sha256(path), "bytes": path.stat().st_size}
     schema = pq.read_schema(path)
@@ -43,13 +51,18 @@ def test_round_trip_and_schema(tmp_path):
     np.testing.assert_array_equal(got["sample_id"], sids)
     assert [a.tolist() for a in got["doc_starts"]] == [[0, 3], [], [2]]
     assert df.read_packed_meta(path) == got["meta"]
+    assert schema.field("text").type == pa.binary() and schema.field("token_ends").type == pa.list_(pa.int32(), 6)
+    text = df.read_packed_text(path)
+    assert text["text"] == TEXTS and text["token_ends"].dtype == np.int32
+    np.testing.assert_array_equal(text["token_ends"], ENDS)
+    np.testing.assert_array_equal(text["sample_id"], sids)
     assert not list(tmp_path.glob(".*.tmp")), "temp file left behind"
 
 
 def test_read_handles_multiple_row_groups(tmp_path):
     ids, mask, starts, sids = _arrays()
     path = tmp_path / "a.parquet"
-    df.write_packed_shard(path, ids, mask, starts, sids, META, compression="none")
+    df.write_packed_shard(path, ids, mask, starts, sids, META, compression="none", **text_columns())
     table = pq.read_table(path)
     pq.write_table(table, tmp_path / "b.parquet", row_group_size=1)  # several chunks per column when read back
     got = df.read_packed_shard(tmp_path / "b.parquet")
@@ -59,18 +72,37 @@ def test_read_handles_multiple_row_groups(tmp_path):
 
 def test_write_is_deterministic(tmp_path):
     ids, mask, starts, sids = _arrays()
-    a = df.write_packed_shard(tmp_path / "a.parquet", ids, mask, starts, sids, META)
-    b = df.write_packed_shard(tmp_path / "b.parquet", ids, mask, starts, sids, META)
+    a = df.write_packed_shard(tmp_path / "a.parquet", ids, mask, starts, sids, META, **text_columns())
+    b = df.write_packed_shard(tmp_path / "b.parquet", ids, mask, starts, sids, META, **text_columns())
     assert a["sha256"] == b["sha256"]
 
 
 def test_failed_write_leaves_nothing(tmp_path):
     ids, mask, starts, sids = _arrays()
     with pytest.raises(ValueError, match="seq_len"):
-        df.write_packed_shard(tmp_path / "x.parquet", ids, mask, starts, sids, {**META, "seq_len": 7})
+        df.write_packed_shard(tmp_path / "x.parquet", ids, mask, starts, sids, {**META, "seq_len": 7}, **text_columns())
     with pytest.raises(ValueError, match="attention_mask"):
-        df.write_packed_shard(tmp_path / "x.parquet", ids, mask * 2, starts, sids, META)
+        df.write_packed_shard(tmp_path / "x.parquet", ids, mask * 2, starts, sids, META, **text_columns())
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("ends", "message"),
+    [
+        (np.array([[1, 2, 4, 3, 6, 8]]), "non-decreasing"),
+        (np.array([[1, 2, 4, 4, 6, 7]]), "token_ends of row 0 end at 7, its text has 8 bytes"),
+    ],
+)
+def test_token_ends_that_do_not_fit_the_text_are_refused(tmp_path, ends, message):
+    ids, mask, starts, sids = _arrays(rows=1)
+    with pytest.raises(ValueError, match=message):
+        df.write_packed_shard(tmp_path / "x.parquet", ids, mask, starts, sids, META, texts=TEXTS[:1], token_ends=ends)
+    df.write_packed_shard(tmp_path / "ok.parquet", ids, mask, starts, sids, META, texts=TEXTS[:1], token_ends=ENDS[:1])
+    table = pq.read_table(tmp_path / "ok.parquet")  # a shard damaged after it was written
+    table = table.set_column(table.schema.get_field_index("text"), "text", pa.array([b"abc"], pa.binary()))
+    pq.write_table(table, tmp_path / "damaged.parquet")
+    with pytest.raises(PipelineError, match="damaged.parquet: token_ends of row 0 end at 8, its text has 3 bytes"):
+        df.read_packed_text(tmp_path / "damaged.parquet")
 
 
 def test_foreign_parquet_is_rejected_naming_the_file(tmp_path):
@@ -85,8 +117,10 @@ def test_foreign_parquet_is_rejected_naming_the_file(tmp_path):
 
 def _manifest(tmp_path) -> dict:
     ids, mask, starts, sids = _arrays()
-    train = df.write_packed_shard(tmp_path / df.shard_name("train", 0), ids, mask, starts, sids, META)
-    val = df.write_packed_shard(tmp_path / df.shard_name("val", 0), ids[:1], mask[:1], starts[:1], sids[:1], META)
+    train = df.write_packed_shard(tmp_path / df.shard_name("train", 0), ids, mask, starts, sids, META, **text_columns())
+    val = df.write_packed_shard(
+        tmp_path / df.shard_name("val", 0), ids[:1], mask[:1], starts[:1], sids[:1], META, **text_columns(1)
+    )
     manifest = {
         "format_version": df.PACKED_FORMAT_VERSION,
         "seq_len": 6,

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import corpus_texts, write_config
 
-from pipeline import data_format, manifest
+from pipeline import data_format, manifest, xtok
 from pipeline.config import SourceConfig
 from pipeline.modeling import vocab_hash
 
@@ -220,12 +220,37 @@ def test_mixture_proportions_with_cap_streaming_and_parquet(tmp_path, tiny_confi
 def test_tokenize_with_worker_processes_matches_single_process(tokenizer):
     texts = corpus_texts(2 * manifest.MIN_DOCS_PER_PROC, seed=5)
     eos = tokenizer.eos_token_id
-    single = manifest.tokenize_texts(texts, tokenizer, eos, num_proc=1)
-    multi = manifest.tokenize_texts(texts, tokenizer, eos, num_proc=2)
-    assert len(single) == len(multi) == len(texts)
+    vocab = xtok.vocabulary(tokenizer)
+    single, single_ends = manifest.tokenize_texts(texts, tokenizer, vocab, num_proc=1)
+    multi, multi_ends = manifest.tokenize_texts(texts, tokenizer, vocab, num_proc=2)
+    assert len(single) == len(multi) == len(single_ends) == len(texts)
     assert all(np.array_equal(a, b) for a, b in zip(single, multi, strict=True))
+    assert all(np.array_equal(a, b) for a, b in zip(single_ends, multi_ends, strict=True))
     assert single[3].tolist() == tokenizer(texts[3], add_special_tokens=False)["input_ids"] + [eos]
-    assert manifest.tokenize_texts(["a", "b" + tokenizer.eos_token], tokenizer, eos, 1)[1].tolist().count(eos) == 1
+    assert single_ends[3][-1] == single_ends[3][-2] == len(texts[3].encode())  # EOS ends where its document does
+    ids, _ = manifest.tokenize_texts(["a", "b" + tokenizer.eos_token], tokenizer, vocab, 1)
+    assert ids[1].tolist().count(eos) == 1
+
+
+def test_rows_keep_the_text_their_tokens_cover(tiny_config, capsys, tokenizer):
+    """Format 2: every row's text is the bytes its tokens spell, back to back across documents and rows."""
+    config = tiny_config({"manifest.max_samples": 60, "manifest.val_fraction": 0.0})
+    assert run_stage(config, capsys)[0] == 0
+    out = out_dir(config)
+    meta = data_format.read_manifest(out)
+    vocab = xtok.vocabulary(tokenizer)
+    assert meta["format_version"] == 2 and meta["tokenizer"]["convention"] == "byte_level"
+    stream = b""
+    for path in data_format.shard_paths(meta, out, "train"):
+        tokens, text = data_format.read_packed_shard(path), data_format.read_packed_text(path)
+        for ids, mask, raw, ends in zip(tokens["input_ids"], tokens["attention_mask"], text["text"],
+                                        text["token_ends"], strict=True):  # fmt: skip
+            pieces = [b"" if i == vocab.eos_id else vocab.pieces[i] for i in ids[mask.astype(bool)]]
+            assert b"".join(pieces) == raw
+            assert np.array_equal(np.cumsum([len(p) for p in pieces]), ends[: len(pieces)])
+            stream += raw
+    records = [json.loads(line)["text"] for line in Path(meta["sources"][0]["data_files"][0]["file"]).open()]
+    assert stream == "".join(records[:60]).encode()  # every document's bytes once, in order
 
 
 # ------------------------------------------------------------------------------------- shapes end to end
