@@ -340,14 +340,15 @@ def normalise_layer(layer: int, meta: dict[str, Any]) -> int:
 def validate_for_student(
     meta: dict[str, Any],
     *,
-    vocab_hash: str,
+    vocab_hash: str | None,
     vocab_size: int,
     need_hidden_layers: Sequence[int] = (),
     need_embed: bool = False,
 ) -> None:
-    """Refuse a cache that cannot feed this student: other tokenizer vocabulary, missing layers or embeddings."""
+    """Refuse a cache that cannot feed this student: other tokenizer vocabulary, missing layers or embeddings.
+    ``vocab_hash=None``: a student with another tokenizer, which reads the cache through ``pipeline.xtok``."""
     where = meta.get("path", "<cache shard>")
-    if meta["vocab_hash"] != vocab_hash or int(meta["vocab_size"]) != int(vocab_size):
+    if vocab_hash is not None and (meta["vocab_hash"] != vocab_hash or int(meta["vocab_size"]) != int(vocab_size)):
         raise PipelineError(
             f"{where}: teacher vocabulary (hash {meta['vocab_hash']}, size {meta['vocab_size']}) differs from the "
             f"student's (hash {vocab_hash}, size {vocab_size}); token ids are not interchangeable"

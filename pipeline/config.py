@@ -160,6 +160,11 @@ class ResponseKDConfig:
     temperature: float = _opt(1.0, "tau (loss x tau^2); tail_bucket needs cache.temperature, renormalize any", POSITIVE)
     tail: Literal["tail_bucket", "renormalize"] = _opt("tail_bucket", "k+1 classes with the exact tail, or over k")
     jsd_beta: float = _opt(0.5, "beta of the generalized JSD (0 and 1 make it vanish)", OPEN_UNIT)
+    unmapped: Literal["tail_bucket", "uld"] = _opt(
+        "tail_bucket",
+        "student with another tokenizer: teacher top-k mass on ids it has no token for joins the tail class, or "
+        "also the ULD sorted-probability distance (pipeline.xtok)",
+    )
 
 
 @dataclass

@@ -45,7 +45,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from pipeline import cache_format, definition, losses, preemption
+from pipeline import cache_format, definition, losses, preemption, xtok
 from pipeline.config import Config, ConfigError, LossConfig, ModelConfig, TrainConfig, flatten, to_dict
 from pipeline.fsdp import Fsdp2
 from pipeline.jsonlog import redact_values
@@ -257,14 +257,19 @@ def _loss_step(
     out, projected = model(input_ids, attention_mask, recipe.needs_hidden, recipe.feature_pairs, positions)
     logits = out.logits  # [B, T, V]
     labels, ce_mask, kd_mask = causal_targets(input_ids, attention_mask)
+    cross = "xtok_aligned" in batch  # a student with another tokenizer: KD only where the tokenizations align
+    if cross:
+        kd_mask = batch["xtok_aligned"]
     comps: dict[str, Tensor] = {}
     counts = {"ce": float(ce_mask.sum()), "kd_response": float(kd_mask.sum())}
     if lc.response.weight > 0:
         rc = lc.response
-        comps["ce"], comps["kd_response"] = losses.ce_and_response_kd(
+        ce_and_kd = xtok.ce_and_response_kd if cross else losses.ce_and_response_kd
+        extra = {"unmapped": rc.unmapped} if cross else {}
+        comps["ce"], comps["kd_response"] = ce_and_kd(
             logits, labels, ce_mask, batch["topk_ids"], batch["topk_logprobs"], batch["tail_logmass"], kd_mask,
             divergence=rc.divergence, temperature=rc.temperature, tail=rc.tail,
-            capture_temperature=recipe.capture_temperature, jsd_beta=rc.jsd_beta,
+            capture_temperature=recipe.capture_temperature, jsd_beta=rc.jsd_beta, **extra,
         )  # fmt: skip
     else:
         # Without a weight CE is only logged, so it builds no graph.
@@ -273,6 +278,7 @@ def _loss_step(
     del logits
     if lc.feature.weight > 0:
         sub_mask = kd_mask if positions is None else kd_mask[:, positions]
+        sub_mask = batch.get("xtok_hidden_mask", sub_mask)  # aligned positions whose teacher state is cached
         terms = [
             losses.feature_distance(proj, batch[f"hidden.{t}"], sub_mask, lc.feature.metric)
             for (_, t), proj in projected.items()
@@ -314,23 +320,43 @@ def _setup_accelerator(cfg: Config, recipe: Recipe) -> Any:
 
 
 def _setup_student_checks(cfg: Config, meta: dict[str, Any], recipe: Recipe, student: nn.Module) -> Any:
-    """The student's tokenizer and vocabulary must match the cache before step 1; returns the tokenizer."""
+    """The cache must hold what the recipe reads and the student's vocabulary must cover the ids it will see (the
+    teacher's, or with another tokenizer its own) before step 1; returns the tokenizer."""
     tokenizer = load_tokenizer(cfg.student, "student")
-    need_layers = [t for _, t in recipe.feature_pairs]
+    same = vocab_hash(tokenizer) == meta["vocab_hash"]
     cache_format.validate_for_student(
         meta,
-        vocab_hash=vocab_hash(tokenizer),
+        vocab_hash=vocab_hash(tokenizer) if same else None,
         vocab_size=vocab_size(tokenizer),
-        need_hidden_layers=need_layers,
+        need_hidden_layers=[t for _, t in recipe.feature_pairs],
         need_embed=recipe.loss.relation.weight > 0,
     )
     rows = student.get_output_embeddings().weight.shape[0]
-    if rows < int(meta["vocab_size"]):
+    ids = int(meta["vocab_size"]) if same else len(tokenizer)
+    if rows < ids:
         raise PipelineError(
-            f"{meta['path']}: token ids go up to {int(meta['vocab_size']) - 1} but the student "
-            f"({cfg.student.name_or_path}) has only {rows} output rows; resize its embeddings or use another student"
+            f"{meta['path'] if same else cfg.student.tokenizer or cfg.student.name_or_path}: token ids go up to "
+            f"{ids - 1} but the student ({cfg.student.name_or_path}) has only {rows} output rows; resize its "
+            "embeddings or use another student"
         )
     return tokenizer
+
+
+def _setup_cross_tokenizer(
+    cfg: Config, rd: RunDir, meta: dict[str, Any], tokenizer: Any, student_config: Any
+) -> xtok.CrossTokenizer | None:
+    """None when the student reads the teacher's ids; else the builder of its own rows from the manifest's text
+    (``pipeline.xtok``), each at most as long as the student's context."""
+    if vocab_hash(tokenizer) == meta["vocab_hash"]:
+        return None
+    teacher_tokenizer = load_tokenizer(cfg.teacher, "teacher")
+    if vocab_hash(teacher_tokenizer) != meta["vocab_hash"]:
+        raise PipelineError(
+            f"{meta['path']}: cached with another teacher tokenizer (hash {meta['vocab_hash']}) than "
+            f"{cfg.teacher.tokenizer or cfg.teacher.name_or_path} ({vocab_hash(teacher_tokenizer)}); rerun make cache"
+        )
+    context = int(getattr(student_config, "max_position_embeddings", 0) or 1 << 20)
+    return xtok.setup(teacher_tokenizer, tokenizer, rd.stage_dir("manifest"), context)
 
 
 def _setup_projectors(recipe: Recipe, student: nn.Module, meta: dict[str, Any]) -> losses.FeatureProjectors | None:
@@ -341,9 +367,18 @@ def _setup_projectors(recipe: Recipe, student: nn.Module, meta: dict[str, Any]) 
 
 
 def _setup_data(
-    files: list[Path], recipe: Recipe, cfg: Config, rank: int, world: int, *, train: bool
-) -> cache_format.CacheDataset:
-    return cache_format.CacheDataset(
+    files: list[Path],
+    recipe: Recipe,
+    cfg: Config,
+    rank: int,
+    world: int,
+    *,
+    train: bool,
+    cross: xtok.CrossTokenizer | None = None,
+) -> cache_format.CacheDataset | xtok.XtokDataset:
+    """The cache reader for this rank; for a student with another tokenizer wrapped so its batches are the
+    student's own rows (``xtok.XtokDataset``: same order, sharding and resume)."""
+    dataset = cache_format.CacheDataset(
         files,
         batch_size=cfg.train.micro_batch_size,
         seed=cfg.seed,
@@ -354,9 +389,10 @@ def _setup_data(
         columns=recipe.columns(),
         infinite=train,
     )
+    return dataset if cross is None else cross.wrap(dataset)
 
 
-def _loader(dataset: cache_format.CacheDataset, num_workers: int) -> torch.utils.data.DataLoader:
+def _loader(dataset: torch.utils.data.IterableDataset, num_workers: int) -> torch.utils.data.DataLoader:
     # A private generator: creating an iterator draws a seed, which must not advance the global RNG (resume
     # restores the global RNG and has to see the same stream as an uninterrupted run). Pinned batches let
     # to_compute's host-to-device copies run asynchronously on a GPU.
@@ -512,15 +548,19 @@ def _append_jsonl(path: Path, record: dict) -> None:
         fh.write(json.dumps(record, sort_keys=True) + "\n")
 
 
-def _validate(acc: Any, model: nn.Module, files: list[Path], recipe: Recipe, cfg: Config) -> dict[str, float]:
-    """Held-out CE and every KD component, weighted by what each averages over, summed over ranks.
+def _validate(
+    acc: Any, model: nn.Module, files: list[Path], recipe: Recipe, cfg: Config, cross: xtok.CrossTokenizer | None
+) -> dict[str, float]:
+    """Held-out CE and every KD component, weighted by what each averages over, summed over ranks (for a student
+    with another tokenizer also its aligned share of positions and of the teacher's top-k mass).
 
     Ranks step in lockstep (an all-reduced "has a batch" flag) because FSDP forwards are collective; a rank that ran
     out repeats its last batch with weight 0. Relations stay within each rank's batch here (no gather).
     """
-    dataset = _setup_data(files, recipe, cfg, acc.process_index, acc.num_processes, train=False)
+    dataset = _setup_data(files, recipe, cfg, acc.process_index, acc.num_processes, train=False, cross=cross)
     limit = cfg.train.eval_batches
-    sums = torch.zeros(2 * len(COMPONENTS), dtype=torch.float64, device=acc.device)
+    stats = len(xtok.STAT_KEYS) if cross is not None else 0
+    sums = torch.zeros(2 * len(COMPONENTS) + stats, dtype=torch.float64, device=acc.device)
     model.eval()
     iterator, last, seen = iter(_loader(dataset, 0)), None, 0
     with torch.no_grad():
@@ -536,6 +576,8 @@ def _validate(acc: Any, model: nn.Module, files: list[Path], recipe: Recipe, cfg
             if batch is None:  # this rank has no validation rows at all: nothing to repeat
                 continue
             last, seen = batch, seen + 1
+            if stats:
+                sums[-stats:] += batch["xtok_stats"].to(acc.device) * weight
             batch = cache_format.to_compute(batch, acc.device)
             _, comps, counts = _loss_step(model, batch, recipe, gather=False)
             for i, name in enumerate(COMPONENTS):
@@ -551,6 +593,8 @@ def _validate(acc: Any, model: nn.Module, files: list[Path], recipe: Recipe, cfg
         if sums[2 * i + 1] > 0:
             result[name] = float(sums[2 * i] / sums[2 * i + 1])
     result["loss"] = sum(recipe.weights[k] * v for k, v in result.items() if recipe.weights.get(k, 0) > 0)
+    if stats:
+        result.update(xtok.stats_summary(sums[-stats:].tolist()))
     return result
 
 
@@ -577,6 +621,7 @@ def _train_variant(cfg: Config, rd: RunDir, ctx: StageContext, variant: str) -> 
     torch.manual_seed(cfg.seed)  # identical projector init on every rank (DDP also broadcasts rank 0's)
     student = build_student(cfg, acc.device)
     tokenizer = _setup_student_checks(cfg, meta, recipe, student)
+    cross = _setup_cross_tokenizer(cfg, rd, meta, tokenizer, student_config)
     if train.gradient_checkpointing:
         student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     projectors = _setup_projectors(recipe, student, meta)
@@ -591,7 +636,7 @@ def _train_variant(cfg: Config, rd: RunDir, ctx: StageContext, variant: str) -> 
     trainable = sum(p.numel() for p in unwrapped.parameters() if p.requires_grad)
 
     # every shard's footer checked (one cache run, the columns this recipe reads) before anything is written
-    dataset = _setup_data(train_files, recipe, cfg, rank, world, train=True)
+    dataset = _setup_data(train_files, recipe, cfg, rank, world, train=True, cross=cross)
 
     # --- resume or start afresh ---
     ckpt_root = out / "checkpoints"
@@ -701,7 +746,7 @@ def _train_variant(cfg: Config, rd: RunDir, ctx: StageContext, variant: str) -> 
                     _append_jsonl(metrics_path, record)
                 ctx.log.info("step", f"{variant} step {step}/{train.max_steps}", **record)
             if val_files and (step % train.eval_every == 0 or step == train.max_steps):
-                val = _validate(acc, model, val_files, recipe, cfg)
+                val = _validate(acc, model, val_files, recipe, cfg, cross)
                 if acc.is_main_process:
                     _append_jsonl(metrics_path, {"step": step, "split": "val", **val})
                 ctx.log.info("val", f"{variant} step {step}", **val)
@@ -730,6 +775,8 @@ def _train_variant(cfg: Config, rd: RunDir, ctx: StageContext, variant: str) -> 
         **{f"final_train_{k}": v for k, v in last_train.items() if k != "loss"},
         **{f"val_{k}": v for k, v in val.items()},
     }
+    if cross is not None:  # the student's rows are its own, not the manifest's: say how they were made
+        summary["student_rows"] = cross.provenance(cfg.student.tokenizer or cfg.student.name_or_path)
     if acc.is_main_process:
         atomic_write_json(out / "summary.json", summary)
     acc.wait_for_everyone()

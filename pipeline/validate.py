@@ -10,10 +10,18 @@ span keys or need the models' configs, so that one call refuses a config before 
   options (the tail-bucket temperature against the cache's capture temperature ``cache.temperature``, through the
   loss's own check, which needs torch), and everything decidable from the teacher's and the student's
   ``config.json`` and tokenizer files (no weights are loaded): every hidden-state index in range for its model,
-  ``seq_len`` within both models' context, ``cache.top_k`` within the vocabulary, the student's tokenizer equal to
-  the teacher's, LoRA target modules present in the student, lm-eval task names that exist. Every stage runs it at
+  ``seq_len`` within both models' context, ``cache.top_k`` within the vocabulary, fast (offset-mapping) tokenizers,
+  the student's output rows covering the ids it reads, LoRA target modules present in the student, lm-eval task
+  names that exist. Every stage runs it at
   start (``rundir.stage_main``), and so do the local executor (``pipeline.run``) and ``slurm submit`` (with or
   without ``--dry-run``) before anything starts: a config any stage would refuse never reaches the queue.
+
+A student whose tokenizer differs from the teacher's (another vocabulary) learns from the same cache through
+``pipeline.xtok``: its rows are the manifest's text re-tokenized, response KD runs at the aligned positions, a
+feature variant compares hidden states at the aligned positions too (both models have read the same text there), and
+a relation variant pools each model over its own tokens of the same rows; so every variant works with another
+tokenizer, and what is refused is what cannot: a slow tokenizer (no offsets), a student tokenizer without EOS, and
+``response.unmapped: uld`` for a student that shares the teacher's vocabulary (nothing is ever unmapped there).
 
 A broken rule raises :class:`~pipeline.config.ConfigError` naming the key path (exit code 2); a model whose config
 cannot be read at all is an input problem (:class:`~pipeline.rundir.PipelineError`, exit code 1).
@@ -158,14 +166,19 @@ def check(cfg: Config) -> None:
 
     teacher = modeling.load_model_config(cfg.teacher, "teacher")
     student = modeling.load_model_config(cfg.student, "student")
-    _check_tokenizers(cfg, modeling)
+    student_ids = _check_tokenizers(cfg, modeling)
     from pipeline.teacher_parallel import check_tensor_parallel
 
     check_tensor_parallel(teacher, cfg.teacher.tensor_parallel)
-    _check_context(cfg, teacher, student)
+    _check_context(cfg, teacher, student, student_ids)
     cached = _check_cache_layers(cfg, teacher)
     for name, loss in cfg.train.variants.items():
         _check_response(cfg, f"train.variants.{name}.response", loss)
+        if student_ids is None and loss.response.weight > 0 and loss.response.unmapped != "tail_bucket":
+            raise ConfigError(
+                f"train.variants.{name}.response.unmapped: {loss.response.unmapped} applies to a student with another "
+                "tokenizer; this student shares the teacher's vocabulary, so no teacher id is ever unmapped"
+            )
         _check_variant_layers(f"train.variants.{name}", loss, teacher, student, cached)
     if cfg.train.lora.enabled:
         _check_lora_targets(cfg, student)
@@ -188,28 +201,32 @@ def _check_response(cfg: Config, key: str, loss: LossConfig) -> None:
             raise ConfigError(f"{key}.{err}") from None
 
 
-def _check_tokenizers(cfg: Config, modeling: Any) -> None:
-    """The teacher's tokenizer ends documents with EOS; the student reads the teacher's token ids."""
+def _check_tokenizers(cfg: Config, modeling: Any) -> int | None:
+    """The teacher's tokenizer ends documents with EOS and gives offsets (the manifest keeps each token's byte end);
+    a student with another vocabulary has a fast tokenizer with EOS too (``pipeline.xtok``). Returns None when the
+    student reads the teacher's ids, else how many ids its own tokenizer has."""
     teacher_tok = modeling.load_tokenizer(cfg.teacher, "teacher")
-    if teacher_tok.eos_token_id is None:
-        raise ConfigError(
-            f"teacher.tokenizer: {cfg.teacher.tokenizer or cfg.teacher.name_or_path} has no EOS token; packing "
-            "separates documents with EOS"
-        )
+    student_tok = modeling.load_tokenizer(cfg.student, "student")
+    for key, spec, tok in (("teacher", cfg.teacher, teacher_tok), ("student", cfg.student, student_tok)):
+        name = spec.tokenizer or spec.name_or_path
+        if not getattr(tok, "is_fast", False):
+            raise ConfigError(
+                f"{key}.tokenizer: {name} is a slow (Python) tokenizer; the manifest and cross-tokenizer training "
+                "need a fast tokenizer's offset mapping (tokenizer.json)"
+            )
+        if tok.eos_token_id is None:
+            raise ConfigError(f"{key}.tokenizer: {name} has no EOS token; packing separates documents with EOS")
     teacher_vocab = modeling.vocab_size(teacher_tok)
     if cfg.cache.top_k > teacher_vocab:
         raise ConfigError(f"cache.top_k: expected <= the teacher's vocabulary ({teacher_vocab}), got {cfg.cache.top_k}")
-    student_tok = modeling.load_tokenizer(cfg.student, "student")
-    teacher_hash, student_hash = modeling.vocab_hash(teacher_tok), modeling.vocab_hash(student_tok)
-    if teacher_hash != student_hash:
-        raise ConfigError(
-            f"student.tokenizer: the student's vocabulary (hash {student_hash}, size {modeling.vocab_size(student_tok)}"
-            f") differs from the teacher's (hash {teacher_hash}, size {teacher_vocab}); cached token ids would not "
-            "be interchangeable: use a student with the teacher's tokenizer"
-        )
+    if modeling.vocab_hash(teacher_tok) == modeling.vocab_hash(student_tok):
+        return None
+    return len(student_tok)
 
 
-def _check_context(cfg: Config, teacher: Any, student: Any) -> None:
+def _check_context(cfg: Config, teacher: Any, student: Any, student_ids: int | None) -> None:
+    """``seq_len`` within both models' context; the student's output rows cover every id it reads: the teacher's,
+    or (``student_ids``) those of its own tokenizer."""
     seq_len = cfg.manifest.seq_len
     for key, model_config, spec in (("teacher", teacher, cfg.teacher), ("student", student, cfg.student)):
         limit = getattr(model_config, "max_position_embeddings", None)
@@ -218,11 +235,12 @@ def _check_context(cfg: Config, teacher: Any, student: Any) -> None:
                 f"manifest.seq_len: {seq_len} exceeds the {key}'s max_position_embeddings {limit} "
                 f"({spec.name_or_path}); lower manifest.seq_len"
             )
-    vocab = int(teacher.vocab_size)
+    vocab = int(teacher.vocab_size) if student_ids is None else student_ids
+    whose = "the teacher's" if student_ids is None else "its own tokenizer's"
     rows = getattr(student, "vocab_size", None)
     if rows is not None and int(rows) < vocab:
         raise ConfigError(
-            f"student.name_or_path: the student has {rows} output rows but the teacher's token ids go up to "
+            f"student.name_or_path: the student has {rows} output rows but {whose} token ids go up to "
             f"{vocab - 1} ({cfg.student.name_or_path}); resize its embeddings or use another student"
         )
 

@@ -511,15 +511,56 @@ class XtokDataset(IterableDataset):
         return out
 
 
+@dataclass
+class CrossTokenizer:
+    """Everything a stage needs to feed a student with another tokenizer from the cache (:func:`setup`)."""
+
+    manifest_dir: Path
+    rows: StudentRows
+    teacher_to_student: np.ndarray  # [V_teacher] int32, -1: no student id spells the teacher token
+
+    def wrap(self, cache: Any) -> XtokDataset:
+        """The student's view of a cache reader (its shards' manifest rows, re-tokenized)."""
+        return XtokDataset(cache, RowTexts(self.manifest_dir, cache.metas), self.rows, self.teacher_to_student)
+
+    def provenance(self, student_tokenizer: str) -> dict[str, Any]:
+        """What summary and results record about how the student's rows were made."""
+        return {
+            "tokenizer": student_tokenizer,
+            "vocab_size": len(self.rows.vocab),
+            "convention": self.rows.vocab.convention,
+            "rows": "each manifest row's text re-tokenized by document piece, EOS where a document ends, padded "
+            f"to the batch's longest row (at most {self.rows.max_len} tokens)",
+            "teacher_ids_mapped": int((self.teacher_to_student >= 0).sum()),
+        }
+
+
+def setup(teacher_tokenizer: Any, student_tokenizer: Any, manifest_dir: Path, max_len: int) -> CrossTokenizer:
+    """The student rows' builder and the teacher-to-student id map for two tokenizers."""
+    teacher, student = vocabulary(teacher_tokenizer), vocabulary(student_tokenizer)
+    rows = StudentRows(student_tokenizer, student, teacher.eos_id, max_len)
+    return CrossTokenizer(Path(manifest_dir), rows, vocab_map(teacher, student))
+
+
 def stats_summary(totals: Sequence[float]) -> dict[str, float]:
-    """aligned_fraction (aligned / real student positions) and mapped_mass_fraction (teacher top-k probability on ids
-    the student has, over all top-k probability at aligned positions) from summed ``xtok_stats``."""
+    """aligned_fraction (aligned / real student positions), mapped_mass_fraction (teacher top-k probability on ids
+    the student has, over all top-k probability at aligned positions; absent without top-k) and truncated_tokens
+    from summed ``xtok_stats``."""
     values = dict(zip(STAT_KEYS, (float(v) for v in totals), strict=True))
-    return {
-        "aligned_fraction": values["aligned_positions"] / max(values["student_positions"], 1.0),
-        "mapped_mass_fraction": values["mapped_mass"] / values["topk_mass"] if values["topk_mass"] else math.nan,
-        "truncated_tokens": values["truncated_tokens"],
-    }
+    out = {"aligned_fraction": values["aligned_positions"] / max(values["student_positions"], 1.0)}
+    if values["topk_mass"]:  # only batches that carried the teacher's top-k (response KD, evaluation)
+        out["mapped_mass_fraction"] = values["mapped_mass"] / values["topk_mass"]
+    return {**out, "truncated_tokens": values["truncated_tokens"]}
+
+
+def teacher_row_spans(texts: RowTexts, sample_ids: Sequence[int], attention_mask: np.ndarray) -> tuple[Tensor, Tensor]:
+    """``next_bytes``/``next_chars`` [B, T] of manifest rows read with the teacher's own tokens (a model that shares
+    its vocabulary), as :class:`XtokDataset` gives them for a student with another tokenizer."""
+    lengths = attention_mask.astype(bool).sum(1)
+    seq_len = attention_mask.shape[1]
+    rows = texts.rows(sample_ids)
+    spans = [next_token_spans(text, ends, int(n), seq_len) for (text, ends, _), n in zip(rows, lengths, strict=True)]
+    return torch.from_numpy(np.stack([b for b, _ in spans])), torch.from_numpy(np.stack([c for _, c in spans]))
 
 
 # -------------------------------------------------------------------------------------------------------- loss

@@ -513,3 +513,14 @@ def test_failed_first_run_leaves_no_shards(tmp_path, tiny_config, capsys):
     assert not list(out.glob("*.parquet")) and not (out / "manifest.json").exists()
     assert not (out / "_COMPLETE.json").exists() and not (out / ".staging").exists()
     shutil.rmtree(out)
+
+
+def test_manifest_format_version_is_part_of_the_stage_identity(monkeypatch):
+    """A manifest written in an older format is rebuilt by a plain rerun, not skipped as complete."""
+    from pipeline import config
+    from pipeline.config import section_hash
+
+    cfg = config.from_dict({"run_name": "r", "teacher": {"name_or_path": "t"}, "student": {"name_or_path": "s"}})
+    before = section_hash(manifest.SPEC.sections(cfg, None))
+    monkeypatch.setattr(manifest.data_format, "PACKED_FORMAT_VERSION", data_format.PACKED_FORMAT_VERSION + 1)
+    assert section_hash(manifest.SPEC.sections(cfg, None)) != before

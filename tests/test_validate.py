@@ -66,6 +66,10 @@ CASES = {  # name -> (overrides, the error's start)
         {"manifest.sources.0.fields": {"body": "text"}},
         "manifest.sources.0.fields.body: unknown field",
     ),
+    "the ULD rule for a student that shares the teacher's vocabulary": (
+        {"train.variants.kd.response.unmapped": "uld"},
+        "train.variants.kd.response.unmapped: uld applies to a student with another tokenizer",
+    ),
     "a variant named like evaluate's own directory": (
         {"train.variants.tasks": {}},
         'train.variants.tasks: the name "tasks" is reserved',
