@@ -5,11 +5,13 @@ Reads:
     runs/<run>/train/<variant>/summary.json  its step count
     cfg.teacher                              the teacher (unit ``teacher``; skipped while its marker matches)
     runs/<run>/cache/val-*.parquet           held-out teacher top-k + tail: the shards the cache marker declares
-    runs/<run>/manifest/val-*.parquet        held-out documents for the offline tasks: the shards manifest.json lists
+    runs/<run>/manifest/val-*.parquet        held-out documents for the offline tasks, and every held-out row's text
+                                             (bytes and characters per token): the shards manifest.json lists
 Writes:
     runs/<run>/evaluate/tasks/               offline task YAMLs rendered from pipeline/eval_tasks/ + their data
     runs/<run>/evaluate/<model>/lm_eval/     lm-eval's own output (<model path sanitized>/results_<ts>.json, samples)
-    runs/<run>/evaluate/<model>/results.json intrinsic metrics, task list and versions, provenance
+    runs/<run>/evaluate/<model>/results.json intrinsic metrics (per token, per byte and per character), task list
+                                             and versions, provenance
     runs/<run>/evaluate/<model>/_COMPLETE.json
 Run:
     python -m pipeline.evaluate --config C [--model NAME ...] [--force] [key.path=value ...]
@@ -239,26 +241,52 @@ def run_lm_eval(
 
 # ------------------------------------------------------------------------------------------ intrinsic metrics
 @torch.inference_mode()
-def intrinsic_metrics(model: torch.nn.Module, tokenizer: Any, cfg: Config, rd: RunDir) -> dict[str, float]:
-    """Held-out perplexity, top-1 agreement, KL(teacher‖student) and ECE over the held-out cache (see metrics)."""
+def intrinsic_metrics(
+    model: torch.nn.Module, tokenizer: Any, cfg: Config, rd: RunDir
+) -> tuple[dict[str, float], dict[str, Any] | None]:
+    """Held-out perplexity, top-1 agreement, KL(teacher‖student), ECE, bits per byte and per-character perplexity
+    over the held-out cache (see metrics), and how a student with another tokenizer read it (None for a model that
+    shares the teacher's vocabulary): its rows are the held-out text re-tokenized (``pipeline.xtok``), its
+    teacher-relative metrics count the aligned positions, and aligned_fraction / mapped_mass_fraction join the
+    metrics."""
+    from pipeline import xtok
     from pipeline.cache_format import CacheDataset, list_cache_shards, read_cache_meta, to_compute, validate_for_student
 
     files = list_cache_shards(rd.stage_dir("cache"), "val")
     if not files:
         raise PipelineError(f"{rd.stage_dir('cache')}: no val-*.parquet cache shards; rerun the cache stage")
     meta = read_cache_meta(files[0])
-    validate_for_student(meta, vocab_hash=vocab_hash(tokenizer), vocab_size=vocab_size(tokenizer))
-    data = CacheDataset(files, batch_size=cfg.evaluate.batch_size, shuffle=False, columns=list(CACHE_COLUMNS))
+    columns = ["sample_id", *CACHE_COLUMNS]
+    data: Any = CacheDataset(files, batch_size=cfg.evaluate.batch_size, shuffle=False, columns=columns)
+    texts, cross = xtok.RowTexts(rd.stage_dir("manifest"), data.metas), None
+    if vocab_hash(tokenizer) == meta["vocab_hash"]:
+        validate_for_student(meta, vocab_hash=vocab_hash(tokenizer), vocab_size=vocab_size(tokenizer))
+    else:
+        context = int(getattr(model.config, "max_position_embeddings", 0) or 1 << 20)
+        cross = xtok.setup(load_tokenizer(cfg.teacher), tokenizer, rd.stage_dir("manifest"), context)
+        data = cross.wrap(data)
     acc = IntrinsicAccumulator(cfg.evaluate.ece_bins, temperature=float(meta.get("temperature", 1.0)))
+    stats = torch.zeros(len(xtok.STAT_KEYS), dtype=torch.float64)
     on = next(model.parameters()).device
     model.eval()
     for i, batch in enumerate(data):
         if cfg.evaluate.intrinsic_batches is not None and i >= cfg.evaluate.intrinsic_batches:
             break
+        if cross is None:  # bytes and characters of every predicted token, from the manifest's row text
+            spans = xtok.teacher_row_spans(texts, batch["sample_id"].tolist(), batch["attention_mask"].numpy())
+            batch["next_bytes"], batch["next_chars"] = spans
+        else:
+            stats += batch["xtok_stats"]
         batch = to_compute(batch, on)
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         acc.update(logits, batch)
-    return acc.result()
+    result = acc.result()
+    if cross is None:
+        return result, None
+    summary = xtok.stats_summary(stats.tolist())
+    result["aligned_fraction"] = summary["aligned_fraction"]
+    result["mapped_mass_fraction"] = summary.get("mapped_mass_fraction", float("nan"))
+    return result, {**cross.provenance(getattr(tokenizer, "name_or_path", "")), **summary}
 
 
 # ------------------------------------------------------------------------------------------------ provenance
@@ -316,7 +344,7 @@ def run(cfg: Config, rd: RunDir, ctx: StageContext) -> dict[str, float]:
     model = load_causal_lm(spec, key, device())
     model.eval()
 
-    intrinsic = intrinsic_metrics(model, tokenizer, cfg, rd)
+    intrinsic, student_rows = intrinsic_metrics(model, tokenizer, cfg, rd)
     ctx.log.info("intrinsic", f"{unit}: held-out metrics", **intrinsic)
 
     ctx.begin_writes()  # the model loaded and its held-out metrics computed: now replace the earlier result
@@ -337,6 +365,8 @@ def run(cfg: Config, rd: RunDir, ctx: StageContext) -> dict[str, float]:
         "n_shot": lm_eval_info.get("n_shot", {}),
         "n_samples": lm_eval_info.get("n_samples", {}),
         "limits": lm_eval_info.get("limits", {}),
+        # a student with another tokenizer: how its held-out rows were made from the teacher's (pipeline.xtok)
+        **({"student_rows": student_rows} if student_rows else {}),
         "provenance": {
             "config_hash": section_hash(sections(cfg, unit)),
             "packages": package_versions(),

@@ -489,10 +489,25 @@ def _arrow(summary: dict[str, Any], metric: str) -> str:
     return "↑" if summary["metric_info"][metric]["higher_is_better"] else "↓"
 
 
+def _shown(metrics: list[str], summary: dict[str, Any]) -> list[str]:
+    """The metrics some model has a value for (a run without a student of another tokenizer has no aligned share)."""
+    return [m for m in metrics if any(model["scores"].get(m) is not None for model in summary["models"].values())]
+
+
 def console_table(summary: dict[str, Any]) -> str:
-    """Compact per-model table: held-out ppl, top-1 agreement, KL, ECE, task scores, train wall time."""
-    metrics = [*INTRINSIC_METRICS, *summary["columns"]]
-    short = {"heldout_ppl": "ppl", "top1_agreement": "top1", "kl_teacher_student": "KL", "ece": "ECE"}
+    """Compact per-model table: held-out ppl, top-1 agreement, KL, ECE, bits per byte, per-character ppl (and, with a
+    student of another tokenizer, its aligned share), task scores, train wall time."""
+    metrics = _shown([*INTRINSIC_METRICS, *summary["columns"]], summary)
+    short = {
+        "heldout_ppl": "ppl",
+        "top1_agreement": "top1",
+        "kl_teacher_student": "KL",
+        "ece": "ECE",
+        "bits_per_byte": "bpb",
+        "char_ppl": "ppl/char",
+        "aligned_fraction": "aligned",
+        "mapped_mass_fraction": "mapped",
+    }
     header = ["model", "step", *(f"{short.get(m, m)}{_arrow(summary, m)}" for m in metrics), "train_s"]
     rows = [
         [
@@ -511,7 +526,7 @@ def console_table(summary: dict[str, Any]) -> str:
 def render_markdown(summary: dict[str, Any], plots: dict[str, str]) -> str:
     """summary.md: results, deltas, training cost, telemetry, plots, primary-metric rule, notes, provenance."""
     info = summary["metric_info"]
-    metrics = list(info)
+    metrics = _shown(list(info), summary) or list(info)
     out = [
         f"# Distillation report: {summary['run']}",
         "",

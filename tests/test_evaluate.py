@@ -4,6 +4,7 @@ teacher reuse, and the report parsing lm-eval's real output."""
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -52,7 +53,7 @@ def write_val_cache(cfg, rd: RunDir) -> None:
             vocab_size=vocab_size(tok), top_k=k, temperature=1.0, dtype="float32", hidden_layers=[], hidden_dim=64,
             hidden_dtype="float16", hidden_positions=None, hidden_index_convention=HIDDEN_INDEX_CONVENTION,
             num_hidden_states=4, embed_layer=None, seq_len=seq_len, split="val", manifest_shard=path.name,
-            manifest_sha256="test", rows=rows,
+            manifest_sha256=rundir.file_sha256(path), rows=rows,
         )  # fmt: skip
         columns = {
             "sample_id": shard["sample_id"],
@@ -186,12 +187,16 @@ def test_intrinsic_batches_cap_and_determinism(upstream):
     _, cfg, rd = upstream
     model = load_causal_lm(cfg.teacher, "teacher", torch.device("cpu"))
     tok = load_tokenizer(cfg.teacher)
-    one = evaluate.intrinsic_metrics(model, tok, load(upstream[0], ["evaluate.intrinsic_batches=1"]), rd)
-    again = evaluate.intrinsic_metrics(model, tok, load(upstream[0], ["evaluate.intrinsic_batches=1"]), rd)
-    full = evaluate.intrinsic_metrics(model, tok, cfg, rd)
-    assert one == again
-    assert one["heldout_tokens"] < full["heldout_tokens"]
+    one, rows = evaluate.intrinsic_metrics(model, tok, load(upstream[0], ["evaluate.intrinsic_batches=1"]), rd)
+    again, _ = evaluate.intrinsic_metrics(model, tok, load(upstream[0], ["evaluate.intrinsic_batches=1"]), rd)
+    full, _ = evaluate.intrinsic_metrics(model, tok, cfg, rd)
+    assert one == again and rows is None  # the teacher's own tokenizer: no student rows of its own
+    assert one["heldout_tokens"] < full["heldout_tokens"] and one["heldout_bytes"] < full["heldout_bytes"]
     assert np.isfinite(list(full.values())).all()
+    # bits per byte and per character divide the same NLL as the per-token perplexity
+    nll = math.log(full["heldout_ppl"]) * full["heldout_tokens"]
+    assert full["bits_per_byte"] == pytest.approx(nll / (math.log(2) * full["heldout_bytes"]))
+    assert full["char_ppl"] == pytest.approx(math.exp(nll / full["heldout_chars"]))
 
 
 def test_evaluate_errors(upstream):

@@ -20,7 +20,8 @@ from pipeline.metrics import (
 
 
 def test_every_metric_declares_direction():
-    assert set(INTRINSIC_METRICS) == {"heldout_ppl", "top1_agreement", "kl_teacher_student", "ece"}
+    assert set(INTRINSIC_METRICS) == {"heldout_ppl", "top1_agreement", "kl_teacher_student", "ece", "bits_per_byte",
+                                      "char_ppl", "aligned_fraction", "mapped_mass_fraction"}  # fmt: skip
     assert INTRINSIC_METRICS["top1_agreement"].higher_is_better is True
     assert not any(INTRINSIC_METRICS[m].higher_is_better for m in ("heldout_ppl", "kl_teacher_student", "ece"))
 
@@ -128,3 +129,41 @@ def test_accumulator_is_batch_size_invariant_and_matches_direct_math():
 def test_accumulator_empty_is_nan():
     res = IntrinsicAccumulator(ece_bins=3).result()
     assert math.isnan(res["heldout_ppl"]) and math.isnan(res["ece"]) and res["heldout_tokens"] == 0
+
+
+def test_bits_per_byte_and_char_ppl_divide_the_nll_by_the_predicted_text():
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(1, 4, 7, generator=g)
+    input_ids = torch.tensor([[1, 2, 3, 4]])
+    batch = dict(input_ids=input_ids, attention_mask=torch.ones(1, 4, dtype=torch.long),
+                 topk_ids=torch.zeros(1, 4, 2, dtype=torch.long), topk_logprobs=torch.full((1, 4, 2), -1.0),
+                 tail_logmass=torch.full((1, 4), -1.0), next_bytes=torch.tensor([[3, 1, 4, 0]]),
+                 next_chars=torch.tensor([[2, 1, 1, 0]]))  # fmt: skip
+    acc = IntrinsicAccumulator(ece_bins=2)
+    acc.update(logits, batch)
+    res = acc.result()
+    nll = token_nll(logits, input_ids)[0, :3].sum().item()
+    assert res["heldout_bytes"] == 8 and res["heldout_chars"] == 4
+    assert res["bits_per_byte"] == pytest.approx(nll / (8 * math.log(2)), rel=1e-6)
+    assert res["char_ppl"] == pytest.approx(math.exp(nll / 4), rel=1e-6)
+
+
+def test_kl_with_unmapped_ids_folds_their_mass_into_the_tail_and_counts_aligned_positions():
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(1, 3, 6, generator=g)
+    top_lp = torch.log(torch.tensor([[[0.5, 0.2], [0.6, 0.3], [0.4, 0.4]]]))
+    tail = torch.log(1 - top_lp.exp().sum(-1))
+    ids = torch.tensor([[[2, -1], [0, 1], [-1, -1]]])
+    kl = kl_topk_tail(logits, ids, top_lp, tail)
+    logq = torch.log_softmax(logits, -1)[0, 0]
+    p = torch.tensor([0.5, 0.5])  # id 2, and the tail holding the unmapped 0.2 with the 0.3 outside the top-k
+    q = torch.stack([logq[2].exp(), 1 - logq[2].exp()])
+    assert kl[0, 0].item() == pytest.approx((p * (p.log() - q.log())).sum().item(), rel=1e-5)
+    assert torch.isfinite(kl).all()
+    acc = IntrinsicAccumulator(ece_bins=2)
+    acc.update(logits, dict(input_ids=torch.tensor([[0, 1, 2]]), attention_mask=torch.ones(1, 3, dtype=torch.long),
+                            topk_ids=ids, topk_logprobs=top_lp, tail_logmass=tail,
+                            xtok_aligned=torch.tensor([[False, True, True]])))  # fmt: skip
+    res = acc.result()
+    assert res["kl_teacher_student"] == pytest.approx(kl[0, 1].item(), rel=1e-5)  # position 1 only: aligned, labelled
+    assert res["heldout_tokens"] == 2

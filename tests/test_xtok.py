@@ -222,3 +222,191 @@ def test_uld_adds_the_sorted_distance_of_the_unmapped_mass():
     torch.testing.assert_close(uld - bucket, (teacher - others).abs().sum(-1).mean(), rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="unmapped"):
         xtok.ce_and_response_kd(logits, labels, mask, empty, top, tail, mask, unmapped="drop")
+
+
+# ------------------------------------------------------------------------------------------- the whole chain
+def train_sentencepiece_tokenizer(texts: list[str], vocab_size: int):
+    """A SentencePiece-convention BPE (``▁``, dummy prefix, byte-fallback pieces in the vocabulary) trained on
+    ``texts``: another tokenizer than the fixtures' byte-level one, with other boundaries and other conventions."""
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    base = Tokenizer(models.BPE())
+    base.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    specials = ["<unk>", "<s>", "</s>"]
+    base.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                                        show_progress=False))  # fmt: skip
+    spec = json.loads(base.to_str())["model"]
+    vocab = dict(spec["vocab"])
+    vocab.update({f"<0x{b:02X}>": len(vocab) + b for b in range(256) if f"<0x{b:02X}>" not in vocab})
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in spec["merges"]]
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, byte_fallback=True, unk_token="<unk>"))
+    tok.pre_tokenizer = base.pre_tokenizer
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    tok.add_special_tokens(specials)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", bos_token="<s>", unk_token="<unk>")
+
+
+@pytest.fixture(scope="module")
+def xtok_student(tiny_assets, tmp_path_factory):
+    """A tiny random Llama with its own SentencePiece-style tokenizer (the teacher's is byte-level BPE)."""
+    from conftest import build_llama, corpus_texts
+
+    out = tmp_path_factory.mktemp("xtok_student") / "student"
+    build_llama(out, train_sentencepiece_tokenizer(corpus_texts(300, seed=7), 300), hidden=32, layers=2, seed=3)
+    return out
+
+
+CHAIN = {
+    "manifest.max_samples": 90,
+    "train.threads": 1,
+    "train.max_steps": 4,
+    "train.checkpoint_every": 2,
+    "train.eval_every": 4,
+    "evaluate.local_tasks": False,
+    "cache.hidden_every_n": 2,
+    "train.variants": {
+        "ce": {},
+        "kd": {"ce_weight": 0.5, "response": {"weight": 0.5}, "feature": {"weight": 0.1, "layer_pairs": [[2, 3]]}},
+        "kd_uld": {"ce_weight": 0.5, "response": {"weight": 0.5, "unmapped": "uld"}},
+        "relation": {"relation": {"weight": 1.0}},
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def chain(tiny_assets, xtok_student, tmp_path_factory):
+    """manifest -> cache -> train -> evaluate with a student whose tokenizer differs, each stage's real main()."""
+    from conftest import write_config
+
+    from pipeline import cache, evaluate, manifest, train
+
+    root = tmp_path_factory.mktemp("xtok_chain")
+    cfg = write_config(root, tiny_assets, {**CHAIN, "student.name_or_path": str(xtok_student)})
+    codes = {stage.__name__: stage.main(["--config", str(cfg)]) for stage in (manifest, cache, train, evaluate)}
+    return {"config": cfg, "run": root / "runs" / "tiny", "codes": codes}
+
+
+def test_chain_trains_and_evaluates_a_student_with_another_tokenizer(chain, xtok_student):
+    import json
+
+    from transformers import AutoTokenizer
+
+    from pipeline.modeling import vocab_hash
+
+    assert set(chain["codes"].values()) == {0}, chain["codes"]
+    run = chain["run"]
+    for variant in CHAIN["train.variants"]:
+        summary = json.loads((run / "train" / variant / "summary.json").read_text())
+        assert summary["steps"] == 4 and np.isfinite(summary["final_train_loss"])
+        assert summary["student_rows"]["convention"] == "sentencepiece"
+        assert 0.5 < summary["val_aligned_fraction"] <= 1.0
+        final = AutoTokenizer.from_pretrained(run / "train" / variant / "final")
+        assert vocab_hash(final) == vocab_hash(AutoTokenizer.from_pretrained(xtok_student))
+    kd = json.loads((run / "train" / "kd" / "summary.json").read_text())
+    assert kd["final_train_kd_response"] > 0 and kd["final_train_kd_feature"] > 0
+    assert 0.5 < kd["val_mapped_mass_fraction"] <= 1.0
+    uld = json.loads((run / "train" / "kd_uld" / "summary.json").read_text())
+    assert uld["final_train_kd_response"] > kd["final_train_kd_response"] * 0.5  # the ULD term adds to the KD term
+    results = {m: json.loads((run / "evaluate" / m / "results.json").read_text()) for m in ("ce", "kd", "teacher")}
+    for name, result in results.items():
+        intrinsic = result["intrinsic"]
+        assert 0 < intrinsic["bits_per_byte"] < 20 and intrinsic["char_ppl"] > 1, name
+    assert "aligned_fraction" not in results["teacher"]["intrinsic"]
+    assert 0.5 < results["kd"]["intrinsic"]["aligned_fraction"] <= 1.0
+    assert 0.5 < results["kd"]["intrinsic"]["mapped_mass_fraction"] <= 1.0
+    assert results["kd"]["student_rows"]["vocab_size"] == len(AutoTokenizer.from_pretrained(xtok_student))
+    # the same held-out text, measured in bytes by either tokenization (each row's first token is not predicted)
+    student_bytes, teacher_bytes = (results[m]["intrinsic"]["heldout_bytes"] for m in ("kd", "teacher"))
+    assert abs(student_bytes - teacher_bytes) < 0.05 * teacher_bytes
+
+
+def _cache_dataset(run, split: str = "train", **kw):
+    from pipeline.cache_format import CacheDataset, list_cache_shards
+
+    columns = ["sample_id", "input_ids", "attention_mask", "topk_ids", "topk_logprobs", "tail_logmass"]
+    return CacheDataset(list_cache_shards(run / "cache", split), batch_size=4, columns=columns, **kw)
+
+
+def test_student_rows_cover_the_teacher_rows_text_and_resume_in_order(chain, xtok_student):
+    from transformers import AutoTokenizer
+
+    run = chain["run"]
+    cross = xtok.setup(
+        AutoTokenizer.from_pretrained(_teacher_path(chain)), AutoTokenizer.from_pretrained(xtok_student),
+        run / "manifest", 256,
+    )  # fmt: skip
+    data = cross.wrap(_cache_dataset(run, seed=0, shuffle=True))
+    batches = [data.convert(b) for b in _first(data.cache, 3)]
+    student = cross.rows.tokenizer
+    texts = xtok.RowTexts(run / "manifest", data.cache.metas)
+    for batch in batches:
+        for r, (text, _, _) in enumerate(texts.rows(batch["sample_id"].tolist())):
+            ids = batch["input_ids"][r][batch["attention_mask"][r].bool()].tolist()
+            # the same text, other tokens (up to SentencePiece's dummy prefix space before each document)
+            assert "".join(student.decode(ids, skip_special_tokens=True).split()) == "".join(text.decode().split())
+        aligned = batch["xtok_aligned"]
+        assert aligned.any() and not aligned[batch["attention_mask"] == 0].any()
+        assert (batch["topk_ids"][~aligned] == -1).all() and (batch["topk_ids"][aligned] >= 0).any()
+    data.start_from(0, 2)  # resume after two batches: the third comes next
+    resumed = next(iter(data))
+    assert torch.equal(resumed["input_ids"], batches[2]["input_ids"])
+    assert torch.equal(resumed["topk_ids"], batches[2]["topk_ids"])
+
+
+def _teacher_path(chain) -> str:
+    import yaml
+
+    return yaml.safe_load(chain["config"].read_text())["teacher"]["name_or_path"]
+
+
+def _first(dataset, n: int) -> list:
+    out = []
+    for batch in dataset:
+        out.append(batch)
+        if len(out) == n:
+            return out
+    return out
+
+
+def test_identity_through_the_data_path_gives_todays_loss(chain):
+    """The teacher's own tokenizer as the 'other' one: rows re-tokenize to the teacher's ids (a row that begins
+    inside a word may not: BPE merges depend on the whole word), every position of those aligns, every id maps to
+    itself, and the KD loss is today's to the last bit."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pipeline.cache_format import to_compute
+    from pipeline.train import causal_targets
+
+    run = chain["run"]
+    tok = AutoTokenizer.from_pretrained(_teacher_path(chain))
+    cross = xtok.setup(tok, tok, run / "manifest", 256)
+    assert (cross.teacher_to_student == np.arange(len(tok))).all()
+    data = cross.wrap(_cache_dataset(run, shuffle=False))
+    model = AutoModelForCausalLM.from_pretrained(_teacher_path(chain))
+    rows = same = 0
+    for cached in _first(data.cache, 6):
+        ours = data.convert(cached)
+        width = cached["input_ids"].shape[1]
+        keep = [r for r in range(len(cached["input_ids"]))
+                if torch.equal(ours["input_ids"][r, :width].long(), cached["input_ids"][r].long())]  # fmt: skip
+        rows, same = rows + len(cached["input_ids"]), same + len(keep)
+        if not keep:
+            continue
+        today = to_compute({k: v[keep] for k, v in cached.items() if isinstance(v, torch.Tensor)}, "cpu")
+        other = to_compute({k: v[keep][:, :width] for k, v in ours.items() if k != "xtok_stats" and
+                            isinstance(v, torch.Tensor) and v.ndim >= 2}, "cpu")  # fmt: skip
+        assert other["xtok_aligned"][today["attention_mask"].bool()].all()
+        with torch.no_grad():
+            logits = model(input_ids=today["input_ids"], attention_mask=today["attention_mask"]).logits
+        labels, ce_mask, kd_mask = causal_targets(today["input_ids"], today["attention_mask"])
+        expected = losses.ce_and_response_kd(logits, labels, ce_mask, today["topk_ids"], today["topk_logprobs"],
+                                             today["tail_logmass"], kd_mask)  # fmt: skip
+        got = xtok.ce_and_response_kd(logits, labels, ce_mask, other["topk_ids"], other["topk_logprobs"],
+                                      other["tail_logmass"], other["xtok_aligned"])  # fmt: skip
+        assert torch.equal(expected[0], got[0]) and torch.equal(expected[1], got[1])
+    assert same >= 0.8 * rows, f"{same} of {rows} rows re-tokenized to the teacher's ids"
