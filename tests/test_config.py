@@ -233,7 +233,7 @@ def test_missing_required_in_stage_main(tmp_path, capsys):
 
 
 # ----------------------------------------------------------------------------------------------- shipped ones
-@pytest.mark.parametrize("name", ["demo.yaml", "llama70b_to_8b.yaml", "tiny.yaml"])
+@pytest.mark.parametrize("name", ["demo.yaml", "demo_xtok.yaml", "llama70b_to_8b.yaml", "tiny.yaml"])
 def test_shipped_configs_validate_and_set_only_known_keys(name):
     cfg = config.load(REPO / "configs" / name)
     assert cfg.train.baseline_variant in cfg.train.variants
@@ -254,7 +254,7 @@ def test_shipped_config_values_differ_from_defaults():
                 same.append(f"{path}{key}")
         return same
 
-    for name in ("demo.yaml", "llama70b_to_8b.yaml"):
+    for name in ("demo.yaml", "demo_xtok.yaml", "llama70b_to_8b.yaml"):
         data = yaml.safe_load((REPO / "configs" / name).read_text())
         assert walk(data, defaults, "") == [], f"{name} repeats defaults"
 

@@ -232,3 +232,22 @@ def test_corpus_reads_through_datasets_json_and_is_rebuilt_when_tampered(tmp_pat
     with open(out / "train.jsonl", "a") as fh:
         fh.write('{"text": "tampered"}\n')
     assert not demo_assets.corpus_is_valid(out, texts)
+
+
+def test_xtok_student_has_its_own_byte_level_tokenizer_trained_on_the_corpus(tiny_assets, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pipeline import xtok
+
+    shape = {**demo_assets.STUDENT_SHAPE, "hidden_size": 32, "num_hidden_layers": 2, "intermediate_size": 64}
+    for name in ("a", "b"):
+        demo_assets.build_xtok_student(tiny_assets["corpus"], tmp_path / name, shape=shape, vocab_size=320, seed=3)
+    tok = AutoTokenizer.from_pretrained(tmp_path / "a")
+    student = AutoModelForCausalLM.from_pretrained(tmp_path / "a")
+    assert tok.is_fast and xtok.vocabulary(tok).convention == "byte_level" and len(tok) == 320
+    assert student.config.vocab_size == len(tok) and student.config.eos_token_id == tok.eos_token_id
+    assert vocab_hash(tok) != vocab_hash(AutoTokenizer.from_pretrained(tiny_assets["tokenizer"]))
+    # the same corpus gives the same tokenizer and weights (a rebuilt asset is the same asset)
+    assert (tmp_path / "a" / "tokenizer.json").read_bytes() == (tmp_path / "b" / "tokenizer.json").read_bytes()
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
+    assert demo_assets.xtok_student_recipe(tiny_assets["corpus"])["tokenizer"]["vocab_size"] == demo_assets.XTOK_VOCAB
