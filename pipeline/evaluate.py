@@ -259,11 +259,13 @@ def intrinsic_metrics(
     columns = ["sample_id", *CACHE_COLUMNS]
     data: Any = CacheDataset(files, batch_size=cfg.evaluate.batch_size, shuffle=False, columns=columns)
     texts, cross = xtok.RowTexts(rd.stage_dir("manifest"), data.metas), None
-    if vocab_hash(tokenizer) == meta["vocab_hash"]:
+    teacher_tokenizer = load_tokenizer(cfg.teacher)
+    if vocab_hash(tokenizer) == vocab_hash(teacher_tokenizer):
         validate_for_student(meta, vocab_hash=vocab_hash(tokenizer), vocab_size=vocab_size(tokenizer))
-    else:
+    else:  # another tokenizer: the cache holds the teacher's ids, which the student's rows are mapped from
+        validate_for_student(meta, vocab_hash=vocab_hash(teacher_tokenizer), vocab_size=vocab_size(teacher_tokenizer))
         context = int(getattr(model.config, "max_position_embeddings", 0) or 1 << 20)
-        cross = xtok.setup(load_tokenizer(cfg.teacher), tokenizer, rd.stage_dir("manifest"), context)
+        cross = xtok.setup(teacher_tokenizer, tokenizer, rd.stage_dir("manifest"), context)
         data = cross.wrap(data)
     acc = IntrinsicAccumulator(cfg.evaluate.ece_bins, temperature=float(meta.get("temperature", 1.0)))
     stats = torch.zeros(len(xtok.STAT_KEYS), dtype=torch.float64)

@@ -319,42 +319,43 @@ def _setup_accelerator(cfg: Config, recipe: Recipe) -> Any:
     return Accelerator(cpu=not on_gpu, mixed_precision=mixed, kwargs_handlers=[ddp])
 
 
-def _setup_student_checks(cfg: Config, meta: dict[str, Any], recipe: Recipe, student: nn.Module) -> Any:
-    """The cache must hold what the recipe reads and the student's vocabulary must cover the ids it will see (the
-    teacher's, or with another tokenizer its own) before step 1; returns the tokenizer."""
+def _setup_student_checks(cfg: Config, meta: dict[str, Any], recipe: Recipe, student: nn.Module) -> tuple[Any, Any]:
+    """The cache must hold what the recipe reads, in the ids of the tokenizer the student reads through (its own, or
+    for a student with another vocabulary the teacher's, which ``pipeline.xtok`` maps), and the student's output rows
+    must cover its ids, before step 1. Returns (the student's tokenizer, the teacher's when they differ else None)."""
     tokenizer = load_tokenizer(cfg.student, "student")
-    same = vocab_hash(tokenizer) == meta["vocab_hash"]
+    teacher_tokenizer = load_tokenizer(cfg.teacher, "teacher")
+    other = vocab_hash(tokenizer) != vocab_hash(teacher_tokenizer)
+    if other and vocab_hash(teacher_tokenizer) != meta["vocab_hash"]:
+        raise PipelineError(
+            f"{meta['path']}: cached in another vocabulary (hash {meta['vocab_hash']}, size {meta['vocab_size']}) "
+            f"than the teacher's tokenizer ({vocab_hash(teacher_tokenizer)}); rerun make cache"
+        )
     cache_format.validate_for_student(
         meta,
-        vocab_hash=vocab_hash(tokenizer) if same else None,
+        vocab_hash=None if other else vocab_hash(tokenizer),  # another tokenizer: ids are mapped (pipeline.xtok)
         vocab_size=vocab_size(tokenizer),
         need_hidden_layers=[t for _, t in recipe.feature_pairs],
         need_embed=recipe.loss.relation.weight > 0,
     )
     rows = student.get_output_embeddings().weight.shape[0]
-    ids = int(meta["vocab_size"]) if same else len(tokenizer)
+    ids = len(tokenizer) if other else int(meta["vocab_size"])
     if rows < ids:
         raise PipelineError(
-            f"{meta['path'] if same else cfg.student.tokenizer or cfg.student.name_or_path}: token ids go up to "
+            f"{cfg.student.tokenizer or cfg.student.name_or_path if other else meta['path']}: token ids go up to "
             f"{ids - 1} but the student ({cfg.student.name_or_path}) has only {rows} output rows; resize its "
             "embeddings or use another student"
         )
-    return tokenizer
+    return tokenizer, teacher_tokenizer if other else None
 
 
 def _setup_cross_tokenizer(
-    cfg: Config, rd: RunDir, meta: dict[str, Any], tokenizer: Any, student_config: Any
+    rd: RunDir, tokenizer: Any, teacher_tokenizer: Any | None, student_config: Any
 ) -> xtok.CrossTokenizer | None:
     """None when the student reads the teacher's ids; else the builder of its own rows from the manifest's text
     (``pipeline.xtok``), each at most as long as the student's context."""
-    if vocab_hash(tokenizer) == meta["vocab_hash"]:
+    if teacher_tokenizer is None:
         return None
-    teacher_tokenizer = load_tokenizer(cfg.teacher, "teacher")
-    if vocab_hash(teacher_tokenizer) != meta["vocab_hash"]:
-        raise PipelineError(
-            f"{meta['path']}: cached with another teacher tokenizer (hash {meta['vocab_hash']}) than "
-            f"{cfg.teacher.tokenizer or cfg.teacher.name_or_path} ({vocab_hash(teacher_tokenizer)}); rerun make cache"
-        )
     context = int(getattr(student_config, "max_position_embeddings", 0) or 1 << 20)
     return xtok.setup(teacher_tokenizer, tokenizer, rd.stage_dir("manifest"), context)
 
@@ -620,8 +621,8 @@ def _train_variant(cfg: Config, rd: RunDir, ctx: StageContext, variant: str) -> 
     rank, world = acc.process_index, acc.num_processes
     torch.manual_seed(cfg.seed)  # identical projector init on every rank (DDP also broadcasts rank 0's)
     student = build_student(cfg, acc.device)
-    tokenizer = _setup_student_checks(cfg, meta, recipe, student)
-    cross = _setup_cross_tokenizer(cfg, rd, meta, tokenizer, student_config)
+    tokenizer, teacher_tokenizer = _setup_student_checks(cfg, meta, recipe, student)
+    cross = _setup_cross_tokenizer(rd, tokenizer, teacher_tokenizer, student_config)
     if train.gradient_checkpointing:
         student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     projectors = _setup_projectors(recipe, student, meta)
