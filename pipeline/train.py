@@ -38,17 +38,18 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from pipeline import cache_format, definition, losses, preemption
+from pipeline import cache_format, definition, lm_head, losses, preemption
 from pipeline.config import Config, ConfigError, LossConfig, ModelConfig, TrainConfig, flatten, to_dict
 from pipeline.fsdp import Fsdp2
 from pipeline.jsonlog import redact_values
+from pipeline.lm_head import causal_targets
 from pipeline.modeling import (
     load_causal_lm,
     load_model_config,
@@ -125,6 +126,12 @@ class Recipe:
     capture_temperature: float
     feature_pairs: list[tuple[int, int]]  # (student hidden_states index, teacher cached layer), both non-negative
     relation_layer: int  # student hidden_states index pooled for relations
+    response: losses.ResponseOptions | None = field(init=False)  # checked once here; None without response KD
+
+    def __post_init__(self) -> None:
+        rc = self.loss.response
+        options = (rc.divergence, rc.temperature, rc.tail, self.capture_temperature, rc.jsd_beta)
+        self.response = losses.ResponseOptions(*options) if rc.weight > 0 else None
 
     @property
     def weights(self) -> dict[str, float]:
@@ -170,12 +177,17 @@ def resolve_recipe(name: str, loss: LossConfig, meta: dict[str, Any], student_co
 
 # -------------------------------------------------------------------------------------------------- model
 class Distillee(nn.Module):
-    """The trained state: the student plus the feature projectors, one module so DDP/FSDP sync both."""
+    """The trained state: the student plus the feature projectors, one module so DDP/FSDP sync both.
 
-    def __init__(self, student: nn.Module, projectors: losses.FeatureProjectors | None) -> None:
+    ``logits_chunk`` (``train.logits_chunk``): positions per LM-head chunk (``pipeline.lm_head``); 0 computes the
+    whole [B, T, V] logits through the student's own forward.
+    """
+
+    def __init__(self, student: nn.Module, projectors: losses.FeatureProjectors | None, logits_chunk: int = 0) -> None:
         super().__init__()
         self.student = student
         self.projectors = projectors
+        self.logits_chunk = logits_chunk
 
     def forward(
         self,
@@ -184,19 +196,31 @@ class Distillee(nn.Module):
         output_hidden_states: bool,
         feature_pairs: list[tuple[int, int]],
         positions: Tensor | None,
-    ) -> tuple[Any, dict[tuple[int, int], Tensor]]:
-        """(HF output, {(s, t): projected student hidden_states[s] at ``positions``, [B, T', Ht]}).
+        targets: lm_head.HeadTargets,
+    ) -> tuple[tuple[Tensor, ...] | None, dict[tuple[int, int], Tensor], dict[str, Tensor]]:
+        """(student hidden_states, {(s, t): projected hidden_states[s] at ``positions``, [B, T', Ht]},
+        {ce, kd_response}: the logit losses against ``targets``).
 
-        Projections run inside forward so FSDP has the projector weights unsharded and DDP sees them used.
+        The LM head, its losses and the projections run inside forward, so FSDP has their weights unsharded and DDP
+        sees them used.
         """
-        out = self.student(
-            input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=output_hidden_states
-        )
+        kwargs = {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "output_hidden_states": output_hidden_states,
+        }
+        if self.logits_chunk:
+            body, head = lm_head.body_and_head(self.student)
+            out = body(**kwargs)
+            scores = lm_head.chunked_scores(out.last_hidden_state, head, targets, self.logits_chunk)
+        else:
+            out = self.student(**kwargs)
+            scores = lm_head.scores_from_logits(out.logits, targets)
         projected = {}
         for s, t in feature_pairs:
             hidden = out.hidden_states[s] if positions is None else out.hidden_states[s][:, positions]
             projected[(s, t)] = self.projectors(s, t, hidden)
-        return out, projected
+        return out.hidden_states, projected, scores
 
 
 def _student_spec(cfg: Config) -> ModelConfig:
@@ -229,20 +253,6 @@ def build_student(cfg: Config, on: torch.device) -> nn.Module:
 
 
 # ------------------------------------------------------------------------------------------------ loss step
-def causal_targets(input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """(labels, ce_mask, kd_mask), all [B, T].
-
-    Position t predicts token t+1: labels[t] = input_ids[t+1], valid where both are real tokens (the last position
-    has no label). The teacher's distribution at t is a target wherever t is a real token (the cache stores it at
-    every position, including the last real one).
-    """
-    labels = torch.zeros_like(input_ids)
-    labels[:, :-1] = input_ids[:, 1:]
-    ce_mask = torch.zeros_like(attention_mask, dtype=torch.bool)
-    ce_mask[:, :-1] = attention_mask[:, :-1].bool() & attention_mask[:, 1:].bool()
-    return labels, ce_mask, attention_mask.bool()
-
-
 def _loss_step(
     model: nn.Module, batch: dict[str, Any], recipe: Recipe, gather: bool
 ) -> tuple[Tensor, dict[str, Tensor], dict[str, float]]:
@@ -254,23 +264,14 @@ def _loss_step(
     lc = recipe.loss
     input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
     positions = batch.get("hidden_positions") if recipe.feature_pairs else None
-    out, projected = model(input_ids, attention_mask, recipe.needs_hidden, recipe.feature_pairs, positions)
-    logits = out.logits  # [B, T, V]
     labels, ce_mask, kd_mask = causal_targets(input_ids, attention_mask)
-    comps: dict[str, Tensor] = {}
+    teacher = {k: batch[k] for k in lm_head.TEACHER_COLUMNS} if recipe.response else {}
+    # Without a weight CE is only logged, so it builds no graph.
+    targets = lm_head.HeadTargets(labels, ce_mask, kd_mask, teacher, recipe.response, ce_grad=lc.ce_weight > 0)
+    hidden_states, projected, comps = model(
+        input_ids, attention_mask, recipe.needs_hidden, recipe.feature_pairs, positions, targets
+    )
     counts = {"ce": float(ce_mask.sum()), "kd_response": float(kd_mask.sum())}
-    if lc.response.weight > 0:
-        rc = lc.response
-        comps["ce"], comps["kd_response"] = losses.ce_and_response_kd(
-            logits, labels, ce_mask, batch["topk_ids"], batch["topk_logprobs"], batch["tail_logmass"], kd_mask,
-            divergence=rc.divergence, temperature=rc.temperature, tail=rc.tail,
-            capture_temperature=recipe.capture_temperature, jsd_beta=rc.jsd_beta,
-        )  # fmt: skip
-    else:
-        # Without a weight CE is only logged, so it builds no graph.
-        with torch.set_grad_enabled(torch.is_grad_enabled() and lc.ce_weight > 0):
-            comps["ce"] = losses.cross_entropy(logits, labels, ce_mask)
-    del logits
     if lc.feature.weight > 0:
         sub_mask = kd_mask if positions is None else kd_mask[:, positions]
         terms = [
@@ -281,7 +282,7 @@ def _loss_step(
         counts["kd_feature"] = float(sub_mask.sum())
     if lc.relation.weight > 0:
         rel = lc.relation
-        pooled = losses.pool_hidden(out.hidden_states[recipe.relation_layer], attention_mask)
+        pooled = losses.pool_hidden(hidden_states[recipe.relation_layer], attention_mask)
         teacher = batch["embed"]
         if gather and rel.gather_across_ranks:
             pooled, teacher = losses.gather_across_ranks(pooled), losses.gather_across_ranks(teacher)
@@ -580,7 +581,7 @@ def _train_variant(cfg: Config, rd: RunDir, ctx: StageContext, variant: str) -> 
     if train.gradient_checkpointing:
         student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     projectors = _setup_projectors(recipe, student, meta)
-    model = Distillee(student, projectors).to(acc.device)
+    model = Distillee(student, projectors, train.logits_chunk).to(acc.device)
     model.train()
     model = acc.prepare(model)  # before the optimizer: FSDP2 replaces the parameters by their shards
     optimizer = acc.prepare(_setup_optimizer(model, train))
