@@ -14,8 +14,9 @@ the cached distributions have realistic, non-uniform entropy; full mode uses the
 shapes and is meant for a GPU (peak memory then comes from ``torch.cuda.max_memory_allocated``).
 
 The measured code is the pipeline's own: ``cache.extract_batch``/``cache.topk_chunked`` for extraction,
-``cache_format.write_shard``/``benchmark_reader`` for storage and reading, ``train._loss_step`` for KD steps and
-``slurm`` for the chain. The bench is a tool, not a stage: it imports stage modules, stages never import it.
+``cache_format.write_shard``/``benchmark_reader`` for storage and reading, ``train._loss_step`` for KD steps (with
+``pipeline.lm_head``'s chunked head for the student-step rows) and ``slurm`` for the chain. The bench is a tool,
+not a stage: it imports stage modules, stages never import it.
 """
 
 from __future__ import annotations
@@ -94,7 +95,8 @@ class Sizes:
 # (configs/llama70b_to_8b.yaml: 2048 per shard), and toy 64-row shards would time the per-file and per-row-group
 # fixed costs of opening and decoding (footer, per-column setup) far more than any real cache run pays them.
 QUICK = Sizes("quick", 400_000, 4096, 128, 4, 80, 64, 2, 128, 256, 256, 8, 4096, 256, 1024, 7, 1)
-FULL = Sizes("full", 3_000_000, 4096, 128, 4, 120, 256, 4, 512, 512, 512, 8, 16384, 1024, 4096, 15, None, True)
+FULL = Sizes("full", 3_000_000, 4096, 128, 4, 120, 256, 4, 512, 512, 512, 8, 16384, 1024, 4096, 15, None, True,
+             step_batch=4, step_seq_len=1024, step_chunk=512)  # fmt: skip
 # Quick shapes on the demo's real teacher and student (make demo's assets): CPU figures for realistic models, where
 # the tiny models of quick mode overstate fixed per-step costs (LM head share, relation triplets).
 DEMO = dataclasses.replace(QUICK, name="demo-models", repeats=5, use_demo_models=True, parallel_rows=32)
