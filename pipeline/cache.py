@@ -40,11 +40,9 @@ import contextlib
 import dataclasses
 import json
 import os
-import statistics
-import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +58,6 @@ from pipeline.config import CacheConfig, Config, ConfigError, model_identity, se
 from pipeline.config import load as load_config
 from pipeline.jsonlog import JsonLogger
 from pipeline.rundir import (
-    REPO,
     PipelineError,
     RunDir,
     StageContext,
@@ -220,88 +217,6 @@ def to_columns(parts: list[dict[str, torch.Tensor]], packed: dict[str, Any]) -> 
         else:
             cols[name] = merged.numpy()
     return cols
-
-
-# ------------------------------------------------------------------------------------------------ measurement
-def benchmark_extraction(
-    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, spec: Extraction, repeats: int = 3
-) -> dict[str, float]:
-    """Seconds of a bare teacher forward vs :func:`extract_batch` on the same batch and model.
-
-    The bare forward is ``model(input_ids, attention_mask)`` returning full logits (no KV cache, as in the
-    extraction). After one untimed call of each they alternate ``repeats`` times, so background load hits both
-    alike; reported are medians and the spread of the per-repeat ratios."""
-    bare, extract = [], []
-
-    def forward() -> torch.Tensor:
-        return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-
-    def timed(fn: Callable[[], object]) -> float:
-        mdl.synchronize(input_ids.device)
-        start = time.perf_counter()
-        fn()
-        mdl.synchronize(input_ids.device)
-        return time.perf_counter() - start
-
-    with torch.inference_mode():
-        forward(), extract_batch(model, input_ids, attention_mask, spec)
-        for _ in range(repeats):
-            bare.append(timed(forward))
-            extract.append(timed(lambda: extract_batch(model, input_ids, attention_mask, spec)))
-    ratios = sorted(e / b for e, b in zip(extract, bare, strict=True))
-    return {
-        "bare_forward_s": statistics.median(bare),
-        "extraction_s": statistics.median(extract),
-        "overhead_ratio": statistics.median(ratios),
-        "overhead_ratio_min": ratios[0],
-        "overhead_ratio_max": ratios[-1],
-    }
-
-
-def _topk_peak_child(mode: str, positions: int, hidden: int, vocab: int, chunk: int, top_k: int) -> int:
-    """In a fresh process: bytes the resident-set peak rises by while computing top-k (``mode``: chunked/full)."""
-    torch.manual_seed(0)
-    states = torch.randn(positions, hidden)
-    head = torch.nn.Linear(hidden, vocab, bias=False)
-    page = os.sysconf("SC_PAGE_SIZE")
-    with open("/proc/self/statm") as fh:
-        before = int(fh.read().split()[1]) * page
-    with open("/proc/self/clear_refs", "w") as fh:  # "5" resets the peak RSS (VmHWM) to the current RSS
-        fh.write("5")
-    with torch.inference_mode():
-        if mode == "chunked":
-            topk_chunked(states, head, top_k, 1.0, chunk)
-        else:
-            torch.topk(torch.log_softmax(head(states), dim=-1), top_k, dim=-1)
-    with open("/proc/self/status") as fh:
-        peak = next(int(line.split()[1]) * 1024 for line in fh if line.startswith("VmHWM:"))
-    return peak - before
-
-
-def topk_peak_memory(
-    positions: int = 8 * 256, hidden: int = 576, vocab: int = 49152, chunk: int = 128, top_k: int = 16
-) -> dict[str, float]:
-    """Peak extra memory (resident set, Linux) of chunked top-k vs materialised [positions, V] logits, each in a
-    fresh process; ``ratio_to_logits`` compares the chunked peak with positions x V x 4 bytes."""
-
-    def child(mode: str) -> int:
-        code = (
-            "from pipeline.cache import _topk_peak_child; "
-            f"print(_topk_peak_child({mode!r}, {positions}, {hidden}, {vocab}, {chunk}, {top_k}))"
-        )
-        env = {**os.environ, "PYTHONPATH": str(REPO)}
-        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
-        return int(done.stdout.split()[-1])
-
-    chunked, full = child("chunked"), child("full")
-    logits = positions * vocab * 4
-    return {
-        "logits_bytes": float(logits),
-        "chunked_peak_bytes": float(chunked),
-        "full_peak_bytes": float(full),
-        "ratio_to_logits": chunked / logits,
-        "ratio_to_full": chunked / full,
-    }
 
 
 # ------------------------------------------------------------------------------------------------- planning

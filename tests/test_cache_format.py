@@ -125,6 +125,23 @@ def test_round_trip_values_dtypes_and_shapes(tmp_path):
     assert "BYTE_STREAM_SPLIT" in leaf.encodings and not leaf.has_dictionary_page
 
 
+def test_row_sampler_deals_every_row_once_per_epoch_over_ranks_and_workers_from_row_counts_alone():
+    samplers = [
+        cf.RowSampler(
+            [7, 9, 4], batch_size=3, seed=5, shuffle=True, shuffle_buffer=4, rank=rank, world_size=2, infinite=False
+        )  # fmt: skip
+        for rank in range(2)
+    ]
+    for epoch in (0, 1):
+        dealt = [(s, e, i) for s in samplers for worker in range(3) for e, i in s.schedule(epoch, 0, worker, 3)]
+        assert {e for _, e, _ in dealt} == {epoch}
+        rows = np.concatenate([s.batch_rows(e, i) for s, e, i in dealt])
+        assert sorted(rows.tolist()) == list(range(20))
+    assert samplers[0].epoch_order(0).tolist() != samplers[0].epoch_order(1).tolist()
+    assert [s.batches_per_epoch for s in samplers] == [4, 3]  # 20 rows: 7 batches, the last (rank 0's) short
+    assert [len(s.batch_rows(0, s.batches_per_epoch - 1)) for s in samplers] == [2, 3]
+
+
 @pytest.mark.parametrize("mode", ["arena", "wide", "direct"])
 def test_batches_spanning_more_row_groups_than_cached_slots(tmp_path, monkeypatch, mode):
     if mode == "wide":  # hidden (48-byte rows here) and top-k id columns (72) take the no-arena path of wide rows
@@ -142,13 +159,13 @@ def test_batches_spanning_more_row_groups_than_cached_slots(tmp_path, monkeypatc
         assert sorted(ids) == list(range(16)) and list(ids) != list(range(16))
         for batch in batches:
             rows = batch["sample_id"].numpy()
-            spans.append(len(set(ds.row_group[ds.file_offsets[0] + rows].tolist())))
+            spans.append(len(set(ds.arena.row_group[ds.sampler.file_offsets[0] + rows].tolist())))
             np.testing.assert_array_equal(batch["topk_ids"].numpy(), merged["topk_ids"][rows])
             np.testing.assert_array_equal(batch["hidden.1"].numpy(), merged["hidden_1"][rows])
             np.testing.assert_array_equal(batch["embed"].numpy(), merged["embed"][rows])
-    assert ds._slots > 1 and max(spans) > 1
+    assert ds.arena._slots > 1 and max(spans) > 1
     direct = {"arena": [], "wide": ["hidden_1", "hidden_3", "topk_ids"], "direct": sorted(ds.columns)}[mode]
-    assert ds.direct == (mode == "direct") and sorted(ds._direct) == direct
+    assert ds.arena.direct == (mode == "direct") and sorted(ds.arena._direct) == direct
 
 
 def test_bf16_hidden_subsampled_positions_and_column_selection(tmp_path):
