@@ -212,7 +212,7 @@ def benchmark_extraction(
     model: torch.nn.Module,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
-    spec: cache_stage.Extraction,
+    extraction: cache_stage.Extraction,
     repeats: int = 3,
 ) -> dict[str, float]:
     """Seconds of a bare teacher forward vs :func:`extract_batch` on the same batch and model.
@@ -233,10 +233,10 @@ def benchmark_extraction(
         return time.perf_counter() - start
 
     with torch.inference_mode():
-        forward(), cache_stage.extract_batch(model, input_ids, attention_mask, spec)
+        forward(), cache_stage.extract_batch(model, input_ids, attention_mask, extraction)
         for _ in range(repeats):
             bare.append(timed(forward))
-            extract.append(timed(lambda: cache_stage.extract_batch(model, input_ids, attention_mask, spec)))
+            extract.append(timed(lambda: cache_stage.extract_batch(model, input_ids, attention_mask, extraction)))
     ratios = sorted(e / b for e, b in zip(extract, bare, strict=True))
     return {
         "bare_forward_s": statistics.median(bare),
@@ -402,7 +402,7 @@ def synthetic_batch(
         "embed": torch.randn(batch_size, teacher_dim, generator=gen),
     }
     for layer in layers:
-        batch[f"hidden.{layer}"] = torch.randn(batch_size, seq_len, teacher_dim, generator=gen)
+        batch[cf.hidden_column(layer)] = torch.randn(batch_size, seq_len, teacher_dim, generator=gen)
     return batch
 
 
@@ -556,10 +556,10 @@ def build_assets(sizes: Sizes, text_path: Path | None, on: torch.device, log: Ca
     describe: dict[str, Any] = {"text": source, "text_chars": len(text)}
     if sizes.use_demo_models and DEMO_TEACHER.is_dir():
         log(f"loading the demo teacher {DEMO_TEACHER.name}")
-        spec = ModelConfig(name_or_path=str(DEMO_TEACHER))
-        tokenizer = mdl.load_tokenizer(spec)
+        teacher_settings = ModelConfig(name_or_path=str(DEMO_TEACHER))
+        tokenizer = mdl.load_tokenizer(teacher_settings)
         stream = np.asarray(tokenizer(text)["input_ids"], dtype=np.int32)
-        teacher = mdl.load_causal_lm(spec, "teacher", on).eval()
+        teacher = mdl.load_causal_lm(teacher_settings, "teacher", on).eval()
         vocab = int(teacher.config.vocab_size)
         if DEMO_STUDENT.is_dir():
             student = mdl.load_causal_lm(ModelConfig(name_or_path=str(DEMO_STUDENT), dtype="float32"), "student", on)
@@ -598,8 +598,8 @@ def build_assets(sizes: Sizes, text_path: Path | None, on: torch.device, log: Ca
 def write_bench_cache(assets: Assets, sizes: Sizes, out: Path) -> tuple[list[Path], dict[str, Any]]:
     """Cache the token rows (top-k + tail, no hidden states) with the cache stage's own extraction and writer
     (zstd level 3, the defaults); returns the shard paths and the first shard's metadata."""
-    ccfg = CacheConfig(top_k=TOP_K, batch_size=sizes.batch)
-    spec, fields = cache_stage.resolve_extraction(ccfg, assets.teacher.config, sizes.seq_len, 0)
+    cache_settings = CacheConfig(top_k=TOP_K, batch_size=sizes.batch)
+    extraction, fields = cache_stage.resolve_extraction(cache_settings, assets.teacher.config, sizes.seq_len, 0)
     shutil.rmtree(out, ignore_errors=True)
     files = []
     for first in range(0, sizes.cache_rows, sizes.rows_per_shard):
@@ -612,7 +612,7 @@ def write_bench_cache(assets: Assets, sizes: Sizes, out: Path) -> tuple[list[Pat
         parts = []
         for start in range(0, len(ids), sizes.batch):
             batch = torch.from_numpy(ids[start : start + sizes.batch].astype(np.int64))
-            parts.append(cache_stage.extract_batch(assets.teacher, batch, torch.ones_like(batch), spec))
+            parts.append(cache_stage.extract_batch(assets.teacher, batch, torch.ones_like(batch), extraction))
         name = f"train-{len(files):05d}.parquet"
         meta = {
             "teacher": "bench",
@@ -647,8 +647,10 @@ def bench_extraction(assets: Assets, sizes: Sizes, on: torch.device) -> tuple[Ro
     fraction of this machine's matmul ceiling."""
     teacher = assets.teacher
     layer = max(1, teacher.config.num_hidden_layers // 2)
-    ccfg = CacheConfig(top_k=TOP_K, hidden_layers=[layer], batch_size=sizes.batch, logits_chunk=sizes.logits_chunk)
-    spec, _ = cache_stage.resolve_extraction(ccfg, teacher.config, sizes.seq_len, 0)
+    cache_settings = CacheConfig(
+        top_k=TOP_K, hidden_layers=[layer], batch_size=sizes.batch, logits_chunk=sizes.logits_chunk
+    )
+    extraction, _ = cache_stage.resolve_extraction(cache_settings, teacher.config, sizes.seq_len, 0)
     ids = torch.from_numpy(assets.rows[: sizes.batch].astype(np.int64)).to(on)
     mask = torch.ones_like(ids)
 
@@ -657,7 +659,7 @@ def bench_extraction(assets: Assets, sizes: Sizes, on: torch.device) -> tuple[Ro
     flops = forward_flops(teacher, sizes.batch, sizes.seq_len)
     runs, ceilings = [], []
     for _ in range(sizes.repeats):  # forward pair and GEMM alternate: each fraction compares like with like
-        runs.append(benchmark_extraction(teacher, ids, mask, spec, repeats=1))
+        runs.append(benchmark_extraction(teacher, ids, mask, extraction, repeats=1))
         ceilings.append(gemm())
     times = {"bare": [r["bare_forward_s"] for r in runs], "extract": [r["extraction_s"] for r in runs]}
     ratio = statistics.median(r["overhead_ratio"] for r in runs)
@@ -772,11 +774,11 @@ def bench_bytes(files: list[Path], meta: dict[str, Any], assets: Assets) -> tupl
     return row, {"bytes_per_token": columns, "tokens": tokens, "topk_mass": mass}
 
 
-def parallel_tensor_size(tcfg: Any) -> int:
+def parallel_tensor_size(teacher_config: Any) -> int:
     """The smallest tensor-parallel size > 1 the teacher allows (2 for the tiny Llama, 3 for SmolLM2's 9/3 heads)."""
     heads, kv = (
-        int(tcfg.num_attention_heads),
-        int(getattr(tcfg, "num_key_value_heads", None) or tcfg.num_attention_heads),
+        int(teacher_config.num_attention_heads),
+        int(getattr(teacher_config, "num_key_value_heads", None) or teacher_config.num_attention_heads),
     )
     return next(t for t in range(2, heads + 1) if heads % t == 0 and kv % t == 0)
 
@@ -790,12 +792,12 @@ def parallel_worker(root: Path, out: Path, tensor_parallel: int, batch: int, log
 
     on = mdl.device()
     layout = tp.setup(tensor_parallel, on)
-    spec_model = TeacherConfig(name_or_path=str(root / "teacher"), dtype="float32")
-    teacher = tp.load_teacher(spec_model, layout, on)
+    teacher_settings = TeacherConfig(name_or_path=str(root / "teacher"), dtype="float32")
+    teacher = tp.load_teacher(teacher_settings, layout, on)
     rows = np.load(root / "rows.npy")
     layer = max(1, teacher.config.num_hidden_layers // 2)
-    ccfg = CacheConfig(top_k=TOP_K, hidden_layers=[layer], batch_size=batch, logits_chunk=logits_chunk)
-    spec, fields = cache_stage.resolve_extraction(ccfg, teacher.config, rows.shape[1], 0)
+    cache_settings = CacheConfig(top_k=TOP_K, hidden_layers=[layer], batch_size=batch, logits_chunk=logits_chunk)
+    extraction, fields = cache_stage.resolve_extraction(cache_settings, teacher.config, rows.shape[1], 0)
     pieces = np.array_split(np.arange(len(rows)), shards)
     tp.barrier(layout)
     started = time.perf_counter()
@@ -804,7 +806,7 @@ def parallel_worker(root: Path, out: Path, tensor_parallel: int, batch: int, log
         parts = []
         for start in range(0, len(ids), batch):
             chunk = torch.from_numpy(ids[start : start + batch].astype(np.int64))
-            parts.append(cache_stage.extract_batch(teacher, chunk, torch.ones_like(chunk), spec))
+            parts.append(cache_stage.extract_batch(teacher, chunk, torch.ones_like(chunk), extraction))
         if layout.writer:
             packed = {"sample_id": pieces[index].astype(np.int64), "input_ids": ids,
                       "attention_mask": np.ones_like(ids, dtype=np.int8)}  # fmt: skip

@@ -100,7 +100,7 @@ NONFINITE_MASK = {"float16": 0x7C00, "bfloat16": 0x7F80}
 
 
 def hidden_column(layer: int) -> str:
-    """Parquet column of hidden_states[layer]; the batch key is ``hidden.<layer>``."""
+    """Parquet column of hidden_states[layer], also its key in a :class:`CacheDataset` batch."""
     return f"hidden_{layer}"
 
 
@@ -384,8 +384,8 @@ CONSISTENT_KEYS = (
 
 
 def stored_column(key: str, meta: dict[str, Any]) -> str:
-    """The stored column of a batch key or column name: ``hidden.-1`` / ``hidden.3`` / ``hidden_3`` -> ``hidden_3``
-    (layer normalised against the cached teacher); other names unchanged."""
+    """The stored column a requested name stands for: ``hidden_-1`` / ``hidden_3`` (and the older spelling
+    ``hidden.3``) -> ``hidden_3``, the layer normalised against the cached teacher; other names unchanged."""
     for prefix in ("hidden.", "hidden_"):
         if key.startswith(prefix) and key[len(prefix) :].lstrip("-").isdigit():
             return hidden_column(normalise_layer(int(key[len(prefix) :]), meta))
@@ -651,7 +651,7 @@ class CacheDataset(IterableDataset):
     Use ``batch_size=None`` in the DataLoader and ``persistent_workers=False`` (workers copy the dataset, including
     its epoch, when an iterator is created). Each batch dict also holds ``epoch`` and ``batch_index`` (position in
     this rank's epoch): resume with ``start_from(epoch, batch_index + 1)``. Tensors are in the stored dtypes
-    (int32 ids, int8 mask, fp16 log-probs and tail, fp16/bf16 hidden states as ``hidden.<i>``, float32 embed,
+    (int32 ids, int8 mask, fp16 log-probs and tail, fp16/bf16 hidden states as ``hidden_<i>``, float32 embed,
     int64 sample_id): move and widen them with :func:`to_compute`. Each consumer reads the row groups its rows fall
     in, so I/O grows with ranks x workers for wide shuffle windows.
     """
@@ -720,7 +720,9 @@ class CacheDataset(IterableDataset):
             check_finite=check_finite,
             cached_row_groups=cached_row_groups,
         )
-        self._keys = [(name, *_batch_key(name, self.meta)) for name in self.columns]
+        # hidden states are stored as 2-byte patterns: viewed as the cached dtype, no copy
+        hidden_dtype = HIDDEN_DTYPES[self.meta["hidden_dtype"]]
+        self._views = {name: hidden_dtype if name.startswith("hidden_") else None for name in self.columns}
         positions = first["hidden_positions"]
         self._hidden_positions = None
         if positions is not None and any(name.startswith("hidden_") for name in self.columns):
@@ -752,20 +754,13 @@ class CacheDataset(IterableDataset):
         dtype conversion here (see :func:`to_compute`) beyond viewing 2-byte hidden patterns as fp16/bf16."""
         values = self.arena.gather(rows)
         batch: dict[str, Any] = {}
-        for name, key, view in self._keys:
+        for name, view in self._views.items():
             tensor = torch.from_numpy(values[name])
-            batch[key] = tensor if view is None else tensor.view(view)
+            batch[name] = tensor if view is None else tensor.view(view)
         if self._hidden_positions is not None:
             batch["hidden_positions"] = self._hidden_positions.clone()
         batch["epoch"], batch["batch_index"] = epoch, index
         return batch
-
-
-def _batch_key(column: str, meta: dict[str, Any]) -> tuple[str, torch.dtype | None]:
-    """(batch key, dtype to view the stored 2-byte patterns as, for hidden states) of one stored column."""
-    if column.startswith("hidden_"):
-        return "hidden." + column[len("hidden_") :], HIDDEN_DTYPES[meta["hidden_dtype"]]
-    return column, None
 
 
 def to_compute(batch: dict[str, Any], device: torch.device | str) -> dict[str, Any]:

@@ -157,7 +157,7 @@ class LossRecipe:
         if self.loss.response.weight > 0:
             cols += ["topk_ids", "topk_logprobs", "tail_logmass"]
         if self.loss.feature.weight > 0:
-            cols += [f"hidden.{t}" for t in dict.fromkeys(t for _, t in self.feature_pairs)]
+            cols += [cache_format.hidden_column(t) for t in dict.fromkeys(t for _, t in self.feature_pairs)]
         if self.loss.relation.weight > 0:
             cols.append("embed")
         return cols
@@ -282,7 +282,7 @@ def _loss_step(
     if config.feature.weight > 0:
         sub_mask = kd_mask if positions is None else kd_mask[:, positions]
         terms = [
-            losses.feature_distance(proj, batch[f"hidden.{t}"], sub_mask, config.feature.metric)
+            losses.feature_distance(proj, batch[cache_format.hidden_column(t)], sub_mask, config.feature.metric)
             for (_, t), proj in projected.items()
         ]
         components["kd_feature"] = torch.stack(terms).mean()

@@ -102,19 +102,19 @@ def test_round_trip_values_dtypes_and_shapes(tmp_path):
         "topk_ids": torch.int32,
         "topk_logprobs": torch.float16,
         "tail_logmass": torch.float16,
-        "hidden.1": torch.float16,
-        "hidden.3": torch.float16,
+        "hidden_1": torch.float16,
+        "hidden_3": torch.float16,
         "embed": torch.float32,
     }
-    assert got["topk_ids"].shape == (9, T, K) and got["hidden.1"].shape == (9, T, H)
+    assert got["topk_ids"].shape == (9, T, K) and got["hidden_1"].shape == (9, T, H)
     for name in ("sample_id", "input_ids", "attention_mask", "topk_ids", "topk_logprobs", "tail_logmass", "embed"):
         np.testing.assert_array_equal(got[name].numpy(), merged[name])
-    np.testing.assert_array_equal(got["hidden.3"].numpy(), merged["hidden_3"])
+    np.testing.assert_array_equal(got["hidden_3"].numpy(), merged["hidden_3"])
     # to_compute widens on the device: int64 ids and mask, float32 floats, same values; non-tensors pass through
     wide = cf.to_compute({**batches[0], "hidden_positions": torch.arange(3)}, "cpu")
     assert {k: v.dtype for k, v in wide.items() if isinstance(v, torch.Tensor)} == {
         **{k: torch.int64 for k in ("sample_id", "input_ids", "attention_mask", "topk_ids", "hidden_positions")},
-        **{k: torch.float32 for k in ("topk_logprobs", "tail_logmass", "hidden.1", "hidden.3", "embed")},
+        **{k: torch.float32 for k in ("topk_logprobs", "tail_logmass", "hidden_1", "hidden_3", "embed")},
     }
     assert torch.equal(wide["topk_logprobs"], batches[0]["topk_logprobs"].float())
     assert torch.equal(wide["topk_ids"], batches[0]["topk_ids"].long()) and wide["epoch"] == 0
@@ -161,7 +161,7 @@ def test_batches_spanning_more_row_groups_than_cached_slots(tmp_path, monkeypatc
             rows = batch["sample_id"].numpy()
             spans.append(len(set(ds.arena.row_group[ds.sampler.file_offsets[0] + rows].tolist())))
             np.testing.assert_array_equal(batch["topk_ids"].numpy(), merged["topk_ids"][rows])
-            np.testing.assert_array_equal(batch["hidden.1"].numpy(), merged["hidden_1"][rows])
+            np.testing.assert_array_equal(batch["hidden_1"].numpy(), merged["hidden_1"][rows])
             np.testing.assert_array_equal(batch["embed"].numpy(), merged["embed"][rows])
     assert ds.arena._slots > 1 and max(spans) > 1
     direct = {"arena": [], "wide": ["hidden_1", "hidden_3", "topk_ids"], "direct": sorted(ds.columns)}[mode]
@@ -172,11 +172,11 @@ def test_bf16_hidden_subsampled_positions_and_column_selection(tmp_path):
     positions = cf.hidden_positions(T, every_n=2)
     assert positions == [0, 2, 4]
     paths, written = write_shards(tmp_path, [4], hidden_dtype="bfloat16", hidden_positions=positions, embed_layer=None)
-    ds = cf.CacheDataset(paths, batch_size=4, shuffle=False, columns=["topk_logprobs", "hidden.-1"])
+    ds = cf.CacheDataset(paths, batch_size=4, shuffle=False, columns=["topk_logprobs", "hidden_-1"])
     (batch,) = list(ds)
-    assert set(batch) == {"sample_id", "topk_logprobs", "hidden.3", "hidden_positions", "epoch", "batch_index"}
+    assert set(batch) == {"sample_id", "topk_logprobs", "hidden_3", "hidden_positions", "epoch", "batch_index"}
     expected = torch.from_numpy(written[0]["hidden_3"]).view(torch.bfloat16)
-    assert torch.equal(batch["hidden.3"], expected) and batch["hidden.3"].shape == (4, 3, H)
+    assert torch.equal(batch["hidden_3"], expected) and batch["hidden_3"].shape == (4, 3, H)
     assert batch["hidden_positions"].tolist() == positions
     fraction = cf.hidden_positions(100, fraction=0.25, seed=1)
     assert len(fraction) == 25 and fraction == sorted(set(fraction)) == cf.hidden_positions(100, fraction=0.25, seed=1)
@@ -279,7 +279,7 @@ def test_metadata_errors(tmp_path):
     with pytest.raises(PipelineError, match="hidden layer 2 is not cached"):
         cf.validate_for_student(good, vocab_hash="vocabhash", vocab_size=V, need_hidden_layers=[2])
     with pytest.raises(PipelineError, match="requested column 'hidden_2'"):
-        cf.CacheDataset(paths, batch_size=2, columns=["hidden.2"])
+        cf.CacheDataset(paths, batch_size=2, columns=["hidden_2"])
     other, _ = write_shards(tmp_path / "other", [3], top_k=K, teacher_fingerprint="different")
     with pytest.raises(PipelineError, match="teacher_fingerprint.*cannot be mixed"):
         cf.CacheDataset(paths + other, batch_size=2)
