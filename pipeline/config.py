@@ -231,6 +231,9 @@ class TrainConfig:
     num_workers: int = _opt(0, "DataLoader workers per rank", NON_NEGATIVE)
     shuffle_buffer: int = _opt(256, "rows in the shuffle buffer", POSITIVE)
     threads: int | None = _opt(None, "torch CPU threads (None: torch default)", POSITIVE)
+    trackers: list[Literal["tensorboard", "wandb"]] = _opt(
+        [], "experiment trackers fed every logged metric through accelerate (logs/<run>/train/trackers/<variant>)"
+    )
 
 
 # ------------------------------------------------------------------------------------------------- evaluate

@@ -79,7 +79,7 @@ CHECKPOINT_PREFIX = "step_"
 TMP_PREFIX = ".tmp-"
 # Knobs that change how a run is observed or stored, not what it computes: a resume may change them.
 OPERATIONAL_KEYS = ("checkpoint_every", "keep_checkpoints", "eval_every", "eval_batches", "log_every", "resume")
-OPERATIONAL_KEYS += ("num_workers", "threads", "variants", "baseline_variant")
+OPERATIONAL_KEYS += ("num_workers", "threads", "variants", "baseline_variant", "trackers")
 
 
 def signal_from_code(total: float) -> int | None:
@@ -306,9 +306,13 @@ def _loss_step(
 def _train_variant(cfg: Config, rd: RunDir, ctx: StageContext, variant: str) -> dict[str, float]:
     """Setup, resume, loop, finish: the whole run of one variant; returns its summary numbers."""
     setup = _setup(cfg, rd, ctx, variant)
-    progress, batches = _resume(cfg, ctx, setup)
-    last_train, val = _train_loop(cfg, ctx, setup, progress, batches)
-    return _finish(cfg, setup, progress, last_train, val)
+    try:
+        progress, batches = _resume(cfg, ctx, setup)
+        last_train, val = _train_loop(cfg, ctx, setup, progress, batches)
+        return _finish(cfg, setup, progress, last_train, val)
+    finally:
+        for tracker in setup.accelerator.trackers:  # not end_training(): it ends the process group too
+            tracker.finish()
 
 
 # ---------------------------------------------------------------------------------------------------- setup
@@ -352,7 +356,7 @@ def _setup(cfg: Config, rd: RunDir, ctx: StageContext, variant: str) -> Training
     meta = cache_format.read_cache_meta(train_files[0])  # what the student must match
 
     recipe = resolve_recipe(variant, train.variants[variant], meta, load_model_config(cfg.student, "student"))
-    acc = _setup_accelerator(cfg, recipe)
+    acc = _setup_accelerator(cfg, recipe, rd.logs / STAGE / "trackers" / variant)
     torch.manual_seed(cfg.seed)  # identical projector init on every rank (DDP also broadcasts rank 0's)
     student = build_student(cfg, acc.device)
     tokenizer = _setup_tokenizer(cfg, meta, recipe, student)
@@ -369,6 +373,8 @@ def _setup(cfg: Config, rd: RunDir, ctx: StageContext, variant: str) -> Training
     # every shard's footer checked (one cache run, the columns this recipe reads) before anything is written
     train_data = _setup_data(train_files, recipe, cfg, acc.process_index, acc.num_processes, train=True)
 
+    identity = resume_identity(cfg, variant, ctx.state.inputs)
+    _setup_trackers(acc, cfg, variant, identity)
     world, seq_len = acc.num_processes, int(meta["seq_len"])
     sequences = train.micro_batch_size * train.grad_accum_steps * world
     ctx.log.info(
@@ -390,12 +396,13 @@ def _setup(cfg: Config, rd: RunDir, ctx: StageContext, variant: str) -> Training
         val_files=cache_format.list_cache_shards(cache_dir, "val"),
         seq_len=seq_len,
         trainable_params=trainable,
-        resume_identity=resume_identity(cfg, variant, ctx.state.inputs),
+        resume_identity=identity,
     )
 
 
-def _setup_accelerator(cfg: Config, recipe: LossRecipe) -> Any:
-    """Accelerator: DDP, or FSDP2 (``pipeline.fsdp``, on CPU too) across processes; bf16 on GPU, fp32 on CPU.
+def _setup_accelerator(cfg: Config, recipe: LossRecipe, trackers_dir: Path) -> Any:
+    """Accelerator: DDP, or FSDP2 (``pipeline.fsdp``, on CPU too) across processes; bf16 on GPU, fp32 on CPU; the
+    experiment trackers of ``train.trackers`` writing under ``trackers_dir``.
 
     The LR scheduler is NOT handed to accelerate: its wrapper steps a scheduler once per process, which would run
     the schedule ``world_size`` times too fast; the loop steps it exactly once per optimizer step.
@@ -405,11 +412,23 @@ def _setup_accelerator(cfg: Config, recipe: LossRecipe) -> Any:
     on_gpu = torch.cuda.is_available()
     precision = cfg.train.mixed_precision
     mixed = ("bf16" if on_gpu else "no") if precision == "auto" else precision
+    trackers = {"log_with": list(cfg.train.trackers), "project_dir": str(trackers_dir)} if cfg.train.trackers else {}
     if cfg.train.distributed == "fsdp":  # FSDP2 casts to bf16 itself (MixedPrecisionPolicy): no autocast on top
-        return Fsdp2(Accelerator(cpu=not on_gpu, mixed_precision="no"), mixed)
+        return Fsdp2(Accelerator(cpu=not on_gpu, mixed_precision="no", **trackers), mixed)
     # Without logits in the loss the LM head (and layers past the last distilled one) get no gradient.
     ddp = DistributedDataParallelKwargs(find_unused_parameters=not recipe.uses_logits)
-    return Accelerator(cpu=not on_gpu, mixed_precision=mixed, kwargs_handlers=[ddp])
+    return Accelerator(cpu=not on_gpu, mixed_precision=mixed, kwargs_handlers=[ddp], **trackers)
+
+
+def _setup_trackers(acc: Any, cfg: Config, variant: str, identity: dict[str, Any]) -> None:
+    """TensorBoard / Weights & Biases runs (accelerate's tracker support, main process only) named after the run
+    and the variant, with what the resume identity covers as hyperparameters; the loop logs every metrics.jsonl
+    line to them as ``train/<name>`` and ``val/<name>``."""
+    if not cfg.train.trackers:
+        return
+    hparams = {k: v if isinstance(v, (bool, int, float, str)) else json.dumps(v) for k, v in identity.items()}
+    wandb = {"name": variant, "group": cfg.run_name}
+    acc.init_trackers(cfg.run_name, config=hparams, init_kwargs={"wandb": wandb})
 
 
 def _setup_tokenizer(cfg: Config, meta: dict[str, Any], recipe: LossRecipe, student: nn.Module) -> Any:
@@ -639,11 +658,13 @@ def _train_loop(
                 window_tokens, window_s = 0.0, 0.0
                 if acc.is_main_process:
                     _append_jsonl(setup.metrics_path, record)
+                acc.log({f"train/{k}": v for k, v in record.items() if k not in ("step", "split")}, step=step)
                 ctx.log.info("step", f"{variant} step {step}/{train.max_steps}", **record)
             if setup.val_files and (step % train.eval_every == 0 or step == train.max_steps):
                 val = _validate(setup, cfg)
                 if acc.is_main_process:
                     _append_jsonl(setup.metrics_path, {"step": step, "split": "val", **val})
+                acc.log({f"val/{k}": v for k, v in val.items()}, step=step)
                 ctx.log.info("val", f"{variant} step {step}", **val)
             if step % train.checkpoint_every == 0 or step == train.max_steps or result.signal:
                 _save_checkpoint(setup, progress, train.keep_checkpoints)
@@ -915,7 +936,8 @@ def _units(cfg: Config, args: Any) -> list[str | None]:
 
 
 def _sections(cfg: Config, unit: str | None) -> dict[str, Any]:
-    train = {k: v for k, v in to_dict(cfg.train).items() if k not in ("variants", "baseline_variant")}
+    # trackers only mirror metrics.jsonl elsewhere: adding one does not make a trained variant stale
+    train = {k: v for k, v in to_dict(cfg.train).items() if k not in ("variants", "baseline_variant", "trackers")}
     variant = cfg.train.variants[unit]
     return {"student": cfg.student, f"train.variants.{unit}": variant, "train": train, "seed": cfg.seed}
 
