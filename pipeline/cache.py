@@ -56,7 +56,7 @@ from pipeline import modeling as mdl
 from pipeline import teacher_parallel as tp
 from pipeline.config import CacheConfig, Config, ConfigError, model_identity, section_hash
 from pipeline.config import load as load_config
-from pipeline.jsonlog import JsonLogger
+from pipeline.jsonlog import JsonLogger, console_progress
 from pipeline.rundir import (
     PipelineError,
     RunDir,
@@ -458,7 +458,7 @@ def run(cfg: Config, rd: RunDir, ctx: StageContext) -> dict[str, float]:
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         **fields,
     }
-    progress = Progress(ctx.log, cfg.cache.log_every_s, len(ours))
+    progress = Progress(ctx.log, cfg.cache.log_every_s, len(ours), sum(int(shard["rows"]) for _, shard in ours))
     done = {k: 0.0 for k in ("shards_computed", "rows", "tokens", "bytes")}
     with preemption.deferred(preemption.WARNING):  # the warning lets the shard in hand finish; SIGTERM stops at once
         stopped = False
@@ -480,6 +480,7 @@ def run(cfg: Config, rd: RunDir, ctx: StageContext) -> dict[str, float]:
         if tp.any_rank(stopped, layout.control):  # every rank stops together, after its replica's last shard
             where = f"{progress.shards_done} of {len(ours)} shards of this replica written"
             raise preemption.Interrupted(preemption.received() or preemption.WARNING, where, **progress.metrics())
+    progress.bar.close()
     totals.update(tp.sum_over_ranks(done, layout))
     totals["tokens_per_s"] = totals["tokens"] / max(progress.elapsed(), 1e-9)
     totals["bytes_per_token"] = totals["bytes"] / max(totals["tokens"], 1.0)
@@ -487,12 +488,14 @@ def run(cfg: Config, rd: RunDir, ctx: StageContext) -> dict[str, float]:
 
 
 class Progress:
-    """Token counter that logs ``progress`` lines with tokens/s every ``every_s`` seconds."""
+    """Token counter that logs ``progress`` lines with tokens/s every ``every_s`` seconds, and moves the console's
+    progress bar over the rows of this replica's shards (``jsonlog.console_progress``: interactive terminals only)."""
 
-    def __init__(self, log: JsonLogger, every_s: float, shards_total: int) -> None:
+    def __init__(self, log: JsonLogger, every_s: float, shards_total: int, rows_total: int) -> None:
         self.log, self.every_s, self.shards_total = log, every_s, shards_total
         self.start = self.last = time.monotonic()
         self.tokens, self.shards_done = 0, 0
+        self.bar = console_progress(log, rows_total, "cache", "row")
 
     def elapsed(self) -> float:
         return time.monotonic() - self.start
@@ -505,8 +508,9 @@ class Progress:
             "shards_total": self.shards_total,
         }
 
-    def add(self, tokens: int) -> None:
+    def add(self, tokens: int, rows: int) -> None:
         self.tokens += tokens
+        self.bar.update(rows)
         if time.monotonic() - self.last >= self.every_s:
             self.last = time.monotonic()
             self.log.info("progress", "", **self.metrics())
@@ -538,7 +542,7 @@ def cache_one_shard(
         ids = torch.from_numpy(packed["input_ids"][start : start + batch].astype(np.int64))
         mask = torch.from_numpy(packed["attention_mask"][start : start + batch].astype(np.int64))
         parts.append(extract_batch(model, ids, mask, extraction))
-        progress.add(int(mask.sum()))
+        progress.add(int(mask.sum()), len(ids))
     if not write:
         progress.shards_done += 1
         return None

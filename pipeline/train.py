@@ -51,7 +51,7 @@ from torch import Tensor, nn
 from pipeline import cache_format, definition, losses, preemption
 from pipeline.config import Config, ConfigError, LossConfig, ModelConfig, TrainConfig, flatten, to_dict
 from pipeline.fsdp import Fsdp2
-from pipeline.jsonlog import redact_values
+from pipeline.jsonlog import console_progress, redact_values
 from pipeline.modeling import (
     load_causal_lm,
     load_model_config,
@@ -638,7 +638,8 @@ def _train_loop(
     val: dict[str, float] = {}
     window_tokens, window_s = 0.0, 0.0  # throughput since the last logged step
     progress.started = time.monotonic()
-    with preemption.deferred(preemption.WARNING, preemption.STOP):  # both wait for a checkpoint at the step's end
+    bar = console_progress(ctx.log, train.max_steps, variant, "step", initial=progress.step)
+    with preemption.deferred(preemption.WARNING, preemption.STOP), bar:  # signals wait for the step's end
         while progress.step < train.max_steps:
             t0 = time.perf_counter()
             result = _optimizer_step(setup, batches, train, progress)
@@ -649,6 +650,7 @@ def _train_loop(
             window_tokens, window_s = window_tokens + result.tokens, window_s + time.perf_counter() - t0
             progress.tokens += result.tokens
             last_train = result.losses
+            bar.update(1)
             if step % train.log_every == 0 or step == train.max_steps:
                 record = {
                     "step": step, "split": "train", **last_train, "lr": result.lr, "grad_norm": result.grad_norm,
