@@ -494,12 +494,15 @@ def job_log_records(logs_dir: Path, run: str, stage: str, job_id: str) -> list[d
 
 
 def last_progress(records: list[dict], failed: bool) -> dict | None:
-    """What to show for a job: its last error when it failed (the line that says why), else its latest line."""
+    """What to show for a job: its last error when it failed (the line that says why, from whichever rank wrote
+    it), else its latest line from rank 0 (of any array task; the other ranks of a torchrun stage echo it, and
+    on a stop only rank 0 asks Slurm why)."""
     if failed:
         errors = [r for r in records if r.get("level") == "error"]
         if errors:
             return errors[-1]
-    return records[-1] if records else None
+    lead = [r for r in records if r.get("rank", 0) == 0] or records
+    return lead[-1] if lead else None
 
 
 def run_status(record: dict) -> dict:
