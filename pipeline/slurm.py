@@ -34,6 +34,7 @@ import os
 import shlex
 import subprocess
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,6 +65,7 @@ class JobSpec:
     command: list[str]
     after: list[str] = field(default_factory=list)  # names of the jobs this one depends on (afterok)
     units: dict[str, str] = field(default_factory=dict)  # the units this job will run -> why they run
+    tasks: list[int] | None = None  # an array job's tasks to queue (of slurm.stages.<stage>.array_tasks)
 
     @property
     def name(self) -> str:
@@ -141,7 +143,31 @@ def stage_command(
         argv += ["--variant", unit]
     if definition.stage(stage).distributed:
         argv.append(f"--nproc-per-node={procs_per_node(cfg, stage)}")
+    if definition.stage(stage).slurm_jobs == "array":  # explicit: a resubmit may queue only some of the tasks
+        argv.append(f"--task-count={stage_resources(cfg, stage).array_tasks}")
     return argv + (["--force"] if force else []) + overrides
+
+
+def array_tasks(cfg: Config, stage: str, *, whole: bool) -> list[int]:
+    """The tasks of an array stage to queue: every one when ``whole`` (``--force``, or an upstream unit runs again
+    first, so what is left cannot be known yet), else those the stage module's ``pending_tasks`` names (the cache:
+    the tasks that own a shard without a matching record), so a resubmit after a partial cache asks for the nodes
+    of the unfinished tasks only."""
+    count = stage_resources(cfg, stage).array_tasks
+    if whole:
+        return list(range(count))
+    return importlib.import_module(f"pipeline.{stage}").pending_tasks(cfg, RunDir.from_config(cfg), count)
+
+
+def array_spec(tasks: Iterable[int]) -> str:
+    """sbatch's ``--array`` value for task ids: ``0-15``, ``1,3``, ``0-2,5``."""
+    runs: list[list[int]] = []
+    for task in sorted(tasks):
+        if runs and task == runs[-1][1] + 1:
+            runs[-1][1] = task
+        else:
+            runs.append([task, task])
+    return ",".join(f"{a}-{b}" if b > a else f"{a}" for a, b in runs)
 
 
 def plan(
@@ -166,6 +192,8 @@ def plan(
                 command = stage_command(cfg, config_path, overrides, stage.name, unit, force)
             job = JobSpec(stage.name, unit, command, units={str(u): why for u, why in group})
             direct = {job_of[up] for u, _ in group for up in definition.upstream(cfg, stage.name, u) if up in job_of}
+            if stage.slurm_jobs == "array":
+                job.tasks = array_tasks(cfg, stage.name, whole=force or bool(direct))
             # afterok on a job's upstream jobs, less those another of them already waits for (report after
             # evaluate, not also after every train job)
             implied = set().union(*(ancestors[d] for d in direct))
@@ -192,7 +220,7 @@ def sbatch_directives(cfg: Config, job: JobSpec, *, output: Path, dependency: li
     if res.gpus_per_node:
         opts.append(f"--gpus-per-node={res.gpus_per_node}")
     if stage.slurm_jobs == "array":
-        opts.append(f"--array=0-{res.array_tasks - 1}")
+        opts.append(f"--array={array_spec(job.tasks if job.tasks is not None else range(res.array_tasks))}")
     if stage.preemptible:  # to the batch shell (B:), which hands it on when the stage can take it
         opts.append(f"--signal=B:USR1@{cfg.slurm.signal_s}")
     for key in ("partition", "account", "qos", "constraint", "reservation", "mail_type", "mail_user", "export"):
@@ -349,6 +377,7 @@ def submit(
                     "units": job.units,
                     "job_id": ids[job.name],
                     "array_tasks": stage_resources(cfg, job.stage).array_tasks if pattern == "%A_%a" else None,
+                    "array": array_spec(job.tasks) if job.tasks is not None else None,  # the tasks queued
                     "after": dependency,
                     "after_jobs": job.after,
                     "script": str(script),
@@ -646,7 +675,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{'complete':<9} {_unit_label(done['stage'], done['unit'])} (not queued)")
             for job in record["jobs"]:
                 after = f" after {', '.join(job['after_jobs'])}" if job["after_jobs"] else ""
-                print(f"{job['job_id']:<9} {_label(job)}{after}")
+                tasks = f" (array tasks {job['array']} of {job['array_tasks']})" if job.get("array") else ""
+                print(f"{job['job_id']:<9} {_label(job)}{tasks}{after}")
             if not record["jobs"]:
                 print(f"run '{record['run']}' is complete for this config and its inputs: nothing to queue")
             elif not args.dry_run:

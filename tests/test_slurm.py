@@ -5,6 +5,7 @@ the chain overhead. Without sbatch the cluster tests skip with the reason; with 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -121,7 +122,8 @@ def test_a_resubmit_queues_only_what_is_not_complete(tiny_config):
     config = tiny_config()
     cfg = config_mod.load(config, overrides())
     rd = RunDir.from_config(cfg)
-    for spec, unit in ((manifest.SPEC, None), (cache.SPEC, None), (train.SPEC, "kd")):
+    assert manifest.main(["--config", str(config), *overrides()]) == 0  # the real one: the cache array's plan reads it
+    for spec, unit in ((cache.SPEC, None), (train.SPEC, "kd")):
         state = unit_state(spec, cfg, rd, unit)
         rd.write_marker(spec.name, unit, state, {}, {})
     record = _dry_run(config, overrides())
@@ -136,6 +138,7 @@ def test_a_resubmit_queues_only_what_is_not_complete(tiny_config):
     changed = _dry_run(config, overrides(**{"cache.top_k": 4}))  # the cache must be redone: all of it downstream
     assert [slurm._label(j) for j in changed["jobs"]][:2] == ["cache", "train[ce]"]
     assert changed["jobs"][0]["units"] == {"None": "cache: its configuration changed: cache.top_k (was 8, now 4)"}
+    assert "#SBATCH --array=0\n" in Path(changed["jobs"][0]["script"]).read_text()  # no shard has a record
     assert len(_dry_run(config, overrides(**{"cache.top_k": 4}))["jobs"]) == 8 - 1  # manifest still complete
 
 
@@ -455,7 +458,26 @@ def test_cache_job_launches_torchrun_and_array_tasks_split_shards(cluster, tiny_
     assert sorted(by_task) == ["0", "1"]
     assert not (by_task["0"] & by_task["1"]), by_task  # disjoint
     assert by_task["0"] | by_task["1"] == manifest_shards  # and together they cover every shard
-    assert (tmp_path / "runs" / "tiny" / "cache" / "_COMPLETE.json").is_file()
+    cache_dir = tmp_path / "runs" / "tiny" / "cache"
+    assert (cache_dir / "_COMPLETE.json").is_file()
+    # a shard of task 1 lost: the resubmit queues array task 1 alone (task 0 has nothing left), the rest after it
+    lost = sorted(by_task["1"])[0]
+    recorded = json.loads((cache_dir / "_shards" / lost.replace(".parquet", ".json")).read_text())["sha256"]
+    (cache_dir / lost).unlink()
+    again = _submit(config, extra, {k: v for k, v in STANDIN.items() if k != "cache"})
+    cache_again = again["jobs"][0]
+    assert cache_again["stage"] == "cache" and cache_again["array"] == "1", cache_again
+    script = Path(cache_again["script"]).read_text()
+    assert "#SBATCH --array=1\n" in script and "--task-count=2" in script
+    assert [slurm._label(j) for j in again["jobs"]][1:] == ["train[ce]", "train[kd]", "train[feature]",
+                                                            "train[relation]", "evaluate", "report"]  # fmt: skip
+    assert all(j["after_jobs"] == ["cache"] for j in again["jobs"][1:5])
+    status = _wait(again, 300)
+    assert status["complete"] and status["jobs"][0]["counts"] == {"COMPLETED": 1}, slurm.format_status(status)
+    (plan,) = [e for e in _events(again, cache_again) if e["event"] == "plan" and e["rank"] == 0]
+    assert plan["task"] == "1" and "task 1/2" in plan["message"] and "1 to compute" in plan["message"], plan
+    assert hashlib.sha256((cache_dir / lost).read_bytes()).hexdigest() == recorded  # the same bytes again
+    assert (cache_dir / "_COMPLETE.json").is_file()
 
 
 MAX_STEPS = 1200  # enough that the requeues below happen while it trains
