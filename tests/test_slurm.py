@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from pipeline import config as config_mod
@@ -207,9 +208,23 @@ def cluster():
         pytest.skip(problem)
 
 
+SUBMITTED: list[str] = []  # job ids of the running test
+
+
+@pytest.fixture(autouse=True)
+def _cancel_leftovers():
+    """A test that fails half way must not leave its jobs (perhaps a frozen stage) holding the cluster's 2 cores."""
+    yield
+    if SUBMITTED:
+        subprocess.run(["scancel", *SUBMITTED], capture_output=True, check=False)
+        SUBMITTED.clear()
+
+
 def _submit(config: Path, extra: list[str], commands: dict[str, str] | None = None) -> dict:
     cfg = config_mod.load(config, extra)
-    return slurm.submit(cfg, config, extra, commands=commands)
+    record = slurm.submit(cfg, config, extra, commands=commands)
+    SUBMITTED.extend(j["job_id"] for j in record["jobs"])
+    return record
 
 
 def _wait(record: dict, timeout_s: float) -> dict:
@@ -369,46 +384,88 @@ def _running(job_id: str) -> bool:
     return "RUNNING" in out
 
 
-def _nothing_left(record: dict, within_s: float = 60) -> dict:
-    """Every job of the record is over within ``within_s`` and stays so (no requeue brings one back)."""
-    status = _wait(record, within_s)
-    time.sleep(3)
-    again = slurm.run_status(record)
-    assert again["done"], slurm.format_status(again)
+def _queued(record: dict) -> str:
+    """squeue's lines for the record's jobs that are pending, running or completing (a requeued job is pending at
+    once, with its id; squeue leaves out ids it no longer knows instead of failing on the list)."""
     ids = ",".join(j["job_id"] for j in record["jobs"])
-    left = subprocess.run(["squeue", "-h", "-j", ids, "-o", "%i %T"], capture_output=True, text=True).stdout
-    assert not left.strip(), left
+    out = subprocess.run(["squeue", "-h", "-j", ids, "-o", "%i %T"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip()
+
+
+def _nothing_left(record: dict, within_s: float = 60) -> dict:
+    """Every job of the record is over within ``within_s``: no process of it is left that could requeue it."""
+    status = _wait(record, within_s)
+    assert not _queued(record), _queued(record)
     return status
+
+
+def _still_nothing(record: dict, cancelled_at: float, after_s: float) -> None:
+    """``after_s`` after the cancel the jobs are still over: none ran again (sacct keeps every attempt, so a
+    requeued one counts), the output shows no requeue by job.sh, and nothing is queued. On this cluster a requeued
+    job is pending at once and runs again ~12.5 s later (slurm/local_cluster.sh, cred_expire=10)."""
+    time.sleep(max(0.0, cancelled_at + after_s - time.monotonic()))
+    assert not _queued(record), _queued(record)
+    status = slurm.run_status(record)
+    assert status["done"] and not any(r["requeues"] for r in status["jobs"]), slurm.format_status(status)
+    for job in record["jobs"]:
+        assert all("requeueing job" not in out.read_text() for out in slurm.job_outputs(job)), job["output"]
+
+
+def _freeze_stage(job_id: str, stage: str) -> int:
+    """SIGSTOP the stage process of a running job, which then stays mid-stage as a full-size teacher pass or
+    training would for hours, until Slurm's cancel sends SIGCONT and SIGTERM to every process of the job: the
+    cancel lands during the stage however fast the tiny models are and however slowly the test's commands start."""
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            env = proc.environ()
+        except psutil.Error:
+            continue
+        cmdline = proc.info["cmdline"] or []
+        if cmdline[1:3] == ["-m", f"pipeline.{stage}"] and job_id in (env.get("SLURM_ARRAY_JOB_ID"),
+                                                                        env.get("SLURM_JOB_ID")):  # fmt: skip
+            proc.suspend()
+            return proc.pid
+    raise AssertionError(f"no pipeline.{stage} process of job {job_id}")
 
 
 @pytest.mark.slurm
 @pytest.mark.slow
 def test_cancel_during_cache_resubmit_after_a_failure_and_cancel_during_train(cluster, tiny_config, tmp_path):
-    """scancel stops a running stage instead of letting it requeue itself; a resubmit queues only what is left and
-    keeps the earlier submissions; make status/logs/cancel find the run through its config (logs_dir in tmp)."""
+    """scancel stops a running stage instead of letting it requeue itself, and no job of the run is running or
+    pending a minute later; a resubmit queues only what is left and keeps the earlier submissions; make
+    status/logs/cancel find the run through its config (logs_dir in tmp)."""
     config = tiny_config()
     kd = {"kd": {"ce_weight": 0.5, "response": {"weight": 0.5}}}
     extra = overrides(**{"cache.batch_size": 1, "train.variants": kd, "train.baseline_variant": "kd",
                          "train.max_steps": 2000, "train.checkpoint_every": 1000})  # fmt: skip
-    # 1. cancel while the cache runs: it stops (no requeue) and nothing of the run is left a minute later
+    cache_dir = tmp_path / "runs" / "tiny" / "cache"
+    # 1. cancel while the cache runs, once its first shard is written: it stops without a requeue
     first = _submit(config, extra, {k: v for k, v in STANDIN.items() if k not in ("manifest", "cache")})
     cache_job = first["jobs"][1]
-    _wait_for("cache start", lambda: _has_event(first, cache_job, "plan"), first)
+    _wait_for("the first cache shard", lambda: any((cache_dir / "_shards").glob("*.json")), first)
+    _freeze_stage(cache_job["job_id"], "cache")
     out = subprocess.run([PY, "-m", "pipeline.slurm", "cancel", "--config", str(config), *extra],
                          capture_output=True, text=True, cwd=REPO)  # fmt: skip
+    cache_cancelled = time.monotonic()
     assert out.returncode == 0 and "cancelled 5 jobs" in out.stdout, out.stderr
     status = _nothing_left(first)
     row = status["jobs"][1]
     assert row["state"] == "CANCELLED" and row["requeues"] == 0, slurm.format_status(status)
     stopped = [e for e in _events(first, cache_job) if e["event"] in ("stopped", "requeued", "preempted", "crashed")]
-    assert [e["event"] for e in stopped] in ([], ["stopped"]), stopped  # [] if SIGTERM came before the handlers
-    assert all("job cancelled" in e["message"] for e in stopped)
+    assert [e["event"] for e in stopped] == ["stopped"], stopped
+    assert "SIGTERM (job cancelled)" in stopped[0]["message"] and "without requeue" in stopped[0]["message"]
+    shards = len(list((tmp_path / "runs" / "tiny" / "manifest").glob("*.parquet")))
+    done = len(list((cache_dir / "_shards").glob("*.json")))
+    assert 1 <= done < shards and not (cache_dir / "_COMPLETE.json").exists(), done  # stopped mid-cache
     # 2. resubmit: manifest is complete (not queued); the cache completes; a failing train cancels the rest
     second = _submit(config, extra, {"train": "exit 3", "evaluate": "true", "report": "true"})  # the real cache
     assert [c["stage"] for c in second["complete"]] == ["manifest"]
     assert [slurm._label(j) for j in second["jobs"]] == ["cache", "train[kd]", "evaluate", "report"]
     status = _wait(second, 240)
     assert status["failed"] == ["train[kd]"], slurm.format_status(status)
+    (plan,) = [e for e in _events(second, second["jobs"][0]) if e["event"] == "plan"]
+    assert f"{shards - done} to compute" in plan["message"], plan  # the shards written before the cancel are kept
     # 3. resubmit after the failure: only train and what follows; cancel during training
     third = _submit(config, extra, {k: v for k, v in STANDIN.items() if k != "train"})
     assert [c["stage"] for c in third["complete"]] == ["manifest", "cache"]
@@ -416,20 +473,26 @@ def test_cancel_during_cache_resubmit_after_a_failure_and_cancel_during_train(cl
     assert third["jobs"][0]["after"] == []  # nothing queued before it: it starts at once
     train_job = third["jobs"][0]
     _wait_for("a training step", lambda: _has_event(third, train_job, "step"), third)
+    _freeze_stage(train_job["job_id"], "train")
     out = _make("status", config)
     assert out.returncode == 0 and "train[kd]" in out.stdout and "complete, not queued" in out.stdout, out.stderr
     assert _make("logs", config, "STAGE=train").stdout.count("[train]") >= 1
     out = _make("cancel", config)
+    train_cancelled = time.monotonic()
     assert out.returncode == 0 and "cancelled 3 jobs" in out.stdout, out.stderr
     status = _nothing_left(third)
     assert status["jobs"][0]["state"] == "CANCELLED" and status["jobs"][0]["requeues"] == 0
     (stop,) = [e for e in _events(third, train_job) if e["event"] == "stopped"]
     assert "SIGTERM (job cancelled)" in stop["message"] and "checkpoint at step" in stop["message"], stop
+    assert 0 < stop["metrics"]["step"] < 2000, stop
     assert list((tmp_path / "runs" / "tiny" / "train" / "kd" / "checkpoints").glob("step_*"))
     slurm_dir = tmp_path / "logs" / "tiny" / "slurm"  # every submission kept: scripts, outputs, record
     assert sorted(p.name for p in slurm_dir.glob("[0-9][0-9][0-9]")) == ["001", "002", "003"]
     assert (slurm_dir / "001" / "cache.sbatch").is_file() and (slurm_dir / "002" / "train-kd.sbatch").is_file()
     assert json.loads((slurm_dir / "submission.json").read_text())["submission"] == "003"
+    # a minute after the cache's cancel nothing of that chain came back; the train job neither, 15 s after its own
+    _still_nothing(first, cache_cancelled, 60)
+    _still_nothing(third, train_cancelled, 15)
 
 
 @pytest.mark.slurm
