@@ -155,8 +155,10 @@ def _finish(stop: Interrupted, log: JsonLogger) -> int:
 
 
 def _slurm_query(cmd: list[str]) -> str:
+    # In a session of its own: torchrun's agent stops a worker with killpg, which would also kill the query that
+    # rank 0 is running at that moment (the stop then read "stop requested" instead of "job cancelled").
     try:
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=10).stdout
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=10, start_new_session=True).stdout
     except (OSError, subprocess.TimeoutExpired):
         return ""
 

@@ -8,12 +8,17 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from pipeline import preemption, validate
 from pipeline.rundir import RunDir, StageSpec, stage_main
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def _events(logs: Path, stage: str) -> list[dict]:
@@ -160,3 +165,32 @@ def test_only_rank_0_asks_slurm_why_the_job_stops(tmp_path, monkeypatch):
     assert calls.read_text().split("\n")[:-1] == ["scontrol 0", "sacct 0"]
     rank1 = json.loads((tmp_path / "rank1.jsonl").read_text())
     assert rank1["event"] == "stopped" and "rank 0 logs why" in rank1["message"]
+
+
+def test_the_agents_sigterm_to_the_process_group_spares_rank_0s_question_to_slurm(tmp_path):
+    """torchrun's agent stops a worker with killpg; a scontrol/sacct that rank 0 runs at that moment must survive it,
+    or the log says "stop requested" where Slurm would have said "job cancelled"."""
+    bin_dir, asked = tmp_path / "bin", tmp_path / "asked"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text("#!/bin/sh\necho JobId=7 JobState=CANCELLED Restarts=0\n")
+    (bin_dir / "sacct").write_text(f"#!/bin/sh\ntouch {asked}\nsleep 2\necho 'CANCELLED by 0'\n")
+    for tool in ("scontrol", "sacct"):
+        (bin_dir / tool).chmod(0o755)
+    worker = (
+        "import signal, sys; from pathlib import Path; from pipeline import preemption; "
+        "preemption.install(); log = preemption.JsonLogger('tiny', 'toy', Path(sys.argv[1])); "
+        "sys.exit(preemption.finish(preemption.Interrupted(signal.SIGTERM), log))"
+    )
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "7", "PYTHONPATH": str(REPO)}
+    env.pop("RANK", None)
+    env.pop("SLURM_PROCID", None)
+    out = str(tmp_path / "rank0.jsonl")
+    proc = subprocess.Popen([sys.executable, "-c", worker, out], env=env, start_new_session=True)  # as torchrun's
+    deadline = time.monotonic() + 60
+    while not asked.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, "the worker never asked sacct"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGTERM)  # the agent's stop, while sacct answers
+    assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    event = json.loads((tmp_path / "rank0.jsonl").read_text())
+    assert event["event"] == "stopped" and "SIGTERM (job cancelled)" in event["message"], event
