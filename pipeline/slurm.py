@@ -503,13 +503,15 @@ def summarize_job(tasks: list[dict]) -> dict:
     order = [*sorted(FAILED_STATES), "CANCELLED", "RUNNING", "REQUEUED", "PENDING", "COMPLETING", "COMPLETED"]
     state = min(counts, key=lambda s: order.index(s) if s in order else len(order))
     worst = next(t for t in tasks if t["state"] == state)
+    elapsed = [t["elapsed_s"] for t in tasks if t.get("elapsed_s") is not None]
+    started = any(t.get("started") for t in tasks)
     return {
         "state": state,
         "counts": counts,
         "exit_code": worst.get("exit_code", ""),
         "reason": worst.get("reason", ""),
-        "elapsed_s": max((t.get("elapsed_s") or 0 for t in tasks), default=0) or None,
-        "started": any(t.get("started") for t in tasks),
+        "elapsed_s": max(elapsed) if elapsed and started else None,  # a job that ran under a second shows 0:00:00
+        "started": started,
         "requeues": sum(t.get("requeues", 0) for t in tasks),
     }
 
@@ -675,7 +677,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{'complete':<9} {_unit_label(done['stage'], done['unit'])} (not queued)")
             for job in record["jobs"]:
                 after = f" after {', '.join(job['after_jobs'])}" if job["after_jobs"] else ""
-                tasks = f" (array tasks {job['array']} of {job['array_tasks']})" if job.get("array") else ""
+                partial = job.get("array") and job["array"] != array_spec(range(job["array_tasks"]))
+                tasks = f" (array tasks {job['array']} of {job['array_tasks']})" if partial else ""
                 print(f"{job['job_id']:<9} {_label(job)}{tasks}{after}")
             if not record["jobs"]:
                 print(f"run '{record['run']}' is complete for this config and its inputs: nothing to queue")

@@ -140,6 +140,7 @@ def test_a_resubmit_queues_only_what_is_not_complete(tiny_config):
     assert [slurm._label(j) for j in changed["jobs"]][:2] == ["cache", "train[ce]"]
     assert changed["jobs"][0]["units"] == {"None": "cache: its configuration changed: cache.top_k (was 8, now 4)"}
     assert "#SBATCH --array=0\n" in Path(changed["jobs"][0]["script"]).read_text()  # no shard has a record
+    assert [slurm.array_spec(t) for t in ([0, 1, 2, 3], [1, 3], [0, 1, 2, 5], [7])] == ["0-3", "1,3", "0-2,5", "7"]
     assert len(_dry_run(config, overrides(**{"cache.top_k": 4}))["jobs"]) == 8 - 1  # manifest still complete
 
 
@@ -157,22 +158,52 @@ def test_slurm_config_errors(tiny_config, capsys):
         assert message in capsys.readouterr().err, override
 
 
+def test_status_and_cancel_exit_2_on_a_config_error_and_1_without_a_record(tiny_config, capsys):
+    """status and cancel read the config only for its run_name and logs_dir, with the same rules and exit codes."""
+    for cmd in ("status", "cancel"):
+        assert slurm.main([cmd, "--config", str(tiny_config()), "train.lrr=1"]) == 2, cmd
+        assert "config error: train.lrr: unknown key" in capsys.readouterr().err
+        assert slurm.main([cmd, "--config", str(tiny_config()), "slurm.signal_s=x"]) == 2, cmd
+        assert 'slurm.signal_s: expected int > 0, got "x"' in capsys.readouterr().err
+        assert slurm.main([cmd, "--logs-dir", "/tmp"]) == 2, cmd  # neither --run nor --config
+        assert "--run: expected a run name" in capsys.readouterr().err
+        assert slurm.main([cmd, "--config", str(tiny_config())]) == 1, cmd  # never submitted
+        err = capsys.readouterr().err
+        assert "logs/tiny/slurm/submission.json: no submission record for run 'tiny'" in err, err
+
+
 def test_status_reads_every_attempt_and_one_elapsed_format(monkeypatch):
     answers = {
         "sacct": [  # a job that ran, was requeued and completed; one that never ran
             ("41", "REQUEUED", "0:0", "00:00:07", "None", "2026-01-01T10:00:05", "2026-01-01T10:00:00"),
             ("41", "COMPLETED", "0:0", "1-00:00:14", "None", "2026-01-01T10:01:00", "2026-01-01T10:00:30"),
             ("42", "CANCELLED by 0", "0:0", "00:00:00", "Dependency", "None", "2026-01-01T10:00:00"),
+            ("44", "COMPLETED", "0:0", "00:00:00", "None", "2026-01-01T10:00:01", "2026-01-01T10:00:00"),
         ],
         "squeue": [("43", "43", "RUNNING", "None", "1:02:03")],
     }
     monkeypatch.setattr(slurm, "_query", lambda argv: answers[argv[0]])
-    states = {j: slurm.summarize_job(t) for j, t in slurm.slurm_states(["41", "42", "43"]).items()}
+    states = {j: slurm.summarize_job(t) for j, t in slurm.slurm_states(["41", "42", "43", "44"]).items()}
     assert states["41"]["state"] == "COMPLETED" and states["41"]["requeues"] == 1
     assert slurm.format_elapsed(states["41"]["elapsed_s"]) == "1-00:00:14"
     assert states["42"]["state"] == "CANCELLED" and not states["42"]["started"]
+    assert slurm.format_elapsed(states["42"]["elapsed_s"]) == "-"  # never ran
+    assert slurm.format_elapsed(states["44"]["elapsed_s"]) == "0:00:00"  # ran, for less than a second
     assert states["43"]["started"] and slurm.format_elapsed(states["43"]["elapsed_s"]) == "1:02:03"
     assert slurm.elapsed_s("05:09") == 309 and slurm.elapsed_s("2-01:00:00") == 176400
+
+
+def test_status_shows_rank_0s_latest_line_and_any_ranks_error():
+    """The other ranks of a torchrun stage echo rank 0 (on a stop they do not ask Slurm why); an error is shown from
+    whichever rank wrote it."""
+    records = [
+        {"ts": "1", "rank": 0, "level": "warning", "event": "stopped", "message": "SIGTERM (job cancelled)"},
+        {"ts": "2", "rank": 1, "level": "warning", "event": "stopped", "message": "SIGTERM; (rank 0 logs why)"},
+    ]
+    assert slurm.last_progress(records, failed=False)["rank"] == 0
+    crash = {"ts": "0", "rank": 1, "level": "error", "event": "crashed", "message": "RuntimeError: boom"}
+    assert slurm.last_progress([crash, *records], failed=True) is crash
+    assert slurm.last_progress(records[1:], failed=False)["rank"] == 1  # no rank 0 line: whatever there is
 
 
 def test_an_array_cancelled_before_it_was_split_keeps_its_final_state(monkeypatch):
@@ -412,39 +443,43 @@ def _still_nothing(record: dict, cancelled_at: float, after_s: float) -> None:
         assert all("requeueing job" not in out.read_text() for out in slurm.job_outputs(job)), job["output"]
 
 
-def _freeze_stage(job_id: str, stage: str) -> int:
-    """SIGSTOP the stage process of a running job, which then stays mid-stage as a full-size teacher pass or
-    training would for hours, until Slurm's cancel sends SIGCONT and SIGTERM to every process of the job: the
-    cancel lands during the stage however fast the tiny models are and however slowly the test's commands start."""
+def _freeze_stage(job_id: str, stage: str) -> list[int]:
+    """SIGSTOP the stage processes of a running job (each torchrun worker, or the one process), which then stay
+    mid-stage as a full-size teacher pass or training would for hours, until Slurm's cancel sends SIGCONT and
+    SIGTERM to every process of the job: the cancel lands during the stage however fast the tiny models are and
+    however slowly the test's commands start."""
+    frozen = []
     for proc in psutil.process_iter(["cmdline"]):
         try:
-            env = proc.environ()
+            env, cmdline = proc.environ(), proc.info["cmdline"] or []
         except psutil.Error:
             continue
-        cmdline = proc.info["cmdline"] or []
-        if cmdline[1:3] == ["-m", f"pipeline.{stage}"] and job_id in (env.get("SLURM_ARRAY_JOB_ID"),
-                                                                        env.get("SLURM_JOB_ID")):  # fmt: skip
+        module = cmdline[cmdline.index("-m") + 1] if "-m" in cmdline[:3] else None  # srun and torchrun: not ours
+        if module == f"pipeline.{stage}" and job_id in (env.get("SLURM_ARRAY_JOB_ID"), env.get("SLURM_JOB_ID")):
             proc.suspend()
-            return proc.pid
-    raise AssertionError(f"no pipeline.{stage} process of job {job_id}")
+            frozen.append(proc.pid)
+    assert frozen, f"no pipeline.{stage} process of job {job_id}"
+    return frozen
 
 
 @pytest.mark.slurm
 @pytest.mark.slow
 def test_cancel_during_cache_resubmit_after_a_failure_and_cancel_during_train(cluster, tiny_config, tmp_path):
-    """scancel stops a running stage instead of letting it requeue itself, and no job of the run is running or
-    pending a minute later; a resubmit queues only what is left and keeps the earlier submissions; make
-    status/logs/cancel find the run through its config (logs_dir in tmp)."""
+    """scancel stops a running stage instead of letting it requeue itself (every torchrun rank of the cache; rank 0
+    alone asks Slurm why), and no job of the run is running or pending a minute later; a resubmit queues only what
+    is left and keeps the earlier submissions; make status/logs/cancel find the run through its config (logs_dir
+    in tmp)."""
     config = tiny_config()
     kd = {"kd": {"ce_weight": 0.5, "response": {"weight": 0.5}}}
-    extra = overrides(**{"cache.batch_size": 1, "train.variants": kd, "train.baseline_variant": "kd",
-                         "train.max_steps": 2000, "train.checkpoint_every": 1000})  # fmt: skip
+    extra = overrides(**{"cache.batch_size": 1, "slurm.stages.cache.nproc_per_node": 2, "train.variants": kd,
+                         "train.baseline_variant": "kd", "train.max_steps": 2000,
+                         "train.checkpoint_every": 1000})  # fmt: skip
     cache_dir = tmp_path / "runs" / "tiny" / "cache"
     # 1. cancel while the cache runs, once its first shard is written: it stops without a requeue
     first = _submit(config, extra, {k: v for k, v in STANDIN.items() if k not in ("manifest", "cache")})
     cache_job = first["jobs"][1]
     _wait_for("the first cache shard", lambda: any((cache_dir / "_shards").glob("*.json")), first)
-    _freeze_stage(cache_job["job_id"], "cache")
+    assert len(_freeze_stage(cache_job["job_id"], "cache")) == 2  # both torchrun workers
     out = subprocess.run([PY, "-m", "pipeline.slurm", "cancel", "--config", str(config), *extra],
                          capture_output=True, text=True, cwd=REPO)  # fmt: skip
     cache_cancelled = time.monotonic()
@@ -453,8 +488,10 @@ def test_cancel_during_cache_resubmit_after_a_failure_and_cancel_during_train(cl
     row = status["jobs"][1]
     assert row["state"] == "CANCELLED" and row["requeues"] == 0, slurm.format_status(status)
     stopped = [e for e in _events(first, cache_job) if e["event"] in ("stopped", "requeued", "preempted", "crashed")]
-    assert [e["event"] for e in stopped] == ["stopped"], stopped
-    assert "SIGTERM (job cancelled)" in stopped[0]["message"] and "without requeue" in stopped[0]["message"]
+    assert sorted((e["rank"], e["event"]) for e in stopped) == [(0, "stopped"), (1, "stopped")], stopped
+    by_rank = {e["rank"]: e["message"] for e in stopped}
+    assert "SIGTERM (job cancelled)" in by_rank[0] and "without requeue" in by_rank[0], by_rank
+    assert "rank 0 logs why" in by_rank[1], by_rank
     shards = len(list((tmp_path / "runs" / "tiny" / "manifest").glob("*.parquet")))
     done = len(list((cache_dir / "_shards").glob("*.json")))
     assert 1 <= done < shards and not (cache_dir / "_COMPLETE.json").exists(), done  # stopped mid-cache
@@ -464,7 +501,7 @@ def test_cancel_during_cache_resubmit_after_a_failure_and_cancel_during_train(cl
     assert [slurm._label(j) for j in second["jobs"]] == ["cache", "train[kd]", "evaluate", "report"]
     status = _wait(second, 240)
     assert status["failed"] == ["train[kd]"], slurm.format_status(status)
-    (plan,) = [e for e in _events(second, second["jobs"][0]) if e["event"] == "plan"]
+    (plan,) = [e for e in _events(second, second["jobs"][0]) if e["event"] == "plan" and e["rank"] == 0]
     assert f"{shards - done} to compute" in plan["message"], plan  # the shards written before the cancel are kept
     # 3. resubmit after the failure: only train and what follows; cancel during training
     third = _submit(config, extra, {k: v for k, v in STANDIN.items() if k != "train"})
