@@ -16,7 +16,8 @@
 #   the stage started requeues at once.
 # - The environment hook (slurm.setup/env, per stage too), SLURM_EXPORT_ENV=ALL so the step inherits what the
 #   hook set up even under sbatch --export=NONE, and the rendezvous address of node 0 for multi-node torchrun.
-# - monitor.py beside the stage (once per node), stopped when the stage ends.
+# - monitor.py beside the stage (once per node; on other nodes or in a container through srun), stopped with USR2
+#   when the stage ends, so that it writes its summary.
 #
 # Command substitutions below are `...`, not $(...): bash 5.2 parses $(...) while it reads a function definition,
 # and a trap that runs during that parse breaks it ("trap: unexpected EOF while looking for matching `)'", exit 2;
@@ -74,8 +75,8 @@ start_monitor() { # telemetry beside the stage: one monitor per node, stopped wh
   MONITOR_PID=$!
 }
 
-stop_monitor() {
-  if [ -n "$MONITOR_PID" ]; then kill -TERM "$MONITOR_PID" 2>/dev/null || true; wait "$MONITOR_PID" || true; fi
+stop_monitor() { # USR2: srun forwards it to the monitor on every node; a TERM to srun would SIGKILL the step
+  if [ -n "$MONITOR_PID" ]; then kill -USR2 "$MONITOR_PID" 2>/dev/null || true; wait "$MONITOR_PID" || true; fi
   MONITOR_PID=""
 }
 

@@ -317,7 +317,8 @@ def test_chain_overhead_five_trivial_stages(cluster, tiny_config):
 def test_failed_stage_cancels_downstream_and_status_says_which(cluster, tiny_config):
     config = tiny_config()
     commands = {**STANDIN, "manifest": f"{_log_line('manifest', 'packing done')} && sleep 1.2", "cache": "exit 3"}
-    record = _submit(config, overrides(), commands)
+    # srun_args (a container's --container-image): the monitor runs through srun too, and still writes its summary
+    record = _submit(config, overrides(**{"slurm.stages.manifest.srun_args": ["--overlap"]}), commands)
     status = _wait(record, 60)
     states = {slurm._label(r): r["state"] for r in status["jobs"]}
     assert states["manifest"] == "COMPLETED" and states["cache"] == "FAILED"
@@ -332,7 +333,7 @@ def test_failed_stage_cancels_downstream_and_status_says_which(cluster, tiny_con
     assert "FAILED: cache" in out and "exit 3:0" in out
     assert "cancelled downstream (dependency never satisfied): train[ce], train[kd]" in out
     assert "packing done" in out  # the manifest's last progress line from its JSON log
-    # telemetry ran beside the manifest job and wrote its summary when the stage ended
+    # telemetry ran beside the manifest job (through srun) and wrote its summary when the stage ended
     manifest_job = record["jobs"][0]["job_id"]
     host = os.uname().nodename
     summary_path = Path(record["logs_dir"], "tiny", "manifest", f"telemetry_summary_{host}_{manifest_job}.json")
@@ -471,12 +472,12 @@ def test_cancel_during_cache_resubmit_after_a_failure_and_cancel_during_train(cl
     in tmp)."""
     config = tiny_config()
     kd = {"kd": {"ce_weight": 0.5, "response": {"weight": 0.5}}}
-    extra = overrides(**{"cache.batch_size": 1, "slurm.stages.cache.nproc_per_node": 2, "train.variants": kd,
-                         "train.baseline_variant": "kd", "train.max_steps": 2000,
-                         "train.checkpoint_every": 1000})  # fmt: skip
+    extra = overrides(**{"cache.batch_size": 1, "train.variants": kd, "train.baseline_variant": "kd",
+                         "train.max_steps": 2000, "train.checkpoint_every": 1000})  # fmt: skip
+    two_ranks = [*extra, "slurm.stages.cache.nproc_per_node=2"]  # the first cache only: torchrun starts slowly
     cache_dir = tmp_path / "runs" / "tiny" / "cache"
     # 1. cancel while the cache runs, once its first shard is written: it stops without a requeue
-    first = _submit(config, extra, {k: v for k, v in STANDIN.items() if k not in ("manifest", "cache")})
+    first = _submit(config, two_ranks, {k: v for k, v in STANDIN.items() if k not in ("manifest", "cache")})
     cache_job = first["jobs"][1]
     _wait_for("the first cache shard", lambda: any((cache_dir / "_shards").glob("*.json")), first)
     assert len(_freeze_stage(cache_job["job_id"], "cache")) == 2  # both torchrun workers
