@@ -124,7 +124,7 @@ wait_stage() { # the stage's exit status; a pending warning is forwarded meanwhi
   done
 }
 
-run_stage() { # run_stage CMD...: the stage step in the background (traps run while it works), its status returned
+run_stage() { # run_stage CMD...: the stage step in the background (traps run while it works); exits with its status
   if [ -e "$PIPELINE_SIGNAL_DIR/warning" ]; then requeue "the warning came before the stage started"; fi
   "$@" &
   STAGE_PID=$!
@@ -134,5 +134,5 @@ run_stage() { # run_stage CMD...: the stage step in the background (traps run wh
   stop_monitor
   say "stage $PIPELINE_STAGE${PIPELINE_UNIT:+ $PIPELINE_UNIT} exited with $rc"
   if [ -e "$PIPELINE_SIGNAL_DIR/requeue" ]; then requeue "the stage saved its state after the warning"; fi
-  return "$rc"
+  exit "$rc" # not return: the ERR trap is for the hook and this shell's own commands, the stage's status is said above
 }

@@ -565,11 +565,12 @@ def test_cache_job_launches_torchrun_and_array_tasks_split_shards(cluster, tiny_
     lost = sorted(by_task["1"])[0]
     recorded = json.loads((cache_dir / "_shards" / lost.replace(".parquet", ".json")).read_text())["sha256"]
     (cache_dir / lost).unlink()
-    again = _submit(config, extra, {k: v for k, v in STANDIN.items() if k != "cache"})
+    one_process = overrides(**{"slurm.stages.cache.array_tasks": 2})  # torchrun is tested above; it starts slowly
+    again = _submit(config, one_process, {k: v for k, v in STANDIN.items() if k != "cache"})
     cache_again = again["jobs"][0]
     assert cache_again["stage"] == "cache" and cache_again["array"] == "1", cache_again
     script = Path(cache_again["script"]).read_text()
-    assert "#SBATCH --array=1\n" in script and "--task-count=2" in script
+    assert "#SBATCH --array=1\n" in script and "--task-count=2" in script and "--nproc-per-node=1" in script
     assert [slurm._label(j) for j in again["jobs"]][1:] == ["train[ce]", "train[kd]", "train[feature]",
                                                             "train[relation]", "evaluate", "report"]  # fmt: skip
     assert all(j["after_jobs"] == ["cache"] for j in again["jobs"][1:5])
