@@ -4,7 +4,7 @@ recipe won", built only from result files.
 Reads (every input optional; what is missing is listed under "Not included" in the report, never a crash):
     runs/<run>/evaluate/<model>/results.json                  intrinsic metrics, provenance (evaluate stage)
     runs/<run>/evaluate/<model>/lm_eval/**/results_<ts>.json  lm-eval's own output (EvaluationTracker layout)
-    runs/<run>/train/<variant>/summary.json, metrics.jsonl    training summary and loss curves
+    runs/<run>/train/<variant>/summary.json, metrics.jsonl    training summary and CE curves (train, held-out)
     runs/<run>/{manifest,cache}/_COMPLETE.json                stage summaries (token counts for tokens per joule)
     logs/<run>/<stage>/telemetry_*.jsonl, telemetry_summary_*.json   GPU telemetry from monitor.py
 Writes:
@@ -12,7 +12,7 @@ Writes:
                                      deltas vs the CE-only baseline and vs the teacher
     runs/<run>/report/summary.json   everything above plus every lm-eval metric/filter/stderr, telemetry, notes
     runs/<run>/report/summary.md     tables, embedded plots, the primary-metric rule, notes
-    runs/<run>/report/plots/*.png    loss curves, eval scores with error bars, telemetry over time, energy
+    runs/<run>/report/plots/*.png    CE curves per variant, eval scores with error bars, telemetry over time, energy
 Run:
     python -m pipeline.report --config C
 Prints a compact per-model table to the console.
@@ -202,7 +202,9 @@ def displayed_tasks(tasks: dict[str, dict[str, Any]]) -> list[str]:
 
 
 def collect_training(rd: RunDir, variants: list[str], notes: list[str]) -> dict[str, dict[str, Any]]:
-    """{variant: {summary, curve_train [(step, loss)], curve_val [(step, loss)]}} of the given (complete) variants."""
+    """{variant: {summary, curve_train [(step, CE)], curve_val [(step, held-out CE)]}} of the given (complete)
+    variants. The curves are cross-entropy, not ``loss``: every variant logs its CE on the same held-out rows, while
+    its ``loss`` is a weighted total of other components, so only CE compares variants with each other."""
     out = {}
     for variant in variants:
         vdir = rd.stage_dir("train", variant)
@@ -211,9 +213,9 @@ def collect_training(rd: RunDir, variants: list[str], notes: list[str]) -> dict[
         rows = _read_jsonl(metrics_path, notes) if metrics_path.exists() else []
         curves: dict[str, list[tuple[float, float]]] = {"train": [], "val": []}
         for row in rows:
-            step, loss = _number(row.get("step")), _number(row.get("loss"))
-            if step is not None and loss is not None and row.get("split", "train") in curves:
-                curves[row.get("split", "train")].append((step, loss))
+            step, ce = _number(row.get("step")), _number(row.get("ce"))
+            if step is not None and ce is not None and row.get("split", "train") in curves:
+                curves[row.get("split", "train")].append((step, ce))
         out[variant] = {
             "summary": summary if isinstance(summary, dict) else None,
             "curve_train": curves["train"],
@@ -613,19 +615,20 @@ def make_plots(summary: dict[str, Any], plot_dir: Path) -> dict[str, str]:
 
     plots: dict[str, str] = {}
     curves = {k: v for k, v in summary["_curves"].items() if v["train"] or v["val"]}
-    if curves:
+    if curves:  # CE of each variant: the one quantity every variant logs on the same held-out rows
         fig, ax = plt.subplots(figsize=(7, 4))
         for i, (name, curve) in enumerate(sorted(curves.items())):
             color = f"C{i}"
-            if curve["train"]:
-                ax.plot(*zip(*curve["train"], strict=True), color=color, label=f"{name} train")
             if curve["val"]:
-                ax.plot(*zip(*curve["val"], strict=True), color=color, ls="--", marker="o", label=f"{name} val")
-        ax.set(xlabel="optimizer step", ylabel="loss", title="Training loss per variant")
+                ax.plot(*zip(*curve["val"], strict=True), color=color, marker="o", label=f"{name} held-out")
+            if curve["train"]:
+                ax.plot(*zip(*curve["train"], strict=True), color=color, lw=0.8, alpha=0.45, label=f"{name} train")
+        title = "Cross-entropy per variant (held-out and train)"
+        ax.set(xlabel="optimizer step", ylabel="cross-entropy (nats/token)", title=title)
         ax.legend(fontsize=8)
-        _save(fig, plot_dir / "loss_curves.png")
+        _save(fig, plot_dir / "ce_curves.png")
         plt.close(fig)
-        plots["Training loss per variant"] = "plots/loss_curves.png"
+        plots[title] = "plots/ce_curves.png"
 
     metrics = [
         m for m in summary["metric_info"] if any(mm["scores"].get(m) is not None for mm in summary["models"].values())

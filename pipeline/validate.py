@@ -11,9 +11,10 @@ span keys or need the models' configs, so that one call refuses a config before 
   loss's own check, which needs torch), and everything decidable from the teacher's and the student's
   ``config.json`` and tokenizer files (no weights are loaded): every hidden-state index in range for its model,
   ``seq_len`` within both models' context, ``cache.top_k`` within the vocabulary, the student's tokenizer equal to
-  the teacher's, LoRA target modules present in the student, lm-eval task names that exist. Every stage runs it at
-  start (``rundir.stage_main``), and so do the local executor (``pipeline.run``) and ``slurm submit`` (with or
-  without ``--dry-run``) before anything starts: a config any stage would refuse never reaches the queue.
+  the teacher's, LoRA target modules present in the student, lm-eval task names that exist, the package of each
+  experiment tracker installed. Every stage runs it at start (``rundir.stage_main``), and so do the local executor
+  (``pipeline.run``) and ``slurm submit`` (with or without ``--dry-run``) before anything starts: a config any stage
+  would refuse never reaches the queue.
 
 A broken rule raises :class:`~pipeline.config.ConfigError` naming the key path (exit code 2); a model whose config
 cannot be read at all is an input problem (:class:`~pipeline.rundir.PipelineError`, exit code 1).
@@ -171,6 +172,7 @@ def check(cfg: Config) -> None:
         _check_lora_targets(cfg, student)
     if cfg.evaluate.tasks:
         _check_task_names(cfg)
+    _check_trackers(cfg)
 
 
 def _check_response(cfg: Config, key: str, loss: LossConfig) -> None:
@@ -211,12 +213,12 @@ def _check_tokenizers(cfg: Config, modeling: Any) -> None:
 
 def _check_context(cfg: Config, teacher: Any, student: Any) -> None:
     seq_len = cfg.manifest.seq_len
-    for key, model_config, spec in (("teacher", teacher, cfg.teacher), ("student", student, cfg.student)):
+    for key, model_config, settings in (("teacher", teacher, cfg.teacher), ("student", student, cfg.student)):
         limit = getattr(model_config, "max_position_embeddings", None)
         if limit is not None and seq_len > limit:
             raise ConfigError(
                 f"manifest.seq_len: {seq_len} exceeds the {key}'s max_position_embeddings {limit} "
-                f"({spec.name_or_path}); lower manifest.seq_len"
+                f"({settings.name_or_path}); lower manifest.seq_len"
             )
     vocab = int(teacher.vocab_size)
     rows = getattr(student, "vocab_size", None)
@@ -273,6 +275,20 @@ def _check_lora_targets(cfg: Config, student: Any) -> None:
             raise ConfigError(
                 f"train.lora.target_modules.{i}: no module named {target!r} in the student "
                 f"({cfg.student.name_or_path}; module names end in: {', '.join(leaves)})"
+            )
+
+
+TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}  # train.trackers value -> module accelerate needs
+
+
+def _check_trackers(cfg: Config) -> None:
+    """Each experiment tracker's package is installed (accelerate would only fail at the first step otherwise)."""
+    import importlib.util
+
+    for i, name in enumerate(cfg.train.trackers):
+        if importlib.util.find_spec(TRACKER_PACKAGES[name]) is None:
+            raise ConfigError(
+                f"train.trackers.{i}: {name!r} needs the {TRACKER_PACKAGES[name]} package (pip install it)"
             )
 
 
