@@ -8,8 +8,10 @@ plus status, cancel and the run's submission history.
 Submit queues only what is not complete: every unit of the definition is checked with ``rundir.unit_state`` (the
 check the stage wrapper itself makes before skipping a unit), downstream of a unit that will run counts as not
 complete, and the jobs that are left are chained on each other with ``afterok`` and ``--kill-on-invalid-dep=yes``
-(a failure cancels everything downstream instead of leaving it pending forever). The cache is one job array, each
-train variant its own job (side by side), evaluate one job after every train job it reads, report last.
+(a failure cancels everything downstream instead of leaving it pending forever). The cache is one job array (of
+a partly done cache only the tasks the stage module's ``pending_tasks`` names; the command carries ``--task-count``
+so that each task keeps its shards), each train variant its own job (side by side), evaluate one job after every
+train job it reads, report last.
 
 Resources and the environment have one source of truth, ``cfg.slurm`` (run-wide keys, and per stage
 ``slurm.stages.<stage>``), overridable like any key. :func:`generate_script` renders ``slurm/<stage>.sbatch`` with
