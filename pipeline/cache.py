@@ -51,7 +51,7 @@ import pyarrow as pa
 import torch
 
 from pipeline import cache_format as cf
-from pipeline import data_format, definition, preemption, validate
+from pipeline import data_format, definition, losses, preemption, validate
 from pipeline import modeling as mdl
 from pipeline import teacher_parallel as tp
 from pipeline.config import CacheConfig, Config, ConfigError, model_identity, section_hash
@@ -100,12 +100,6 @@ def topk_chunked(
         ids.append(top_ids)
         del logits
     return torch.cat(values), torch.cat(ids), torch.cat(tails)
-
-
-def masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """[B, T, H] x [B, T] -> [B, H] mean over real tokens in fp32 (an all-padding row gives zeros)."""
-    weights = mask.to(torch.float32).unsqueeze(-1)
-    return (hidden.float() * weights).sum(1) / weights.sum(1).clamp_min(1.0)
 
 
 @dataclasses.dataclass
@@ -195,7 +189,7 @@ def extract_batch(
             hidden = hidden[:, torch.tensor(extraction.positions, device=hidden.device)]
         result[cf.hidden_column(layer)] = hidden.to(extraction.hidden_dtype).cpu()
     if extraction.embed_layer is not None:
-        result["embed"] = masked_mean(
+        result["embed"] = losses.pool_hidden(  # the pooling the relation loss applies to the student
             states[extraction.embed_layer], mask.to(states[extraction.embed_layer].device)
         ).cpu()
     return result
@@ -312,10 +306,13 @@ def format_plan(table: list[dict[str, Any]], tokens: int) -> str:
 
 # --------------------------------------------------------------------------------------------- bookkeeping
 def task_split(args: argparse.Namespace) -> tuple[int, int]:
-    """(task index, task count) from the flags, else the Slurm array, else (0, 1)."""
+    """(task index, task count) from the flags, else the Slurm array, else (0, 1). With ``--task-count`` given
+    (``slurm submit`` always gives it, and a resubmit queues only the tasks with shards left, e.g. ``--array=1,3``
+    of 4) the array task id is the index itself; without it, the id counts from the array's first task."""
     index, count = getattr(args, "task_index", None), getattr(args, "task_count", None)
     if index is None and os.environ.get("SLURM_ARRAY_TASK_ID", "").isdigit():
-        index = int(os.environ["SLURM_ARRAY_TASK_ID"]) - int(os.environ.get("SLURM_ARRAY_TASK_MIN", "0") or 0)
+        first = 0 if count is not None else int(os.environ.get("SLURM_ARRAY_TASK_MIN", "0") or 0)
+        index = int(os.environ["SLURM_ARRAY_TASK_ID"]) - first
     if count is None and os.environ.get("SLURM_ARRAY_TASK_COUNT", "").isdigit():
         count = int(os.environ["SLURM_ARRAY_TASK_COUNT"])
     index, count = index or 0, count or 1
@@ -327,6 +324,28 @@ def task_split(args: argparse.Namespace) -> tuple[int, int]:
 def manifest_shards(manifest: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     """(split, shard entry) of every manifest shard, train then val, in manifest order."""
     return [(split, s) for split in data_format.SPLITS for s in manifest["splits"][split]["shards"]]
+
+
+def task_shards(manifest: dict[str, Any], index: int, count: int) -> list[tuple[str, dict[str, Any]]]:
+    """The shards task ``index`` of ``count`` owns: every ``count``-th of the train+val list, from ``index``."""
+    return manifest_shards(manifest)[index::count]
+
+
+def pending_tasks(cfg: Config, rd: RunDir, count: int) -> list[int]:
+    """The tasks of ``count`` that own a shard without a matching record (``shard_done``, as each task decides for
+    itself): what ``slurm submit`` queues of the array when the manifest is complete and the cache is not. Task 0
+    alone when every shard is done but the stage marker is not (it writes the marker, computing nothing)."""
+    manifest = data_format.read_manifest(rd.stage_dir("manifest"))
+    fingerprint, cache_dir = teacher_fingerprint(cfg), rd.stage_dir(STAGE)
+    tasks = [
+        index
+        for index in range(count)
+        if not all(
+            shard_done(cache_dir, s["file"], shard_signature(cfg, fingerprint, s["sha256"]))
+            for _, s in task_shards(manifest, index, count)
+        )
+    ]
+    return tasks or [0]
 
 
 def output_sections(cfg: Config) -> tuple:
@@ -379,7 +398,8 @@ def remove_strays(cache_dir: Path, manifest: dict[str, Any]) -> list[str]:
 # ------------------------------------------------------------------------------------------------------ stage
 def _add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--task-index", type=int, default=None, help="this task's index (default: Slurm array id)")
-    parser.add_argument("--task-count", type=int, default=None, help="number of tasks (default: Slurm array size)")
+    count_help = "number of tasks (default: the Slurm array's size; given, the array task id is the index)"
+    parser.add_argument("--task-count", type=int, default=None, help=count_help)
     parser.add_argument("--plan", action="store_true", help="print the size and parallel plan, exit (no forward)")
     hw = tp.Hardware()
     parser.add_argument("--gpu-tflops", type=float, default=hw.gpu_tflops, help="--plan: dense bf16 peak per GPU")
@@ -427,7 +447,7 @@ def run(cfg: Config, rd: RunDir, ctx: StageContext) -> dict[str, float]:
     extraction, fields = resolve_extraction(cfg.cache, teacher_config, int(manifest["seq_len"]), cfg.seed)
     fingerprint = teacher_fingerprint(cfg)
     index, count = task_split(ctx.args)
-    mine = manifest_shards(manifest)[index::count]
+    mine = task_shards(manifest, index, count)
     on = mdl.device()
     layout = tp.setup(cfg.teacher.tensor_parallel, on)
     ctx.begin_writes()

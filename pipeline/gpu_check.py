@@ -43,6 +43,7 @@ from typing import Any
 import torch
 
 from pipeline import bench
+from pipeline.jsonlog import parse_jsonl
 from pipeline.rundir import REPO, atomic_write_json
 
 EXIT_FAILED, EXIT_NO_GPU = 1, 2
@@ -301,7 +302,7 @@ def check_train(config: Path, out: Path, sizes: CheckSizes) -> dict[str, Any]:
 
     run_module(["pipeline.train", "--config", str(config)], sizes.timeout_s, out / "logs_stdout" / "train.txt")
     variant = out / "runs" / "gpu_check" / "train" / "kd"
-    rows = [json.loads(line) for line in (variant / "metrics.jsonl").read_text().splitlines()]
+    rows = list(parse_jsonl((variant / "metrics.jsonl").read_text().splitlines()))
     losses = [r["loss"] for r in rows if r["split"] == "train"]
     checkpoint = sorted((variant / "checkpoints").glob("step_*"))[-1]
     AutoModelForCausalLM.from_pretrained(variant / "final")

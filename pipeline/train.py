@@ -51,7 +51,7 @@ from torch import Tensor, nn
 from pipeline import cache_format, definition, lm_head, losses, preemption
 from pipeline.config import Config, ConfigError, LossConfig, ModelConfig, TrainConfig, flatten, to_dict
 from pipeline.fsdp import Fsdp2
-from pipeline.jsonlog import console_progress, redact_values
+from pipeline.jsonlog import console_progress, parse_jsonl, redact_values
 from pipeline.lm_head import causal_targets
 from pipeline.modeling import (
     load_causal_lm,
@@ -612,15 +612,9 @@ def _truncate_jsonl(path: Path, max_step: int) -> None:
         return
     if not path.exists():
         return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line)["step"] <= max_step:
-                kept.append(line)
-        except (ValueError, KeyError, TypeError):  # a line torn by kill -9
-            continue
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
+    kept = [r for r in parse_jsonl(path.read_text().splitlines()) if r.get("step", math.inf) <= max_step]
+    tmp = path.with_name(path.name + ".tmp")  # a line torn by kill -9 does not parse: dropped
+    tmp.write_text("".join(json.dumps(record, sort_keys=True) + "\n" for record in kept))
     os.replace(tmp, path)
 
 
