@@ -155,11 +155,22 @@ def _finish(stop: Interrupted, log: JsonLogger) -> int:
 
 
 def _slurm_query(cmd: list[str]) -> str:
-    # In a session of its own: torchrun's agent stops a worker with killpg, which would also kill the query that
-    # rank 0 is running at that moment (the stop then read "stop requested" instead of "job cancelled").
+    """The query's output ("" on failure). It starts with SIGTERM ignored (an ignored disposition survives exec):
+    more SIGTERMs follow the one that stopped the stage (srun terminating the step after a cancel, torchrun's agent
+    stopping its workers with killpg) and reach every process of the step, the query in flight included, which
+    then answered nothing and a cancel read "stop requested"."""
+    previous = signal.signal(STOP, signal.SIG_IGN)  # only while the child is forked; finish() records, not raises
     try:
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=10, start_new_session=True).stdout
-    except (OSError, subprocess.TimeoutExpired):
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    except OSError:
+        return ""
+    finally:
+        signal.signal(STOP, previous)
+    try:
+        return proc.communicate(timeout=10)[0]
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
         return ""
 
 

@@ -167,9 +167,10 @@ def test_only_rank_0_asks_slurm_why_the_job_stops(tmp_path, monkeypatch):
     assert rank1["event"] == "stopped" and "rank 0 logs why" in rank1["message"]
 
 
-def test_the_agents_sigterm_to_the_process_group_spares_rank_0s_question_to_slurm(tmp_path):
-    """torchrun's agent stops a worker with killpg; a scontrol/sacct that rank 0 runs at that moment must survive it,
-    or the log says "stop requested" where Slurm would have said "job cancelled"."""
+def test_more_sigterms_to_the_step_spare_rank_0s_question_to_slurm(tmp_path):
+    """After the SIGTERM that stops a stage more follow to every process of the step (srun terminating the step,
+    torchrun's agent stopping its workers with killpg); a scontrol/sacct that rank 0 runs at that moment must survive
+    them, or the log says "stop requested" where Slurm would have said "job cancelled"."""
     bin_dir, asked = tmp_path / "bin", tmp_path / "asked"
     bin_dir.mkdir()
     (bin_dir / "scontrol").write_text("#!/bin/sh\necho JobId=7 JobState=CANCELLED Restarts=0\n")
@@ -190,7 +191,7 @@ def test_the_agents_sigterm_to_the_process_group_spares_rank_0s_question_to_slur
     while not asked.exists():
         assert proc.poll() is None and time.monotonic() < deadline, "the worker never asked sacct"
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGTERM)  # the agent's stop, while sacct answers
+    os.killpg(proc.pid, signal.SIGTERM)  # to the worker and its children, while sacct answers
     assert proc.wait(timeout=60) == 128 + signal.SIGTERM
     event = json.loads((tmp_path / "rank0.jsonl").read_text())
     assert event["event"] == "stopped" and "SIGTERM (job cancelled)" in event["message"], event
