@@ -14,13 +14,17 @@ the cached distributions have realistic, non-uniform entropy; full mode uses the
 shapes and is meant for a GPU (peak memory then comes from ``torch.cuda.max_memory_allocated``).
 
 The measured code is the pipeline's own: ``cache.extract_batch``/``cache.topk_chunked`` for extraction,
-``cache_format.write_shard``/``benchmark_reader`` for storage and reading, ``train._loss_step`` for KD steps and
-``slurm`` for the chain. The bench is a tool, not a stage: it imports stage modules, stages never import it.
+``cache_format.write_shard``/``CacheDataset`` for storage and reading, ``train._loss_step`` for KD steps (with
+``pipeline.lm_head``'s chunked head for the student-step rows) and ``slurm`` for the chain. The code that times it
+is here and only here (``benchmark_extraction``, ``topk_peak_memory``, ``benchmark_reader``,
+``column_bytes_per_token``, ``step_time_ratios``, ``bench_student_step``): stage modules hold only their stage. The
+bench is a tool, not a stage: it imports stage modules, stages never import it.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import datetime as dt
 import json
@@ -31,20 +35,24 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 from torch import nn
 
 from pipeline import cache as cache_stage
 from pipeline import cache_format as cf
+from pipeline import losses
 from pipeline import modeling as mdl
 from pipeline import teacher_parallel as tp
 from pipeline import train as train_stage
 from pipeline.config import CacheConfig, ModelConfig
+from pipeline.data_format import schema_json
 from pipeline.definition import STAGES
 from pipeline.rundir import REPO, atomic_write_json, atomic_write_text
 
@@ -79,13 +87,23 @@ class Sizes:
     use_demo_models: bool = False
     parallel_rows: int = 64  # rows cached by each teacher-parallel mode (1 process, DP=2, TP)
     parallel_shards: int = 4  # ... in this many shards, so data-parallel replicas split them
+    # student KD step, chunked LM head vs whole logits (issue 16): Llama-3's vocabulary on a small body
+    step_vocab: int = 128_256
+    step_hidden: int = 64
+    step_batch: int = 2  # sequences per micro-batch
+    step_seq_len: int = 512
+    # positions per LM-head chunk: 64 x 128,256 x 4 B = 32.8 MB per fp32 block, under glibc's largest mmap threshold
+    # (32 MiB), so on CPU the chunks reuse heap pages where bigger blocks (and whole logits) are mmapped and faulted
+    # in afresh at every step (sys time); on a GPU the caching allocator makes the size matter little
+    step_chunk: int = 64
 
 
 # The cache is one shard of one row group (256 or 512 rows): real shards hold thousands of rows
 # (configs/llama70b_to_8b.yaml: 2048 per shard), and toy 64-row shards would time the per-file and per-row-group
 # fixed costs of opening and decoding (footer, per-column setup) far more than any real cache run pays them.
 QUICK = Sizes("quick", 400_000, 4096, 128, 4, 80, 64, 2, 128, 256, 256, 8, 4096, 256, 1024, 7, 1)
-FULL = Sizes("full", 3_000_000, 4096, 128, 4, 120, 256, 4, 512, 512, 512, 8, 16384, 1024, 4096, 15, None, True)
+FULL = Sizes("full", 3_000_000, 4096, 128, 4, 120, 256, 4, 512, 512, 512, 8, 16384, 1024, 4096, 15, None, True,
+             step_batch=4, step_seq_len=1024, step_chunk=512)  # fmt: skip
 # Quick shapes on the demo's real teacher and student (make demo's assets): CPU figures for realistic models, where
 # the tiny models of quick mode overstate fixed per-step costs (LM head share, relation triplets).
 DEMO = dataclasses.replace(QUICK, name="demo-models", repeats=5, use_demo_models=True, parallel_rows=32)
@@ -200,6 +218,259 @@ def machine_info(on: torch.device) -> dict[str, Any]:
     return info
 
 
+# ------------------------------------------------------------------ the stage code under test: extraction
+def benchmark_extraction(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    extraction: cache_stage.Extraction,
+    repeats: int = 3,
+) -> dict[str, float]:
+    """Seconds of a bare teacher forward vs :func:`extract_batch` on the same batch and model.
+
+    The bare forward is ``model(input_ids, attention_mask)`` returning full logits (no KV cache, as in the
+    extraction). After one untimed call of each they alternate ``repeats`` times, so background load hits both
+    alike; reported are medians and the spread of the per-repeat ratios."""
+    bare, extract = [], []
+
+    def forward() -> torch.Tensor:
+        return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+    def timed(fn: Callable[[], object]) -> float:
+        mdl.synchronize(input_ids.device)
+        start = time.perf_counter()
+        fn()
+        mdl.synchronize(input_ids.device)
+        return time.perf_counter() - start
+
+    with torch.inference_mode():
+        forward(), cache_stage.extract_batch(model, input_ids, attention_mask, extraction)
+        for _ in range(repeats):
+            bare.append(timed(forward))
+            extract.append(timed(lambda: cache_stage.extract_batch(model, input_ids, attention_mask, extraction)))
+    ratios = sorted(e / b for e, b in zip(extract, bare, strict=True))
+    return {
+        "bare_forward_s": statistics.median(bare),
+        "extraction_s": statistics.median(extract),
+        "overhead_ratio": statistics.median(ratios),
+        "overhead_ratio_min": ratios[0],
+        "overhead_ratio_max": ratios[-1],
+    }
+
+
+def _topk_peak_child(mode: str, positions: int, hidden: int, vocab: int, chunk: int, top_k: int) -> int:
+    """In a fresh process: bytes the resident-set peak rises by while computing top-k (``mode``: chunked/full)."""
+    torch.manual_seed(0)
+    states = torch.randn(positions, hidden)
+    head = torch.nn.Linear(hidden, vocab, bias=False)
+    page = os.sysconf("SC_PAGE_SIZE")
+    with open("/proc/self/statm") as fh:
+        before = int(fh.read().split()[1]) * page
+    with open("/proc/self/clear_refs", "w") as fh:  # "5" resets the peak RSS (VmHWM) to the current RSS
+        fh.write("5")
+    with torch.inference_mode():
+        if mode == "chunked":
+            cache_stage.topk_chunked(states, head, top_k, 1.0, chunk)
+        else:
+            torch.topk(torch.log_softmax(head(states), dim=-1), top_k, dim=-1)
+    with open("/proc/self/status") as fh:
+        peak = next(int(line.split()[1]) * 1024 for line in fh if line.startswith("VmHWM:"))
+    return peak - before
+
+
+def topk_peak_memory(
+    positions: int = 8 * 256, hidden: int = 576, vocab: int = 49152, chunk: int = 128, top_k: int = 16
+) -> dict[str, float]:
+    """Peak extra memory (resident set, Linux) of chunked top-k vs materialised [positions, V] logits, each in a
+    fresh process; ``ratio_to_logits`` compares the chunked peak with positions x V x 4 bytes."""
+
+    def child(mode: str) -> int:
+        code = (
+            "from pipeline.bench import _topk_peak_child; "
+            f"print(_topk_peak_child({mode!r}, {positions}, {hidden}, {vocab}, {chunk}, {top_k}))"
+        )
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+        return int(done.stdout.split()[-1])
+
+    chunked, full = child("chunked"), child("full")
+    logits = positions * vocab * 4
+    return {
+        "logits_bytes": float(logits),
+        "chunked_peak_bytes": float(chunked),
+        "full_peak_bytes": float(full),
+        "ratio_to_logits": chunked / logits,
+        "ratio_to_full": chunked / full,
+    }
+
+
+# --------------------------------------------------------------------- the stage code under test: cache reader
+def rowwise_read(files: Sequence[Path], columns: Sequence[str]) -> int:
+    """Baseline reader: every row through ``to_pydict`` Python lists into tensors of the stored dtypes (what
+    ``cache_format.CacheDataset`` yields), one tensor per row and column; returns tokens read."""
+    tokens = 0
+    for path in files:
+        table = pq.read_table(path, columns=list(columns))
+        meta = schema_json(Path(path), table.schema, cf.META_KEY, "cache shard")  # the table's own: no second read
+        dtypes = {}
+        for field in table.schema:
+            if pa.types.is_fixed_size_list(field.type):
+                dtypes[field.name] = cf.STORED_TORCH_DTYPES[field.type.value_type]
+            elif pa.types.is_fixed_size_binary(field.type):
+                dtypes[field.name] = cf.HIDDEN_DTYPES[meta["hidden_dtype"]]
+            else:
+                dtypes[field.name] = torch.int64
+        data = table.to_pydict()
+        for i in range(table.num_rows):
+            for name in columns:
+                value = data[name][i]
+                if isinstance(value, bytes):
+                    torch.frombuffer(bytearray(value), dtype=dtypes[name])
+                else:
+                    torch.tensor(value, dtype=dtypes[name])
+            tokens += len(data["input_ids"][i]) if "input_ids" in data else 1
+    return tokens
+
+
+def column_bytes_per_token(path: Path) -> dict[str, float]:
+    """Compressed bytes per token of each column of a shard (from the Parquet footer), plus ``total``."""
+    footer = pq.read_metadata(path)
+    meta = cf.read_cache_meta(path)
+    tokens = footer.num_rows * int(meta["seq_len"])
+    sizes: dict[str, float] = collections.defaultdict(float)
+    for g in range(footer.num_row_groups):
+        group = footer.row_group(g)
+        for c in range(group.num_columns):
+            column = group.column(c)
+            sizes[column.path_in_schema.split(".")[0]] += column.total_compressed_size
+    result = {name: size / tokens for name, size in sizes.items()}
+    result["total"] = Path(path).stat().st_size / tokens
+    return result
+
+
+def benchmark_reader(
+    files: Sequence[Path], *, batch_size: int = 8, columns: Sequence[str] | None = None, repeats: int = 3
+) -> dict[str, float]:
+    """Tokens/s of ``cache_format.CacheDataset`` vs :func:`rowwise_read` over the same shards and KD columns, both
+    yielding the stored dtypes, after one untimed pass of each (page cache, lazy imports).
+
+    Each repeat times one row-wise pass, then fresh datasets (footers read, every row group read and decoded again,
+    shuffled) back to back for at least as long: both readers are timed over windows of the same length, so a
+    pass of a few milliseconds is not judged alone right after the other reader has flushed the CPU caches, and
+    timer and scheduler noise weigh on both alike. The two alternate, so background load hits both; reported are
+    medians over ``repeats`` and the spread of the per-repeat speedups."""
+    columns = list(columns or ("input_ids", "attention_mask", "topk_ids", "topk_logprobs", "tail_logmass"))
+    meta = cf.read_cache_meta(files[0])
+    stored = [cf.stored_column(c, meta) for c in columns]
+
+    def fast_window(seconds: float) -> float:
+        tokens, start = 0, time.perf_counter()
+        while True:
+            dataset = cf.CacheDataset(files, batch_size=batch_size, columns=columns, shuffle=True)
+            tokens += sum(batch["input_ids"].numel() for batch in dataset)
+            elapsed = time.perf_counter() - start
+            if elapsed >= seconds:
+                return tokens / elapsed
+
+    def rowwise_pass() -> tuple[float, float]:
+        start = time.perf_counter()
+        tokens = rowwise_read(files, stored)
+        elapsed = time.perf_counter() - start
+        return tokens / elapsed, elapsed
+
+    rowwise_pass(), fast_window(0.0)
+    rowwise, fast = [], []
+    for _ in range(repeats):
+        speed, elapsed = rowwise_pass()
+        rowwise.append(speed)
+        fast.append(fast_window(elapsed))
+    ratios = sorted(f / r for f, r in zip(fast, rowwise, strict=True))
+    return {
+        "rowwise_tokens_per_s": statistics.median(rowwise),
+        "dataset_tokens_per_s": statistics.median(fast),
+        "speedup": statistics.median(ratios),
+        "speedup_min": ratios[0],
+        "speedup_max": ratios[-1],
+    }
+
+
+# ------------------------------------------------------------------------ the stage code under test: KD steps
+def synthetic_batch(
+    vocab: int, batch_size: int, seq_len: int, top_k: int, teacher_dim: int, layers: tuple[int, ...], seed: int = 0
+) -> dict[str, Any]:
+    """A batch shaped like ``CacheDataset``'s (random teacher top-k with a valid tail, hidden states, embeddings)."""
+    gen = torch.Generator().manual_seed(seed)
+    teacher_logits = torch.randn(batch_size, seq_len, vocab, generator=gen) * 3
+    logp = torch.log_softmax(teacher_logits, -1)
+    top, ids = logp.topk(top_k, -1)
+    tail = losses.log1mexp(torch.logsumexp(top, -1))
+    batch = {
+        "input_ids": torch.randint(0, vocab, (batch_size, seq_len), generator=gen),
+        "attention_mask": torch.ones(batch_size, seq_len, dtype=torch.long),
+        "topk_ids": ids,
+        "topk_logprobs": top,
+        "tail_logmass": tail,
+        "embed": torch.randn(batch_size, teacher_dim, generator=gen),
+    }
+    for layer in layers:
+        batch[cf.hidden_column(layer)] = torch.randn(batch_size, seq_len, teacher_dim, generator=gen)
+    return batch
+
+
+def step_time_ratios(
+    student: nn.Module,
+    *,
+    batch_size: int = 8,
+    seq_len: int = 128,
+    top_k: int = 32,
+    teacher_dim: int | None = None,
+    repeats: int = 5,
+) -> dict[str, float]:
+    """Seconds per full training step (forward, losses, backward, AdamW) of each KD family vs CE only, on the same
+    batch through the trainer's own ``train._loss_step``; returns ``{<name>_s, <name>_ratio}`` for response (the default
+    0.5·CE + 0.5·tail-bucket KL), feature (CE + one projected layer) and relation (CE + RKD), medians of
+    ``repeats`` interleaved runs after one warm-up each. Goals (issue 5): ≤ 1.10, 1.25, 1.10.
+    """
+    from pipeline.config import FeatureKDConfig, LossConfig, RelationKDConfig, ResponseKDConfig
+
+    width = int(student.config.hidden_size)
+    teacher_dim = teacher_dim or 2 * width
+    layer = int(student.config.num_hidden_layers) // 2
+    vocab = int(student.get_output_embeddings().weight.shape[0])
+    recipes = {
+        "ce": LossConfig(),
+        "response": LossConfig(ce_weight=0.5, response=ResponseKDConfig(weight=0.5)),
+        "feature": LossConfig(feature=FeatureKDConfig(weight=1.0, layer_pairs=[[layer, layer]])),
+        "relation": LossConfig(relation=RelationKDConfig(weight=1.0)),
+    }
+    batch = synthetic_batch(vocab, batch_size, seq_len, top_k, teacher_dim, (layer,))
+    on = next(student.parameters()).device
+    batch = cf.to_compute(batch, on)
+    runs = {}
+    for name, loss in recipes.items():
+        pairs = [(layer, layer)] if loss.feature.weight > 0 else []
+        recipe = train_stage.LossRecipe(name, loss, 1.0, pairs, int(student.config.num_hidden_layers))
+        projectors = losses.FeatureProjectors(pairs, width, teacher_dim) if pairs else None
+        model = train_stage.Distillee(student, projectors).to(on)
+        runs[name] = (model, recipe, torch.optim.AdamW(model.parameters(), lr=1e-6))
+    times: dict[str, list[float]] = {name: [] for name in recipes}
+    for rep in range(repeats + 1):
+        for name, (model, recipe, opt) in runs.items():
+            mdl.synchronize(on)
+            t0 = time.perf_counter()
+            total, _, _ = train_stage._loss_step(model, batch, recipe, gather=False)
+            total.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            mdl.synchronize(on)
+            if rep > 0:  # the first round warms allocators and kernels
+                times[name].append(time.perf_counter() - t0)
+    median = {name: sorted(v)[len(v) // 2] for name, v in times.items()}
+    out = {f"{name}_s": t for name, t in median.items()}
+    out.update({f"{name}_ratio": median[name] / median["ce"] for name in recipes if name != "ce"})
+    return out
+
+
 # ------------------------------------------------------------------------------------------------ assets
 def shown_path(path: Path) -> str:
     """``path`` relative to the repository when inside it (reports stay valid on another checkout)."""
@@ -296,10 +567,10 @@ def build_assets(sizes: Sizes, text_path: Path | None, on: torch.device, log: Ca
     describe: dict[str, Any] = {"text": source, "text_chars": len(text)}
     if sizes.use_demo_models and DEMO_TEACHER.is_dir():
         log(f"loading the demo teacher {DEMO_TEACHER.name}")
-        spec = ModelConfig(name_or_path=str(DEMO_TEACHER))
-        tokenizer = mdl.load_tokenizer(spec)
+        teacher_settings = ModelConfig(name_or_path=str(DEMO_TEACHER))
+        tokenizer = mdl.load_tokenizer(teacher_settings)
         stream = np.asarray(tokenizer(text)["input_ids"], dtype=np.int32)
-        teacher = mdl.load_causal_lm(spec, "teacher", on).eval()
+        teacher = mdl.load_causal_lm(teacher_settings, "teacher", on).eval()
         vocab = int(teacher.config.vocab_size)
         if DEMO_STUDENT.is_dir():
             student = mdl.load_causal_lm(ModelConfig(name_or_path=str(DEMO_STUDENT), dtype="float32"), "student", on)
@@ -338,8 +609,8 @@ def build_assets(sizes: Sizes, text_path: Path | None, on: torch.device, log: Ca
 def write_bench_cache(assets: Assets, sizes: Sizes, out: Path) -> tuple[list[Path], dict[str, Any]]:
     """Cache the token rows (top-k + tail, no hidden states) with the cache stage's own extraction and writer
     (zstd level 3, the defaults); returns the shard paths and the first shard's metadata."""
-    ccfg = CacheConfig(top_k=TOP_K, batch_size=sizes.batch)
-    spec, fields = cache_stage.resolve_extraction(ccfg, assets.teacher.config, sizes.seq_len, 0)
+    cache_settings = CacheConfig(top_k=TOP_K, batch_size=sizes.batch)
+    extraction, fields = cache_stage.resolve_extraction(cache_settings, assets.teacher.config, sizes.seq_len, 0)
     shutil.rmtree(out, ignore_errors=True)
     files = []
     for first in range(0, sizes.cache_rows, sizes.rows_per_shard):
@@ -352,7 +623,7 @@ def write_bench_cache(assets: Assets, sizes: Sizes, out: Path) -> tuple[list[Pat
         parts = []
         for start in range(0, len(ids), sizes.batch):
             batch = torch.from_numpy(ids[start : start + sizes.batch].astype(np.int64))
-            parts.append(cache_stage.extract_batch(assets.teacher, batch, torch.ones_like(batch), spec))
+            parts.append(cache_stage.extract_batch(assets.teacher, batch, torch.ones_like(batch), extraction))
         name = f"train-{len(files):05d}.parquet"
         meta = {
             "teacher": "bench",
@@ -374,7 +645,7 @@ def write_bench_cache(assets: Assets, sizes: Sizes, out: Path) -> tuple[list[Pat
 # ------------------------------------------------------------------------------------------------- rows
 def bench_reader(files: list[Path], sizes: Sizes) -> tuple[Row, dict[str, Any]]:
     """CacheDataset vs a row-wise ``to_pydict`` reader over the same shards and KD columns."""
-    runs = [cf.benchmark_reader(files, batch_size=sizes.batch) for _ in range(max(3, sizes.repeats // 2))]
+    runs = [benchmark_reader(files, batch_size=sizes.batch) for _ in range(max(3, sizes.repeats // 2))]
     speedup = statistics.median(r["speedup"] for r in runs)
     fast = statistics.median(r["dataset_tokens_per_s"] for r in runs)
     slow = statistics.median(r["rowwise_tokens_per_s"] for r in runs)
@@ -387,8 +658,10 @@ def bench_extraction(assets: Assets, sizes: Sizes, on: torch.device) -> tuple[Ro
     fraction of this machine's matmul ceiling."""
     teacher = assets.teacher
     layer = max(1, teacher.config.num_hidden_layers // 2)
-    ccfg = CacheConfig(top_k=TOP_K, hidden_layers=[layer], batch_size=sizes.batch, logits_chunk=sizes.logits_chunk)
-    spec, _ = cache_stage.resolve_extraction(ccfg, teacher.config, sizes.seq_len, 0)
+    cache_settings = CacheConfig(
+        top_k=TOP_K, hidden_layers=[layer], batch_size=sizes.batch, logits_chunk=sizes.logits_chunk
+    )
+    extraction, _ = cache_stage.resolve_extraction(cache_settings, teacher.config, sizes.seq_len, 0)
     ids = torch.from_numpy(assets.rows[: sizes.batch].astype(np.int64)).to(on)
     mask = torch.ones_like(ids)
 
@@ -397,7 +670,7 @@ def bench_extraction(assets: Assets, sizes: Sizes, on: torch.device) -> tuple[Ro
     flops = forward_flops(teacher, sizes.batch, sizes.seq_len)
     runs, ceilings = [], []
     for _ in range(sizes.repeats):  # forward pair and GEMM alternate: each fraction compares like with like
-        runs.append(cache_stage.benchmark_extraction(teacher, ids, mask, spec, repeats=1))
+        runs.append(benchmark_extraction(teacher, ids, mask, extraction, repeats=1))
         ceilings.append(gemm())
     times = {"bare": [r["bare_forward_s"] for r in runs], "extract": [r["extraction_s"] for r in runs]}
     ratio = statistics.median(r["overhead_ratio"] for r in runs)
@@ -437,7 +710,7 @@ def bench_memory(assets: Assets, sizes: Sizes, on: torch.device) -> tuple[Row, d
     B x T x V x 4 bytes of those logits alone (the stricter of the two possible denominators).
 
     The row is torch's own tensor peak (profiler memory events on CPU, the allocator's peak on GPU): exact,
-    repeatable and the same quantity on both. On CPU the detail adds ``cache.topk_peak_memory`` (resident-set
+    repeatable and the same quantity on both. On CPU the detail adds ``topk_peak_memory`` (resident-set
     peak of each variant in a fresh process), which also counts what glibc's heap keeps resident after frees and
     moves by tens of MiB between runs at these sizes.
     """
@@ -457,7 +730,7 @@ def bench_memory(assets: Assets, sizes: Sizes, on: torch.device) -> tuple[Row, d
         f"{tensors['full'] / mib:.0f} MiB materialised, logits alone {logits / mib:.0f} MiB"
     )
     if on.type == "cpu":
-        rss = cache_stage.topk_peak_memory(positions=positions, hidden=hidden, vocab=vocab, chunk=chunk, top_k=TOP_K)
+        rss = topk_peak_memory(positions=positions, hidden=hidden, vocab=vocab, chunk=chunk, top_k=TOP_K)
         raw["rss"] = rss
         detail += (
             f"; resident set: {rss['chunked_peak_bytes'] / mib:.1f} MiB chunked ({rss['ratio_to_logits']:.3f}) vs "
@@ -469,14 +742,132 @@ def bench_memory(assets: Assets, sizes: Sizes, on: torch.device) -> tuple[Row, d
 
 
 KD_GOALS = {"response": 1.10, "feature": 1.25, "relation": 1.10}  # step time / CE-only step (issue 5)
+STUDENT_STEP_GOALS = {"memory": 0.25, "time": 1.10}  # chunked LM head / whole logits (issue 16)
+
+
+def student_step_setup(sizes: Sizes, chunk: int, on: torch.device) -> tuple[nn.Module, Any, dict, Any]:
+    """(model, recipe, batch, optimizer) of a KD training step (0.5·CE + 0.5·tail-bucket KL, top-16 + tail) on a
+    tiny Llama body with ``sizes.step_vocab`` outputs, the head computed in chunks of ``chunk`` positions (0: whole
+    logits). The teacher's top-k is random: the step's cost does not depend on its values."""
+    from pipeline.config import LossConfig, ResponseKDConfig
+
+    student = tiny_llama(sizes.step_vocab, sizes.step_hidden, 2, sizes.step_seq_len, 3).to(on).train()
+    model = train_stage.Distillee(student, None, chunk)
+    recipe = train_stage.LossRecipe("kd", LossConfig(ce_weight=0.5, response=ResponseKDConfig(weight=0.5)), 1.0, [], 2)
+    gen = torch.Generator().manual_seed(0)
+    shape = (sizes.step_batch, sizes.step_seq_len)
+    top = torch.log_softmax(torch.randn(*shape, TOP_K, generator=gen) * 2, -1).sort(-1, descending=True).values
+    batch = {
+        "input_ids": torch.randint(0, sizes.step_vocab, shape, generator=gen),
+        "attention_mask": torch.ones(shape, dtype=torch.long),
+        "topk_ids": torch.randint(0, sizes.step_vocab, (*shape, TOP_K), generator=gen),
+        "topk_logprobs": top + torch.log(torch.tensor(0.9)),  # 90 % of the mass in the top-k, 10 % in the tail
+        "tail_logmass": torch.full(shape, float(torch.log(torch.tensor(0.1)))),
+    }
+    return model, recipe, cf.to_compute(batch, on), torch.optim.AdamW(model.parameters(), lr=1e-6)
+
+
+def student_step(model: nn.Module, recipe: Any, batch: dict, optimizer: Any) -> None:
+    """One training step through the trainer's own ``_loss_step``: forward, losses, backward, AdamW."""
+    total, _, _ = train_stage._loss_step(model, batch, recipe, gather=False)
+    total.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def student_step_peak_child(sizes_json: str, chunk: int) -> dict[str, int]:
+    """In a fresh process: the resident-set peak of one steady-state KD step (after a warm-up step, so AdamW's state
+    exists) above the resident set before it, and the process's peak overall (``VmHWM``, Linux)."""
+    sizes = Sizes(**json.loads(sizes_json))
+    if sizes.threads:
+        torch.set_num_threads(sizes.threads)
+    setup = student_step_setup(sizes, chunk, torch.device("cpu"))
+    student_step(*setup)
+    page = os.sysconf("SC_PAGE_SIZE")
+    with open("/proc/self/statm") as fh:
+        before = int(fh.read().split()[1]) * page
+    with open("/proc/self/clear_refs", "w") as fh:  # "5" resets the peak RSS (VmHWM) to the current RSS
+        fh.write("5")
+    student_step(*setup)
+    with open("/proc/self/status") as fh:
+        peak = next(int(line.split()[1]) * 1024 for line in fh if line.startswith("VmHWM:"))
+    return {"step_rise_bytes": peak - before, "before_bytes": before, "peak_bytes": peak}
+
+
+def student_step_peaks(sizes: Sizes, chunk: int, on: torch.device) -> dict[str, int]:
+    """``student_step_peak_child``'s figures on CPU (a fresh process each); on GPU the caching allocator's peak of
+    the same steady-state step above what was allocated before it."""
+    if on.type == "cuda":
+        setup = student_step_setup(sizes, chunk, on)
+        student_step(*setup)
+        mdl.synchronize(on)
+        before = torch.cuda.memory_allocated(on)
+        torch.cuda.reset_peak_memory_stats(on)
+        student_step(*setup)
+        mdl.synchronize(on)
+        peak = torch.cuda.max_memory_allocated(on)
+        return {"step_rise_bytes": peak - before, "before_bytes": before, "peak_bytes": peak}
+    code = (
+        "import json; from pipeline.bench import student_step_peak_child; "
+        f"print(json.dumps(student_step_peak_child({json.dumps(dataclasses.asdict(sizes))!r}, {chunk})))"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+def bench_student_step(sizes: Sizes, on: torch.device) -> tuple[list[Row], dict[str, Any]]:
+    """A student KD step with the chunked LM head (``pipeline.lm_head``) vs whole [B, T, V] logits, side by side:
+    the step's peak memory (resident set of a fresh process on CPU) and its time (medians of ``sizes.repeats``
+    alternating steps on one model after a warm-up each)."""
+    chunk, positions = sizes.step_chunk, sizes.step_batch * sizes.step_seq_len
+    peaks = {"chunked": student_step_peaks(sizes, chunk, on), "whole": student_step_peaks(sizes, 0, on)}
+    model, recipe, batch, optimizer = student_step_setup(sizes, chunk, on)
+    models = {"chunked": model, "whole": train_stage.Distillee(model.student, None, 0)}  # one student, one AdamW
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for rep in range(sizes.repeats + 1):
+        for name, variant in models.items():
+            mdl.synchronize(on)
+            started = time.perf_counter()
+            student_step(variant, recipe, batch, optimizer)
+            mdl.synchronize(on)
+            if rep > 0:  # the first round warms allocators and kernels
+                times[name].append(time.perf_counter() - started)
+    median = {name: statistics.median(t) for name, t in times.items()}
+    mib = 2**20
+    rise = {name: p["step_rise_bytes"] for name, p in peaks.items()}
+    where = "GPU allocator" if on.type == "cuda" else "resident set of a fresh process"
+    shape = f"V={sizes.step_vocab}, hidden {sizes.step_hidden}, {sizes.step_batch}x{sizes.step_seq_len} positions"
+    memory = Row(
+        "student_step_memory",
+        "student KD step peak memory: chunked LM head / whole logits",
+        rise["chunked"] / rise["whole"],
+        "",
+        STUDENT_STEP_GOALS["memory"],
+        "<=",
+        f"{where}, rise during a step: {rise['chunked'] / mib:.0f} MiB chunked vs {rise['whole'] / mib:.0f} MiB "
+        f"whole (process peaks {peaks['chunked']['peak_bytes'] / mib:.0f} vs {peaks['whole']['peak_bytes'] / mib:.0f}"
+        f" MiB); {shape}, chunk {chunk}",
+    )
+    step_time = Row(
+        "student_step_time",
+        "student KD step time: chunked LM head / whole logits",
+        median["chunked"] / median["whole"],
+        "x",
+        STUDENT_STEP_GOALS["time"],
+        "<=",
+        f"{median['chunked'] * 1e3:.0f} ms vs {median['whole'] * 1e3:.0f} ms ({'GPU' if on.type == 'cuda' else 'CPU'},"
+        f" forward + backward + AdamW, chunks recomputed in backward); {shape}",
+    )
+    return [memory, step_time], {"peaks": peaks, "times_s": times, "positions": positions, "chunk": chunk}
 
 
 def bench_kd_steps(assets: Assets, sizes: Sizes, calls: int = 3) -> tuple[list[Row], dict[str, Any]]:
-    """``train.step_time_ratios``: a full step (forward, losses, backward, AdamW) of each KD family vs CE only on
+    """``step_time_ratios``: a full step (forward, losses, backward, AdamW) of each KD family vs CE only on
     the same batch, through the trainer's own ``_loss_step``. Called ``calls`` times and the median ratio kept,
     because one call's ratio of medians still swings by ~20 % when other users' jobs come and go."""
     results = [
-        train_stage.step_time_ratios(
+        step_time_ratios(
             assets.student.train(),
             batch_size=sizes.batch,
             seq_len=sizes.seq_len,
@@ -498,11 +889,11 @@ def bench_kd_steps(assets: Assets, sizes: Sizes, calls: int = 3) -> tuple[list[R
 
 def bench_bytes(files: list[Path], meta: dict[str, Any], assets: Assets) -> tuple[Row, dict[str, Any]]:
     """Stored bytes per token of a cache with top-16 + tail only (zstd), per column from
-    ``cache_format.column_bytes_per_token``, with the teacher's top-k mass as evidence that the distributions
+    ``column_bytes_per_token``, with the teacher's top-k mass as evidence that the distributions
     are not uniform."""
     rows = [cf.read_cache_meta(f)["rows"] for f in files]
     tokens = sum(rows) * int(meta["seq_len"])
-    per_file = [cf.column_bytes_per_token(f) for f in files]
+    per_file = [column_bytes_per_token(f) for f in files]
     columns = {name: sum(p[name] * r for p, r in zip(per_file, rows, strict=True)) / sum(rows) for name in per_file[0]}
     dataset = cf.CacheDataset(files, batch_size=64, shuffle=False, columns=["topk_logprobs", "tail_logmass"])
     mass = torch.cat([b["topk_logprobs"].float().exp().sum(-1).flatten() for b in dataset]).mean().item()
@@ -512,11 +903,11 @@ def bench_bytes(files: list[Path], meta: dict[str, Any], assets: Assets) -> tupl
     return row, {"bytes_per_token": columns, "tokens": tokens, "topk_mass": mass}
 
 
-def parallel_tensor_size(tcfg: Any) -> int:
+def parallel_tensor_size(teacher_config: Any) -> int:
     """The smallest tensor-parallel size > 1 the teacher allows (2 for the tiny Llama, 3 for SmolLM2's 9/3 heads)."""
     heads, kv = (
-        int(tcfg.num_attention_heads),
-        int(getattr(tcfg, "num_key_value_heads", None) or tcfg.num_attention_heads),
+        int(teacher_config.num_attention_heads),
+        int(getattr(teacher_config, "num_key_value_heads", None) or teacher_config.num_attention_heads),
     )
     return next(t for t in range(2, heads + 1) if heads % t == 0 and kv % t == 0)
 
@@ -530,12 +921,12 @@ def parallel_worker(root: Path, out: Path, tensor_parallel: int, batch: int, log
 
     on = mdl.device()
     layout = tp.setup(tensor_parallel, on)
-    spec_model = TeacherConfig(name_or_path=str(root / "teacher"), dtype="float32")
-    teacher = tp.load_teacher(spec_model, layout, on)
+    teacher_settings = TeacherConfig(name_or_path=str(root / "teacher"), dtype="float32")
+    teacher = tp.load_teacher(teacher_settings, layout, on)
     rows = np.load(root / "rows.npy")
     layer = max(1, teacher.config.num_hidden_layers // 2)
-    ccfg = CacheConfig(top_k=TOP_K, hidden_layers=[layer], batch_size=batch, logits_chunk=logits_chunk)
-    spec, fields = cache_stage.resolve_extraction(ccfg, teacher.config, rows.shape[1], 0)
+    cache_settings = CacheConfig(top_k=TOP_K, hidden_layers=[layer], batch_size=batch, logits_chunk=logits_chunk)
+    extraction, fields = cache_stage.resolve_extraction(cache_settings, teacher.config, rows.shape[1], 0)
     pieces = np.array_split(np.arange(len(rows)), shards)
     tp.barrier(layout)
     started = time.perf_counter()
@@ -544,7 +935,7 @@ def parallel_worker(root: Path, out: Path, tensor_parallel: int, batch: int, log
         parts = []
         for start in range(0, len(ids), batch):
             chunk = torch.from_numpy(ids[start : start + batch].astype(np.int64))
-            parts.append(cache_stage.extract_batch(teacher, chunk, torch.ones_like(chunk), spec))
+            parts.append(cache_stage.extract_batch(teacher, chunk, torch.ones_like(chunk), extraction))
         if layout.writer:
             packed = {"sample_id": pieces[index].astype(np.int64), "input_ids": ids,
                       "attention_mask": np.ones_like(ids, dtype=np.int8)}  # fmt: skip
@@ -687,10 +1078,13 @@ def bench_slurm(out: Path, log: Callable[[str], None], timeout_s: float = 120.0)
 
 
 # ----------------------------------------------------------------------------------------------- output
+MEMORY_ROWS = ("memory", "student_step_memory")  # fractions shown as 1/n
+
+
 def format_value(row: Row) -> str:
     if row.value is None:
         return "—"
-    if row.key == "memory":
+    if row.key in MEMORY_ROWS:
         return f"{row.value:.3f} (1/{1 / row.value:.0f})" if 0 < row.value < 1 else f"{row.value:.3f}"
     return f"{row.value:.3g}{row.unit}" if row.unit != "B" else f"{row.value:.1f} B"
 
@@ -698,8 +1092,8 @@ def format_value(row: Row) -> str:
 def format_goal(row: Row) -> str:
     if row.goal is None:
         return "—"
-    if row.key == "memory":
-        return f"{row.op} 1/8"
+    if row.key in MEMORY_ROWS:
+        return f"{row.op} 1/{1 / row.goal:.0f}"
     return f"{row.op} {row.goal:g}{row.unit if row.unit != 'B' else ' B'}"
 
 
@@ -745,16 +1139,21 @@ parameters.
 
 ## Method
 
-- Reader: `cache_format.benchmark_reader`: CacheDataset (fresh datasets back to back, each reading footers and
+- Reader: `bench.benchmark_reader`: CacheDataset (fresh datasets back to back, each reading footers and
   decoding every row group again) vs `to_pydict` rows turned into tensors one by one, both yielding the stored
   dtypes (int32 ids, int8 mask, fp16 log-probs; `cache_format.to_compute` widens on the device), each timed over
   windows of the same length.
-- Extraction: `cache.benchmark_extraction`: `cache.extract_batch` (body with hidden states, LM head + log-softmax +
+- Extraction: `bench.benchmark_extraction`: `cache.extract_batch` (body with hidden states, LM head + log-softmax +
   top-k + tail in chunks, one hidden layer copied out) vs `model(input_ids)` computing the full logits, same batch.
 - Memory: `cache.topk_chunked` vs full fp32 logits + log-softmax + top-k, torch's tensor peak (profiler memory events
   on CPU, `torch.cuda.max_memory_allocated` on GPU) over the B x T x V x 4 bytes of the logits. On CPU the detail adds
-  the resident-set peak of each in a fresh process (`cache.topk_peak_memory`), which includes glibc's heap policy.
-- KD steps: `train.step_time_ratios` (`_loss_step` + backward + AdamW per variant on the same batch) vs CE only.
+  the resident-set peak of each in a fresh process (`bench.topk_peak_memory`), which includes glibc's heap policy.
+- KD steps: `bench.step_time_ratios` (`train._loss_step` + backward + AdamW per variant on the same batch) vs CE only.
+- Student step: `bench.bench_student_step`: a KD step (0.5 CE + 0.5 tail-bucket KL, `train._loss_step` + backward +
+  AdamW) of a tiny Llama body with Llama-3's 128,256-token vocabulary, LM head in chunks (`pipeline.lm_head`,
+  recomputed in the backward pass) vs whole logits. Memory: the rise of the resident-set peak during a steady-state
+  step (after a warm-up step), each in a fresh process (CPU; `torch.cuda.max_memory_allocated` on GPU); time:
+  alternating steps on one model, medians.
 - FLOP/s: model FLOPs (2 x matmul weights x tokens + 4 x layers x T x hidden x tokens) per second of the bare
   forward over the FLOP/s of a square GEMM in the model's dtype timed right after it (median over repeats).
 - Slurm: five trivial chained jobs (`afterok`), submit to last completion, through `pipeline.slurm`.
@@ -796,6 +1195,9 @@ def run_bench(
     log("KD steps")
     kd_rows, raw["kd_steps"] = bench_kd_steps(assets, sizes)
     rows += kd_rows
+    log("student step: chunked LM head vs whole logits")
+    step_rows, raw["student_step"] = bench_student_step(sizes, on)
+    rows += step_rows
     row, raw["bytes"] = bench_bytes(files, meta, assets)
     rows.append(row)
     rows.append(flops)

@@ -40,11 +40,9 @@ import contextlib
 import dataclasses
 import json
 import os
-import statistics
-import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -53,14 +51,13 @@ import pyarrow as pa
 import torch
 
 from pipeline import cache_format as cf
-from pipeline import data_format, definition, preemption, validate
+from pipeline import data_format, definition, losses, preemption, validate
 from pipeline import modeling as mdl
 from pipeline import teacher_parallel as tp
 from pipeline.config import CacheConfig, Config, ConfigError, model_identity, section_hash
 from pipeline.config import load as load_config
-from pipeline.jsonlog import JsonLogger
+from pipeline.jsonlog import JsonLogger, console_progress
 from pipeline.rundir import (
-    REPO,
     PipelineError,
     RunDir,
     StageContext,
@@ -103,12 +100,6 @@ def topk_chunked(
         ids.append(top_ids)
         del logits
     return torch.cat(values), torch.cat(ids), torch.cat(tails)
-
-
-def masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """[B, T, H] x [B, T] -> [B, H] mean over real tokens in fp32 (an all-padding row gives zeros)."""
-    weights = mask.to(torch.float32).unsqueeze(-1)
-    return (hidden.float() * weights).sum(1) / weights.sum(1).clamp_min(1.0)
 
 
 @dataclasses.dataclass
@@ -171,34 +162,36 @@ def capture_hidden_states(body: torch.nn.Module, indices: set[int]) -> Iterator[
 
 @torch.inference_mode()
 def extract_batch(
-    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, spec: Extraction
+    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, extraction: Extraction
 ) -> dict[str, torch.Tensor]:
     """One teacher pass over [B, T] rows -> CPU tensors: topk_logprobs/topk_ids [B,T,k], tail_logmass [B,T],
     ``hidden_<i>`` [B,Tsub,H] in the storage dtype, embed [B,H] fp32."""
     body, lm_head = model.get_decoder(), model.get_output_embeddings()
     inputs = input_ids.to(model.get_input_embeddings().weight.device)
     mask = attention_mask.to(inputs.device)
-    wanted = set(spec.hidden_layers) | ({spec.embed_layer} if spec.embed_layer is not None else set())
+    wanted = set(extraction.hidden_layers) | ({extraction.embed_layer} if extraction.embed_layer is not None else set())
     with capture_hidden_states(body, wanted) as states:
         out = body(input_ids=inputs, attention_mask=mask, use_cache=False)
     states[len(decoder_layers(body))] = out.last_hidden_state  # hidden_states[L] is post-norm
     batch, seq_len = input_ids.shape
     final = out.last_hidden_state.to(lm_head.weight.device).reshape(batch * seq_len, -1)
     head_topk = tp.vocab_parallel_topk if tp.vocab_sharded(lm_head) else topk_chunked
-    values, ids, tail = head_topk(final, lm_head, spec.top_k, spec.temperature, spec.logits_chunk)
+    values, ids, tail = head_topk(final, lm_head, extraction.top_k, extraction.temperature, extraction.logits_chunk)
     floor = cf.LOGPROB_FLOOR
     result = {
         "topk_logprobs": values.clamp_min(floor).reshape(batch, seq_len, -1).cpu(),
         "topk_ids": ids.reshape(batch, seq_len, -1).cpu(),
         "tail_logmass": tail.clamp_min(floor).reshape(batch, seq_len).cpu(),
     }
-    for layer in spec.hidden_layers:
+    for layer in extraction.hidden_layers:
         hidden = states[layer]
-        if spec.positions is not None:
-            hidden = hidden[:, torch.tensor(spec.positions, device=hidden.device)]
-        result[cf.hidden_column(layer)] = hidden.to(spec.hidden_dtype).cpu()
-    if spec.embed_layer is not None:
-        result["embed"] = masked_mean(states[spec.embed_layer], mask.to(states[spec.embed_layer].device)).cpu()
+        if extraction.positions is not None:
+            hidden = hidden[:, torch.tensor(extraction.positions, device=hidden.device)]
+        result[cf.hidden_column(layer)] = hidden.to(extraction.hidden_dtype).cpu()
+    if extraction.embed_layer is not None:
+        result["embed"] = losses.pool_hidden(  # the pooling the relation loss applies to the student
+            states[extraction.embed_layer], mask.to(states[extraction.embed_layer].device)
+        ).cpu()
     return result
 
 
@@ -222,121 +215,47 @@ def to_columns(parts: list[dict[str, torch.Tensor]], packed: dict[str, Any]) -> 
     return cols
 
 
-# ------------------------------------------------------------------------------------------------ measurement
-def benchmark_extraction(
-    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, spec: Extraction, repeats: int = 3
-) -> dict[str, float]:
-    """Seconds of a bare teacher forward vs :func:`extract_batch` on the same batch and model.
-
-    The bare forward is ``model(input_ids, attention_mask)`` returning full logits (no KV cache, as in the
-    extraction). After one untimed call of each they alternate ``repeats`` times, so background load hits both
-    alike; reported are medians and the spread of the per-repeat ratios."""
-    bare, extract = [], []
-
-    def forward() -> torch.Tensor:
-        return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-
-    def timed(fn: Callable[[], object]) -> float:
-        mdl.synchronize(input_ids.device)
-        start = time.perf_counter()
-        fn()
-        mdl.synchronize(input_ids.device)
-        return time.perf_counter() - start
-
-    with torch.inference_mode():
-        forward(), extract_batch(model, input_ids, attention_mask, spec)
-        for _ in range(repeats):
-            bare.append(timed(forward))
-            extract.append(timed(lambda: extract_batch(model, input_ids, attention_mask, spec)))
-    ratios = sorted(e / b for e, b in zip(extract, bare, strict=True))
-    return {
-        "bare_forward_s": statistics.median(bare),
-        "extraction_s": statistics.median(extract),
-        "overhead_ratio": statistics.median(ratios),
-        "overhead_ratio_min": ratios[0],
-        "overhead_ratio_max": ratios[-1],
-    }
-
-
-def _topk_peak_child(mode: str, positions: int, hidden: int, vocab: int, chunk: int, top_k: int) -> int:
-    """In a fresh process: bytes the resident-set peak rises by while computing top-k (``mode``: chunked/full)."""
-    torch.manual_seed(0)
-    states = torch.randn(positions, hidden)
-    head = torch.nn.Linear(hidden, vocab, bias=False)
-    page = os.sysconf("SC_PAGE_SIZE")
-    with open("/proc/self/statm") as fh:
-        before = int(fh.read().split()[1]) * page
-    with open("/proc/self/clear_refs", "w") as fh:  # "5" resets the peak RSS (VmHWM) to the current RSS
-        fh.write("5")
-    with torch.inference_mode():
-        if mode == "chunked":
-            topk_chunked(states, head, top_k, 1.0, chunk)
-        else:
-            torch.topk(torch.log_softmax(head(states), dim=-1), top_k, dim=-1)
-    with open("/proc/self/status") as fh:
-        peak = next(int(line.split()[1]) * 1024 for line in fh if line.startswith("VmHWM:"))
-    return peak - before
-
-
-def topk_peak_memory(
-    positions: int = 8 * 256, hidden: int = 576, vocab: int = 49152, chunk: int = 128, top_k: int = 16
-) -> dict[str, float]:
-    """Peak extra memory (resident set, Linux) of chunked top-k vs materialised [positions, V] logits, each in a
-    fresh process; ``ratio_to_logits`` compares the chunked peak with positions x V x 4 bytes."""
-
-    def child(mode: str) -> int:
-        code = (
-            "from pipeline.cache import _topk_peak_child; "
-            f"print(_topk_peak_child({mode!r}, {positions}, {hidden}, {vocab}, {chunk}, {top_k}))"
-        )
-        env = {**os.environ, "PYTHONPATH": str(REPO)}
-        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
-        return int(done.stdout.split()[-1])
-
-    chunked, full = child("chunked"), child("full")
-    logits = positions * vocab * 4
-    return {
-        "logits_bytes": float(logits),
-        "chunked_peak_bytes": float(chunked),
-        "full_peak_bytes": float(full),
-        "ratio_to_logits": chunked / logits,
-        "ratio_to_full": chunked / full,
-    }
-
-
 # ------------------------------------------------------------------------------------------------- planning
-def resolve_extraction(ccfg: CacheConfig, tcfg: Any, seq_len: int, seed: int) -> tuple[Extraction, dict[str, Any]]:
-    """The extraction spec and the metadata fields it implies, hidden indices normalised against the teacher's
+def resolve_extraction(
+    cache_settings: CacheConfig, teacher_config: Any, seq_len: int, seed: int
+) -> tuple[Extraction, dict[str, Any]]:
+    """What to extract and the metadata fields it implies, hidden indices normalised against the teacher's
     config (the config rules themselves, ranges included, are ``pipeline.validate``'s and ran at stage start)."""
-    count = validate.num_hidden_states(tcfg)
-    layers = [validate.hidden_index(i, count, f"cache.hidden_layers.{n}") for n, i in enumerate(ccfg.hidden_layers)]
-    embed = None if ccfg.embed_layer is None else validate.hidden_index(ccfg.embed_layer, count, "cache.embed_layer")
-    positions = cf.hidden_positions(seq_len, ccfg.hidden_every_n, ccfg.hidden_fraction, seed)
-    spec = Extraction(
-        top_k=ccfg.top_k,
-        temperature=ccfg.temperature,
+    count = validate.num_hidden_states(teacher_config)
+    layers = [
+        validate.hidden_index(i, count, f"cache.hidden_layers.{n}") for n, i in enumerate(cache_settings.hidden_layers)
+    ]
+    embed = (
+        None
+        if cache_settings.embed_layer is None
+        else validate.hidden_index(cache_settings.embed_layer, count, "cache.embed_layer")
+    )
+    positions = cf.hidden_positions(seq_len, cache_settings.hidden_every_n, cache_settings.hidden_fraction, seed)
+    extraction = Extraction(
+        top_k=cache_settings.top_k,
+        temperature=cache_settings.temperature,
         hidden_layers=layers,
-        hidden_dtype=cf.HIDDEN_DTYPES[ccfg.hidden_dtype],
+        hidden_dtype=cf.HIDDEN_DTYPES[cache_settings.hidden_dtype],
         positions=positions,
         embed_layer=embed,
-        logits_chunk=ccfg.logits_chunk,
+        logits_chunk=cache_settings.logits_chunk,
     )
     fields = {
-        "top_k": ccfg.top_k,
-        "temperature": ccfg.temperature,
+        "top_k": cache_settings.top_k,
+        "temperature": cache_settings.temperature,
         "hidden_layers": layers,
-        "hidden_dim": int(tcfg.hidden_size),
-        "hidden_dtype": ccfg.hidden_dtype,
+        "hidden_dim": int(teacher_config.hidden_size),
+        "hidden_dtype": cache_settings.hidden_dtype,
         "hidden_positions": positions,
         "hidden_index_convention": mdl.HIDDEN_INDEX_CONVENTION,
         "num_hidden_states": count,
         "embed_layer": embed,
         "seq_len": seq_len,
     }
-    return spec, fields
+    return extraction, fields
 
 
-def plan_rows(cfg: Config, manifest: dict[str, Any], tcfg: Any) -> list[dict[str, Any]]:
+def plan_rows(cfg: Config, manifest: dict[str, Any], teacher_config: Any) -> list[dict[str, Any]]:
     """Per-column size estimate of the whole cache from the schema (no model forward).
 
     ``raw`` is exact uncompressed bytes; ``est`` assumes what zstd + BYTE_STREAM_SPLIT typically achieve: ids shrink
@@ -344,12 +263,12 @@ def plan_rows(cfg: Config, manifest: dict[str, Any], tcfg: Any) -> list[dict[str
     and SmolLM2 data; real ratios vary, use ``raw`` as the upper bound).
     """
     seq_len = int(manifest["seq_len"])
-    _, fields = resolve_extraction(cfg.cache, tcfg, seq_len, cfg.seed)
+    _, fields = resolve_extraction(cfg.cache, teacher_config, seq_len, cfg.seed)
     meta = {**fields, "rows": 0}
     schema = cf.cache_schema(meta)
     rows = sum(int(manifest["splits"][s]["rows"]) for s in data_format.SPLITS)
     tokens = rows * seq_len
-    id_bytes = max(1, int(np.ceil(np.log2(max(2, int(tcfg.vocab_size))) / 8)))
+    id_bytes = max(1, int(np.ceil(np.log2(max(2, int(teacher_config.vocab_size))) / 8)))
     ratio = {"topk_ids": id_bytes / 4, "topk_logprobs": 0.85, "tail_logmass": 0.85, "input_ids": id_bytes / 4}
     table = []
     for field in schema:
@@ -387,10 +306,13 @@ def format_plan(table: list[dict[str, Any]], tokens: int) -> str:
 
 # --------------------------------------------------------------------------------------------- bookkeeping
 def task_split(args: argparse.Namespace) -> tuple[int, int]:
-    """(task index, task count) from the flags, else the Slurm array, else (0, 1)."""
+    """(task index, task count) from the flags, else the Slurm array, else (0, 1). With ``--task-count`` given
+    (``slurm submit`` always gives it, and a resubmit queues only the tasks with shards left, e.g. ``--array=1,3``
+    of 4) the array task id is the index itself; without it, the id counts from the array's first task."""
     index, count = getattr(args, "task_index", None), getattr(args, "task_count", None)
     if index is None and os.environ.get("SLURM_ARRAY_TASK_ID", "").isdigit():
-        index = int(os.environ["SLURM_ARRAY_TASK_ID"]) - int(os.environ.get("SLURM_ARRAY_TASK_MIN", "0") or 0)
+        first = 0 if count is not None else int(os.environ.get("SLURM_ARRAY_TASK_MIN", "0") or 0)
+        index = int(os.environ["SLURM_ARRAY_TASK_ID"]) - first
     if count is None and os.environ.get("SLURM_ARRAY_TASK_COUNT", "").isdigit():
         count = int(os.environ["SLURM_ARRAY_TASK_COUNT"])
     index, count = index or 0, count or 1
@@ -402,6 +324,28 @@ def task_split(args: argparse.Namespace) -> tuple[int, int]:
 def manifest_shards(manifest: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     """(split, shard entry) of every manifest shard, train then val, in manifest order."""
     return [(split, s) for split in data_format.SPLITS for s in manifest["splits"][split]["shards"]]
+
+
+def task_shards(manifest: dict[str, Any], index: int, count: int) -> list[tuple[str, dict[str, Any]]]:
+    """The shards task ``index`` of ``count`` owns: every ``count``-th of the train+val list, from ``index``."""
+    return manifest_shards(manifest)[index::count]
+
+
+def pending_tasks(cfg: Config, rd: RunDir, count: int) -> list[int]:
+    """The tasks of ``count`` that own a shard without a matching record (``shard_done``, as each task decides for
+    itself): what ``slurm submit`` queues of the array when the manifest is complete and the cache is not. Task 0
+    alone when every shard is done but the stage marker is not (it writes the marker, computing nothing)."""
+    manifest = data_format.read_manifest(rd.stage_dir("manifest"))
+    fingerprint, cache_dir = teacher_fingerprint(cfg), rd.stage_dir(STAGE)
+    tasks = [
+        index
+        for index in range(count)
+        if not all(
+            shard_done(cache_dir, s["file"], shard_signature(cfg, fingerprint, s["sha256"]))
+            for _, s in task_shards(manifest, index, count)
+        )
+    ]
+    return tasks or [0]
 
 
 def output_sections(cfg: Config) -> tuple:
@@ -454,7 +398,8 @@ def remove_strays(cache_dir: Path, manifest: dict[str, Any]) -> list[str]:
 # ------------------------------------------------------------------------------------------------------ stage
 def _add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--task-index", type=int, default=None, help="this task's index (default: Slurm array id)")
-    parser.add_argument("--task-count", type=int, default=None, help="number of tasks (default: Slurm array size)")
+    count_help = "number of tasks (default: the Slurm array's size; given, the array task id is the index)"
+    parser.add_argument("--task-count", type=int, default=None, help=count_help)
     parser.add_argument("--plan", action="store_true", help="print the size and parallel plan, exit (no forward)")
     hw = tp.Hardware()
     parser.add_argument("--gpu-tflops", type=float, default=hw.gpu_tflops, help="--plan: dense bf16 peak per GPU")
@@ -497,12 +442,12 @@ def run(cfg: Config, rd: RunDir, ctx: StageContext) -> dict[str, float]:
     manifest_dir, cache_dir = rd.stage_dir("manifest"), rd.stage_dir(STAGE)
     manifest = data_format.read_manifest(manifest_dir)
     _check_tokenizer(cfg, manifest, manifest_dir / data_format.MANIFEST_FILE)
-    tcfg = mdl.load_model_config(cfg.teacher, "teacher")
-    tp.check_tensor_parallel(tcfg, cfg.teacher.tensor_parallel)
-    spec, fields = resolve_extraction(cfg.cache, tcfg, int(manifest["seq_len"]), cfg.seed)
+    teacher_config = mdl.load_model_config(cfg.teacher, "teacher")
+    tp.check_tensor_parallel(teacher_config, cfg.teacher.tensor_parallel)
+    extraction, fields = resolve_extraction(cfg.cache, teacher_config, int(manifest["seq_len"]), cfg.seed)
     fingerprint = teacher_fingerprint(cfg)
     index, count = task_split(ctx.args)
-    mine = manifest_shards(manifest)[index::count]
+    mine = task_shards(manifest, index, count)
     on = mdl.device()
     layout = tp.setup(cfg.teacher.tensor_parallel, on)
     ctx.begin_writes()
@@ -533,7 +478,7 @@ def run(cfg: Config, rd: RunDir, ctx: StageContext) -> dict[str, float]:
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         **fields,
     }
-    progress = Progress(ctx.log, cfg.cache.log_every_s, len(ours))
+    progress = Progress(ctx.log, cfg.cache.log_every_s, len(ours), sum(int(shard["rows"]) for _, shard in ours))
     done = {k: 0.0 for k in ("shards_computed", "rows", "tokens", "bytes")}
     with preemption.deferred(preemption.WARNING):  # the warning lets the shard in hand finish; SIGTERM stops at once
         stopped = False
@@ -542,7 +487,7 @@ def run(cfg: Config, rd: RunDir, ctx: StageContext) -> dict[str, float]:
             if tp.any_rank(preemption.received() is not None, layout.replica_group):
                 stopped = True
                 break
-            info = cache_one_shard(model, spec, base, split, shard, manifest_dir, cache_dir, cfg, progress,
+            info = cache_one_shard(model, extraction, base, split, shard, manifest_dir, cache_dir, cfg, progress,
                                    write=layout.writer)  # fmt: skip
             if info is not None:
                 signature = shard_signature(cfg, fingerprint, shard["sha256"])
@@ -555,6 +500,7 @@ def run(cfg: Config, rd: RunDir, ctx: StageContext) -> dict[str, float]:
         if tp.any_rank(stopped, layout.control):  # every rank stops together, after its replica's last shard
             where = f"{progress.shards_done} of {len(ours)} shards of this replica written"
             raise preemption.Interrupted(preemption.received() or preemption.WARNING, where, **progress.metrics())
+    progress.bar.close()
     totals.update(tp.sum_over_ranks(done, layout))
     totals["tokens_per_s"] = totals["tokens"] / max(progress.elapsed(), 1e-9)
     totals["bytes_per_token"] = totals["bytes"] / max(totals["tokens"], 1.0)
@@ -562,12 +508,14 @@ def run(cfg: Config, rd: RunDir, ctx: StageContext) -> dict[str, float]:
 
 
 class Progress:
-    """Token counter that logs ``progress`` lines with tokens/s every ``every_s`` seconds."""
+    """Token counter that logs ``progress`` lines with tokens/s every ``every_s`` seconds, and moves the console's
+    progress bar over the rows of this replica's shards (``jsonlog.console_progress``: interactive terminals only)."""
 
-    def __init__(self, log: JsonLogger, every_s: float, shards_total: int) -> None:
+    def __init__(self, log: JsonLogger, every_s: float, shards_total: int, rows_total: int) -> None:
         self.log, self.every_s, self.shards_total = log, every_s, shards_total
         self.start = self.last = time.monotonic()
         self.tokens, self.shards_done = 0, 0
+        self.bar = console_progress(log, rows_total, "cache", "row")
 
     def elapsed(self) -> float:
         return time.monotonic() - self.start
@@ -580,8 +528,9 @@ class Progress:
             "shards_total": self.shards_total,
         }
 
-    def add(self, tokens: int) -> None:
+    def add(self, tokens: int, rows: int) -> None:
         self.tokens += tokens
+        self.bar.update(rows)
         if time.monotonic() - self.last >= self.every_s:
             self.last = time.monotonic()
             self.log.info("progress", "", **self.metrics())
@@ -589,7 +538,7 @@ class Progress:
 
 def cache_one_shard(
     model: torch.nn.Module,
-    spec: Extraction,
+    extraction: Extraction,
     base: dict[str, Any],
     split: str,
     shard: dict[str, Any],
@@ -612,8 +561,8 @@ def cache_one_shard(
     for start in range(0, rows, batch):
         ids = torch.from_numpy(packed["input_ids"][start : start + batch].astype(np.int64))
         mask = torch.from_numpy(packed["attention_mask"][start : start + batch].astype(np.int64))
-        parts.append(extract_batch(model, ids, mask, spec))
-        progress.add(int(mask.sum()))
+        parts.append(extract_batch(model, ids, mask, extraction))
+        progress.add(int(mask.sum()), len(ids))
     if not write:
         progress.shards_done += 1
         return None
@@ -691,9 +640,9 @@ def plan_main(args: argparse.Namespace) -> int:
             rows = cfg.manifest.max_tokens // cfg.manifest.seq_len
             manifest = {"seq_len": cfg.manifest.seq_len, "splits": {"train": {"rows": rows}, "val": {"rows": 0}}}
             source = "manifest.max_tokens (no manifest yet)"
-        tcfg = mdl.load_model_config(cfg.teacher, "teacher")
-        tp.check_tensor_parallel(tcfg, cfg.teacher.tensor_parallel)
-        table = plan_rows(cfg, manifest, tcfg)
+        teacher_config = mdl.load_model_config(cfg.teacher, "teacher")
+        tp.check_tensor_parallel(teacher_config, cfg.teacher.tensor_parallel)
+        table = plan_rows(cfg, manifest, teacher_config)
     except (ConfigError, PipelineError) as err:
         return cli_exit_code(err)
     tokens = sum(int(manifest["splits"][s]["rows"]) for s in data_format.SPLITS) * int(manifest["seq_len"])
@@ -706,7 +655,7 @@ def plan_main(args: argparse.Namespace) -> int:
     hw = tp.Hardware(args.gpu_tflops, args.mfu, args.gpu_gb, args.allreduce_gb_s)
     dtype = cfg.teacher.dtype if cfg.teacher.dtype != "auto" else "bfloat16"  # auto is bf16 on the GPU
     layouts = tp.plan_parallel(
-        tcfg,
+        teacher_config,
         seq_len=int(manifest["seq_len"]),
         batch=cfg.cache.batch_size,
         logits_chunk=cfg.cache.logits_chunk,

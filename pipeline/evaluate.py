@@ -31,24 +31,28 @@ tokenizer, split at EOS) and a ``random.Random(seed)`` draw, so every model of a
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import importlib.metadata
 import json
+import logging
 import random
 import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from pipeline import definition
+from pipeline import definition, lm_head
 from pipeline.config import Config, ConfigError, EvalTaskConfig, ModelConfig, model_identity, section_hash
 from pipeline.data_format import read_manifest, read_packed_shard, shard_paths
+from pipeline.jsonlog import JsonLogger
 from pipeline.metrics import INTRINSIC_METRICS, IntrinsicAccumulator
 from pipeline.modeling import device, load_causal_lm, load_tokenizer, vocab_hash, vocab_size, weights_fingerprint
 from pipeline.rundir import (
@@ -68,6 +72,18 @@ LOCAL_TASKS = ("kd_heldout_mc", "kd_heldout_ppl")
 MIN_MC_WORDS = 4  # a context and a continuation of at least two words each
 PACKAGES = ("torch", "transformers", "lm_eval", "datasets", "accelerate", "peft")
 CACHE_COLUMNS = ("input_ids", "attention_mask", "topk_ids", "topk_logprobs", "tail_logmass")
+# lm-eval warnings that do not apply to how this stage calls it: dropped, and explained once in the stage log
+EXPECTED_LM_EVAL_WARNINGS = {
+    "`pretrained` model kwarg is not of type `str`": (
+        "lm-eval warns that `pretrained` is not a string: expected, evaluate hands it the model it already loaded "
+        "for the intrinsic metrics (one load, no launcher), so the arguments it says it ignores are not used"
+    ),
+    "instruct or chat variant but chat template is not applied": (
+        "lm-eval advises applying the chat template: not for the offline kd_heldout tasks, which score plain "
+        "held-out text (a chat template would change the text being scored); shown for other tasks"
+    ),
+}
+_EXPLAINED: set[str] = set()
 
 
 # ------------------------------------------------------------------------------------------- offline tasks
@@ -187,6 +203,7 @@ def run_lm_eval(
     cfg: Config,
     out_dir: Path,
     include_path: Path | None,
+    log: JsonLogger,
 ) -> dict[str, Any]:
     """Run lm-eval through its Python API, one ``simple_evaluate`` per (few-shot, limit) group, writing its own
     layout (``<out_dir>/<sanitized model>/results_<timestamp>.json`` + samples) via ``EvaluationTracker``.
@@ -199,44 +216,73 @@ def run_lm_eval(
     from lm_eval.models.huggingface import HFLM
 
     manager = task_manager(include_path, tasks)
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=cfg.evaluate.batch_size)
-    groups: dict[tuple[int, int | None], list[str]] = {}
-    for task in tasks:
-        groups.setdefault((task.num_fewshot, task.limit), []).append(task.name)
+    offline_only = all(task.name.startswith("kd_heldout") for task in tasks)
+    with expected_lm_eval_warnings(log, offline_only):
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=cfg.evaluate.batch_size)
+        groups: dict[tuple[int, int | None], list[str]] = {}
+        for task in tasks:
+            groups.setdefault((task.num_fewshot, task.limit), []).append(task.name)
 
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    info: dict[str, Any] = {"versions": {}, "n_shot": {}, "n_samples": {}, "limits": {}, "files": []}
-    for (num_fewshot, limit), names in groups.items():
-        tracker = EvaluationTracker(output_path=str(tmp))
-        results = simple_evaluate(
-            model=lm,
-            model_args={"pretrained": model_path},  # names the tracker's output directory and is recorded
-            tasks=names,
-            num_fewshot=num_fewshot,
-            limit=limit,
-            batch_size=cfg.evaluate.batch_size,
-            task_manager=manager,
-            evaluation_tracker=tracker,
-            log_samples=True,
-            bootstrap_iters=cfg.evaluate.bootstrap_iters,
-            random_seed=cfg.seed,
-            numpy_random_seed=cfg.seed,
-            torch_random_seed=cfg.seed,
-            fewshot_random_seed=cfg.seed,
-        )
-        samples = results.pop("samples")
-        tracker.save_results_aggregated(results=results, samples=samples)
-        for name in results["configs"]:
-            tracker.save_results_samples(task_name=name, samples=samples[name])
-        info["versions"].update(results.get("versions", {}))
-        info["n_shot"].update(results.get("n-shot", {}))
-        info["n_samples"].update(results.get("n-samples", {}))
-        info["limits"].update({name: limit for name in results["configs"]})
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tmp.rename(out_dir)
-    info["files"] = sorted(str(p.relative_to(out_dir.parent)) for p in out_dir.rglob("results_*.json"))
+        tmp = out_dir.with_name(f".{out_dir.name}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        info: dict[str, Any] = {"versions": {}, "n_shot": {}, "n_samples": {}, "limits": {}, "files": []}
+        for (num_fewshot, limit), names in groups.items():
+            tracker = EvaluationTracker(output_path=str(tmp))
+            results = simple_evaluate(
+                model=lm,
+                model_args={"pretrained": model_path},  # names the tracker's output directory and is recorded
+                tasks=names,
+                num_fewshot=num_fewshot,
+                limit=limit,
+                batch_size=cfg.evaluate.batch_size,
+                task_manager=manager,
+                evaluation_tracker=tracker,
+                log_samples=True,
+                bootstrap_iters=cfg.evaluate.bootstrap_iters,
+                random_seed=cfg.seed,
+                numpy_random_seed=cfg.seed,
+                torch_random_seed=cfg.seed,
+                fewshot_random_seed=cfg.seed,
+            )
+            samples = results.pop("samples")
+            tracker.save_results_aggregated(results=results, samples=samples)
+            for name in results["configs"]:
+                tracker.save_results_samples(task_name=name, samples=samples[name])
+            info["versions"].update(results.get("versions", {}))
+            info["n_shot"].update(results.get("n-shot", {}))
+            info["n_samples"].update(results.get("n-samples", {}))
+            info["limits"].update({name: limit for name in results["configs"]})
+        shutil.rmtree(out_dir, ignore_errors=True)
+        tmp.rename(out_dir)
+        info["files"] = sorted(str(p.relative_to(out_dir.parent)) for p in out_dir.rglob("results_*.json"))
     return info
+
+
+@contextlib.contextmanager
+def expected_lm_eval_warnings(log: JsonLogger, offline_only: bool) -> Iterator[None]:
+    """While lm-eval runs, drop its warnings of :data:`EXPECTED_LM_EVAL_WARNINGS` that do not apply here (the
+    chat-template advice only when every task is an offline ``kd_heldout`` one) and explain each once per process
+    in the stage log instead; every other lm-eval message passes unchanged."""
+    dropped = {k: v for k, v in EXPECTED_LM_EVAL_WARNINGS.items() if offline_only or "chat template" not in k}
+
+    def keep(record: logging.LogRecord) -> bool:
+        text = " ".join(record.getMessage().split())  # lm-eval wraps its advice over several indented lines
+        for phrase, why in dropped.items():
+            if phrase in text:
+                if phrase not in _EXPLAINED:
+                    _EXPLAINED.add(phrase)
+                    log.info("lm_eval_note", why)
+                return False
+        return True
+
+    loggers = [logging.getLogger(name) for name in ("lm_eval.evaluator", "lm_eval.models.huggingface")]
+    for logger in loggers:
+        logger.addFilter(keep)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(keep)
 
 
 # ------------------------------------------------------------------------------------------ intrinsic metrics
@@ -245,10 +291,10 @@ def intrinsic_metrics(
     model: torch.nn.Module, tokenizer: Any, cfg: Config, rd: RunDir
 ) -> tuple[dict[str, float], dict[str, Any] | None]:
     """Held-out perplexity, top-1 agreement, KL(teacher‖student), ECE, bits per byte and per-character perplexity
-    over the held-out cache (see metrics), and how a student with another tokenizer read it (None for a model that
-    shares the teacher's vocabulary): its rows are the held-out text re-tokenized (``pipeline.xtok``), its
-    teacher-relative metrics count the aligned positions, and aligned_fraction / mapped_mass_fraction join the
-    metrics."""
+    over the held-out cache (see metrics), the LM head applied ``evaluate.logits_chunk`` positions at a time; and how
+    a student with another tokenizer read it (None for a model that shares the teacher's vocabulary): its rows are the
+    held-out text re-tokenized (``pipeline.xtok``), its teacher-relative metrics count the aligned positions, and
+    aligned_fraction / mapped_mass_fraction join the metrics."""
     from pipeline import xtok
     from pipeline.cache_format import CacheDataset, list_cache_shards, read_cache_meta, to_compute, validate_for_student
 
@@ -258,7 +304,7 @@ def intrinsic_metrics(
     meta = read_cache_meta(files[0])
     columns = ["sample_id", *CACHE_COLUMNS]
     data: Any = CacheDataset(files, batch_size=cfg.evaluate.batch_size, shuffle=False, columns=columns)
-    texts, cross = xtok.RowTexts(rd.stage_dir("manifest"), data.metas), None
+    texts, cross = xtok.RowTexts(rd.stage_dir("manifest"), files), None
     teacher_tokenizer = load_tokenizer(cfg.teacher)
     if vocab_hash(tokenizer) == vocab_hash(teacher_tokenizer):
         validate_for_student(meta, vocab_hash=vocab_hash(tokenizer), vocab_size=vocab_size(tokenizer))
@@ -270,6 +316,8 @@ def intrinsic_metrics(
     acc = IntrinsicAccumulator(cfg.evaluate.ece_bins, temperature=float(meta.get("temperature", 1.0)))
     stats = torch.zeros(len(xtok.STAT_KEYS), dtype=torch.float64)
     on = next(model.parameters()).device
+    chunk = cfg.evaluate.logits_chunk
+    body, head = lm_head.body_and_head(model)
     model.eval()
     for i, batch in enumerate(data):
         if cfg.evaluate.intrinsic_batches is not None and i >= cfg.evaluate.intrinsic_batches:
@@ -280,8 +328,11 @@ def intrinsic_metrics(
         else:
             stats += batch["xtok_stats"]
         batch = to_compute(batch, on)
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        acc.update(logits, batch)
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        if chunk:  # the LM head chunk by chunk: no [B, T, V] logits (pipeline.lm_head)
+            acc.update_chunks(batch, lm_head.logits_in_chunks(body(**inputs).last_hidden_state, head, chunk))
+        else:
+            acc.update(model(**inputs).logits, batch)
     result = acc.result()
     if cross is None:
         return result, None
@@ -313,7 +364,7 @@ def git_hash() -> str | None:
     return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
-def model_spec(cfg: Config, rd: RunDir, unit: str) -> tuple[ModelConfig, int | None]:
+def evaluated_model(cfg: Config, rd: RunDir, unit: str) -> tuple[ModelConfig, int | None]:
     """The model to load for a unit and its training step (None for the teacher)."""
     if unit == TEACHER:
         # evaluate is one process: a teacher the cache split over several GPUs is spread over the job's GPUs here
@@ -327,8 +378,8 @@ def model_spec(cfg: Config, rd: RunDir, unit: str) -> tuple[ModelConfig, int | N
         step = int(json.loads(summary_path.read_text())["steps"])
     except (OSError, ValueError, KeyError, TypeError):
         step = None
-    spec = dataclasses.replace(cfg.student, name_or_path=str(final), tokenizer=None, revision=None, gguf_file=None)
-    return spec, step
+    settings = dataclasses.replace(cfg.student, name_or_path=str(final), tokenizer=None, revision=None, gguf_file=None)
+    return settings, step
 
 
 # ------------------------------------------------------------------------------------------------------ stage
@@ -336,14 +387,14 @@ def run(cfg: Config, rd: RunDir, ctx: StageContext) -> dict[str, float]:
     """Evaluate one model (``ctx.unit``) and write its results.json; returns the intrinsic metrics."""
     unit = ctx.unit or TEACHER
     out = rd.stage_dir("evaluate", unit)
-    spec, step = model_spec(cfg, rd, unit)
+    settings, step = evaluated_model(cfg, rd, unit)
     key = TEACHER if unit == TEACHER else "student"
     started = time.monotonic()
     tasks = task_list(cfg)
     # task names were checked with the config (pipeline.validate) before anything ran
     include = prepare_local_tasks(cfg, rd, load_tokenizer(cfg.teacher)) if tasks and cfg.evaluate.local_tasks else None
-    tokenizer = load_tokenizer(spec, key)
-    model = load_causal_lm(spec, key, device())
+    tokenizer = load_tokenizer(settings, key)
+    model = load_causal_lm(settings, key, device())
     model.eval()
 
     intrinsic, student_rows = intrinsic_metrics(model, tokenizer, cfg, rd)
@@ -352,12 +403,14 @@ def run(cfg: Config, rd: RunDir, ctx: StageContext) -> dict[str, float]:
     ctx.begin_writes()  # the model loaded and its held-out metrics computed: now replace the earlier result
     lm_eval_info: dict[str, Any] = {}
     if tasks:
-        lm_eval_info = run_lm_eval(model, tokenizer, spec.name_or_path, tasks, cfg, out / "lm_eval", include)
+        lm_eval_info = run_lm_eval(
+            model, tokenizer, settings.name_or_path, tasks, cfg, out / "lm_eval", include, ctx.log
+        )
         ctx.log.info("lm_eval", f"{unit}: {len(lm_eval_info['versions'])} tasks", files=lm_eval_info["files"])
 
     results = {
         "model": unit,
-        "model_path": spec.name_or_path,
+        "model_path": settings.name_or_path,
         "step": step,
         "intrinsic": intrinsic,
         "intrinsic_higher_is_better": {m.name: m.higher_is_better for m in INTRINSIC_METRICS.values()},

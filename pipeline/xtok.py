@@ -31,15 +31,14 @@ The pieces, in the order the data flows:
    differs (packing differs: rows are padded to the longest in the batch, never cut below the student's context).
 6. :class:`XtokDataset` — wraps the cache reader: every cache batch becomes a student batch whose ``topk_ids`` are
    student ids (-1 where the teacher's id has no student counterpart), at aligned positions only.
-7. :func:`ce_and_response_kd` — CE on every student position and the cache's response KD (``pipeline.losses``) at
-   aligned positions, with empty slots masked on both sides; :data:`UNMAPPED_RULES` says what happens to the
-   teacher mass on ids the student has no token for.
+7. The loss is the cache's own (``pipeline.losses``, through ``pipeline.lm_head``): CE on every student position,
+   response KD at the aligned positions (``xtok_aligned`` is the KD mask), an empty slot (-1) masked on both sides,
+   and ``response.unmapped`` deciding where the teacher's mass on it goes (``losses.UNMAPPED_RULES``).
 """
 
 from __future__ import annotations
 
 import json
-import math
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -51,7 +50,6 @@ import torch
 from torch import Tensor
 from torch.utils.data import IterableDataset
 
-from pipeline import losses
 from pipeline.rundir import PipelineError
 
 BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece byte fallback
@@ -274,10 +272,12 @@ class RowTexts:
     marker declares; otherwise a PipelineError names the file and what to rerun.
     """
 
-    def __init__(self, manifest_dir: Path, cache_metas: Sequence[dict[str, Any]], keep: int = 2) -> None:
+    def __init__(self, manifest_dir: Path, cache_files: Sequence[Path], keep: int = 2) -> None:
         from pipeline import data_format
+        from pipeline.cache_format import read_cache_meta
         from pipeline.rundir import MARKER, declared_outputs, file_problem
 
+        cache_metas = [read_cache_meta(f) for f in cache_files]
         manifest_dir = Path(manifest_dir)
         manifest = data_format.read_manifest(manifest_dir)
         declared = declared_outputs(manifest_dir)
@@ -447,7 +447,7 @@ class XtokDataset(IterableDataset):
     ``attention_mask`` of the student rows covering the same text; ``xtok_aligned`` [B, Ts] (the positions that meet
     a teacher position); ``topk_ids`` [B, Ts, k] as student ids (-1: the teacher's id has no student counterpart, and
     everywhere off the aligned positions), ``topk_logprobs``/``tail_logmass`` of the aligned teacher positions as
-    cached; ``hidden.<i>`` [B, Ts, H] with ``xtok_hidden_mask`` (aligned positions whose teacher state is stored);
+    cached; ``hidden_<i>`` [B, Ts, H] with ``xtok_hidden_mask`` (aligned positions whose teacher state is stored);
     ``embed`` unchanged; ``next_bytes``/``next_chars`` for per-byte metrics; ``xtok_stats`` (:data:`STAT_KEYS`).
     Order, sharding over ranks and workers, and resume are the cache reader's (``start_from``, ``set_epoch``).
     """
@@ -497,7 +497,7 @@ class XtokDataset(IterableDataset):
             probs = out["topk_logprobs"].float().exp() * aligned.unsqueeze(-1)
             mapped_mass, topk_mass = float((probs * (out["topk_ids"] >= 0)).sum()), float(probs.sum())
         stored = batch.get("hidden_positions")
-        for key in [k for k in batch if k.startswith("hidden.")]:
+        for key in [k for k in batch if k.startswith("hidden_") and k[len("hidden_") :].isdigit()]:
             hidden = batch[key]
             if stored is None:
                 index, found = safe, aligned
@@ -521,7 +521,7 @@ class CrossTokenizer:
 
     def wrap(self, cache: Any) -> XtokDataset:
         """The student's view of a cache reader (its shards' manifest rows, re-tokenized)."""
-        return XtokDataset(cache, RowTexts(self.manifest_dir, cache.metas), self.rows, self.teacher_to_student)
+        return XtokDataset(cache, RowTexts(self.manifest_dir, cache.files), self.rows, self.teacher_to_student)
 
     def provenance(self, student_tokenizer: str) -> dict[str, Any]:
         """What summary and results record about how the student's rows were made."""
@@ -561,79 +561,3 @@ def teacher_row_spans(texts: RowTexts, sample_ids: Sequence[int], attention_mask
     rows = texts.rows(sample_ids)
     spans = [next_token_spans(text, ends, int(n), seq_len) for (text, ends, _), n in zip(rows, lengths, strict=True)]
     return torch.from_numpy(np.stack([b for b, _ in spans])), torch.from_numpy(np.stack([c for _, c in spans]))
-
-
-# -------------------------------------------------------------------------------------------------------- loss
-UNMAPPED_RULES = ("tail_bucket", "uld")
-
-
-def uld_distance(student_logp: Tensor, topk_ids: Tensor, teacher_logprobs: Tensor, mask: Tensor) -> Tensor:
-    """ULD's sorted-probability distance (Boizard et al., 2024) on what exact matching leaves over.
-
-    per position: Σ_{i<k} |sort↓(p_T on the unmapped slots)_i − sort↓(q outside the mapped ids)_i|, i.e. the
-    teacher's probabilities of ids the student has no token for against the student's k largest probabilities
-    among the ids that no mapped slot claims (an optimal-transport distance between the two sorted lists; which
-    token is which is ignored). Masked mean over positions. Shapes: student_logp [..., V] log-probs, topk_ids
-    [..., k] student ids (-1: unmapped), teacher_logprobs [..., k], mask [...]. Costs one [..., V] copy and top-k.
-    """
-    mapped = topk_ids >= 0
-    k = topk_ids.shape[-1]
-    teacher = torch.where(mapped, 0.0, teacher_logprobs.float().exp()).sort(-1, descending=True).values
-    claimed = torch.zeros_like(student_logp).scatter_add_(-1, topk_ids.clamp(min=0), mapped.float()) > 0
-    student = student_logp.masked_fill(claimed, -math.inf).topk(k, dim=-1).values.exp()
-    return losses.masked_mean((teacher - student).abs().sum(-1), mask)
-
-
-def ce_and_response_kd(
-    student_logits: Tensor,
-    labels: Tensor,
-    ce_mask: Tensor,
-    topk_ids: Tensor,
-    topk_logprobs: Tensor,
-    tail_logmass: Tensor,
-    kd_mask: Tensor,
-    *,
-    unmapped: str = "tail_bucket",
-    **kd_options: object,
-) -> tuple[Tensor, Tensor]:
-    """(CE, response KD) for a student with another tokenizer: ``losses.ce_and_response_kd`` with empty slots.
-
-    ``topk_ids`` [..., k] are student ids, -1 where the teacher's id has no student token (an empty slot);
-    ``kd_mask`` holds the aligned positions, ``ce_mask`` every position with a next student token. The KD term is
-    ``losses.response_kd_from_parts`` (same divergences, temperature, tail modes, τ²) on the top-k slots with every
-    empty slot masked on both sides (log-probability ``LOG_FLOOR``: it adds nothing to either side's top-k mass and
-    nothing to the divergence). Where the teacher's mass on empty slots goes (``unmapped``, measured on the demo):
-
-    - ``tail_bucket`` (default): into the tail class, p_T(tail) = p_T(outside the top-k) + Σ_{empty} p_T; the student's
-      tail is 1 − Σ_{mapped} q. The distributions stay complete on both sides and the student is told exactly how
-      much mass the teacher puts on text it has no single token for; on the demo it gave the best held-out bits per
-      byte (README, "Cross-tokenizer distillation": 2.499 against 2.502 for ``uld`` and 2.519 for CE alone), at no
-      extra cost.
-    - ``uld``: the tail bucket plus :func:`uld_distance` (GOLD's hybrid: exact matches by divergence, the rest by
-      ULD's sorted-probability distance), which also shapes how the student spreads the unmapped mass; one extra
-      [..., V] pass (~13 % slower steps on the demo), no better there.
-
-    With all slots mapped (the same tokenizer) this is ``losses.ce_and_response_kd`` exactly. Shapes as there.
-    """
-    if unmapped not in UNMAPPED_RULES:
-        raise ValueError(f"unmapped: expected one of {', '.join(UNMAPPED_RULES)}, got {unmapped!r}")
-    temperature = float(kd_options.get("temperature", 1.0))
-    mapped = topk_ids >= 0
-    slots = topk_ids.clamp(min=0)
-    logp = torch.log_softmax(student_logits.float(), -1)
-    picked = logp.gather(-1, torch.cat([labels.unsqueeze(-1), slots], -1))
-    ce = losses.masked_mean(-picked[..., 0], ce_mask)
-    if kd_options.get("tail", "tail_bucket") == "tail_bucket" and temperature != 1.0:
-        student_slots, lse = student_logits.gather(-1, slots), losses.logsumexp_fp32(student_logits, temperature)
-    else:
-        student_slots, lse = picked[..., 1:], torch.zeros_like(picked[..., 0])
-    # divided by τ inside the loss, an empty slot becomes LOG_FLOOR: probability 0, and no gradient
-    student_slots = torch.where(mapped, student_slots, losses.LOG_FLOOR * temperature)
-    teacher = topk_logprobs.float()
-    empty_mass = torch.logsumexp(torch.where(mapped, -math.inf, teacher), -1)
-    tail = torch.logaddexp(tail_logmass.float(), empty_mass)
-    teacher_slots = torch.where(mapped, teacher, losses.LOG_FLOOR)
-    kd = losses.response_kd_from_parts(student_slots, lse, teacher_slots, tail, kd_mask, **kd_options)
-    if unmapped == "uld":
-        kd = kd + uld_distance(logp, topk_ids, teacher, kd_mask)
-    return ce, kd

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import shutil
 import subprocess
 
@@ -31,8 +32,13 @@ TINY = bench.Sizes(
     gemm_n=64,
     repeats=2,
     threads=1,
+    step_vocab=3000,
+    step_hidden=32,
+    step_seq_len=64,
+    step_chunk=16,
 )
-ROWS = ("reader", "extraction", "memory", "kd_response", "kd_feature", "kd_relation", "bytes", "flops", "slurm")
+ROWS = ("reader", "extraction", "memory", "kd_response", "kd_feature", "kd_relation", "student_step_memory",
+        "student_step_time", "bytes", "flops", "slurm")  # fmt: skip
 
 
 def test_quick_machinery_writes_json_table_and_markdown(tmp_path, tiny_assets, capsys):
@@ -56,6 +62,9 @@ def test_quick_machinery_writes_json_table_and_markdown(tmp_path, tiny_assets, c
     assert saved["raw"]["bytes"]["tokens"] == TINY.cache_rows * TINY.seq_len
     assert saved["machine"]["torch"] == torch.__version__ and saved["machine"]["cores"] >= 1
     assert len(list((out / "cache").glob("train-*.parquet"))) == TINY.cache_rows // TINY.rows_per_shard
+    step = saved["raw"]["student_step"]
+    assert len(step["times_s"]["chunked"]) == len(step["times_s"]["whole"]) == TINY.repeats
+    assert step["peaks"]["whole"]["step_rise_bytes"] > 0 and step["positions"] == TINY.step_batch * TINY.step_seq_len
 
     for row in result["rows"]:  # one table line per row, in the terminal and in the report
         assert f"| {row['name']} |" in table
@@ -122,3 +131,14 @@ def test_teacher_parallel_rows_compare_dp_and_tp_caches_with_one_process(tmp_pat
     assert by_key["parallel_tp"].status == "pass" and raw["tp"]["within_rounding"]
     assert all(raw["results"][mode]["tokens_per_s"] > 0 for mode in ("single", "dp", "tp"))
     assert raw["results"]["tp"]["processes"] == 2 and "tokens/s" in by_key["parallel_speed"].detail
+
+
+def test_step_time_ratios_measures_every_kd_family(tiny_assets):
+    from transformers import AutoModelForCausalLM
+
+    student = AutoModelForCausalLM.from_pretrained(tiny_assets["student"])
+    result = bench.step_time_ratios(student, batch_size=2, seq_len=16, top_k=4, teacher_dim=64, repeats=1)
+    assert set(result) == {f"{n}_s" for n in ("ce", "response", "feature", "relation")} | {
+        f"{n}_ratio" for n in ("response", "feature", "relation")
+    }
+    assert all(math.isfinite(v) and v > 0 for v in result.values())

@@ -157,8 +157,8 @@ def test_stage_writes_shards_records_marker_and_reader_feeds_student(run_config,
         assert torch.equal(batch["topk_ids"][rows], ref["topk_ids"])
         assert torch.equal(batch["topk_logprobs"][rows], ref["topk_logprobs"].half().float())
         assert torch.equal(batch["tail_logmass"][rows], ref["tail_logmass"].half().float())
-        assert torch.equal(batch["hidden.1"][rows], ref["hidden_1"].float())
-    assert batch["hidden.3"].shape == (6, 16, 64) and batch["hidden_positions"].tolist() == meta["hidden_positions"]
+        assert torch.equal(batch["hidden_1"][rows], ref["hidden_1"].float())
+    assert batch["hidden_3"].shape == (6, 16, 64) and batch["hidden_positions"].tolist() == meta["hidden_positions"]
     # rerun: the wrapper sees a matching marker and does nothing
     before = shard_bytes(out)
     assert cache.main(["--config", str(config)]) == 0
@@ -206,6 +206,8 @@ def test_task_split_is_disjoint_and_marker_waits_for_all_tasks(run_config, monke
     monkeypatch.setenv("SLURM_ARRAY_TASK_MIN", "4")
     monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "3")
     assert cache.task_split(types.SimpleNamespace(task_index=None, task_count=None)) == (2, 3)
+    # slurm submit passes the count: a resubmit's --array=6 of 8 tasks is task 6, whatever the array's first id
+    assert cache.task_split(types.SimpleNamespace(task_index=None, task_count=8)) == (6, 8)
     with pytest.raises(PipelineError, match="--task-index 3"):
         cache.task_split(types.SimpleNamespace(task_index=3, task_count=3))
 

@@ -19,8 +19,8 @@ import pytest
 import torch
 from conftest import REPO, write_config
 
+from pipeline import bench, train
 from pipeline import config as config_mod
-from pipeline import train
 
 BASE = {"manifest.max_samples": 90, "train.threads": 1}
 
@@ -102,6 +102,26 @@ def test_causal_targets_shift_and_mask():
     assert kd_mask.tolist() == [[True, True, True, False]]
 
 
+@pytest.mark.parametrize("variant", ["ce", "kd", "feature", "relation", "ce_unweighted"])
+def test_loss_step_computes_exactly_the_components_the_recipe_names(tiny_assets, tiny_config, variant):
+    """The step's metrics are all-reduced by name in one collective whose names come from ``LossRecipe.components``:
+    ``_loss_step`` must return those components and no other."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = config_mod.load(tiny_config())
+    relation_only = config_mod.LossConfig(ce_weight=0.0, relation=config_mod.RelationKDConfig(weight=1.0))
+    loss = cfg.train.variants.get(variant) or relation_only  # CE is computed (and logged) at weight 0 too
+    student = AutoModelForCausalLM.from_pretrained(tiny_assets["student"])
+    meta = {"temperature": 1.0, "hidden_layers": [1, 3], "num_hidden_states": 4}
+    recipe = train.resolve_recipe(variant, loss, meta, student.config)
+    projectors = train.losses.FeatureProjectors(recipe.feature_pairs, 32, 64) if recipe.feature_pairs else None
+    vocab = int(student.get_output_embeddings().weight.shape[0])
+    batch = bench.synthetic_batch(vocab, 2, 8, 4, 64, (3,))
+    _, components, normalisers = train._loss_step(train.Distillee(student, projectors), batch, recipe, gather=False)
+    assert tuple(components) == recipe.components and set(normalisers) >= set(components)
+    assert recipe.components[0] == "ce"
+
+
 # ----------------------------------------------------------------------------------------------- stage runs
 def test_every_variant_trains_with_finite_losses_and_writes_its_outputs(tmp_path, tiny_assets, tiny_cache):
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -174,6 +194,35 @@ def test_lora_checkpoints_hold_only_trainable_weights_and_resume_exactly(tmp_pat
     assert got.keys() == want.keys()
     for name in want:
         assert torch.allclose(got[name], want[name], rtol=0, atol=1e-6), name
+
+
+def test_tensorboard_tracker_receives_every_logged_metric_offline(tmp_path, tiny_assets, tiny_cache):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = make_run(tmp_path, tiny_assets, tiny_cache, {"train.trackers": ["tensorboard"], "train.max_steps": 4})
+    assert train.main(["--config", str(cfg), "--variant", "kd"]) == 0
+    run = tmp_path / "logs" / "tiny" / "train" / "trackers" / "kd" / "tiny"  # <variant>/<run_name>
+    assert len(list(run.rglob("events.out.tfevents.*"))) == 2  # the metrics, and the hyperparameters in a sub-run
+    board = EventAccumulator(str(run))
+    board.Reload()
+    rows = read_jsonl(variant_dir(cfg, "kd") / "metrics.jsonl")
+    for split in ("train", "val"):
+        for name in ("loss", "ce", "kd_response") + (("lr", "grad_norm") if split == "train" else ()):
+            logged = [(r["step"], r[name]) for r in rows if r["split"] == split]
+            scalars = [(e.step, e.value) for e in board.Scalars(f"{split}/{name}")]
+            assert [s for s, _ in scalars] == [s for s, _ in logged] and logged
+            assert [v for _, v in scalars] == pytest.approx([v for _, v in logged], rel=1e-6)  # stored as float32
+
+
+def test_a_tracker_whose_package_is_missing_is_refused_before_training(tmp_path, tiny_assets, tiny_cache, capsys,
+                                                                        monkeypatch):  # fmt: skip
+    from pipeline import validate
+
+    monkeypatch.setitem(validate.TRACKER_PACKAGES, "wandb", "wandb_not_installed_here")
+    cfg = make_run(tmp_path, tiny_assets, tiny_cache, {"train.trackers": ["wandb"]})
+    assert train.main(["--config", str(cfg), "--variant", "kd"]) == 2
+    assert "train.trackers.0" in capsys.readouterr().err
+    assert not variant_dir(cfg, "kd").exists()
 
 
 # --------------------------------------------------------------------------------------- resume, preemption
@@ -405,14 +454,3 @@ def test_unknown_variant_is_a_config_error(tmp_path, tiny_assets, tiny_cache, ca
     cfg = make_run(tmp_path, tiny_assets, tiny_cache)
     assert train.main(["--config", str(cfg), "--variant", "nope"]) == 2
     assert "--variant" in capsys.readouterr().err
-
-
-def test_step_time_ratios_measures_every_kd_family(tiny_assets):
-    from transformers import AutoModelForCausalLM
-
-    student = AutoModelForCausalLM.from_pretrained(tiny_assets["student"])
-    result = train.step_time_ratios(student, batch_size=2, seq_len=16, top_k=4, teacher_dim=64, repeats=1)
-    assert set(result) == {f"{n}_s" for n in ("ce", "response", "feature", "relation")} | {
-        f"{n}_ratio" for n in ("response", "feature", "relation")
-    }
-    assert all(math.isfinite(v) and v > 0 for v in result.values())

@@ -179,22 +179,29 @@ def _kd_inputs(seed: int = 0, vocab: int = 11, k: int = 4):
 
 @pytest.mark.parametrize(
     "options",
-    [{}, {"divergence": "reverse_kl"}, {"tail": "renormalize", "temperature": 2.0}, {"divergence": "jsd"}],
+    [
+        losses.ResponseOptions(),
+        losses.ResponseOptions("reverse_kl"),
+        losses.ResponseOptions(tail="renormalize", temperature=2.0),
+        losses.ResponseOptions("jsd", jsd_beta=0.3),
+    ],
+    ids=["forward_kl", "reverse_kl", "renormalize_tau2", "jsd"],
 )
 def test_identity_case_gives_exactly_todays_loss(options):
+    """Without an empty slot (the same tokenizer) the terms are bit for bit the ones computed without any slot
+    masking (``mapped=None``: the code path before cross-tokenizer students)."""
     logits, labels, ids, top, tail, mask = _kd_inputs()
-    ce_mask = mask.clone()
-    ce_mask[:, -1] = False
-    today = losses.ce_and_response_kd(logits, labels, ce_mask, ids, top, tail, mask, **options)
-    cross = xtok.ce_and_response_kd(logits, labels, ce_mask, ids, top, tail, mask, **options)
-    assert torch.equal(today[0], cross[0]) and torch.equal(today[1], cross[1])
+    ce, kd = losses.ce_and_response_terms(logits, labels, ids, top, tail, mask, options)
+    picked = torch.log_softmax(logits.float(), -1).gather(-1, torch.cat([labels.unsqueeze(-1), ids], -1))
+    today = losses.response_divergence(picked[..., 1:], torch.zeros_like(picked[..., 0]), top, tail, mask, options)
+    assert torch.equal(ce, -picked[..., 0]) and torch.equal(kd, today)
 
 
 def test_empty_slots_are_masked_and_their_mass_joins_the_tail():
     logits, labels, ids, top, tail, mask = _kd_inputs()
     empty = ids.clone()
     empty[..., 1] = -1  # the teacher's second choice has no student token
-    _, kd = xtok.ce_and_response_kd(logits, labels, mask, empty, top, tail, mask)
+    _, kd = losses.ce_and_response_kd(logits, labels, mask, empty, top, tail, mask, losses.ResponseOptions())
     # by hand: classes = the 3 mapped slots + one bucket with the tail and the empty slot's mass
     logq = torch.log_softmax(logits.float(), -1)
     keep = [0, 2, 3]
@@ -205,23 +212,26 @@ def test_empty_slots_are_masked_and_their_mass_joins_the_tail():
     torch.testing.assert_close(kd, expected, rtol=1e-5, atol=1e-6)
     kd.backward()
     assert torch.isfinite(logits.grad).all()
-    # every slot empty and no position aligned: finite, and zero without aligned positions
-    _, none = xtok.ce_and_response_kd(logits, labels, mask, torch.full_like(ids, -1), top, tail, mask.logical_not())
-    assert none.item() == 0.0
+    # every slot empty and no position aligned: zero; every slot empty at aligned positions: finite
+    none = torch.full_like(ids, -1)
+    options = losses.ResponseOptions()
+    assert losses.ce_and_response_kd(logits, labels, mask, none, top, tail, ~mask, options)[1].item() == 0.0
+    assert torch.isfinite(losses.ce_and_response_kd(logits, labels, mask, none, top, tail, mask, options)[1])
 
 
 def test_uld_adds_the_sorted_distance_of_the_unmapped_mass():
     logits, labels, ids, top, tail, mask = _kd_inputs()
     empty = ids.clone()
     empty[..., 2:] = -1
-    _, bucket = xtok.ce_and_response_kd(logits, labels, mask, empty, top, tail, mask)
-    _, uld = xtok.ce_and_response_kd(logits, labels, mask, empty, top, tail, mask, unmapped="uld")
+    bucket = losses.ce_and_response_kd(logits, labels, mask, empty, top, tail, mask, losses.ResponseOptions())[1]
+    uld_options = losses.ResponseOptions(unmapped="uld")
+    uld = losses.ce_and_response_kd(logits, labels, mask, empty, top, tail, mask, uld_options)[1]
     logq = torch.log_softmax(logits.float(), -1)
     others = logq.scatter(-1, ids[..., :2], -float("inf")).topk(4, -1).values.exp()
     teacher = torch.cat([top[..., 2:].exp(), torch.zeros_like(top[..., :2])], -1).sort(-1, descending=True).values
     torch.testing.assert_close(uld - bucket, (teacher - others).abs().sum(-1).mean(), rtol=1e-5, atol=1e-6)
-    with pytest.raises(ValueError, match="unmapped"):
-        xtok.ce_and_response_kd(logits, labels, mask, empty, top, tail, mask, unmapped="drop")
+    with pytest.raises(ValueError, match="unmapped: expected one of tail_bucket, uld"):
+        losses.ResponseOptions(unmapped="drop")
 
 
 # ------------------------------------------------------------------------------------------- the whole chain
@@ -343,7 +353,7 @@ def test_student_rows_cover_the_teacher_rows_text_and_resume_in_order(chain, xto
     data = cross.wrap(_cache_dataset(run, seed=0, shuffle=True))
     batches = [data.convert(b) for b in _first(data.cache, 3)]
     student = cross.rows.tokenizer
-    texts = xtok.RowTexts(run / "manifest", data.cache.metas)
+    texts = xtok.RowTexts(run / "manifest", data.cache.files)
     for batch in batches:
         for r, (text, _, _) in enumerate(texts.rows(batch["sample_id"].tolist())):
             ids = batch["input_ids"][r][batch["attention_mask"][r].bool()].tolist()
@@ -380,7 +390,7 @@ def test_identity_through_the_data_path_gives_todays_loss(chain):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from pipeline.cache_format import to_compute
-    from pipeline.train import causal_targets
+    from pipeline.lm_head import causal_targets
 
     run = chain["run"]
     tok = AutoTokenizer.from_pretrained(_teacher_path(chain))
@@ -404,9 +414,10 @@ def test_identity_through_the_data_path_gives_todays_loss(chain):
         with torch.no_grad():
             logits = model(input_ids=today["input_ids"], attention_mask=today["attention_mask"]).logits
         labels, ce_mask, kd_mask = causal_targets(today["input_ids"], today["attention_mask"])
+        options = losses.ResponseOptions()
         expected = losses.ce_and_response_kd(logits, labels, ce_mask, today["topk_ids"], today["topk_logprobs"],
-                                             today["tail_logmass"], kd_mask)  # fmt: skip
-        got = xtok.ce_and_response_kd(logits, labels, ce_mask, other["topk_ids"], other["topk_logprobs"],
-                                      other["tail_logmass"], other["xtok_aligned"])  # fmt: skip
+                                             today["tail_logmass"], kd_mask, options)  # fmt: skip
+        got = losses.ce_and_response_kd(logits, labels, ce_mask, other["topk_ids"], other["topk_logprobs"],
+                                        other["tail_logmass"], other["xtok_aligned"], options)  # fmt: skip
         assert torch.equal(expected[0], got[0]) and torch.equal(expected[1], got[1])
     assert same >= 0.8 * rows, f"{same} of {rows} rows re-tokenized to the teacher's ids"
