@@ -28,7 +28,8 @@ The pieces, in the order the data flows:
    each row of the manifest is re-tokenized document segment by document segment (a row that starts inside a
    document starts at one of the teacher's token boundaries), EOS appended where a document ends. A student row
    covers exactly the text of the teacher row it comes from, so it meets the cached top-k of that row; its length
-   differs (packing differs: rows are padded to the longest in the batch, never cut below the student's context).
+   differs (packing differs: rows are padded to the batch's longest, cut only where one exceeds the student's
+   context, which ``truncated_tokens`` counts).
 6. :class:`XtokDataset` — wraps the cache reader: every cache batch becomes a student batch whose ``topk_ids`` are
    student ids (-1 where the teacher's id has no student counterpart), at aligned positions only.
 7. The loss is the cache's own (``pipeline.losses``, through ``pipeline.lm_head``): CE on every student position,
