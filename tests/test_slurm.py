@@ -411,11 +411,6 @@ def _has_event(record: dict, job: dict, event: str) -> bool:
     return any(r["event"] == event for r in _events(record, job))
 
 
-def _running(job_id: str) -> bool:
-    out = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True).stdout
-    return "RUNNING" in out
-
-
 def _queued(record: dict) -> str:
     """squeue's lines for the record's jobs that are pending, running or completing (a requeued job is pending at
     once, with its id; squeue leaves out ids it no longer knows instead of failing on the list)."""
@@ -608,8 +603,11 @@ def test_warning_at_start_external_requeue_and_warning_mid_training_all_resume(c
     def steps() -> int:
         return len([e for e in _events(record, train) if e["event"] == "step"])
 
-    _wait_for("the train job running", lambda: _running(job), record)
-    subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True)  # as the job starts
+    # as the job starts: once the batch shell has run its first lines (a USR1 while bash itself is still starting,
+    # before it has read the script's first trap, kills the job shell: sacct FAILED, WTERMSIG 10; seen under load
+    # when the signal followed squeue's RUNNING by 27 ms), long before the stage has loaded anything
+    _wait_for("the job shell's first line", lambda: "[job.sh] job" in output(), record)
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True)
     _wait_for("the early requeue", lambda: "requeueing job" in output(), record)
     _wait_for("training steps after the requeue", lambda: steps() > 0, record)
     subprocess.run(["scontrol", "requeue", job], check=True)  # an administrator's requeue
