@@ -387,6 +387,8 @@ def test_cancel_cancels_every_job_of_the_run(cluster, tiny_config):
     assert out.returncode == 0 and "cancelled 8 jobs" in out.stdout, out.stderr
     status = _wait(record, 30)
     assert {r["state"] for r in status["jobs"]} == {"CANCELLED"}
+    out = _make("cancel", config)  # nothing left to cancel, and it says so
+    assert out.returncode == 0 and "cancelled 0 jobs of run tiny: - (8 already over:" in out.stdout, out.stdout
 
 
 def _run_local(module: str, config: Path, extra: list[str], *args: str) -> None:
