@@ -481,7 +481,9 @@ def test_cancel_during_cache_resubmit_after_a_failure_and_cancel_during_train(cl
     out = subprocess.run([PY, "-m", "pipeline.slurm", "cancel", "--config", str(config), *extra],
                          capture_output=True, text=True, cwd=REPO)  # fmt: skip
     cache_cancelled = time.monotonic()
-    assert out.returncode == 0 and "cancelled 5 jobs" in out.stdout, out.stderr
+    manifest_job = first["jobs"][0]["job_id"]
+    assert out.returncode == 0 and f"cancelled 4 jobs of run tiny: {cache_job['job_id']} " in out.stdout, out
+    assert f"(1 already over: {manifest_job})" in out.stdout, out.stdout  # the manifest had completed
     status = _nothing_left(first)
     row = status["jobs"][1]
     assert row["state"] == "CANCELLED" and row["requeues"] == 0, slurm.format_status(status)
