@@ -51,7 +51,7 @@ import pyarrow as pa
 import torch
 
 from pipeline import cache_format as cf
-from pipeline import data_format, definition, preemption, validate
+from pipeline import data_format, definition, losses, preemption, validate
 from pipeline import modeling as mdl
 from pipeline import teacher_parallel as tp
 from pipeline.config import CacheConfig, Config, ConfigError, model_identity, section_hash
@@ -100,12 +100,6 @@ def topk_chunked(
         ids.append(top_ids)
         del logits
     return torch.cat(values), torch.cat(ids), torch.cat(tails)
-
-
-def masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """[B, T, H] x [B, T] -> [B, H] mean over real tokens in fp32 (an all-padding row gives zeros)."""
-    weights = mask.to(torch.float32).unsqueeze(-1)
-    return (hidden.float() * weights).sum(1) / weights.sum(1).clamp_min(1.0)
 
 
 @dataclasses.dataclass
@@ -195,7 +189,7 @@ def extract_batch(
             hidden = hidden[:, torch.tensor(extraction.positions, device=hidden.device)]
         result[cf.hidden_column(layer)] = hidden.to(extraction.hidden_dtype).cpu()
     if extraction.embed_layer is not None:
-        result["embed"] = masked_mean(
+        result["embed"] = losses.pool_hidden(  # the pooling the relation loss applies to the student
             states[extraction.embed_layer], mask.to(states[extraction.embed_layer].device)
         ).cpu()
     return result

@@ -47,7 +47,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline import definition
+from pipeline import definition, lm_head
 from pipeline.config import Config, ConfigError, EvalTaskConfig, ModelConfig, model_identity, section_hash
 from pipeline.data_format import read_manifest, read_packed_shard, shard_paths
 from pipeline.jsonlog import JsonLogger
@@ -286,7 +286,8 @@ def expected_lm_eval_warnings(log: JsonLogger, offline_only: bool) -> Iterator[N
 # ------------------------------------------------------------------------------------------ intrinsic metrics
 @torch.inference_mode()
 def intrinsic_metrics(model: torch.nn.Module, tokenizer: Any, cfg: Config, rd: RunDir) -> dict[str, float]:
-    """Held-out perplexity, top-1 agreement, KL(teacher‖student) and ECE over the held-out cache (see metrics)."""
+    """Held-out perplexity, top-1 agreement, KL(teacher‖student) and ECE over the held-out cache (see metrics),
+    the LM head applied ``evaluate.logits_chunk`` positions at a time."""
     from pipeline.cache_format import CacheDataset, list_cache_shards, read_cache_meta, to_compute, validate_for_student
 
     files = list_cache_shards(rd.stage_dir("cache"), "val")
@@ -297,13 +298,18 @@ def intrinsic_metrics(model: torch.nn.Module, tokenizer: Any, cfg: Config, rd: R
     data = CacheDataset(files, batch_size=cfg.evaluate.batch_size, shuffle=False, columns=list(CACHE_COLUMNS))
     acc = IntrinsicAccumulator(cfg.evaluate.ece_bins, temperature=float(meta.get("temperature", 1.0)))
     on = next(model.parameters()).device
+    chunk = cfg.evaluate.logits_chunk
+    body, head = lm_head.body_and_head(model)
     model.eval()
     for i, batch in enumerate(data):
         if cfg.evaluate.intrinsic_batches is not None and i >= cfg.evaluate.intrinsic_batches:
             break
         batch = to_compute(batch, on)
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        acc.update(logits, batch)
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        if chunk:  # the LM head chunk by chunk: no [B, T, V] logits (pipeline.lm_head)
+            acc.update_chunks(batch, lm_head.logits_in_chunks(body(**inputs).last_hidden_state, head, chunk))
+        else:
+            acc.update(model(**inputs).logits, batch)
     return acc.result()
 
 

@@ -22,6 +22,7 @@ import socket
 import sys
 import threading
 import weakref
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -155,6 +156,23 @@ class JsonLogger:
             if self._file is not None:
                 self._file.close()
                 self._file = None
+
+
+def parse_jsonl(lines: Iterable[str], malformed: list[str] | None = None) -> Iterator[dict]:
+    """The JSON objects of JSON-lines text, the one reader of the pipeline's own JSONL files (logs, metrics, sample
+    audit trails). Blank lines and non-objects are skipped; so is a line that does not parse (one still being
+    written, or torn by kill -9), which is also appended to ``malformed`` when given."""
+    for line in lines:
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if malformed is not None:
+                malformed.append(line)
+            continue
+        if isinstance(record, dict):
+            yield record
 
 
 def format_console(rec: dict) -> str:

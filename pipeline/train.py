@@ -41,17 +41,18 @@ import shutil
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from pipeline import cache_format, definition, losses, preemption
+from pipeline import cache_format, definition, lm_head, losses, preemption
 from pipeline.config import Config, ConfigError, LossConfig, ModelConfig, TrainConfig, flatten, to_dict
 from pipeline.fsdp import Fsdp2
-from pipeline.jsonlog import console_progress, redact_values
+from pipeline.jsonlog import console_progress, parse_jsonl, redact_values
+from pipeline.lm_head import causal_targets
 from pipeline.modeling import (
     load_causal_lm,
     load_model_config,
@@ -127,6 +128,12 @@ class LossRecipe:
     capture_temperature: float
     feature_pairs: list[tuple[int, int]]  # (student hidden_states index, teacher cached layer), both non-negative
     relation_layer: int  # student hidden_states index pooled for relations
+    response: losses.ResponseOptions | None = field(init=False)  # checked once here; None without response KD
+
+    def __post_init__(self) -> None:
+        response = self.loss.response
+        options = (response.divergence, response.temperature, response.tail, self.capture_temperature)
+        self.response = losses.ResponseOptions(*options, response.jsd_beta) if response.weight > 0 else None
 
     @property
     def weights(self) -> dict[str, float]:
@@ -178,12 +185,17 @@ def resolve_recipe(name: str, loss: LossConfig, meta: dict[str, Any], student_co
 
 # -------------------------------------------------------------------------------------------------- model
 class Distillee(nn.Module):
-    """The trained state: the student plus the feature projectors, one module so DDP/FSDP sync both."""
+    """The trained state: the student plus the feature projectors, one module so DDP/FSDP sync both.
 
-    def __init__(self, student: nn.Module, projectors: losses.FeatureProjectors | None) -> None:
+    ``logits_chunk`` (``train.logits_chunk``): positions per LM-head chunk (``pipeline.lm_head``); 0 computes the
+    whole [B, T, V] logits through the student's own forward.
+    """
+
+    def __init__(self, student: nn.Module, projectors: losses.FeatureProjectors | None, logits_chunk: int = 0) -> None:
         super().__init__()
         self.student = student
         self.projectors = projectors
+        self.logits_chunk = logits_chunk
 
     def forward(
         self,
@@ -192,19 +204,31 @@ class Distillee(nn.Module):
         output_hidden_states: bool,
         feature_pairs: list[tuple[int, int]],
         positions: Tensor | None,
-    ) -> tuple[Any, dict[tuple[int, int], Tensor]]:
-        """(HF output, {(s, t): projected student hidden_states[s] at ``positions``, [B, T', Ht]}).
+        targets: lm_head.HeadTargets,
+    ) -> tuple[tuple[Tensor, ...] | None, dict[tuple[int, int], Tensor], dict[str, Tensor]]:
+        """(student hidden_states, {(s, t): projected hidden_states[s] at ``positions``, [B, T', Ht]},
+        {ce, kd_response}: the logit losses against ``targets``).
 
-        Projections run inside forward so FSDP has the projector weights unsharded and DDP sees them used.
+        The LM head, its losses and the projections run inside forward, so FSDP has their weights unsharded and DDP
+        sees them used.
         """
-        out = self.student(
-            input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=output_hidden_states
-        )
+        kwargs = {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "output_hidden_states": output_hidden_states,
+        }
+        if self.logits_chunk:
+            body, head = lm_head.body_and_head(self.student)
+            out = body(**kwargs)
+            scores = lm_head.chunked_scores(out.last_hidden_state, head, targets, self.logits_chunk)
+        else:
+            out = self.student(**kwargs)
+            scores = lm_head.scores_from_logits(out.logits, targets)
         projected = {}
         for s, t in feature_pairs:
             hidden = out.hidden_states[s] if positions is None else out.hidden_states[s][:, positions]
             projected[(s, t)] = self.projectors(s, t, hidden)
-        return out, projected
+        return out.hidden_states, projected, scores
 
 
 def _student_model_config(cfg: Config) -> ModelConfig:
@@ -237,20 +261,6 @@ def build_student(cfg: Config, on: torch.device) -> nn.Module:
 
 
 # ------------------------------------------------------------------------------------------------ loss step
-def causal_targets(input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """(labels, ce_mask, kd_mask), all [B, T].
-
-    Position t predicts token t+1: labels[t] = input_ids[t+1], valid where both are real tokens (the last position
-    has no label). The teacher's distribution at t is a target wherever t is a real token (the cache stores it at
-    every position, including the last real one).
-    """
-    labels = torch.zeros_like(input_ids)
-    labels[:, :-1] = input_ids[:, 1:]
-    ce_mask = torch.zeros_like(attention_mask, dtype=torch.bool)
-    ce_mask[:, :-1] = attention_mask[:, :-1].bool() & attention_mask[:, 1:].bool()
-    return labels, ce_mask, attention_mask.bool()
-
-
 def _loss_step(
     model: nn.Module, batch: dict[str, Any], recipe: LossRecipe, gather: bool
 ) -> tuple[Tensor, dict[str, Tensor], dict[str, float]]:
@@ -262,23 +272,14 @@ def _loss_step(
     config = recipe.loss
     input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
     positions = batch.get("hidden_positions") if recipe.feature_pairs else None
-    out, projected = model(input_ids, attention_mask, recipe.needs_hidden, recipe.feature_pairs, positions)
-    logits = out.logits  # [B, T, V]
     labels, ce_mask, kd_mask = causal_targets(input_ids, attention_mask)
-    components: dict[str, Tensor] = {}
+    cached = {k: batch[k] for k in lm_head.TEACHER_COLUMNS} if recipe.response else {}
+    # Without a weight CE is only logged, so it builds no graph.
+    targets = lm_head.HeadTargets(labels, ce_mask, kd_mask, cached, recipe.response, ce_grad=config.ce_weight > 0)
+    hidden_states, projected, components = model(
+        input_ids, attention_mask, recipe.needs_hidden, recipe.feature_pairs, positions, targets
+    )
     normalisers = {"ce": float(ce_mask.sum()), "kd_response": float(kd_mask.sum())}
-    if config.response.weight > 0:
-        response = config.response
-        components["ce"], components["kd_response"] = losses.ce_and_response_kd(
-            logits, labels, ce_mask, batch["topk_ids"], batch["topk_logprobs"], batch["tail_logmass"], kd_mask,
-            divergence=response.divergence, temperature=response.temperature, tail=response.tail,
-            capture_temperature=recipe.capture_temperature, jsd_beta=response.jsd_beta,
-        )  # fmt: skip
-    else:
-        # Without a weight CE is only logged, so it builds no graph.
-        with torch.set_grad_enabled(torch.is_grad_enabled() and config.ce_weight > 0):
-            components["ce"] = losses.cross_entropy(logits, labels, ce_mask)
-    del logits
     if config.feature.weight > 0:
         sub_mask = kd_mask if positions is None else kd_mask[:, positions]
         terms = [
@@ -289,7 +290,7 @@ def _loss_step(
         normalisers["kd_feature"] = float(sub_mask.sum())
     if config.relation.weight > 0:
         relation = config.relation
-        pooled = losses.pool_hidden(out.hidden_states[recipe.relation_layer], attention_mask)
+        pooled = losses.pool_hidden(hidden_states[recipe.relation_layer], attention_mask)
         teacher = batch["embed"]
         if gather and relation.gather_across_ranks:
             pooled, teacher = losses.gather_across_ranks(pooled), losses.gather_across_ranks(teacher)
@@ -362,7 +363,7 @@ def _setup(cfg: Config, rd: RunDir, ctx: StageContext, variant: str) -> Training
     tokenizer = _setup_tokenizer(cfg, meta, recipe, student)
     if train.gradient_checkpointing:
         student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = Distillee(student, _setup_projectors(recipe, student, meta)).to(acc.device)
+    model = Distillee(student, _setup_projectors(recipe, student, meta), train.logits_chunk).to(acc.device)
     model.train()
     model = acc.prepare(model)  # before the optimizer: FSDP2 replaces the parameters by their shards
     optimizer = acc.prepare(_setup_optimizer(model, train))
@@ -611,15 +612,9 @@ def _truncate_jsonl(path: Path, max_step: int) -> None:
         return
     if not path.exists():
         return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line)["step"] <= max_step:
-                kept.append(line)
-        except (ValueError, KeyError, TypeError):  # a line torn by kill -9
-            continue
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
+    kept = [r for r in parse_jsonl(path.read_text().splitlines()) if r.get("step", math.inf) <= max_step]
+    tmp = path.with_name(path.name + ".tmp")  # a line torn by kill -9 does not parse: dropped
+    tmp.write_text("".join(json.dumps(record, sort_keys=True) + "\n" for record in kept))
     os.replace(tmp, path)
 
 

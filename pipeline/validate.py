@@ -8,7 +8,8 @@ span keys or need the models' configs, so that one call refuses a config before 
   that breaks them, and it imports nothing heavy (``slurm status`` and ``cancel`` load configs on a login node).
 - :func:`check` — :func:`check_config` plus the rules of a whole run: at least one data source, the response-KD
   options (the tail-bucket temperature against the cache's capture temperature ``cache.temperature``, through the
-  loss's own check, which needs torch), and everything decidable from the teacher's and the student's
+  loss's own check, which needs torch), chunked LM heads only for models whose head output is the logits, and
+  everything decidable from the teacher's and the student's
   ``config.json`` and tokenizer files (no weights are loaded): every hidden-state index in range for its model,
   ``seq_len`` within both models' context, ``cache.top_k`` within the vocabulary, the student's tokenizer equal to
   the teacher's, LoRA target modules present in the student, lm-eval task names that exist, the package of each
@@ -164,6 +165,7 @@ def check(cfg: Config) -> None:
 
     check_tensor_parallel(teacher, cfg.teacher.tensor_parallel)
     _check_context(cfg, teacher, student)
+    _check_logits_chunk(cfg, teacher, student)
     cached = _check_cache_layers(cfg, teacher)
     for name, loss in cfg.train.variants.items():
         _check_response(cfg, f"train.variants.{name}.response", loss)
@@ -176,8 +178,8 @@ def check(cfg: Config) -> None:
 
 
 def _check_response(cfg: Config, key: str, loss: LossConfig) -> None:
-    """The loss's own option check (pipeline.losses, which needs torch: kept out of ``check_config`` so that
-    ``config.load`` stays light for status/cancel on a login node). The cache stores log-probs at
+    """The loss's own option check (``losses.ResponseOptions``, which needs torch: kept out of ``check_config`` so
+    that ``config.load`` stays light for status/cancel on a login node). The cache stores log-probs at
     ``cache.temperature``, and a cache made with another one is never read (lineage), so that is the capture
     temperature a tail bucket must match."""
     from pipeline import losses
@@ -185,7 +187,7 @@ def _check_response(cfg: Config, key: str, loss: LossConfig) -> None:
     rc = loss.response
     if rc.weight > 0:
         try:
-            losses.check_response_options(rc.divergence, rc.temperature, rc.tail, cfg.cache.temperature, rc.jsd_beta)
+            losses.ResponseOptions(rc.divergence, rc.temperature, rc.tail, cfg.cache.temperature, rc.jsd_beta)
         except ValueError as err:
             raise ConfigError(f"{key}.{err}") from None
 
@@ -227,6 +229,25 @@ def _check_context(cfg: Config, teacher: Any, student: Any) -> None:
             f"student.name_or_path: the student has {rows} output rows but the teacher's token ids go up to "
             f"{vocab - 1} ({cfg.student.name_or_path}); resize its embeddings or use another student"
         )
+
+
+def _check_logits_chunk(cfg: Config, teacher: Any, student: Any) -> None:
+    """A chunked LM head (``pipeline.lm_head``) calls the head module alone: a model that transforms its logits
+    after the head (soft-capping, a logit scale) needs whole logits there."""
+    from pipeline.lm_head import post_head_transform
+
+    uses = [("train.logits_chunk", "student", student, cfg.student)]
+    uses.append(("evaluate.logits_chunk", "student", student, cfg.student))
+    if cfg.evaluate.include_teacher:
+        uses.append(("evaluate.logits_chunk", "teacher", teacher, cfg.teacher))
+    for key, who, model_config, spec in uses:
+        section, name = key.split(".")
+        transform = post_head_transform(model_config)
+        if getattr(getattr(cfg, section), name) and transform:
+            raise ConfigError(
+                f"{key}: the {who} ({spec.name_or_path}) applies {transform} to its logits after the LM head, "
+                f"which a chunked head would skip; set {key}: 0"
+            )
 
 
 def _check_cache_layers(cfg: Config, teacher: Any) -> set[int]:

@@ -7,7 +7,16 @@ import io
 import json
 import math
 
-from pipeline.jsonlog import JsonLogger, console_progress, env_rank, open_logger, rank_log_path, redact, slurm_ids
+from pipeline.jsonlog import (
+    JsonLogger,
+    console_progress,
+    env_rank,
+    open_logger,
+    parse_jsonl,
+    rank_log_path,
+    redact,
+    slurm_ids,
+)
 
 SCHEMA = ["ts", "level", "run", "stage", "job", "task", "host", "rank", "event", "message", "metrics"]
 
@@ -89,3 +98,11 @@ def test_progress_bar_only_on_an_interactive_console_with_log_lines_above_it_and
     with console_progress(quiet, 4, "kd", "step") as bar:  # another rank: no console, no bar
         bar.update(4)
     assert quiet.stream.getvalue() == ""
+
+
+def test_parse_jsonl_skips_blank_lines_non_objects_and_a_torn_line_which_it_reports():
+    malformed: list[str] = []
+    lines = ['{"step": 1}', "", "  ", "[1, 2]", '{"step": 2, "loss": 2.5}', '{"step": 3, "lo']
+    assert list(parse_jsonl(lines, malformed)) == [{"step": 1}, {"step": 2, "loss": 2.5}]
+    assert malformed == ['{"step": 3, "lo']
+    assert list(parse_jsonl(['{"a": 1}', "{"])) == [{"a": 1}]  # without a list: skipped silently
