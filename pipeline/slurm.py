@@ -617,11 +617,14 @@ def job_outputs(job: dict) -> list[Path]:
     return sorted(pattern.parent.glob(pattern.name))
 
 
-def cancel(record: dict) -> list[str]:
-    """scancel every job of the run's latest submission (running ones get SIGTERM: they stop, not requeue)."""
+def cancel(record: dict) -> tuple[list[str], list[str]]:
+    """scancel every job of the run's latest submission that is not over yet (running ones get SIGTERM: they stop,
+    not requeue); returns (cancelled, already over), so that a second cancel does not claim to cancel anything."""
     ids = [j["job_id"] for j in record["jobs"] if j["job_id"] != "dry-run"]
-    _scancel(ids)
-    return ids
+    states = slurm_states(ids)
+    active = [j for j in ids if summarize_job(states.get(j, []))["state"] not in DONE_STATES]
+    _scancel(active)
+    return active, [j for j in ids if j not in active]
 
 
 # ------------------------------------------------------------------------------------------------------ CLI
@@ -693,8 +696,9 @@ def main(argv: list[str] | None = None) -> int:
                 status = run_status(record)
                 print(json.dumps(status, indent=2, default=str) if args.json else format_status(status))
             else:
-                ids = cancel(record)
-                print(f"cancelled {len(ids)} jobs of run {run}: {' '.join(ids)}")
+                cancelled, over = cancel(record)
+                done = f" ({len(over)} already over: {' '.join(over)})" if over else ""
+                print(f"cancelled {len(cancelled)} jobs of run {run}: {' '.join(cancelled) or '-'}{done}")
         return 0
     except (ConfigError, PipelineError) as err:
         return cli_exit_code(err)

@@ -22,6 +22,8 @@
 # Command substitutions below are `...`, not $(...): bash 5.2 parses $(...) while it reads a function definition,
 # and a trap that runs during that parse breaks it ("trap: unexpected EOF while looking for matching `)'", exit 2;
 # seen with a USR1 a few milliseconds into a job). Backquotes are parsed only when they run.
+# The one window left: a USR1 while bash itself starts, before it has read this line, kills the job shell (Slurm's
+# own warning comes signal_s before the time limit, so only a signal sent by hand in the job's first milliseconds).
 trap 'PIPELINE_EARLY_WARNING=1' USR1 # first line: a warning while the job starts is kept and acted on below
 set -Eeuo pipefail
 trap 'say "failed: $BASH_COMMAND (line $LINENO)"' ERR

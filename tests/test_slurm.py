@@ -387,6 +387,8 @@ def test_cancel_cancels_every_job_of_the_run(cluster, tiny_config):
     assert out.returncode == 0 and "cancelled 8 jobs" in out.stdout, out.stderr
     status = _wait(record, 30)
     assert {r["state"] for r in status["jobs"]} == {"CANCELLED"}
+    out = _make("cancel", config)  # nothing left to cancel, and it says so
+    assert out.returncode == 0 and "cancelled 0 jobs of run tiny: - (8 already over:" in out.stdout, out.stdout
 
 
 def _run_local(module: str, config: Path, extra: list[str], *args: str) -> None:
@@ -409,11 +411,6 @@ def _events(record: dict, job: dict) -> list[dict]:
 
 def _has_event(record: dict, job: dict, event: str) -> bool:
     return any(r["event"] == event for r in _events(record, job))
-
-
-def _running(job_id: str) -> bool:
-    out = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True).stdout
-    return "RUNNING" in out
 
 
 def _queued(record: dict) -> str:
@@ -484,7 +481,9 @@ def test_cancel_during_cache_resubmit_after_a_failure_and_cancel_during_train(cl
     out = subprocess.run([PY, "-m", "pipeline.slurm", "cancel", "--config", str(config), *extra],
                          capture_output=True, text=True, cwd=REPO)  # fmt: skip
     cache_cancelled = time.monotonic()
-    assert out.returncode == 0 and "cancelled 5 jobs" in out.stdout, out.stderr
+    manifest_job = first["jobs"][0]["job_id"]
+    assert out.returncode == 0 and f"cancelled 4 jobs of run tiny: {cache_job['job_id']} " in out.stdout, out
+    assert f"(1 already over: {manifest_job})" in out.stdout, out.stdout  # the manifest had completed
     status = _nothing_left(first)
     row = status["jobs"][1]
     assert row["state"] == "CANCELLED" and row["requeues"] == 0, slurm.format_status(status)
@@ -608,8 +607,11 @@ def test_warning_at_start_external_requeue_and_warning_mid_training_all_resume(c
     def steps() -> int:
         return len([e for e in _events(record, train) if e["event"] == "step"])
 
-    _wait_for("the train job running", lambda: _running(job), record)
-    subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True)  # as the job starts
+    # as the job starts: once the batch shell has run its first lines (a USR1 while bash itself is still starting,
+    # before it has read the script's first trap, kills the job shell: sacct FAILED, WTERMSIG 10; seen under load
+    # when the signal followed squeue's RUNNING by 27 ms), long before the stage has loaded anything
+    _wait_for("the job shell's first line", lambda: "[job.sh] job" in output(), record)
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True)
     _wait_for("the early requeue", lambda: "requeueing job" in output(), record)
     _wait_for("training steps after the requeue", lambda: steps() > 0, record)
     subprocess.run(["scontrol", "requeue", job], check=True)  # an administrator's requeue
