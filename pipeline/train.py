@@ -1,7 +1,9 @@
 """Training stage: distil the cached teacher into the student — one unit per variant of ``train.variants``.
 
 Reads   the cache shards the cache stage's marker declares (runs/<run>/cache/{train,val}-*.parquet, through
-        ``pipeline.cache_format`` only, never the teacher), and the student checkpoint ``student.name_or_path``.
+        ``pipeline.cache_format`` only, never the teacher), and the student checkpoint ``student.name_or_path``; a
+        student with another tokenizer also the manifest rows' text (runs/<run>/manifest/, exactly the shards the
+        cache was computed from, checked by checksum; ``pipeline.xtok``).
 Writes  runs/<run>/train/<variant>/
           checkpoints/step_<n:07d>/   model + projectors (LoRA: adapter + projectors only), optimizer, RNG
                                       (accelerate ``save_state``; FSDP: model + optimizer as per-rank DCP shards
