@@ -5,6 +5,10 @@ Three families, combined by weight with hard-label cross-entropy (``combine``):
 - **Response-based** on the cache's top-k teacher log-probs (``response_kd``; ``ce_and_response_kd`` computes the
   student's full-vocabulary log_softmax once and shares it between the CE and KD terms — computing the
   normaliser twice made a tail-bucket KD step ~25 % slower than CE on a 49k vocabulary).
+- **Sampled targets** (``sampled_kd``, ``ce_and_sampled_kd``, ``head_and_sampled_tail``): cross-entropy of the
+  student's full softmax against tokens drawn from the teacher (``pipeline.sampling``), unbiased for the gradient of
+  the full-vocabulary forward KL (Anshumann et al., ACL 2025); the same function on dense targets (k = V) is the
+  online teacher's full-vocabulary KD.
 - **Feature-based** on hidden states through learned projectors (``FeatureProjectors``, ``feature_distance``).
 - **Relation-based** on pooled sequence embeddings (``rkd_distance``, ``rkd_angle``, ``pairwise_relation``,
   ``relation_loss``), optionally over the global batch (``gather_across_ranks``).
@@ -254,6 +258,106 @@ def ce_and_response_kd(
         student_topk, lse = picked[..., 1:], torch.zeros_like(picked[..., 0])
     kd = response_kd_from_parts(student_topk, lse, topk_logprobs, tail_logmass, kd_mask, **kd_options)
     return ce, kd
+
+
+# ------------------------------------------------------------------------ sampled targets (unbiased sparse KD)
+def sparse_cross_entropy(student_logp: Tensor, target_ids: Tensor | None, target_weights: Tensor) -> Tensor:
+    """H(w, p_S) = −Σ_j w_j · log p_S(id_j) per position: [...].
+
+    student_logp [..., V]; target_ids [..., m] long with target_weights [..., m] (a sparse target: padding slots
+    have weight 0), or target_ids None with target_weights [..., V] (a dense target over the vocabulary, k = V).
+    """
+    if target_ids is None:
+        return -(target_weights.float() * student_logp.clamp(min=LOG_FLOOR)).sum(-1)
+    picked = student_logp.gather(-1, target_ids).clamp(min=LOG_FLOOR)
+    return -(target_weights.float() * picked).sum(-1)
+
+
+def sampled_kd(
+    student_logits: Tensor, target_ids: Tensor | None, target_weights: Tensor, mask: Tensor, *, temperature: float = 1.0
+) -> Tensor:
+    """Sampled-target KD: τ² · (1/|M|) Σ_{t∈M} −Σ_j w_{t,j} · log softmax(z_t/τ)[id_{t,j}].
+
+    With targets drawn from the teacher (``pipeline.sampling``: w_v = (c_v/n)·p(v)/q(v), so E[w_v] = p_τ(v)) this
+    is the random-sampling KD estimator of Anshumann et al., "Sparse Logit Sampling: Accelerating Knowledge
+    Distillation in LLMs" (ACL 2025, arXiv 2503.16870). Its gradient with respect to the student's logits is
+
+        ∂/∂z_v = τ · ((Σ_j w_j) · softmax(z/τ)_v − w_v)     (per position, before the mean)
+
+    whose expectation over the draws, τ · (softmax(z/τ)_v − p_τ(v)), is the gradient of the full-vocabulary forward
+    KL(p_τ‖softmax(z/τ)) × τ²: the estimator is unbiased for that gradient, unlike a top-k cache, whose tail class
+    only tells the student how much mass lies outside the head, not where (``response_kd``). The value is the
+    cross-entropy H(p_τ, p_S) = KL + H(p_τ) (the teacher's entropy is a constant the draws do not give), so it is
+    comparable with the same loss on dense targets (``target_ids`` None, k = V: the online teacher's exact
+    distribution), whose value the sampled loss estimates, but not with ``response_kd``'s KL.
+
+    The exact top-k head plus a sampled tail is the same function on the targets of ``head_and_sampled_tail``.
+    Shapes: student_logits [..., V] (any dtype, float32 math); target_ids [..., m] long or None; target_weights
+    [..., m] (or [..., V]); mask [...]. Padded positions may hold anything; the result is 0 when M is empty. τ must
+    be the temperature the targets were drawn at (``check_sampled_options``).
+    """
+    logp = torch.log_softmax(student_logits.float() / temperature, -1)
+    return _masked_sparse_ce(logp, target_ids, target_weights, mask) * temperature**2
+
+
+def _masked_sparse_ce(logp: Tensor, target_ids: Tensor | None, target_weights: Tensor, mask: Tensor) -> Tensor:
+    valid = mask.to(torch.bool)
+    weights = torch.where(valid.unsqueeze(-1), target_weights.float(), 0.0)  # padded positions: no target
+    weights = torch.nan_to_num(weights, nan=0.0, posinf=0.0, neginf=0.0)
+    ids = None if target_ids is None else torch.where(valid.unsqueeze(-1), target_ids, 0)
+    return masked_mean(sparse_cross_entropy(logp, ids, weights), valid)
+
+
+def ce_and_sampled_kd(
+    student_logits: Tensor,
+    labels: Tensor,
+    ce_mask: Tensor,
+    target_ids: Tensor | None,
+    target_weights: Tensor,
+    kd_mask: Tensor,
+    *,
+    temperature: float = 1.0,
+) -> tuple[Tensor, Tensor]:
+    """(CE, ``sampled_kd``) sharing one float32 log_softmax of the student when τ = 1 (as ``ce_and_response_kd``)."""
+    logp = torch.log_softmax(student_logits.float(), -1)
+    ce = masked_mean(-logp.gather(-1, labels.unsqueeze(-1)).squeeze(-1), ce_mask)
+    if temperature != 1.0:
+        logp = torch.log_softmax(student_logits.float() / temperature, -1)
+    return ce, _masked_sparse_ce(logp, target_ids, target_weights, kd_mask) * temperature**2
+
+
+def head_and_sampled_tail(
+    topk_ids: Tensor, topk_logprobs: Tensor, sampled_ids: Tensor, sampled_weights: Tensor, *, support: str
+) -> tuple[Tensor, Tensor]:
+    """Targets of the hybrid estimator: the exact top-k head plus sampled weights for the tail, [..., k + m].
+
+    target(v) = p(v) for v in the head (``topk_logprobs``), w_v for sampled v outside it. Unbiased for p either way:
+    with ``support`` "tail" the draws came from the tail alone (weights already carry the tail mass); with "full"
+    they came from the whole distribution and the draws that hit the head are dropped (E[w_v] = p(v) holds for each
+    tail token by itself). Shapes: topk_ids/topk_logprobs [..., k], sampled_ids/sampled_weights [..., m].
+    """
+    if support not in ("full", "tail"):
+        raise ValueError(f"support: expected full or tail, got {support!r}")
+    weights = sampled_weights.float()
+    if support == "full":
+        in_head = (sampled_ids.unsqueeze(-1) == topk_ids.unsqueeze(-2)).any(-1)
+        weights = torch.where(in_head, 0.0, weights)
+    head = topk_logprobs.float().clamp(min=LOG_FLOOR).exp()
+    return torch.cat([topk_ids, sampled_ids.long()], -1), torch.cat([head, weights], -1)
+
+
+def check_sampled_options(divergence: str, temperature: float, capture_temperature: float) -> None:
+    """Sampled targets estimate the forward KL at the temperature they were drawn at; refuse anything else."""
+    if divergence != "forward_kl":
+        raise ValueError(
+            f"divergence: sampled targets estimate the forward KL only (its gradient is linear in the target), "
+            f"got {divergence!r}"
+        )
+    if not math.isclose(temperature, capture_temperature, rel_tol=1e-6):
+        raise ValueError(
+            f"temperature: sampled targets were drawn at the capture temperature of the cache ({capture_temperature})"
+            f", got {temperature}; re-cache at cache.temperature={temperature}"
+        )
 
 
 def combine(components: dict[str, Tensor], weights: dict[str, float]) -> Tensor:
