@@ -42,6 +42,7 @@ from torch import nn
 from pipeline import cache as cache_stage
 from pipeline import cache_format as cf
 from pipeline import modeling as mdl
+from pipeline import sampling
 from pipeline import teacher_parallel as tp
 from pipeline import train as train_stage
 from pipeline.config import CacheConfig, ModelConfig
@@ -52,6 +53,7 @@ DEMO_TEACHER = REPO / "models" / "smollm2-135m-instruct"
 DEMO_STUDENT = REPO / "models" / "student-init"
 DEFAULT_TEXT = REPO / "data" / "shakespeare" / "train.jsonl"
 TOP_K = 16  # the k of the storage goal (issue 4: k=16 + tail <= 90 bytes/token)
+SAMPLES = 16  # draws per position of the sampled-targets row (issue 17: <= 40 bytes/token)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -335,10 +337,12 @@ def build_assets(sizes: Sizes, text_path: Path | None, on: torch.device, log: Ca
 
 
 # ------------------------------------------------------------------------------------------- cache shards
-def write_bench_cache(assets: Assets, sizes: Sizes, out: Path) -> tuple[list[Path], dict[str, Any]]:
-    """Cache the token rows (top-k + tail, no hidden states) with the cache stage's own extraction and writer
-    (zstd level 3, the defaults); returns the shard paths and the first shard's metadata."""
-    ccfg = CacheConfig(top_k=TOP_K, batch_size=sizes.batch)
+def write_bench_cache(
+    assets: Assets, sizes: Sizes, out: Path, ccfg: CacheConfig | None = None
+) -> tuple[list[Path], dict[str, Any]]:
+    """Cache the token rows (default: top-k + tail, no hidden states) with the cache stage's own extraction, draws
+    and writer (zstd level 3, the defaults); returns the shard paths and the first shard's metadata."""
+    ccfg = ccfg or CacheConfig(top_k=TOP_K, batch_size=sizes.batch)
     spec, fields = cache_stage.resolve_extraction(ccfg, assets.teacher.config, sizes.seq_len, 0)
     shutil.rmtree(out, ignore_errors=True)
     files = []
@@ -352,7 +356,11 @@ def write_bench_cache(assets: Assets, sizes: Sizes, out: Path) -> tuple[list[Pat
         parts = []
         for start in range(0, len(ids), sizes.batch):
             batch = torch.from_numpy(ids[start : start + sizes.batch].astype(np.int64))
-            parts.append(cache_stage.extract_batch(assets.teacher, batch, torch.ones_like(batch), spec))
+            uniforms = None
+            if spec.draws:  # the shard's number stands in for its checksum in the draws' seed
+                rows = range(start, start + len(batch))
+                uniforms = torch.from_numpy(sampling.row_uniforms(0, len(files), rows, sizes.seq_len, spec.draws))
+            parts.append(cache_stage.extract_batch(assets.teacher, batch, torch.ones_like(batch), spec, uniforms))
         name = f"train-{len(files):05d}.parquet"
         meta = {
             "teacher": "bench",
@@ -510,6 +518,25 @@ def bench_bytes(files: list[Path], meta: dict[str, Any], assets: Assets) -> tupl
     detail = f"{tokens:,} tokens; per column: {split}; teacher top-{TOP_K} mass {mass:.2f}, V={assets.vocab}"
     row = Row("bytes", f"cache bytes/token (k={TOP_K} + tail, zstd)", columns["total"], "B", 90.0, "<=", detail)
     return row, {"bytes_per_token": columns, "tokens": tokens, "topk_mass": mass}
+
+
+def bench_sampled_bytes(assets: Assets, sizes: Sizes, out: Path) -> tuple[Row, dict[str, Any]]:
+    """Stored bytes per token of the sampled-target columns (``sampled_ids`` + ``sampled_weights``, zstd) for
+    ``SAMPLES`` draws per position from the teacher itself (``cache.targets: sampled``), on the bench vocabulary."""
+    ccfg = CacheConfig(top_k=1, batch_size=sizes.batch, targets="sampled", samples=SAMPLES)
+    files, meta = write_bench_cache(assets, sizes, out, ccfg)
+    rows = [cf.read_cache_meta(f)["rows"] for f in files]
+    per_file = [cf.column_bytes_per_token(f) for f in files]
+    columns = {n: sum(p[n] * r for p, r in zip(per_file, rows, strict=True)) / sum(rows) for n in cf.SAMPLED_COLUMNS}
+    dataset = cf.CacheDataset(files, batch_size=64, shuffle=False, columns=["sampled_weights"])
+    distinct = torch.cat([(b["sampled_weights"] > 0).sum(-1).flatten().float() for b in dataset]).mean().item()
+    value = sum(columns.values())
+    detail = (
+        f"{SAMPLES} draws per position, {distinct:.1f} distinct ids on average; ids {columns['sampled_ids']:.1f} + "
+        f"weights {columns['sampled_weights']:.1f} B; {sum(rows) * sizes.seq_len:,} tokens, V={assets.vocab}"
+    )
+    row = Row("sampled_bytes_per_token", "sampled targets bytes/token (zstd)", value, "B", 40.0, "<=", detail)
+    return row, {"bytes_per_token": columns, "distinct_per_position": distinct, "draws": SAMPLES}
 
 
 def parallel_tensor_size(tcfg: Any) -> int:
@@ -797,6 +824,9 @@ def run_bench(
     kd_rows, raw["kd_steps"] = bench_kd_steps(assets, sizes)
     rows += kd_rows
     row, raw["bytes"] = bench_bytes(files, meta, assets)
+    rows.append(row)
+    log(f"sampled targets ({SAMPLES} draws per position)")
+    row, raw["sampled_bytes"] = bench_sampled_bytes(assets, sizes, out / "cache_sampled")
     rows.append(row)
     rows.append(flops)
     if parallel:

@@ -347,11 +347,12 @@ def head_and_sampled_tail(
 
 
 def check_sampled_options(divergence: str, temperature: float, capture_temperature: float) -> None:
-    """Sampled targets estimate the forward KL at the temperature they were drawn at; refuse anything else."""
+    """Sampled targets estimate the forward KL at the temperature they were drawn at (online targets: pass τ as the
+    capture temperature); refuse anything else with a ValueError that says what to change."""
     if divergence != "forward_kl":
         raise ValueError(
-            f"divergence: sampled targets estimate the forward KL only (its gradient is linear in the target), "
-            f"got {divergence!r}"
+            "divergence: sampled and online targets are distilled with the forward KL (its gradient is linear in the "
+            f"target, so draws estimate it without bias), got {divergence!r}"
         )
     if not math.isclose(temperature, capture_temperature, rel_tol=1e-6):
         raise ValueError(

@@ -87,6 +87,12 @@ def check_config(cfg: Config) -> None:
 def _check_teacher_parallel(cfg: Config) -> None:
     """How the cache runs the teacher: tensor-parallel replicas must fill the processes the cache job starts."""
     tensor_parallel, device_map = cfg.teacher.tensor_parallel, cfg.teacher.device_map
+    if tensor_parallel > 1 and cfg.cache.targets != "topk":
+        raise ConfigError(
+            f'cache.targets: "{cfg.cache.targets}" draws from the whole vocabulary on one process, but '
+            f"teacher.tensor_parallel {tensor_parallel} splits it over ranks (vocabulary-parallel sampling is not "
+            "implemented); use tensor_parallel 1 (device_map auto for a teacher too big for one GPU)"
+        )
     if tensor_parallel > 1 and device_map:
         raise ConfigError(
             f"teacher.tensor_parallel: {tensor_parallel} shards every layer over that many ranks, "
@@ -121,6 +127,14 @@ def _check_variant(cfg: Config, key: str, loss: LossConfig) -> None:
         raise ConfigError(f"{key}.feature.weight: needs cache.hidden_layers set (cached teacher hidden states)")
     if loss.relation.weight > 0 and cfg.cache.embed_layer is None:
         raise ConfigError(f"{key}.relation.weight: needs cache.embed_layer set (pooled teacher embeddings)")
+    targets, cached = loss.response.targets, cfg.cache.targets
+    needs = {"sampled": ("sampled",), "topk+sampled": ("sampled", "topk+sampled")}.get(targets, ())
+    if loss.response.weight > 0 and needs and cached not in needs:
+        why = "draws from the whole distribution" if targets == "sampled" else "draws (from the tail or everywhere)"
+        raise ConfigError(
+            f'{key}.response.targets: "{targets}" needs {why} in the cache, cache.targets is "{cached}"; '
+            f"set cache.targets: {' or '.join(needs)}"
+        )
 
 
 def _check_slurm(cfg: Config) -> None:
@@ -182,8 +196,13 @@ def _check_response(cfg: Config, key: str, loss: LossConfig) -> None:
 
     rc = loss.response
     if rc.weight > 0:
+        # drawn targets estimate the forward KL at the capture temperature; the online teacher is exact at any τ
+        capture = rc.temperature if rc.targets == "online" else cfg.cache.temperature
         try:
-            losses.check_response_options(rc.divergence, rc.temperature, rc.tail, cfg.cache.temperature, rc.jsd_beta)
+            if rc.targets == "topk":
+                losses.check_response_options(rc.divergence, rc.temperature, rc.tail, capture, rc.jsd_beta)
+            else:
+                losses.check_sampled_options(rc.divergence, rc.temperature, capture)
         except ValueError as err:
             raise ConfigError(f"{key}.{err}") from None
 

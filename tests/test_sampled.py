@@ -5,13 +5,26 @@ top-k + tail loss's gradient is off by a bias of known form."""
 
 from __future__ import annotations
 
+import os
+import shutil
+import signal
 import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from pipeline import losses, sampling
+from pipeline import cache, losses, sampling
+from pipeline import cache_format as cf
+from pipeline.config import ModelConfig
+from pipeline.config import load as load_config
+from pipeline.modeling import load_causal_lm
+from pipeline.rundir import PipelineError
+from tests.conftest import REPO, write_config
 
 V, P = 16, 3  # vocabulary and positions of the probes
 
@@ -139,7 +152,7 @@ def test_head_and_sampled_tail_drops_full_support_draws_inside_the_head():
 
 def test_check_sampled_options_names_what_to_change():
     losses.check_sampled_options("forward_kl", 1.0, 1.0)
-    with pytest.raises(ValueError, match="divergence: sampled targets estimate the forward KL only"):
+    with pytest.raises(ValueError, match="divergence: sampled and online targets are distilled with the forward KL"):
         losses.check_sampled_options("reverse_kl", 1.0, 1.0)
     with pytest.raises(ValueError, match=r"temperature: .*capture temperature of the cache \(1.0\), got 2.0"):
         losses.check_sampled_options("forward_kl", 2.0, 1.0)
@@ -229,3 +242,117 @@ def test_bias_probe_sees_the_small_bias_of_self_normalised_importance_weights():
     grads = seed_gradients(z, s, self_normalised)
     error = (grads.mean(0) - full_kl_gradient(z, s)).abs()
     assert float((error / confidence_halfwidth(grads)).max()) > 1.5
+
+
+# ------------------------------------------------------------------------------------------------------- cache
+SMALL = {"manifest.max_tokens": 2000, "manifest.rows_per_shard": 6}
+
+
+@pytest.fixture(scope="module")
+def manifest_dir(tmp_path_factory, tiny_assets) -> Path:
+    from pipeline import manifest
+
+    root = tmp_path_factory.mktemp("manifest")
+    assert manifest.main(["--config", str(write_config(root, tiny_assets, SMALL))]) == 0
+    return root / "runs" / "tiny" / "manifest"
+
+
+@pytest.fixture
+def run_config(tmp_path, tiny_assets, manifest_dir):
+    """``run_config(run_name, **overrides)`` -> config path whose run already holds the shared manifest."""
+
+    def make(run_name: str = "tiny", **overrides) -> Path:
+        shutil.copytree(manifest_dir, tmp_path / "runs" / run_name / "manifest", dirs_exist_ok=True)
+        sampled = {"cache.targets": "sampled", "cache.samples": 8, "cache.log_every_s": 0.01}
+        return write_config(tmp_path, tiny_assets, {**SMALL, **sampled, "run_name": run_name, **overrides})
+
+    return make
+
+
+def shard_bytes(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(directory.glob("*.parquet"))}
+
+
+@pytest.mark.parametrize("support", ["full", "tail"])
+def test_extraction_draws_equal_a_draw_on_the_full_logits(tiny_assets, support):
+    """The chunked LM head hands each chunk's log-probs to ``sampling.draw``: the same draws as on the whole
+    [B·T, V] log-softmax at the same uniforms, whatever the chunk size."""
+    model = load_causal_lm(ModelConfig(name_or_path=str(tiny_assets["teacher"])), "teacher", torch.device("cpu"))
+    ids = torch.randint(0, model.config.vocab_size, (2, 20), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones_like(ids)
+    u = torch.from_numpy(sampling.row_uniforms(0, 5, range(2), 20, 16))
+    with torch.inference_mode():
+        logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), -1).reshape(40, -1)
+    exclude = logp.topk(8, -1).indices if support == "tail" else None
+    want_ids, want_w = sampling.draw(logp, u.reshape(40, 16), exclude=exclude)
+    for chunk in (40, 7):
+        spec = cache.Extraction(8, 1.0, [], torch.float16, None, None, chunk, draws=16, support=support)
+        got = cache.extract_batch(model, ids, mask, spec, u)
+        assert torch.equal(got["sampled_ids"].reshape(40, 16), want_ids)
+        torch.testing.assert_close(got["sampled_weights"].reshape(40, 16), want_w, rtol=1e-5, atol=0)
+        if support == "tail":
+            in_head = (got["sampled_ids"].unsqueeze(-1) == got["topk_ids"].unsqueeze(-2)).any(-1)
+            assert not in_head[got["sampled_weights"] > 0].any()
+            torch.testing.assert_close(got["sampled_weights"].sum(-1), got["tail_logmass"].exp(), rtol=1e-4, atol=0)
+
+
+def test_stage_stores_self_described_draws_that_the_reader_yields(run_config, tiny_assets):
+    config = run_config()
+    assert cache.main(["--config", str(config)]) == 0
+    shards = cf.list_cache_shards(config.parent / "runs" / "tiny" / "cache", "train")
+    meta = cf.read_cache_meta(shards[0])
+    assert meta["targets"] == "sampled" and meta["format_version"] == cf.FORMAT_VERSION
+    assert {k: meta["sampling"][k] for k in ("draws", "support", "proposal_temperature", "seed")} == {
+        "draws": 8, "support": "full", "proposal_temperature": 1.0, "seed": 0,
+    }  # fmt: skip
+    assert "E[w_v] = p(v)" in meta["sampling"]["weights"] and "default_rng" in meta["sampling"]["uniforms"]
+    ds = cf.CacheDataset(shards, batch_size=6, shuffle=False, columns=["sampled_ids", "sampled_weights"])
+    batch = next(iter(ds))
+    assert batch["sampled_ids"].shape == (6, 32, 8) and batch["sampled_ids"].dtype == torch.int32
+    assert batch["sampled_weights"].dtype == torch.float16
+    assert torch.all(batch["sampled_weights"].float().sum(-1) == 1.0)  # counts/8, exact in fp16
+    # the draws are those of sampling.draw at the documented uniforms, on the teacher's log-probs of these rows
+    model = load_causal_lm(ModelConfig(name_or_path=str(tiny_assets["teacher"])), "teacher", torch.device("cpu"))
+    rows = cf.CacheDataset(shards[:1], batch_size=4, shuffle=False, columns=["input_ids"])
+    first = cf.to_compute(next(iter(rows)), "cpu")["input_ids"]
+    spec, _ = cache.resolve_extraction(load_config(str(config)).cache, model.config, 32, 0)
+    key = sampling.shard_key(meta["manifest_sha256"])
+    u = torch.from_numpy(sampling.row_uniforms(0, key, range(4), 32, 8))
+    ref = cache.extract_batch(model, first, torch.ones_like(first), spec, u)
+    assert torch.equal(batch["sampled_ids"][:4].long(), ref["sampled_ids"])
+    vocab = {"vocab_hash": meta["vocab_hash"], "vocab_size": meta["vocab_size"]}
+    cf.validate_for_student(meta, **vocab, need_sampled=["full"])
+    with pytest.raises(PipelineError, match="draws from the tail support, the cache holds cache.targets 'sampled'"):
+        cf.validate_for_student(meta, **vocab, need_sampled=["tail"])
+
+
+def test_sampling_keys_and_seed_are_part_of_the_stage_identity(run_config):
+    base = load_config(str(run_config()))
+    signature = cache.shard_signature(base, "f", "s")
+    for override in ("cache.samples=16", "cache.proposal_temperature=2.0", "cache.targets=topk+sampled", "seed=1"):
+        assert cache.shard_signature(load_config(str(run_config()), [override]), "f", "s") != signature, override
+    topk = load_config(str(run_config()), ["cache.targets=topk"])
+    assert cache.shard_signature(load_config(str(run_config()), ["cache.targets=topk", "seed=1"]), "f", "s") == (
+        cache.shard_signature(topk, "f", "s")
+    ), "a top-k cache does not depend on the seed"
+
+
+@pytest.mark.slow
+def test_kill_9_mid_run_then_rerun_gives_identical_sampled_shards(run_config, tmp_path):
+    """Draws depend on the seed, the shard and the row only: a resumed run writes the uninterrupted run's bytes."""
+    reference = run_config("ref", **{"cache.batch_size": 2, "cache.targets": "topk+sampled"})
+    assert cache.main(["--config", str(reference)]) == 0
+    config = run_config(**{"cache.batch_size": 2, "cache.targets": "topk+sampled"})
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cache", "--config", str(config)], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    out = tmp_path / "runs" / "tiny" / "cache"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and len(list((out / "_shards").glob("*.json"))) < 2:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "_COMPLETE.json").exists()
+    assert cache.main(["--config", str(config)]) == 0
+    ref_bytes = shard_bytes(tmp_path / "runs" / "ref" / "cache")
+    assert shard_bytes(out) == ref_bytes and len(ref_bytes) > 2
