@@ -17,9 +17,11 @@ Run     python -m pipeline.train --config C [--variant NAME] [key=value ...]    
         python -m torch.distributed.run --nproc-per-node N -m pipeline.train --config C ...
                                       (DDP; FSDP2 with train.distributed=fsdp, on CPU/gloo as on GPU/NCCL)
 
-The recipe reads top to bottom as in nanoGPT/torchtune: ``_setup_*`` helpers build the accelerator, student,
-projectors, data, optimizer and schedule in dependency order; ``_loss_step(batch)`` computes every loss component;
-``_train_variant`` runs the loop (accumulate, clip, step, schedule, log, validate, checkpoint) and saves.
+The stage reads top to bottom as in nanoGPT/torchtune. ``_train_variant`` is four calls: ``_setup`` builds one
+``TrainingSetup`` (accelerator, loss recipe, model, optimizer, schedule, tokenizer, data) from ``_setup_*`` helpers in
+dependency order; ``_resume`` restores the latest checkpoint or starts afresh; ``_train_loop`` runs the optimizer
+steps (``_optimizer_step``: accumulate, one all-reduce of the named step metrics, clip, step; then log, validate,
+checkpoint); ``_finish`` saves the model and the summary. ``_loss_step(batch)`` computes every loss component.
 Resume is automatic (``train.resume: auto``): the latest complete checkpoint restores weights, optimizer, schedule,
 RNG and each rank's data position, so an interrupted run (kill -9, preemption) ends with the same weights and the
 same sample sequence as an uninterrupted one; a checkpoint made from other settings or inputs (another cache or
@@ -38,6 +40,7 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -117,7 +120,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
 
 # ------------------------------------------------------------------------------------------------- recipe
 @dataclass
-class Recipe:
+class LossRecipe:
     """One variant's losses resolved against the student and the cache (derived once, then read-only)."""
 
     name: str
@@ -128,13 +131,19 @@ class Recipe:
 
     @property
     def weights(self) -> dict[str, float]:
-        lc = self.loss
+        """{component: weight in the total}, in COMPONENTS order."""
+        loss = self.loss
         return {
-            "ce": lc.ce_weight,
-            "kd_response": lc.response.weight,
-            "kd_feature": lc.feature.weight,
-            "kd_relation": lc.relation.weight,
+            "ce": loss.ce_weight,
+            "kd_response": loss.response.weight,
+            "kd_feature": loss.feature.weight,
+            "kd_relation": loss.relation.weight,
         }
+
+    @property
+    def components(self) -> tuple[str, ...]:
+        """The components ``_loss_step`` computes: CE always (logged even at weight 0), each KD family weighted > 0."""
+        return tuple(name for name, weight in self.weights.items() if name == "ce" or weight > 0)
 
     @property
     def uses_logits(self) -> bool:
@@ -155,7 +164,7 @@ class Recipe:
         return cols
 
 
-def resolve_recipe(name: str, loss: LossConfig, meta: dict[str, Any], student_config: Any) -> Recipe:
+def resolve_recipe(name: str, loss: LossConfig, meta: dict[str, Any], student_config: Any) -> LossRecipe:
     """A variant's losses with every hidden index normalised against the student and the cached teacher (the config
     rules, ranges included, are ``pipeline.validate``'s and ran at stage start)."""
     key = f"train.variants.{name}"
@@ -165,7 +174,7 @@ def resolve_recipe(name: str, loss: LossConfig, meta: dict[str, Any], student_co
         s_idx = hidden_index(s, count, f"{key}.feature.layer_pairs.{i}.0", "the student")
         pairs.append((s_idx, cache_format.normalise_layer(t, meta)))
     relation_layer = hidden_index(loss.relation.student_layer, count, f"{key}.relation.student_layer", "the student")
-    return Recipe(name, loss, float(meta["temperature"]), pairs, relation_layer)
+    return LossRecipe(name, loss, float(meta["temperature"]), pairs, relation_layer)
 
 
 # -------------------------------------------------------------------------------------------------- model
@@ -199,7 +208,7 @@ class Distillee(nn.Module):
         return out, projected
 
 
-def _student_spec(cfg: Config) -> ModelConfig:
+def _student_model_config(cfg: Config) -> ModelConfig:
     """fp32 master weights unless the config pins a dtype (bf16 compute comes from autocast on GPU)."""
     dtype = "float32" if cfg.student.dtype == "auto" else cfg.student.dtype
     return dataclasses.replace(cfg.student, dtype=dtype, device_map=None)
@@ -207,22 +216,22 @@ def _student_spec(cfg: Config) -> ModelConfig:
 
 def build_student(cfg: Config, on: torch.device) -> nn.Module:
     """The student as configured: full weights, or wrapped with a LoRA adapter (peft)."""
-    student = load_causal_lm(_student_spec(cfg), "student", on)
+    student = load_causal_lm(_student_model_config(cfg), "student", on)
     student.config.use_cache = False
     if cfg.train.lora.enabled:
         from peft import LoraConfig as PeftLoraConfig
         from peft import get_peft_model
 
-        lc = cfg.train.lora
-        peft_cfg = PeftLoraConfig(
-            r=lc.r,
-            lora_alpha=lc.alpha,
-            lora_dropout=lc.dropout,
-            target_modules=list(lc.target_modules),
+        lora = cfg.train.lora
+        adapter = PeftLoraConfig(
+            r=lora.r,
+            lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout,
+            target_modules=list(lora.target_modules),
             task_type="CAUSAL_LM",
         )
         try:
-            student = get_peft_model(student, peft_cfg)
+            student = get_peft_model(student, adapter)
         except ValueError as err:
             raise ConfigError(f"train.lora.target_modules: {str(err).splitlines()[0]}") from None
     return student
@@ -244,68 +253,159 @@ def causal_targets(input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, T
 
 
 def _loss_step(
-    model: nn.Module, batch: dict[str, Any], recipe: Recipe, gather: bool
+    model: nn.Module, batch: dict[str, Any], recipe: LossRecipe, gather: bool
 ) -> tuple[Tensor, dict[str, Tensor], dict[str, float]]:
     """Forward the student on one micro-batch and compute every active loss component.
 
     Returns (weighted total, {component: value}, {component: normaliser}) where the normaliser is what the
     component averaged over (valid tokens, or sequences for relations) — validation weights batches by it.
     """
-    lc = recipe.loss
+    config = recipe.loss
     input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
     positions = batch.get("hidden_positions") if recipe.feature_pairs else None
     out, projected = model(input_ids, attention_mask, recipe.needs_hidden, recipe.feature_pairs, positions)
     logits = out.logits  # [B, T, V]
     labels, ce_mask, kd_mask = causal_targets(input_ids, attention_mask)
-    comps: dict[str, Tensor] = {}
-    counts = {"ce": float(ce_mask.sum()), "kd_response": float(kd_mask.sum())}
-    if lc.response.weight > 0:
-        rc = lc.response
-        comps["ce"], comps["kd_response"] = losses.ce_and_response_kd(
+    components: dict[str, Tensor] = {}
+    normalisers = {"ce": float(ce_mask.sum()), "kd_response": float(kd_mask.sum())}
+    if config.response.weight > 0:
+        response = config.response
+        components["ce"], components["kd_response"] = losses.ce_and_response_kd(
             logits, labels, ce_mask, batch["topk_ids"], batch["topk_logprobs"], batch["tail_logmass"], kd_mask,
-            divergence=rc.divergence, temperature=rc.temperature, tail=rc.tail,
-            capture_temperature=recipe.capture_temperature, jsd_beta=rc.jsd_beta,
+            divergence=response.divergence, temperature=response.temperature, tail=response.tail,
+            capture_temperature=recipe.capture_temperature, jsd_beta=response.jsd_beta,
         )  # fmt: skip
     else:
         # Without a weight CE is only logged, so it builds no graph.
-        with torch.set_grad_enabled(torch.is_grad_enabled() and lc.ce_weight > 0):
-            comps["ce"] = losses.cross_entropy(logits, labels, ce_mask)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and config.ce_weight > 0):
+            components["ce"] = losses.cross_entropy(logits, labels, ce_mask)
     del logits
-    if lc.feature.weight > 0:
+    if config.feature.weight > 0:
         sub_mask = kd_mask if positions is None else kd_mask[:, positions]
         terms = [
-            losses.feature_distance(proj, batch[f"hidden.{t}"], sub_mask, lc.feature.metric)
+            losses.feature_distance(proj, batch[f"hidden.{t}"], sub_mask, config.feature.metric)
             for (_, t), proj in projected.items()
         ]
-        comps["kd_feature"] = torch.stack(terms).mean()
-        counts["kd_feature"] = float(sub_mask.sum())
-    if lc.relation.weight > 0:
-        rel = lc.relation
+        components["kd_feature"] = torch.stack(terms).mean()
+        normalisers["kd_feature"] = float(sub_mask.sum())
+    if config.relation.weight > 0:
+        relation = config.relation
         pooled = losses.pool_hidden(out.hidden_states[recipe.relation_layer], attention_mask)
         teacher = batch["embed"]
-        if gather and rel.gather_across_ranks:
+        if gather and relation.gather_across_ranks:
             pooled, teacher = losses.gather_across_ranks(pooled), losses.gather_across_ranks(teacher)
-        comps["kd_relation"], _ = losses.relation_loss(
-            pooled, teacher, distance_weight=rel.distance_weight, angle_weight=rel.angle_weight,
-            pairwise_weight=rel.pairwise_weight, pairwise_metric=rel.pairwise_metric,
+        components["kd_relation"], _ = losses.relation_loss(
+            pooled, teacher, distance_weight=relation.distance_weight, angle_weight=relation.angle_weight,
+            pairwise_weight=relation.pairwise_weight, pairwise_metric=relation.pairwise_metric,
         )  # fmt: skip
-        counts["kd_relation"] = float(input_ids.shape[0])
-    total = losses.combine(comps, recipe.weights)
-    return total, comps, counts
+        normalisers["kd_relation"] = float(input_ids.shape[0])
+    total = losses.combine(components, recipe.weights)
+    return total, components, normalisers
+
+
+# ------------------------------------------------------------------------------------------ one variant's run
+def _train_variant(cfg: Config, rd: RunDir, ctx: StageContext, variant: str) -> dict[str, float]:
+    """Setup, resume, loop, finish: the whole run of one variant; returns its summary numbers."""
+    setup = _setup(cfg, rd, ctx, variant)
+    progress, batches = _resume(cfg, ctx, setup)
+    last_train, val = _train_loop(cfg, ctx, setup, progress, batches)
+    return _finish(cfg, setup, progress, last_train, val)
 
 
 # ---------------------------------------------------------------------------------------------------- setup
-def _setup_accelerator(cfg: Config, recipe: Recipe) -> Any:
+@dataclass
+class TrainingSetup:
+    """Everything one variant's run holds, built once by ``_setup`` in dependency order, then read by the loop."""
+
+    variant: str
+    out: Path  # runs/<run>/train/<variant>
+    accelerator: Any  # accelerate.Accelerator, or pipeline.fsdp.Fsdp2 around one
+    recipe: LossRecipe
+    model: nn.Module  # the Distillee, prepared by the accelerator (DDP or FSDP2)
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR  # stepped once per optimizer step, by the loop (not accelerate)
+    tokenizer: Any
+    train_data: cache_format.CacheDataset  # this rank's share of the train shards, positioned by the resume
+    val_files: list[Path]
+    seq_len: int  # tokens per cached row
+    trainable_params: int
+    resume_identity: dict[str, Any]  # what a checkpoint's continuation depends on (stored in every checkpoint)
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.out / "metrics.jsonl"
+
+    @property
+    def samples_path(self) -> Path:
+        return self.out / "samples" / f"rank_{self.accelerator.process_index:05d}.jsonl"
+
+
+def _setup(cfg: Config, rd: RunDir, ctx: StageContext, variant: str) -> TrainingSetup:
+    """Cache metadata → recipe → accelerator → student (checked against the cache) → projectors → prepared model →
+    optimizer → schedule → data: each part needs the ones before it. Writes nothing."""
+    train = cfg.train
+    if train.threads:
+        torch.set_num_threads(train.threads)
+    cache_dir = rd.stage_dir("cache")
+    train_files = cache_format.list_cache_shards(cache_dir, "train")
+    if not train_files:
+        raise PipelineError(f"{cache_dir}: no train-*.parquet cache shards; rerun the cache stage (make cache)")
+    meta = cache_format.read_cache_meta(train_files[0])  # what the student must match
+
+    recipe = resolve_recipe(variant, train.variants[variant], meta, load_model_config(cfg.student, "student"))
+    acc = _setup_accelerator(cfg, recipe)
+    torch.manual_seed(cfg.seed)  # identical projector init on every rank (DDP also broadcasts rank 0's)
+    student = build_student(cfg, acc.device)
+    tokenizer = _setup_tokenizer(cfg, meta, recipe, student)
+    if train.gradient_checkpointing:
+        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = Distillee(student, _setup_projectors(recipe, student, meta)).to(acc.device)
+    model.train()
+    model = acc.prepare(model)  # before the optimizer: FSDP2 replaces the parameters by their shards
+    optimizer = acc.prepare(_setup_optimizer(model, train))
+    if train.lora.enabled and train.distributed != "fsdp":
+        _checkpoint_trainable_only(acc)
+    scheduler = _setup_scheduler(optimizer, train)
+    trainable = sum(p.numel() for p in acc.unwrap_model(model).parameters() if p.requires_grad)
+    # every shard's footer checked (one cache run, the columns this recipe reads) before anything is written
+    train_data = _setup_data(train_files, recipe, cfg, acc.process_index, acc.num_processes, train=True)
+
+    world, seq_len = acc.num_processes, int(meta["seq_len"])
+    sequences = train.micro_batch_size * train.grad_accum_steps * world
+    ctx.log.info(
+        "setup",
+        f"{variant}: {world} process(es), {trainable:,} trainable parameters, {sequences} sequences per step",
+        trainable_params=trainable,
+        tokens_per_step=sequences * seq_len,
+    )
+    return TrainingSetup(
+        variant=variant,
+        out=rd.stage_dir(STAGE, variant),
+        accelerator=acc,
+        recipe=recipe,
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        tokenizer=tokenizer,
+        train_data=train_data,
+        val_files=cache_format.list_cache_shards(cache_dir, "val"),
+        seq_len=seq_len,
+        trainable_params=trainable,
+        resume_identity=resume_identity(cfg, variant, ctx.state.inputs),
+    )
+
+
+def _setup_accelerator(cfg: Config, recipe: LossRecipe) -> Any:
     """Accelerator: DDP, or FSDP2 (``pipeline.fsdp``, on CPU too) across processes; bf16 on GPU, fp32 on CPU.
 
     The LR scheduler is NOT handed to accelerate: its wrapper steps a scheduler once per process, which would run
-    the schedule ``world_size`` times too fast; ``_train_variant`` steps it exactly once per optimizer step.
+    the schedule ``world_size`` times too fast; the loop steps it exactly once per optimizer step.
     """
     from accelerate import Accelerator, DistributedDataParallelKwargs
 
     on_gpu = torch.cuda.is_available()
-    mp = cfg.train.mixed_precision
-    mixed = ("bf16" if on_gpu else "no") if mp == "auto" else mp
+    precision = cfg.train.mixed_precision
+    mixed = ("bf16" if on_gpu else "no") if precision == "auto" else precision
     if cfg.train.distributed == "fsdp":  # FSDP2 casts to bf16 itself (MixedPrecisionPolicy): no autocast on top
         return Fsdp2(Accelerator(cpu=not on_gpu, mixed_precision="no"), mixed)
     # Without logits in the loss the LM head (and layers past the last distilled one) get no gradient.
@@ -313,15 +413,15 @@ def _setup_accelerator(cfg: Config, recipe: Recipe) -> Any:
     return Accelerator(cpu=not on_gpu, mixed_precision=mixed, kwargs_handlers=[ddp])
 
 
-def _setup_student_checks(cfg: Config, meta: dict[str, Any], recipe: Recipe, student: nn.Module) -> Any:
-    """The student's tokenizer and vocabulary must match the cache before step 1; returns the tokenizer."""
+def _setup_tokenizer(cfg: Config, meta: dict[str, Any], recipe: LossRecipe, student: nn.Module) -> Any:
+    """The student's tokenizer, after checking that it, the student's output rows and the cached columns this recipe
+    reads match the cache (before step 1)."""
     tokenizer = load_tokenizer(cfg.student, "student")
-    need_layers = [t for _, t in recipe.feature_pairs]
     cache_format.validate_for_student(
         meta,
         vocab_hash=vocab_hash(tokenizer),
         vocab_size=vocab_size(tokenizer),
-        need_hidden_layers=need_layers,
+        need_hidden_layers=[t for _, t in recipe.feature_pairs],
         need_embed=recipe.loss.relation.weight > 0,
     )
     rows = student.get_output_embeddings().weight.shape[0]
@@ -333,15 +433,25 @@ def _setup_student_checks(cfg: Config, meta: dict[str, Any], recipe: Recipe, stu
     return tokenizer
 
 
-def _setup_projectors(recipe: Recipe, student: nn.Module, meta: dict[str, Any]) -> losses.FeatureProjectors | None:
+def _setup_projectors(recipe: LossRecipe, student: nn.Module, meta: dict[str, Any]) -> losses.FeatureProjectors | None:
     if not recipe.feature_pairs:
         return None
     width = int(student.config.hidden_size if hasattr(student.config, "hidden_size") else student.config.d_model)
     return losses.FeatureProjectors(recipe.feature_pairs, width, int(meta["hidden_dim"]))
 
 
+def _setup_optimizer(model: nn.Module, train: TrainConfig) -> torch.optim.Optimizer:
+    betas = (train.betas[0], train.betas[1])
+    fused = {"fused": True} if torch.cuda.is_available() else {}
+    return torch.optim.AdamW(param_groups(model, train.weight_decay), lr=train.lr, betas=betas, **fused)
+
+
+def _setup_scheduler(optimizer: torch.optim.Optimizer, train: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step, train) / train.lr)
+
+
 def _setup_data(
-    files: list[Path], recipe: Recipe, cfg: Config, rank: int, world: int, *, train: bool
+    files: list[Path], recipe: LossRecipe, cfg: Config, rank: int, world: int, *, train: bool
 ) -> cache_format.CacheDataset:
     return cache_format.CacheDataset(
         files,
@@ -369,17 +479,30 @@ def _loader(dataset: cache_format.CacheDataset, num_workers: int) -> torch.utils
     )
 
 
-def _setup_optimizer(model: nn.Module, train: TrainConfig) -> torch.optim.Optimizer:
-    betas = (train.betas[0], train.betas[1])
-    fused = {"fused": True} if torch.cuda.is_available() else {}
-    return torch.optim.AdamW(param_groups(model, train.weight_decay), lr=train.lr, betas=betas, **fused)
+# --------------------------------------------------------------------------------------------------- resume
+@dataclass
+class Position:
+    """Where this rank's data stream stands: the next batch is ``batches_consumed`` of ``epoch``."""
+
+    epoch: int = 0
+    batches_consumed: int = 0
 
 
-def _setup_scheduler(optimizer: torch.optim.Optimizer, train: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step, train) / train.lr)
+@dataclass
+class Progress:
+    """Where the run stands: restored from a checkpoint (or zero), advanced by the loop, saved in each checkpoint."""
+
+    step: int = 0  # optimizer steps taken
+    tokens: float = 0.0  # real tokens trained on, over every rank
+    wall_before_s: float = 0.0  # wall time of the attempts before this process
+    position: Position = dataclasses.field(default_factory=Position)
+    last_saved: int = -1  # step of the latest checkpoint (-1: none)
+    started: float = dataclasses.field(default_factory=time.monotonic)  # when this process's loop began
+
+    def wall_time_s(self) -> float:
+        return self.wall_before_s + time.monotonic() - self.started
 
 
-# ------------------------------------------------------------------------------------------------ checkpoints
 def resume_identity(cfg: Config, variant: str, inputs: dict[str, str]) -> dict[str, Any]:
     """What a checkpoint's continuation depends on, key by key (stored in it, so a refusal names what differs): the
     student, this variant's losses, the computational train knobs, the seed, and the identities of the inputs it was
@@ -398,8 +521,76 @@ def complete_checkpoints(root: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]))
 
 
+def _resume(cfg: Config, ctx: StageContext, setup: TrainingSetup) -> tuple[Progress, Iterator[dict[str, Any]]]:
+    """Continue from the latest complete checkpoint (``train.resume: auto``, no ``--force``) or start afresh; returns
+    the progress and this rank's batch stream, positioned after the last batch the checkpoint consumed.
+
+    A checkpoint from other settings or inputs is refused before anything of the previous run is touched; then the
+    outputs of a finished run and the log lines past the checkpoint are removed (this run rewrites them).
+    """
+    acc, out = setup.accelerator, setup.out
+    fresh = cfg.train.resume == "never" or ctx.force
+    checkpoints = [] if fresh else complete_checkpoints(out / "checkpoints")
+    progress = Progress()
+    if checkpoints:
+        state, position = _read_checkpoint_state(checkpoints[-1], acc, setup.resume_identity, setup.variant)
+        progress = Progress(state["step"], state["tokens"], state["wall_time_s"], position, last_saved=state["step"])
+    ctx.begin_writes()
+    if acc.is_main_process:
+        _remove_previous_outputs(out, fresh)
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        _truncate_jsonl(setup.metrics_path, progress.step)
+    setup.samples_path.parent.mkdir(parents=True, exist_ok=True)
+    _truncate_jsonl(setup.samples_path, progress.step)
+    setup.train_data.start_from(progress.position.epoch, progress.position.batches_consumed)
+    batches = iter(_loader(setup.train_data, cfg.train.num_workers))
+    if checkpoints:
+        # After the iterator exists: load_state restores the RNG streams exactly as they were at the checkpoint.
+        acc.load_state(str(checkpoints[-1]))
+        setup.scheduler.load_state_dict(torch.load(checkpoints[-1] / "scheduler.pt", weights_only=False))
+        ctx.log.info("resumed", f"{setup.variant}: from {checkpoints[-1].name}", step=progress.step)
+    else:
+        torch.manual_seed(cfg.seed + acc.process_index)  # dropout streams differ by rank
+    return progress, batches
+
+
+def _read_checkpoint_state(ckpt: Path, acc: Any, expected: dict[str, Any], variant: str) -> tuple[dict, Position]:
+    """The checkpoint's trainer state and this rank's data position; refused, naming the keys that differ, when it
+    was made from another config or other inputs (another cache, manifest or student)."""
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    if state.get("resume") != expected:
+        raise PipelineError(
+            f"{ckpt}: cannot be resumed, made from other settings or inputs: "
+            f"{describe_changes(state.get('resume') or {}, expected)}; pass --force to train {variant} afresh "
+            "(or set train.resume=never)"
+        )
+    if state.get("world_size") != acc.num_processes:
+        raise PipelineError(
+            f"{ckpt}: written by {state.get('world_size')} processes, now {acc.num_processes}; each rank's data "
+            "position is only valid for the same world size (relaunch with it, or train.resume=never)"
+        )
+    pos = json.loads((ckpt / f"data_rank_{acc.process_index:05d}.json").read_text())
+    return state, Position(**pos)
+
+
+def _remove_previous_outputs(out: Path, fresh: bool) -> None:
+    """Unfinished checkpoint renames, every checkpoint when starting afresh, and a finished run's final outputs."""
+    ckpt_root = out / "checkpoints"
+    for stale in ckpt_root.glob(f"{TMP_PREFIX}*") if ckpt_root.is_dir() else []:
+        shutil.rmtree(stale, ignore_errors=True)
+    if fresh:
+        shutil.rmtree(ckpt_root, ignore_errors=True)
+    for path in (out / "final", out / "adapter", out / "summary.json"):
+        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+
+
 def _truncate_jsonl(path: Path, max_step: int) -> None:
-    """Keep the lines of steps <= max_step (a resumed run rewrites what came after its checkpoint)."""
+    """Keep the lines of steps <= max_step (a resumed run rewrites what came after its checkpoint; a fresh one,
+    max_step 0, everything)."""
+    if max_step == 0:
+        path.unlink(missing_ok=True)
+        return
     if not path.exists():
         return
     kept = []
@@ -414,17 +605,184 @@ def _truncate_jsonl(path: Path, max_step: int) -> None:
     os.replace(tmp, path)
 
 
+# ----------------------------------------------------------------------------------------------------- loop
+def _train_loop(
+    cfg: Config, ctx: StageContext, setup: TrainingSetup, progress: Progress, batches: Iterator[dict[str, Any]]
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Optimizer steps up to ``train.max_steps``, each logged, validated and checkpointed on its schedule; returns
+    the last step's train metrics and the last validation's.
+
+    USR1 or SIGTERM on any rank is acted on by every rank at the step's end (the step sums the signals): a checkpoint,
+    then ``preemption.Interrupted``.
+    """
+    train, acc, variant = cfg.train, setup.accelerator, setup.variant
+    last_train: dict[str, float] = {}
+    val: dict[str, float] = {}
+    window_tokens, window_s = 0.0, 0.0  # throughput since the last logged step
+    progress.started = time.monotonic()
+    with preemption.deferred(preemption.WARNING, preemption.STOP):  # both wait for a checkpoint at the step's end
+        while progress.step < train.max_steps:
+            t0 = time.perf_counter()
+            result = _optimizer_step(setup, batches, train, progress)
+            progress.step += 1
+            step = progress.step
+            progress.position = result.position
+            _append_jsonl(setup.samples_path, {"step": step, "epoch": result.epochs, "sample_ids": result.sample_ids})
+            window_tokens, window_s = window_tokens + result.tokens, window_s + time.perf_counter() - t0
+            progress.tokens += result.tokens
+            last_train = result.losses
+            if step % train.log_every == 0 or step == train.max_steps:
+                record = {
+                    "step": step, "split": "train", **last_train, "lr": result.lr, "grad_norm": result.grad_norm,
+                    "tokens_per_s": window_tokens / max(window_s, 1e-9), "mem_gb": _memory_gb(acc.device),
+                    "epoch": progress.position.epoch,
+                }  # fmt: skip
+                window_tokens, window_s = 0.0, 0.0
+                if acc.is_main_process:
+                    _append_jsonl(setup.metrics_path, record)
+                ctx.log.info("step", f"{variant} step {step}/{train.max_steps}", **record)
+            if setup.val_files and (step % train.eval_every == 0 or step == train.max_steps):
+                val = _validate(setup, cfg)
+                if acc.is_main_process:
+                    _append_jsonl(setup.metrics_path, {"step": step, "split": "val", **val})
+                ctx.log.info("val", f"{variant} step {step}", **val)
+            if step % train.checkpoint_every == 0 or step == train.max_steps or result.signal:
+                _save_checkpoint(setup, progress, train.keep_checkpoints)
+                progress.last_saved = step
+            if result.signal:
+                acc.wait_for_everyone()
+                raise preemption.Interrupted(result.signal, f"{variant}: checkpoint at step {step} saved", step=step)
+    return last_train, val
+
+
 @dataclass
-class Position:
-    """Where this rank's data stream stands: the next batch is ``batches_consumed`` of ``epoch``."""
+class StepResult:
+    """One optimizer step as the loop logs it."""
 
-    epoch: int = 0
-    batches_consumed: int = 0
+    losses: dict[str, float]  # "loss" (the weighted total) and each component of the recipe, means over ranks
+    tokens: float  # real tokens of the step, over every rank
+    grad_norm: float  # before clipping
+    lr: float  # the LR the step used
+    signal: int | None  # a preemption signal received by any rank
+    position: Position  # this rank's data position after the step
+    sample_ids: list[int]  # this rank's samples, in the order consumed
+    epochs: list[int]  # the epoch of each of this rank's micro-batches
 
 
-def _save_checkpoint(acc: Any, out: Path, step: int, scheduler: Any, position: Position, state: dict) -> Path:
-    """Atomic checkpoint of everything a resume needs; old ones beyond ``keep`` are removed afterwards."""
-    root = out / "checkpoints"
+def _optimizer_step(
+    setup: TrainingSetup, batches: Iterator[dict[str, Any]], train: TrainConfig, progress: Progress
+) -> StepResult:
+    """``grad_accum_steps`` micro-batches (gradients synchronised on the last only), one collective for the step's
+    metrics and signals, a refusal of non-finite values, clipping, and the optimizer and schedule steps."""
+    acc, model, recipe = setup.accelerator, setup.model, setup.recipe
+    names = ("loss", *recipe.components)
+    sums = {name: torch.zeros((), dtype=torch.float64, device=acc.device) for name in (*names, "tokens")}
+    sample_ids, epochs = [], []
+    for micro in range(train.grad_accum_steps):
+        batch = next(batches)
+        position = Position(batch["epoch"], batch["batch_index"] + 1)
+        sample_ids += batch["sample_id"].tolist()
+        epochs.append(batch["epoch"])
+        batch = cache_format.to_compute(batch, acc.device)
+        last_micro = micro == train.grad_accum_steps - 1
+        with contextlib.nullcontext() if last_micro else acc.no_sync(model):
+            total, components, _ = _loss_step(model, batch, recipe, gather=True)
+            acc.backward(total / train.grad_accum_steps)
+        for name, value in {"loss": total, **components}.items():
+            sums[name] += value.detach().double() / train.grad_accum_steps
+        sums["tokens"] += batch["attention_mask"].sum()
+    signal = SIGNAL_CODES.get(preemption.received(), 0.0)  # summed over ranks: any rank's signal stops all
+    totals = _sum_over_ranks(acc, {**sums, "signal": signal})
+    step_losses = {name: totals[name] / acc.num_processes for name in names}
+    bad = [name for name, value in step_losses.items() if not math.isfinite(value)]
+    if bad:
+        raise PipelineError(
+            f"train.variants.{setup.variant}: non-finite {', '.join(bad)} at step {progress.step + 1} (last good "
+            f"checkpoint: {progress.last_saved if progress.last_saved >= 0 else 'none'}); lower train.lr, "
+            "check the cache for corrupt values, or use train.max_grad_norm"
+        )
+    grad_norm = float(acc.clip_grad_norm_(model.parameters(), train.max_grad_norm))
+    if not math.isfinite(grad_norm):
+        raise PipelineError(
+            f"train.variants.{setup.variant}: non-finite grad_norm at step {progress.step + 1} "
+            f"(loss {step_losses['loss']:.4g}); the last good checkpoint is intact; lower train.lr"
+        )
+    lr = setup.scheduler.get_last_lr()[0]
+    setup.optimizer.step()
+    setup.scheduler.step()
+    setup.optimizer.zero_grad(set_to_none=True)
+    return StepResult(
+        step_losses, totals["tokens"], grad_norm, lr, signal_from_code(totals["signal"]), position, sample_ids, epochs
+    )
+
+
+def _sum_over_ranks(acc: Any, values: dict[str, Tensor | float]) -> dict[str, float]:
+    """Each named scalar summed over every rank in ONE collective (packed into a float64 vector in the dict's order;
+    callers build the names from the recipe, never from the data, so the order is the same on every rank)."""
+    packed = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=acc.device) for v in values.values()])
+    if acc.num_processes > 1:
+        packed = acc.reduce(packed, reduction="sum")
+    return dict(zip(values, packed.tolist(), strict=True))
+
+
+def _validate(setup: TrainingSetup, cfg: Config) -> dict[str, float]:
+    """Held-out CE and every KD component of the recipe, each weighted by what it averages over (tokens, or sequences
+    for relations), summed over ranks; plus ``loss``, their weighted total.
+
+    Ranks step in lockstep (an all-reduced "has a batch" flag) because FSDP forwards are collective; a rank that ran
+    out repeats its last batch with weight 0. Relations stay within each rank's batch here (no gather).
+    """
+    acc, model, recipe = setup.accelerator, setup.model, setup.recipe
+    dataset = _setup_data(setup.val_files, recipe, cfg, acc.process_index, acc.num_processes, train=False)
+    limit = cfg.train.eval_batches
+    zero = torch.zeros((), dtype=torch.float64, device=acc.device)
+    weighted = {name: zero.clone() for name in recipe.components}  # Σ component value × its normaliser
+    weights = {name: zero.clone() for name in recipe.components}  # Σ normaliser
+    model.eval()
+    iterator, last, seen = iter(_loader(dataset, 0)), None, 0
+    with torch.no_grad():
+        while True:
+            batch = next(iterator, None) if limit is None or seen < limit else None
+            if _sum_over_ranks(acc, {"ranks_with_a_batch": float(batch is not None)})["ranks_with_a_batch"] == 0:
+                break
+            weight = 0.0 if batch is None else 1.0
+            batch = batch if batch is not None else last
+            if batch is None:  # this rank has no validation rows at all: nothing to repeat
+                continue
+            last, seen = batch, seen + 1
+            batch = cache_format.to_compute(batch, acc.device)
+            _, components, normalisers = _loss_step(model, batch, recipe, gather=False)
+            for name, value in components.items():
+                n = normalisers.get(name, 1.0) * weight
+                weighted[name] += value.double() * n
+                weights[name] += n
+    model.train()
+    totals = _sum_over_ranks(acc, {**{f"{k}.weighted": v for k, v in weighted.items()},
+                                   **{f"{k}.weight": v for k, v in weights.items()}})  # fmt: skip
+    result = {k: totals[f"{k}.weighted"] / totals[f"{k}.weight"] for k in weights if totals[f"{k}.weight"] > 0}
+    result["loss"] = sum(recipe.weights[k] * v for k, v in result.items() if recipe.weights.get(k, 0) > 0)
+    return result
+
+
+def _memory_gb(on: torch.device) -> float:
+    if on.type == "cuda":
+        return torch.cuda.max_memory_allocated(on) / 1e9
+    import psutil
+
+    return psutil.Process().memory_info().rss / 1e9
+
+
+def _append_jsonl(path: Path, record: dict) -> None:
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(record, sort_keys=True) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+def _save_checkpoint(setup: TrainingSetup, progress: Progress, keep: int) -> Path:
+    """Atomic checkpoint of everything a resume needs (weights, optimizer, RNG, schedule, each rank's data position,
+    the progress and the resume identity); the oldest beyond ``keep`` are removed afterwards."""
+    acc, step = setup.accelerator, progress.step
+    root = setup.out / "checkpoints"
     final = root / f"{CHECKPOINT_PREFIX}{step:07d}"
     tmp = root / f"{TMP_PREFIX}{final.name}"
     if acc.is_main_process:
@@ -432,15 +790,24 @@ def _save_checkpoint(acc: Any, out: Path, step: int, scheduler: Any, position: P
         tmp.mkdir(parents=True)
     acc.wait_for_everyone()
     acc.save_state(str(tmp), safe_serialization=False)
-    atomic_write_json(tmp / f"data_rank_{acc.process_index:05d}.json", dataclasses.asdict(position))
+    atomic_write_json(tmp / f"data_rank_{acc.process_index:05d}.json", dataclasses.asdict(progress.position))
     acc.wait_for_everyone()
     if acc.is_main_process:
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        atomic_write_json(tmp / "trainer_state.json", {**state, "step": step, "world_size": acc.num_processes})
+        torch.save(setup.scheduler.state_dict(), tmp / "scheduler.pt")
+        state = {
+            "resume": setup.resume_identity,
+            "variant": setup.variant,
+            "keep": keep,
+            "tokens": progress.tokens,
+            "wall_time_s": progress.wall_time_s(),
+            "step": step,
+            "world_size": acc.num_processes,
+        }
+        atomic_write_json(tmp / "trainer_state.json", state)
         if final.exists():  # the same step saved by an earlier attempt that died before pruning
             shutil.rmtree(final)
         os.replace(tmp, final)
-        for old in complete_checkpoints(root)[: -state["keep"]]:
+        for old in complete_checkpoints(root)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     acc.wait_for_everyone()
     return final
@@ -479,259 +846,28 @@ def _checkpoint_trainable_only(acc: Any) -> None:
     acc.register_load_state_pre_hook(load)
 
 
-def _read_checkpoint_state(ckpt: Path, acc: Any, expected: dict[str, Any], variant: str) -> tuple[dict, Position]:
-    """The checkpoint's trainer state and this rank's data position; refused, naming the keys that differ, when it
-    was made from another config or other inputs (another cache, manifest or student)."""
-    state = json.loads((ckpt / "trainer_state.json").read_text())
-    if state.get("resume") != expected:
-        raise PipelineError(
-            f"{ckpt}: cannot be resumed, made from other settings or inputs: "
-            f"{describe_changes(state.get('resume') or {}, expected)}; pass --force to train {variant} afresh "
-            "(or set train.resume=never)"
-        )
-    if state.get("world_size") != acc.num_processes:
-        raise PipelineError(
-            f"{ckpt}: written by {state.get('world_size')} processes, now {acc.num_processes}; each rank's data "
-            "position is only valid for the same world size (relaunch with it, or train.resume=never)"
-        )
-    pos = json.loads((ckpt / f"data_rank_{acc.process_index:05d}.json").read_text())
-    return state, Position(**pos)
-
-
-# --------------------------------------------------------------------------------------------------- metrics
-def _memory_gb(on: torch.device) -> float:
-    if on.type == "cuda":
-        return torch.cuda.max_memory_allocated(on) / 1e9
-    import psutil
-
-    return psutil.Process().memory_info().rss / 1e9
-
-
-def _append_jsonl(path: Path, record: dict) -> None:
-    with open(path, "a", encoding="utf-8") as fh:
-        fh.write(json.dumps(record, sort_keys=True) + "\n")
-
-
-def _validate(acc: Any, model: nn.Module, files: list[Path], recipe: Recipe, cfg: Config) -> dict[str, float]:
-    """Held-out CE and every KD component, weighted by what each averages over, summed over ranks.
-
-    Ranks step in lockstep (an all-reduced "has a batch" flag) because FSDP forwards are collective; a rank that ran
-    out repeats its last batch with weight 0. Relations stay within each rank's batch here (no gather).
-    """
-    dataset = _setup_data(files, recipe, cfg, acc.process_index, acc.num_processes, train=False)
-    limit = cfg.train.eval_batches
-    sums = torch.zeros(2 * len(COMPONENTS), dtype=torch.float64, device=acc.device)
-    model.eval()
-    iterator, last, seen = iter(_loader(dataset, 0)), None, 0
-    with torch.no_grad():
-        while True:
-            batch = next(iterator, None) if limit is None or seen < limit else None
-            flag = torch.tensor([0.0 if batch is None else 1.0], device=acc.device)
-            if acc.num_processes > 1:
-                flag = acc.reduce(flag, reduction="sum")
-            if flag.item() == 0:
-                break
-            weight = 0.0 if batch is None else 1.0
-            batch = batch if batch is not None else last
-            if batch is None:  # this rank has no validation rows at all: nothing to repeat
-                continue
-            last, seen = batch, seen + 1
-            batch = cache_format.to_compute(batch, acc.device)
-            _, comps, counts = _loss_step(model, batch, recipe, gather=False)
-            for i, name in enumerate(COMPONENTS):
-                if name in comps:
-                    n = counts.get(name, 1.0) * weight
-                    sums[2 * i] += comps[name].double() * n
-                    sums[2 * i + 1] += n
-    model.train()
-    if acc.num_processes > 1:
-        sums = acc.reduce(sums, reduction="sum")
-    result = {}
-    for i, name in enumerate(COMPONENTS):
-        if sums[2 * i + 1] > 0:
-            result[name] = float(sums[2 * i] / sums[2 * i + 1])
-    result["loss"] = sum(recipe.weights[k] * v for k, v in result.items() if recipe.weights.get(k, 0) > 0)
-    return result
-
-
-# ------------------------------------------------------------------------------------------------------ loop
-def _train_variant(cfg: Config, rd: RunDir, ctx: StageContext, variant: str) -> dict[str, float]:
-    train = cfg.train
-    out = rd.stage_dir(STAGE, variant)
-    if train.threads:
-        torch.set_num_threads(train.threads)
-
-    # --- data files and cache metadata (what the student must match) ---
-    cache_dir = rd.stage_dir("cache")
-    train_files = cache_format.list_cache_shards(cache_dir, "train")
-    val_files = cache_format.list_cache_shards(cache_dir, "val")
-    if not train_files:
-        raise PipelineError(f"{cache_dir}: no train-*.parquet cache shards; rerun the cache stage (make cache)")
-    meta = cache_format.read_cache_meta(train_files[0])
-
-    # --- accelerator, student, projectors, checks ---
-    student_config = load_model_config(cfg.student, "student")
-    recipe = resolve_recipe(variant, train.variants[variant], meta, student_config)
-    acc = _setup_accelerator(cfg, recipe)
-    rank, world = acc.process_index, acc.num_processes
-    torch.manual_seed(cfg.seed)  # identical projector init on every rank (DDP also broadcasts rank 0's)
-    student = build_student(cfg, acc.device)
-    tokenizer = _setup_student_checks(cfg, meta, recipe, student)
-    if train.gradient_checkpointing:
-        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    projectors = _setup_projectors(recipe, student, meta)
-    model = Distillee(student, projectors).to(acc.device)
-    model.train()
-    model = acc.prepare(model)  # before the optimizer: FSDP2 replaces the parameters by their shards
-    optimizer = acc.prepare(_setup_optimizer(model, train))
-    if train.lora.enabled and train.distributed != "fsdp":
-        _checkpoint_trainable_only(acc)
-    scheduler = _setup_scheduler(optimizer, train)
-    unwrapped = acc.unwrap_model(model)
-    trainable = sum(p.numel() for p in unwrapped.parameters() if p.requires_grad)
-
-    # every shard's footer checked (one cache run, the columns this recipe reads) before anything is written
-    dataset = _setup_data(train_files, recipe, cfg, rank, world, train=True)
-
-    # --- resume or start afresh ---
-    ckpt_root = out / "checkpoints"
-    metrics_path, samples_path = out / "metrics.jsonl", out / "samples" / f"rank_{rank:05d}.jsonl"
-    fresh = train.resume == "never" or ctx.force
-    expected = resume_identity(cfg, variant, ctx.state.inputs)
-    checkpoints = [] if fresh else complete_checkpoints(ckpt_root)
-    step, tokens_total, wall_before, position = 0, 0.0, 0.0, Position()
-    if checkpoints:  # refused here, before anything of the finished run is deleted
-        state, position = _read_checkpoint_state(checkpoints[-1], acc, expected, variant)
-        step, tokens_total, wall_before = state["step"], state["tokens"], state["wall_time_s"]
-    ctx.begin_writes()
-    if acc.is_main_process:
-        for stale in ckpt_root.glob(f"{TMP_PREFIX}*") if ckpt_root.is_dir() else []:
-            shutil.rmtree(stale, ignore_errors=True)
-        if fresh:
-            shutil.rmtree(ckpt_root, ignore_errors=True)
-        for path in (out / "final", out / "adapter", out / "summary.json"):
-            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
-    acc.wait_for_everyone()
-    if acc.is_main_process:
-        if step == 0:
-            metrics_path.unlink(missing_ok=True)
-        _truncate_jsonl(metrics_path, step)
-    samples_path.parent.mkdir(parents=True, exist_ok=True)
-    if step == 0:
-        samples_path.unlink(missing_ok=True)
-    _truncate_jsonl(samples_path, step)
-    dataset.start_from(position.epoch, position.batches_consumed)
-    batches = iter(_loader(dataset, train.num_workers))
-    if checkpoints:
-        # After the iterator exists: load_state restores the RNG streams exactly as they were at the checkpoint.
-        acc.load_state(str(checkpoints[-1]))
-        scheduler.load_state_dict(torch.load(checkpoints[-1] / "scheduler.pt", weights_only=False))
-        ctx.log.info("resumed", f"{variant}: from {checkpoints[-1].name}", step=step)
-    if not checkpoints:
-        torch.manual_seed(cfg.seed + rank)  # dropout streams differ by rank; a resume restored them above
-    ctx.log.info(
-        "setup",
-        f"{variant}: {world} process(es), {trainable:,} trainable parameters, "
-        f"{train.micro_batch_size * train.grad_accum_steps * world} sequences per step",
-        trainable_params=trainable,
-        tokens_per_step=train.micro_batch_size * train.grad_accum_steps * world * int(meta["seq_len"]),
-    )
-
-    # --- loop ---
-    state = {"resume": expected, "variant": variant, "keep": train.keep_checkpoints}
-    last_saved, last_train, val = step if checkpoints else -1, {}, {}
-    window_tokens, window_s, started = 0.0, 0.0, time.monotonic()
-    with preemption.deferred(preemption.WARNING, preemption.STOP):  # both wait for a checkpoint at the step's end
-        while step < train.max_steps:
-            t0 = time.perf_counter()
-            sums = torch.zeros(len(COMPONENTS) + 3, dtype=torch.float64, device=acc.device)
-            step_samples, step_epochs = [], []
-            for micro in range(train.grad_accum_steps):
-                batch = next(batches)
-                position = Position(batch["epoch"], batch["batch_index"] + 1)
-                step_samples += batch["sample_id"].tolist()
-                step_epochs.append(batch["epoch"])
-                batch = cache_format.to_compute(batch, acc.device)
-                sync = micro == train.grad_accum_steps - 1
-                with contextlib.nullcontext() if sync else acc.no_sync(model):
-                    total, comps, _ = _loss_step(model, batch, recipe, gather=True)
-                    acc.backward(total / train.grad_accum_steps)
-                sums[0] += total.detach().double() / train.grad_accum_steps
-                for i, name in enumerate(COMPONENTS):
-                    if name in comps:
-                        sums[1 + i] += comps[name].detach().double() / train.grad_accum_steps
-                sums[-2] += float(batch["attention_mask"].sum())
-            sums[-1] = SIGNAL_CODES.get(preemption.received(), 0.0)  # summed over ranks: any rank's signal stops all
-            if world > 1:
-                sums = acc.reduce(sums, reduction="sum")
-            sums[: 1 + len(COMPONENTS)] /= world
-            bad = [n for n, v in zip(("loss", *COMPONENTS), sums[: 1 + len(COMPONENTS)].tolist(), strict=True)
-                   if not math.isfinite(v)]  # fmt: skip
-            if bad:
-                raise PipelineError(
-                    f"train.variants.{variant}: non-finite {', '.join(bad)} at step {step + 1} "
-                    f"(last good checkpoint: {last_saved if last_saved >= 0 else 'none'}); lower train.lr, "
-                    "check the cache for corrupt values, or use train.max_grad_norm"
-                )
-            grad_norm = float(acc.clip_grad_norm_(model.parameters(), train.max_grad_norm))
-            if not math.isfinite(grad_norm):
-                raise PipelineError(
-                    f"train.variants.{variant}: non-finite grad_norm at step {step + 1} (loss {sums[0].item():.4g}); "
-                    "the last good checkpoint is intact; lower train.lr"
-                )
-            lr = scheduler.get_last_lr()[0]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            _append_jsonl(samples_path, {"step": step, "epoch": step_epochs, "sample_ids": step_samples})
-            dt = time.perf_counter() - t0
-            window_tokens, window_s = window_tokens + float(sums[-2]), window_s + dt
-            tokens_total += float(sums[-2])
-            values = dict(zip(("loss", *COMPONENTS), sums[: 1 + len(COMPONENTS)].tolist(), strict=True))
-            last_train = {"loss": values["loss"], **{k: values[k] for k in COMPONENTS if k in comps}}
-            if step % train.log_every == 0 or step == train.max_steps:
-                record = {
-                    "step": step, "split": "train", **last_train, "lr": lr, "grad_norm": grad_norm,
-                    "tokens_per_s": window_tokens / max(window_s, 1e-9), "mem_gb": _memory_gb(acc.device),
-                    "epoch": position.epoch,
-                }  # fmt: skip
-                window_tokens, window_s = 0.0, 0.0
-                if acc.is_main_process:
-                    _append_jsonl(metrics_path, record)
-                ctx.log.info("step", f"{variant} step {step}/{train.max_steps}", **record)
-            if val_files and (step % train.eval_every == 0 or step == train.max_steps):
-                val = _validate(acc, model, val_files, recipe, cfg)
-                if acc.is_main_process:
-                    _append_jsonl(metrics_path, {"step": step, "split": "val", **val})
-                ctx.log.info("val", f"{variant} step {step}", **val)
-            stop = signal_from_code(sums[-1].item())
-            if step % train.checkpoint_every == 0 or step == train.max_steps or stop:
-                wall = wall_before + time.monotonic() - started
-                _save_checkpoint(acc, out, step, scheduler, position, {**state, "tokens": tokens_total,
-                                                                          "wall_time_s": wall})  # fmt: skip
-                last_saved = step
-            if stop:
-                acc.wait_for_everyone()
-                raise preemption.Interrupted(stop, f"{variant}: checkpoint at step {step} saved", step=step)
-
-    # --- save ---
-    wall = wall_before + time.monotonic() - started
-    _save_final(acc, model, cfg, tokenizer, out)
+# --------------------------------------------------------------------------------------------------- finish
+def _finish(
+    cfg: Config, setup: TrainingSetup, progress: Progress, last_train: dict[str, float], val: dict[str, float]
+) -> dict[str, float]:
+    """``final/`` (and LoRA ``adapter/``), then summary.json; returns the summary's numbers."""
+    acc = setup.accelerator
+    wall = progress.wall_time_s()
+    _save_final(acc, setup.model, cfg, setup.tokenizer, setup.out)
     summary = {
-        "variant": variant,
-        "steps": step,
-        "tokens": tokens_total,
+        "variant": setup.variant,
+        "steps": progress.step,
+        "tokens": progress.tokens,
         "wall_time_s": wall,
-        "tokens_per_s": tokens_total / max(wall, 1e-9),
-        "world_size": world,
-        "trainable_params": trainable,
+        "tokens_per_s": progress.tokens / max(wall, 1e-9),
+        "world_size": acc.num_processes,
+        "trainable_params": setup.trainable_params,
         "final_train_loss": last_train.get("loss"),
         **{f"final_train_{k}": v for k, v in last_train.items() if k != "loss"},
         **{f"val_{k}": v for k, v in val.items()},
     }
     if acc.is_main_process:
-        atomic_write_json(out / "summary.json", summary)
+        atomic_write_json(setup.out / "summary.json", summary)
     acc.wait_for_everyone()
     acc.free_memory()
     return {k: float(v) for k, v in summary.items() if isinstance(v, (int, float)) and v is not None}
@@ -820,7 +956,7 @@ def step_time_ratios(
     runs = {}
     for name, loss in recipes.items():
         pairs = [(layer, layer)] if loss.feature.weight > 0 else []
-        recipe = Recipe(name, loss, 1.0, pairs, int(student.config.num_hidden_layers))
+        recipe = LossRecipe(name, loss, 1.0, pairs, int(student.config.num_hidden_layers))
         projectors = losses.FeatureProjectors(pairs, width, teacher_dim) if pairs else None
         model = Distillee(student, projectors).to(on)
         runs[name] = (model, recipe, torch.optim.AdamW(model.parameters(), lr=1e-6))

@@ -102,6 +102,26 @@ def test_causal_targets_shift_and_mask():
     assert kd_mask.tolist() == [[True, True, True, False]]
 
 
+@pytest.mark.parametrize("variant", ["ce", "kd", "feature", "relation", "ce_unweighted"])
+def test_loss_step_computes_exactly_the_components_the_recipe_names(tiny_assets, tiny_config, variant):
+    """The step's metrics are all-reduced by name in one collective whose names come from ``LossRecipe.components``:
+    ``_loss_step`` must return those components and no other."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = config_mod.load(tiny_config())
+    relation_only = config_mod.LossConfig(ce_weight=0.0, relation=config_mod.RelationKDConfig(weight=1.0))
+    loss = cfg.train.variants.get(variant) or relation_only  # CE is computed (and logged) at weight 0 too
+    student = AutoModelForCausalLM.from_pretrained(tiny_assets["student"])
+    meta = {"temperature": 1.0, "hidden_layers": [1, 3], "num_hidden_states": 4}
+    recipe = train.resolve_recipe(variant, loss, meta, student.config)
+    projectors = train.losses.FeatureProjectors(recipe.feature_pairs, 32, 64) if recipe.feature_pairs else None
+    vocab = int(student.get_output_embeddings().weight.shape[0])
+    batch = train.synthetic_batch(vocab, 2, 8, 4, 64, (3,))
+    _, components, normalisers = train._loss_step(train.Distillee(student, projectors), batch, recipe, gather=False)
+    assert tuple(components) == recipe.components and set(normalisers) >= set(components)
+    assert recipe.components[0] == "ce"
+
+
 # ----------------------------------------------------------------------------------------------- stage runs
 def test_every_variant_trains_with_finite_losses_and_writes_its_outputs(tmp_path, tiny_assets, tiny_cache):
     from transformers import AutoModelForCausalLM, AutoTokenizer
