@@ -1,7 +1,8 @@
 """Training stage: distil the cached teacher into the student — one unit per variant of ``train.variants``.
 
 Reads   the cache shards the cache stage's marker declares (runs/<run>/cache/{train,val}-*.parquet, through
-        ``pipeline.cache_format`` only, never the teacher), and the student checkpoint ``student.name_or_path``.
+        ``pipeline.cache_format`` only), and the student checkpoint ``student.name_or_path``; the teacher only for a
+        variant with ``response.targets: online``, which runs it in the loop on each batch (full-vocabulary KD).
 Writes  runs/<run>/train/<variant>/
           checkpoints/step_<n:07d>/   model + projectors (LoRA: adapter + projectors only), optimizer, RNG
                                       (accelerate ``save_state``; FSDP: model + optimizer as per-rank DCP shards
@@ -49,7 +50,16 @@ import torch
 from torch import Tensor, nn
 
 from pipeline import cache_format, definition, losses, preemption
-from pipeline.config import Config, ConfigError, LossConfig, ModelConfig, TrainConfig, flatten, to_dict
+from pipeline.config import (
+    Config,
+    ConfigError,
+    LossConfig,
+    ModelConfig,
+    TrainConfig,
+    flatten,
+    model_identity,
+    to_dict,
+)
 from pipeline.fsdp import Fsdp2
 from pipeline.jsonlog import redact_values
 from pipeline.modeling import (
@@ -128,6 +138,8 @@ class LossRecipe:
     capture_temperature: float
     feature_pairs: list[tuple[int, int]]  # (student hidden_states index, teacher cached layer), both non-negative
     relation_layer: int  # student hidden_states index pooled for relations
+    sampled_support: str | None = None  # what the cache's draws came from ("full", "tail"; None: no draws)
+    teacher: nn.Module | None = None  # the teacher run in the loop (response.targets: online), frozen, eval mode
 
     @property
     def weights(self) -> dict[str, float]:
@@ -153,10 +165,24 @@ class LossRecipe:
     def needs_hidden(self) -> bool:
         return self.loss.feature.weight > 0 or self.loss.relation.weight > 0
 
+    @property
+    def online(self) -> bool:
+        return self.loss.response.weight > 0 and self.loss.response.targets == "online"
+
+    @property
+    def needs_sampled(self) -> tuple[str, ...]:
+        """The draw supports of the cache that serve this recipe's targets (none: it reads no draws)."""
+        if self.loss.response.weight == 0:
+            return ()
+        return {"sampled": ("full",), "topk+sampled": ("full", "tail")}.get(self.loss.response.targets, ())
+
     def columns(self) -> list[str]:
         cols = ["sample_id", "input_ids", "attention_mask"]
-        if self.loss.response.weight > 0:
+        targets = self.loss.response.targets
+        if self.loss.response.weight > 0 and targets in ("topk", "topk+sampled"):
             cols += ["topk_ids", "topk_logprobs", "tail_logmass"]
+        if self.needs_sampled:
+            cols += list(cache_format.SAMPLED_COLUMNS)
         if self.loss.feature.weight > 0:
             cols += [f"hidden.{t}" for t in dict.fromkeys(t for _, t in self.feature_pairs)]
         if self.loss.relation.weight > 0:
@@ -174,7 +200,8 @@ def resolve_recipe(name: str, loss: LossConfig, meta: dict[str, Any], student_co
         s_idx = hidden_index(s, count, f"{key}.feature.layer_pairs.{i}.0", "the student")
         pairs.append((s_idx, cache_format.normalise_layer(t, meta)))
     relation_layer = hidden_index(loss.relation.student_layer, count, f"{key}.relation.student_layer", "the student")
-    return LossRecipe(name, loss, float(meta["temperature"]), pairs, relation_layer)
+    support = (meta.get("sampling") or {}).get("support")
+    return LossRecipe(name, loss, float(meta["temperature"]), pairs, relation_layer, support)
 
 
 # -------------------------------------------------------------------------------------------------- model
@@ -252,6 +279,26 @@ def causal_targets(input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, T
     return labels, ce_mask, attention_mask.bool()
 
 
+def response_targets(batch: dict[str, Any], recipe: LossRecipe) -> tuple[Tensor | None, Tensor]:
+    """(ids [B, T, m] or None, weights [B, T, m] or [B, T, V]) of ``losses.sampled_kd`` for the recipe's targets.
+
+    ``sampled``: the cached draws; ``topk+sampled``: the exact top-k head plus the draws outside it
+    (``losses.head_and_sampled_tail``); ``online``: the teacher run now on the batch, its full distribution at the
+    loss temperature (k = V: the same loss, exact, as ground truth for the sparse targets).
+    """
+    response = recipe.loss.response
+    if response.targets == "sampled":
+        return batch["sampled_ids"], batch["sampled_weights"]
+    if response.targets == "topk+sampled":
+        return losses.head_and_sampled_tail(
+            batch["topk_ids"], batch["topk_logprobs"], batch["sampled_ids"], batch["sampled_weights"],
+            support=recipe.sampled_support,
+        )  # fmt: skip
+    with torch.no_grad():
+        logits = recipe.teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return None, torch.softmax(logits.float() / response.temperature, -1)
+
+
 def _loss_step(
     model: nn.Module, batch: dict[str, Any], recipe: LossRecipe, gather: bool
 ) -> tuple[Tensor, dict[str, Tensor], dict[str, float]]:
@@ -268,7 +315,14 @@ def _loss_step(
     labels, ce_mask, kd_mask = causal_targets(input_ids, attention_mask)
     components: dict[str, Tensor] = {}
     normalisers = {"ce": float(ce_mask.sum()), "kd_response": float(kd_mask.sum())}
-    if config.response.weight > 0:
+    if config.response.weight > 0 and config.response.targets != "topk":
+        ids, weights = response_targets(batch, recipe)
+        if ids is None and weights.shape[-1] < logits.shape[-1]:  # a student with padded output rows
+            weights = torch.nn.functional.pad(weights, (0, logits.shape[-1] - weights.shape[-1]))
+        components["ce"], components["kd_response"] = losses.ce_and_sampled_kd(
+            logits, labels, ce_mask, ids, weights, kd_mask, temperature=config.response.temperature
+        )
+    elif config.response.weight > 0:
         response = config.response
         components["ce"], components["kd_response"] = losses.ce_and_response_kd(
             logits, labels, ce_mask, batch["topk_ids"], batch["topk_logprobs"], batch["tail_logmass"], kd_mask,
@@ -354,6 +408,8 @@ def _setup(cfg: Config, rd: RunDir, ctx: StageContext, variant: str) -> Training
 
     recipe = resolve_recipe(variant, train.variants[variant], meta, load_model_config(cfg.student, "student"))
     acc = _setup_accelerator(cfg, recipe)
+    if recipe.online:
+        recipe = dataclasses.replace(recipe, teacher=_setup_online_teacher(cfg, acc.device))
     torch.manual_seed(cfg.seed)  # identical projector init on every rank (DDP also broadcasts rank 0's)
     student = build_student(cfg, acc.device)
     tokenizer = _setup_tokenizer(cfg, meta, recipe, student)
@@ -413,6 +469,15 @@ def _setup_accelerator(cfg: Config, recipe: LossRecipe) -> Any:
     return Accelerator(cpu=not on_gpu, mixed_precision=mixed, kwargs_handlers=[ddp])
 
 
+def _setup_online_teacher(cfg: Config, on: torch.device) -> nn.Module:
+    """The teacher for ``response.targets: online``: a whole copy per rank, frozen, in eval mode (no dropout), in its
+    configured dtype (bf16 on GPU by default); not part of the trained state or of any checkpoint."""
+    teacher = load_causal_lm(cfg.teacher, "teacher", on)
+    teacher.eval().requires_grad_(False)
+    teacher.config.use_cache = False
+    return teacher
+
+
 def _setup_tokenizer(cfg: Config, meta: dict[str, Any], recipe: LossRecipe, student: nn.Module) -> Any:
     """The student's tokenizer, after checking that it, the student's output rows and the cached columns this recipe
     reads match the cache (before step 1)."""
@@ -423,6 +488,7 @@ def _setup_tokenizer(cfg: Config, meta: dict[str, Any], recipe: LossRecipe, stud
         vocab_size=vocab_size(tokenizer),
         need_hidden_layers=[t for _, t in recipe.feature_pairs],
         need_embed=recipe.loss.relation.weight > 0,
+        need_sampled=recipe.needs_sampled,
     )
     rows = student.get_output_embeddings().weight.shape[0]
     if rows < int(meta["vocab_size"]):
@@ -509,6 +575,8 @@ def resume_identity(cfg: Config, variant: str, inputs: dict[str, str]) -> dict[s
     trained from (the cache's shard set by content, the student's initial weights)."""
     train = {k: v for k, v in to_dict(cfg.train).items() if k not in OPERATIONAL_KEYS}
     covered = {"student": cfg.student, f"train.variants.{variant}": cfg.train.variants[variant], "train": train}
+    if _online(cfg, variant):
+        covered["teacher"] = model_identity(cfg.teacher)
     config = redact_values(flatten({**covered, "seed": cfg.seed}))  # stored in the checkpoint: no secret in it
     return {**config, **{f"inputs.{k}": v for k, v in sorted(inputs.items())}}
 
@@ -995,7 +1063,23 @@ def _units(cfg: Config, args: Any) -> list[str | None]:
 def _sections(cfg: Config, unit: str | None) -> dict[str, Any]:
     train = {k: v for k, v in to_dict(cfg.train).items() if k not in ("variants", "baseline_variant")}
     variant = cfg.train.variants[unit]
-    return {"student": cfg.student, f"train.variants.{unit}": variant, "train": train, "seed": cfg.seed}
+    sections = {"student": cfg.student, f"train.variants.{unit}": variant, "train": train, "seed": cfg.seed}
+    if _online(cfg, unit):  # its targets come from the teacher itself, not from the cache
+        sections["teacher"] = model_identity(cfg.teacher)
+    return sections
+
+
+def _online(cfg: Config, variant: str) -> bool:
+    response = cfg.train.variants[variant].response
+    return response.weight > 0 and response.targets == "online"
+
+
+def _external(cfg: Config, unit: str | None) -> dict[str, str]:
+    """The weights a variant is trained from: the student's, and the teacher's when it runs in the loop."""
+    weights = {"weights:student": weights_fingerprint(cfg.student, "student")}
+    if _online(cfg, unit):
+        weights["weights:teacher"] = weights_fingerprint(cfg.teacher, "teacher")
+    return weights
 
 
 def _outputs(cfg: Config, rd: RunDir, unit: str | None) -> dict[str, str | None]:
@@ -1022,7 +1106,7 @@ SPEC = StageSpec(
     run=run,
     sections=_sections,
     upstream=lambda cfg, unit: definition.upstream(cfg, STAGE, unit),
-    external=lambda cfg, unit: {"weights:student": weights_fingerprint(cfg.student, "student")},
+    external=_external,
     outputs=_outputs,
     units=_units,
     add_args=_add_args,

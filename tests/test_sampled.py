@@ -5,6 +5,9 @@ top-k + tail loss's gradient is off by a bias of known form."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import math
 import os
 import shutil
 import signal
@@ -356,3 +359,70 @@ def test_kill_9_mid_run_then_rerun_gives_identical_sampled_shards(run_config, tm
     assert cache.main(["--config", str(config)]) == 0
     ref_bytes = shard_bytes(tmp_path / "runs" / "ref" / "cache")
     assert shard_bytes(out) == ref_bytes and len(ref_bytes) > 2
+
+
+# ------------------------------------------------------------------------------------------------------- train
+VARIANTS = {
+    "ce": {},
+    "kd_sampled": {"ce_weight": 0.5, "response": {"weight": 0.5, "targets": "sampled"}},
+    "kd_hybrid": {"ce_weight": 0.5, "response": {"weight": 0.5, "targets": "topk+sampled"}},
+    "online": {"ce_weight": 0.5, "response": {"weight": 0.5, "targets": "online", "temperature": 2.0}},
+}
+
+
+def test_sampled_hybrid_and_online_students_train_and_online_depends_on_the_teacher(run_config, tmp_path):
+    from pipeline import train
+    from pipeline.rundir import RunDir, stage_spec, unit_state
+
+    overrides = {"train.variants": VARIANTS, "train.max_steps": 3, "train.checkpoint_every": 3,
+                 "train.eval_every": 3, "train.threads": 1}  # fmt: skip
+    config = run_config(**overrides)
+    assert cache.main(["--config", str(config)]) == 0
+    assert train.main(["--config", str(config)]) == 0
+    out = tmp_path / "runs" / "tiny" / "train"
+    for name in ("kd_sampled", "kd_hybrid", "online"):
+        summary = json.loads((out / name / "summary.json").read_text())
+        assert summary["steps"] == 3 and math.isfinite(summary["final_train_kd_response"]), name
+        assert summary["val_kd_response"] > 0, name  # a cross-entropy: H(p_T) + KL
+    cfg = load_config(str(config))
+    marker = json.loads((out / "online" / "_COMPLETE.json").read_text())
+    assert "weights:teacher" in json.dumps(marker) and "weights:teacher" not in json.dumps(
+        json.loads((out / "kd_sampled" / "_COMPLETE.json").read_text())
+    )
+    # another teacher makes the online student stale, not the cached ones (their teacher is the cache's)
+    other = load_config(str(config), ["teacher.revision=other"])
+    rd = RunDir.from_config(other)
+    spec = stage_spec("train")
+    assert unit_state(spec, cfg, RunDir.from_config(cfg), "online").complete
+    assert "teacher" in unit_state(spec, other, rd, "online").reason
+    # the online recipe reads no cached targets, the sampled ones the draws (and the head for the hybrid)
+    meta = cf.read_cache_meta(cf.list_cache_shards(tmp_path / "runs" / "tiny" / "cache", "train")[0])
+    student = load_causal_lm(ModelConfig(name_or_path=str(cfg.student.name_or_path)), "student", torch.device("cpu"))
+    recipes = {n: train.resolve_recipe(n, v, meta, student.config) for n, v in cfg.train.variants.items()}
+    assert recipes["online"].columns() == ["sample_id", "input_ids", "attention_mask"]
+    assert recipes["kd_sampled"].columns()[3:] == list(cf.SAMPLED_COLUMNS)
+    assert recipes["kd_hybrid"].columns()[3:] == ["topk_ids", "topk_logprobs", "tail_logmass", *cf.SAMPLED_COLUMNS]
+    assert recipes["kd_hybrid"].sampled_support == "full"
+
+
+def test_online_targets_are_the_teachers_full_distribution(run_config, tiny_assets):
+    """``train.response_targets`` for online: the teacher run on the batch, softmax at the loss temperature, and the
+    loss is the dense cross-entropy the sampled loss estimates (k = V)."""
+    from pipeline import train
+
+    cfg = load_config(str(run_config(**{"train.variants": VARIANTS})))
+    teacher = load_causal_lm(cfg.teacher, "teacher", torch.device("cpu")).eval()
+    meta = {"num_hidden_states": 4, "temperature": 1.0, "sampling": None}
+    student = load_causal_lm(cfg.student, "student", torch.device("cpu"))
+    recipe = train.resolve_recipe("online", cfg.train.variants["online"], meta, student.config)
+    recipe = dataclasses.replace(recipe, teacher=teacher)
+    ids = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(1))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    none, probs = train.response_targets(batch, recipe)
+    with torch.no_grad():
+        want = torch.softmax(teacher(input_ids=ids).logits / 2.0, -1)
+    assert none is None and torch.allclose(probs, want, atol=1e-6)
+    _, comps, _ = train._loss_step(train.Distillee(student, None), batch, recipe, gather=False)
+    logits = student(input_ids=ids).logits
+    expected = losses.sampled_kd(logits, None, want, torch.ones_like(ids), temperature=2.0)
+    assert float(comps["kd_response"].detach()) == pytest.approx(float(expected.detach()), rel=1e-5)
