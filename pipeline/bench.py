@@ -53,7 +53,7 @@ DEMO_TEACHER = REPO / "models" / "smollm2-135m-instruct"
 DEMO_STUDENT = REPO / "models" / "student-init"
 DEFAULT_TEXT = REPO / "data" / "shakespeare" / "train.jsonl"
 TOP_K = 16  # the k of the storage goal (issue 4: k=16 + tail <= 90 bytes/token)
-SAMPLES = 16  # draws per position of the sampled-targets row (issue 17: <= 40 bytes/token)
+SAMPLES = 32  # draws per position of the sampled-targets row (issue 17: <= 40 bytes/token)
 
 
 @dataclasses.dataclass(frozen=True)

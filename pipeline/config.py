@@ -171,6 +171,8 @@ class ResponseKDConfig:
     temperature: float = _opt(1.0, "tau (loss x tau^2); tail_bucket needs cache.temperature, renormalize any", POSITIVE)
     tail: Literal["tail_bucket", "renormalize"] = _opt("tail_bucket", "k+1 classes with the exact tail, or over k")
     jsd_beta: float = _opt(0.5, "beta of the generalized JSD (0 and 1 make it vanish)", OPEN_UNIT)
+    top_k: int | None = _opt(None, "use the first k of the cached top-k (their dropped mass joins the tail); None: all",
+                             POSITIVE)  # fmt: skip
     targets: Literal["topk", "sampled", "topk+sampled", "online"] = _opt(
         "topk",
         "what the student is distilled on: the cached top-k (+ tail); the cached draws (unbiased forward-KL "

@@ -346,6 +346,15 @@ def head_and_sampled_tail(
     return torch.cat([topk_ids, sampled_ids.long()], -1), torch.cat([head, weights], -1)
 
 
+def truncate_topk(topk_ids: Tensor, topk_logprobs: Tensor, tail_logmass: Tensor, k: int) -> tuple[Tensor, ...]:
+    """The cache's top-k cut to its first ``k`` entries (they are sorted, most probable first): (ids [..., k],
+    log-probs [..., k], tail [...]) with the dropped entries' mass added to the exact tail,
+    log(exp(tail) + Σ_{j≥k} p_j), so a top-32 cache trains a top-8 student exactly as a top-8 cache would."""
+    dropped = topk_logprobs[..., k:].float()
+    tail = torch.logsumexp(torch.cat([tail_logmass.float().unsqueeze(-1), dropped], -1), -1)
+    return topk_ids[..., :k], topk_logprobs[..., :k], tail
+
+
 def check_sampled_options(divergence: str, temperature: float, capture_temperature: float) -> None:
     """Sampled targets estimate the forward KL at the temperature they were drawn at (online targets: pass τ as the
     capture temperature); refuse anything else with a ValueError that says what to change."""

@@ -279,6 +279,14 @@ def causal_targets(input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, T
     return labels, ce_mask, attention_mask.bool()
 
 
+def head(batch: dict[str, Any], top_k: int | None) -> tuple[Tensor, Tensor, Tensor]:
+    """The cached (top-k ids, log-probs, tail), cut to the first ``top_k`` entries when set (``response.top_k``)."""
+    ids, logprobs, tail = batch["topk_ids"], batch["topk_logprobs"], batch["tail_logmass"]
+    if top_k is None or top_k >= ids.shape[-1]:
+        return ids, logprobs, tail
+    return losses.truncate_topk(ids, logprobs, tail, top_k)
+
+
 def response_targets(batch: dict[str, Any], recipe: LossRecipe) -> tuple[Tensor | None, Tensor]:
     """(ids [B, T, m] or None, weights [B, T, m] or [B, T, V]) of ``losses.sampled_kd`` for the recipe's targets.
 
@@ -290,10 +298,10 @@ def response_targets(batch: dict[str, Any], recipe: LossRecipe) -> tuple[Tensor 
     if response.targets == "sampled":
         return batch["sampled_ids"], batch["sampled_weights"]
     if response.targets == "topk+sampled":
+        head_ids, head_logprobs, _ = head(batch, response.top_k)
         return losses.head_and_sampled_tail(
-            batch["topk_ids"], batch["topk_logprobs"], batch["sampled_ids"], batch["sampled_weights"],
-            support=recipe.sampled_support,
-        )  # fmt: skip
+            head_ids, head_logprobs, batch["sampled_ids"], batch["sampled_weights"], support=recipe.sampled_support
+        )
     with torch.no_grad():
         logits = recipe.teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         return None, torch.softmax(logits.float() / response.temperature, -1)
@@ -325,7 +333,7 @@ def _loss_step(
     elif config.response.weight > 0:
         response = config.response
         components["ce"], components["kd_response"] = losses.ce_and_response_kd(
-            logits, labels, ce_mask, batch["topk_ids"], batch["topk_logprobs"], batch["tail_logmass"], kd_mask,
+            logits, labels, ce_mask, *head(batch, response.top_k), kd_mask,
             divergence=response.divergence, temperature=response.temperature, tail=response.tail,
             capture_temperature=recipe.capture_temperature, jsd_beta=response.jsd_beta,
         )  # fmt: skip

@@ -127,6 +127,15 @@ def _check_variant(cfg: Config, key: str, loss: LossConfig) -> None:
         raise ConfigError(f"{key}.feature.weight: needs cache.hidden_layers set (cached teacher hidden states)")
     if loss.relation.weight > 0 and cfg.cache.embed_layer is None:
         raise ConfigError(f"{key}.relation.weight: needs cache.embed_layer set (pooled teacher embeddings)")
+    if loss.response.top_k is not None and loss.response.top_k > cfg.cache.top_k:
+        raise ConfigError(
+            f"{key}.response.top_k: expected <= cache.top_k ({cfg.cache.top_k}), got {loss.response.top_k}"
+        )
+    if loss.response.top_k is not None and loss.response.targets == "topk+sampled" and cfg.cache.targets != "sampled":
+        raise ConfigError(
+            f"{key}.response.top_k: a head shorter than the cached top-k needs draws from the whole distribution "
+            "(the tail draws skip the cached top-k); set cache.targets: sampled"
+        )
     targets, cached = loss.response.targets, cfg.cache.targets
     needs = {"sampled": ("sampled",), "topk+sampled": ("sampled", "topk+sampled")}.get(targets, ())
     if loss.response.weight > 0 and needs and cached not in needs:

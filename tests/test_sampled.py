@@ -426,3 +426,11 @@ def test_online_targets_are_the_teachers_full_distribution(run_config, tiny_asse
     logits = student(input_ids=ids).logits
     expected = losses.sampled_kd(logits, None, want, torch.ones_like(ids), temperature=2.0)
     assert float(comps["kd_response"].detach()) == pytest.approx(float(expected.detach()), rel=1e-5)
+
+
+def test_a_truncated_topk_equals_the_smaller_cache():
+    p = torch.softmax(teacher_logits(), -1)
+    top_p, ids = p.topk(8, -1)
+    ids4, logp4, tail4 = losses.truncate_topk(ids, top_p.log().float(), torch.log1p(-top_p.sum(-1)).float(), 4)
+    assert torch.equal(ids4, ids[:, :4]) and torch.allclose(logp4.exp(), top_p[:, :4].float())
+    torch.testing.assert_close(tail4.double(), torch.log1p(-top_p[:, :4].sum(-1)), rtol=1e-6, atol=1e-6)

@@ -91,6 +91,10 @@ CASES = {  # name -> (overrides, the error's start)
         },
         "train.variants.kd.response.temperature: sampled targets were drawn at the capture temperature of the cache",
     ),
+    "a loss top-k above the cached top-k": (
+        {"train.variants.kd.response.top_k": 9},
+        "train.variants.kd.response.top_k: expected <= cache.top_k (8), got 9",
+    ),
     "sampled targets with a tensor-parallel teacher": (
         {"cache.targets": "sampled", "teacher.tensor_parallel": 2, "slurm.stages.cache.gpus_per_node": 2},
         'cache.targets: "sampled" draws from the whole vocabulary on one process, but teacher.tensor_parallel 2',

@@ -1,0 +1,202 @@
+"""Recipe sweep: short students trained under a grid of train settings on one run's cache, measured by held-out
+perplexity, top-1 agreement, KL and ECE, with the table written into the README.
+
+Reads   the config's manifest and cache (complete: ``make demo DEMO_CONFIG=...`` or ``make run`` first) and its
+        student; the teacher only for the online settings.
+Writes  each setting as a train variant ``sweep_<name>`` with its evaluation (``runs/<run>/train/sweep_<name>/``,
+        ``runs/<run>/evaluate/sweep_<name>/results.json``, the stages' own outputs and markers, so a rerun reuses
+        finished settings), ``runs/<run>/sweep/sweep.json`` and, with ``--readme``, the table between the markers
+        ``<!-- sweep:begin -->`` and ``<!-- sweep:end -->``.
+Run     ``python -m pipeline.sweep --config configs/demo_targets.yaml [--only a,b] [--readme README.md]``
+
+Every setting runs the real stages (``python -m pipeline.train --variant sweep_<name>`` then ``python -m
+pipeline.evaluate --model sweep_<name>`` with the offline lm-eval tasks off: the intrinsic metrics only), with
+the variant and its train keys as command-line overrides, so a row is exactly what the pipeline would produce for
+that recipe. Perplexity changes are relative to the CE-only setting of the same batch geometry (micro-batch and
+steps), named in ``baseline``. A tool, not a stage: it imports no stage module and drives them as processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as dt
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.config import load as load_config
+from pipeline.rundir import REPO, RunDir, atomic_write_json, atomic_write_text
+
+BEGIN, END = "<!-- sweep:begin -->", "<!-- sweep:end -->"
+KD = {"ce_weight": 0.5, "response": {"weight": 0.5}}  # the demo's recipe
+
+
+def kd(ce: float = 0.5, response: float = 0.5, **options: Any) -> dict[str, Any]:
+    """A response-KD variant: ``ce`` x CE + ``response`` x KD with ``options`` for ``response``."""
+    return {"ce_weight": ce, "response": {"weight": response, **options}}
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """One row of the sweep: a variant recipe plus the train keys it changes, and its CE baseline."""
+
+    name: str
+    recipe: str  # what the row means, for the table
+    variant: dict[str, Any]
+    train: dict[str, Any] = dataclasses.field(default_factory=dict)
+    baseline: str = "ce"
+    nproc: int = 1
+
+
+BIG = {"micro_batch_size": 32, "max_steps": 16, "warmup_steps": 3}  # same tokens as 8 x 64, relations over 32
+GRID: tuple[Setting, ...] = (
+    Setting("ce", "CE only", {}),
+    Setting("kd", "0.5 CE + 0.5 KL, top-32 + tail (demo)", KD),
+    Setting("kd_w08", "0.2 CE + 0.8 KL, top-32 + tail", kd(0.2, 0.8)),
+    Setting("kd_w10", "KL only, top-32 + tail", kd(0.0, 1.0)),
+    Setting("kd_k8", "0.5 CE + 0.5 KL, top-8 + tail", kd(top_k=8)),
+    Setting("kd_t2", "0.5 CE + 0.5 KL, top-32 renormalised, tau 2", kd(tail="renormalize", temperature=2.0)),
+    Setting("kd_lr3", "0.5 CE + 0.5 KL, top-32 + tail, lr 3e-3", KD, {"lr": 3.0e-3}),
+    Setting("sampled", "0.5 CE + 0.5 sampled (32 draws)", kd(targets="sampled")),
+    Setting("sampled_w08", "0.2 CE + 0.8 sampled", kd(0.2, 0.8, targets="sampled")),
+    Setting("sampled_w10", "sampled only", kd(0.0, 1.0, targets="sampled")),
+    Setting("hybrid", "0.5 CE + 0.5 top-32 + sampled tail", kd(targets="topk+sampled")),
+    Setting("hybrid_w08", "0.2 CE + 0.8 top-32 + sampled tail", kd(0.2, 0.8, targets="topk+sampled")),
+    Setting("online", "0.5 CE + 0.5 full-vocabulary KL (online)", kd(targets="online")),
+    Setting("online_w08", "0.2 CE + 0.8 full-vocabulary KL (online)", kd(0.2, 0.8, targets="online")),
+    Setting("relation", "demo KD + 0.01 RKD, 8 sequences", {**KD, "relation": {"weight": 0.01}}),
+    Setting("ce_b32", "CE only, 32 x 16 steps", {}, BIG, baseline="ce_b32"),
+    Setting("kd_b32", "demo KD, 32 x 16 steps", KD, BIG, baseline="ce_b32"),
+    Setting(
+        "relation_b32",
+        "demo KD + 0.01 RKD over 32 sequences",
+        {**KD, "relation": {"weight": 0.01}},
+        BIG,
+        baseline="ce_b32",
+    ),  # fmt: skip
+    Setting(
+        "relation_b32_w1",
+        "demo KD + 0.1 RKD over 32 sequences",
+        {**KD, "relation": {"weight": 0.1}},
+        BIG,
+        baseline="ce_b32",
+    ),  # fmt: skip
+)
+
+
+def variant_name(setting: Setting) -> str:
+    return f"sweep_{setting.name}"
+
+
+def overrides(setting: Setting, base: list[str]) -> list[str]:
+    """The command-line overrides that make ``setting`` the config's only variant (and its own baseline)."""
+    name = variant_name(setting)
+    flow = yaml.safe_dump({name: setting.variant}, default_flow_style=True, width=10_000).strip()
+    extra = [f"train.{k}={json.dumps(v)}" for k, v in setting.train.items()]
+    return [*base, f"train.variants={flow}", f"train.baseline_variant={name}", *extra]
+
+
+def run_stage(stage: str, config: Path, args: list[str], nproc: int = 1) -> None:
+    """``python -m pipeline.<stage> --config C args`` as a process; raises with its output's tail on failure."""
+    cmd = [sys.executable, "-m", f"pipeline.{stage}", "--config", str(config), *args]
+    if nproc > 1:
+        cmd.append(f"--nproc-per-node={nproc}")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        tail = "\n".join((done.stdout + done.stderr).splitlines()[-15:])
+        raise RuntimeError(f"{' '.join(cmd)} failed ({done.returncode}):\n{tail}")
+
+
+def measure(setting: Setting, config: Path, base: list[str]) -> dict[str, Any]:
+    """Train and evaluate one setting through the stages; returns its row (metrics from results.json)."""
+    args = overrides(setting, base)
+    name = variant_name(setting)
+    run_stage("train", config, [*args, "--variant", name], setting.nproc)
+    no_tasks = ["evaluate.local_tasks=false", "evaluate.tasks=[]", "evaluate.include_teacher=false"]
+    run_stage("evaluate", config, [*args, *no_tasks, "--model", name])
+    cfg = load_config(config, args)
+    rd = RunDir.from_config(cfg)
+    results = json.loads((rd.stage_dir("evaluate", name) / "results.json").read_text())
+    summary = json.loads((rd.stage_dir("train", name) / "summary.json").read_text())
+    return {
+        "name": setting.name,
+        "recipe": setting.recipe,
+        "baseline": setting.baseline,
+        "variant": setting.variant,
+        "train": setting.train,
+        "steps": summary["steps"],
+        "sequences_per_step": cfg.train.micro_batch_size * cfg.train.grad_accum_steps * setting.nproc,
+        "train_s": summary["wall_time_s"],
+        **results["intrinsic"],
+    }
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """Markdown table of the sweep: held-out ppl and its change against the row's CE baseline, top-1, KL, ECE."""
+    by_name = {r["name"]: r for r in rows}
+    lines = [
+        "| setting | recipe | steps x seqs | held-out ppl | vs CE | top-1 | KL | ECE | train s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        base = by_name.get(r["baseline"])
+        delta = "" if base is None or base is r else f"{100 * (r['heldout_ppl'] / base['heldout_ppl'] - 1):+.1f} %"
+        lines.append(
+            f"| `{r['name']}` | {r['recipe']} | {r['steps']} x {r['sequences_per_step']} | {r['heldout_ppl']:.1f} | "
+            f"{delta} | {r['top1_agreement']:.4f} | {r['kl_teacher_student']:.3f} | {r['ece']:.4f} | "
+            f"{r['train_s']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def write_readme(readme: Path, table: str, command: str) -> None:
+    """Replace the text between the sweep markers of ``readme`` by the table (the markers must exist)."""
+    text = readme.read_text()
+    if BEGIN not in text or END not in text:
+        raise SystemExit(f"{readme}: no {BEGIN} ... {END} markers to write the sweep table between")
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    date = dt.date.today().isoformat()
+    body = f"\n_Generated by `{command}` on {date}._\n\n{table}\n"
+    atomic_write_text(readme, head + BEGIN + body + END + tail)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m pipeline.sweep --config C [--only a,b] [--readme FILE] [overrides]``; returns the exit code."""
+    parser = argparse.ArgumentParser(prog="python -m pipeline.sweep", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, type=Path)
+    parser.add_argument("--only", default=None, help="comma-separated setting names (default: the whole grid)")
+    parser.add_argument("--readme", type=Path, default=None, help="write the table between the sweep markers")
+    parser.add_argument("overrides", nargs="*", help="key.path=value applied to every setting")
+    args = parser.parse_args(argv)
+    grid = GRID
+    if args.only:
+        wanted = args.only.split(",")
+        unknown = sorted(set(wanted) - {s.name for s in GRID})
+        if unknown:
+            parser.error(f"--only: unknown settings {unknown} (known: {', '.join(s.name for s in GRID)})")
+        grid = tuple(s for s in GRID if s.name in wanted)
+    rows = []
+    for setting in grid:
+        print(f"sweep: {setting.name}: {setting.recipe}", file=sys.stderr, flush=True)
+        rows.append(measure(setting, args.config, list(args.overrides)))
+        print(f"sweep: {setting.name}: held-out ppl {rows[-1]['heldout_ppl']:.1f}", file=sys.stderr, flush=True)
+    rd = RunDir.from_config(load_config(args.config, list(args.overrides)))
+    command = "python -m pipeline.sweep " + " ".join(argv if argv is not None else sys.argv[1:])
+    atomic_write_json(rd.root / "sweep" / "sweep.json", {"command": command, "rows": rows})
+    table = format_table(rows)
+    print(table)
+    if args.readme:
+        write_readme(args.readme, table, command.strip())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
