@@ -32,7 +32,18 @@ TINY = bench.Sizes(
     repeats=2,
     threads=1,
 )
-ROWS = ("reader", "extraction", "memory", "kd_response", "kd_feature", "kd_relation", "bytes", "flops", "slurm")
+ROWS = (
+    "reader",
+    "extraction",
+    "memory",
+    "kd_response",
+    "kd_feature",
+    "kd_relation",
+    "bytes",
+    "sampled_bytes_per_token",
+    "flops",
+    "slurm",
+)
 
 
 def test_quick_machinery_writes_json_table_and_markdown(tmp_path, tiny_assets, capsys):
