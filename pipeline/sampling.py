@@ -64,29 +64,32 @@ def draw(
     exclude [N, k]: ids outside the support (the exact top-k head for support ``tail``); None: the whole vocabulary.
     Returns ids int64 and weights float32 (w_v = c_v/n · p(v)/q(v), module docstring), distinct ids ordered by
     weight (descending, ties by id) and padded with id 0 / weight 0 up to n. Positions whose support has no mass
-    (every token excluded) get only padding. Memory: two [N, V] fp32 blocks besides ``logp``.
+    (every token excluded) get only padding. Memory: one [N, V] fp32 block besides ``logp``.
     """
     n = uniforms.shape[-1]
     logp = logp.float()
-    q_logits = logp / proposal_temperature if proposal_temperature != 1.0 else logp.clone()
+    if proposal_temperature == 1.0:
+        q = logp.exp()  # the one [N, V] block: q ∝ p, becomes its running sum in place
+    else:
+        scaled = logp / proposal_temperature
+        shift = scaled.amax(-1, keepdim=True)
+        q = scaled.sub_(shift).exp_()  # q ∝ p^(1/t), its largest entry 1
     if exclude is not None:
-        q_logits.scatter_(-1, exclude, float("-inf"))
-    log_z = torch.logsumexp(q_logits, -1, keepdim=True)  # [N, 1]; -inf where the support is empty
-    empty = torch.isneginf(log_z)
-    log_q = q_logits.sub_(torch.where(empty, 0.0, log_z))  # in place: q_logits is not needed any more
-    cdf = log_q.exp().cumsum_(-1)  # [N, V]
-    total = cdf[:, -1:]
+        q.scatter_(-1, exclude, 0.0)
+    cdf = q.cumsum_(-1)  # [N, V], unnormalised
+    total = cdf[:, -1:]  # Σ over the support of the unnormalised q (0: nothing to draw)
     # u·total < total, so the first cdf entry above it exists and belongs to a token with q > 0
     target = torch.minimum(uniforms.to(cdf) * total, torch.nextafter(total, torch.zeros_like(total)))
     ids = torch.searchsorted(cdf, target.contiguous(), right=True).clamp_(max=logp.shape[-1] - 1)
-    del cdf
     if proposal_temperature == 1.0 and exclude is None:
-        log_ratio = torch.zeros_like(target)  # q = p: the weights are exact counts / n
+        ratio = torch.ones_like(target)  # q = p: the weights are exact counts / n
     elif proposal_temperature == 1.0:
-        log_ratio = log_z.expand_as(target)  # q = p / tail mass on the tail: the ratio is the tail mass
-    else:
-        log_ratio = logp.gather(-1, ids) - log_q.gather(-1, ids)
-    ratio = torch.where(empty, 0.0, log_ratio.exp())
+        ratio = total.expand_as(target)  # q = p / tail mass on the tail: p/q is the tail mass (summed above)
+    else:  # log p − log q, with log q = log p / t − shift − log total
+        picked = logp.gather(-1, ids)
+        ratio = (picked - (picked / proposal_temperature - shift - total.log())).exp()
+    ratio = torch.where(total > 0, ratio, 0.0)
+    del cdf, q
     return _unique_weighted(ids, ratio / n)
 
 
