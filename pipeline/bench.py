@@ -14,13 +14,16 @@ the cached distributions have realistic, non-uniform entropy; full mode uses the
 shapes and is meant for a GPU (peak memory then comes from ``torch.cuda.max_memory_allocated``).
 
 The measured code is the pipeline's own: ``cache.extract_batch``/``cache.topk_chunked`` for extraction,
-``cache_format.write_shard``/``benchmark_reader`` for storage and reading, ``train._loss_step`` for KD steps and
-``slurm`` for the chain. The bench is a tool, not a stage: it imports stage modules, stages never import it.
+``cache_format.write_shard``/``CacheDataset`` for storage and reading, ``train._loss_step`` for KD steps and
+``slurm`` for the chain. The code that times it is here and only here (``benchmark_extraction``,
+``topk_peak_memory``, ``benchmark_reader``, ``column_bytes_per_token``, ``step_time_ratios``): stage modules hold
+only their stage. The bench is a tool, not a stage: it imports stage modules, stages never import it.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import datetime as dt
 import json
@@ -31,21 +34,24 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 from torch import nn
 
 from pipeline import cache as cache_stage
 from pipeline import cache_format as cf
+from pipeline import losses, sampling
 from pipeline import modeling as mdl
-from pipeline import sampling
 from pipeline import teacher_parallel as tp
 from pipeline import train as train_stage
 from pipeline.config import CacheConfig, ModelConfig
+from pipeline.data_format import schema_json
 from pipeline.definition import STAGES
 from pipeline.rundir import REPO, atomic_write_json, atomic_write_text
 
@@ -202,6 +208,259 @@ def machine_info(on: torch.device) -> dict[str, Any]:
     return info
 
 
+# ------------------------------------------------------------------ the stage code under test: extraction
+def benchmark_extraction(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    extraction: cache_stage.Extraction,
+    repeats: int = 3,
+) -> dict[str, float]:
+    """Seconds of a bare teacher forward vs :func:`extract_batch` on the same batch and model.
+
+    The bare forward is ``model(input_ids, attention_mask)`` returning full logits (no KV cache, as in the
+    extraction). After one untimed call of each they alternate ``repeats`` times, so background load hits both
+    alike; reported are medians and the spread of the per-repeat ratios."""
+    bare, extract = [], []
+
+    def forward() -> torch.Tensor:
+        return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+    def timed(fn: Callable[[], object]) -> float:
+        mdl.synchronize(input_ids.device)
+        start = time.perf_counter()
+        fn()
+        mdl.synchronize(input_ids.device)
+        return time.perf_counter() - start
+
+    with torch.inference_mode():
+        forward(), cache_stage.extract_batch(model, input_ids, attention_mask, extraction)
+        for _ in range(repeats):
+            bare.append(timed(forward))
+            extract.append(timed(lambda: cache_stage.extract_batch(model, input_ids, attention_mask, extraction)))
+    ratios = sorted(e / b for e, b in zip(extract, bare, strict=True))
+    return {
+        "bare_forward_s": statistics.median(bare),
+        "extraction_s": statistics.median(extract),
+        "overhead_ratio": statistics.median(ratios),
+        "overhead_ratio_min": ratios[0],
+        "overhead_ratio_max": ratios[-1],
+    }
+
+
+def _topk_peak_child(mode: str, positions: int, hidden: int, vocab: int, chunk: int, top_k: int) -> int:
+    """In a fresh process: bytes the resident-set peak rises by while computing top-k (``mode``: chunked/full)."""
+    torch.manual_seed(0)
+    states = torch.randn(positions, hidden)
+    head = torch.nn.Linear(hidden, vocab, bias=False)
+    page = os.sysconf("SC_PAGE_SIZE")
+    with open("/proc/self/statm") as fh:
+        before = int(fh.read().split()[1]) * page
+    with open("/proc/self/clear_refs", "w") as fh:  # "5" resets the peak RSS (VmHWM) to the current RSS
+        fh.write("5")
+    with torch.inference_mode():
+        if mode == "chunked":
+            cache_stage.topk_chunked(states, head, top_k, 1.0, chunk)
+        else:
+            torch.topk(torch.log_softmax(head(states), dim=-1), top_k, dim=-1)
+    with open("/proc/self/status") as fh:
+        peak = next(int(line.split()[1]) * 1024 for line in fh if line.startswith("VmHWM:"))
+    return peak - before
+
+
+def topk_peak_memory(
+    positions: int = 8 * 256, hidden: int = 576, vocab: int = 49152, chunk: int = 128, top_k: int = 16
+) -> dict[str, float]:
+    """Peak extra memory (resident set, Linux) of chunked top-k vs materialised [positions, V] logits, each in a
+    fresh process; ``ratio_to_logits`` compares the chunked peak with positions x V x 4 bytes."""
+
+    def child(mode: str) -> int:
+        code = (
+            "from pipeline.bench import _topk_peak_child; "
+            f"print(_topk_peak_child({mode!r}, {positions}, {hidden}, {vocab}, {chunk}, {top_k}))"
+        )
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+        return int(done.stdout.split()[-1])
+
+    chunked, full = child("chunked"), child("full")
+    logits = positions * vocab * 4
+    return {
+        "logits_bytes": float(logits),
+        "chunked_peak_bytes": float(chunked),
+        "full_peak_bytes": float(full),
+        "ratio_to_logits": chunked / logits,
+        "ratio_to_full": chunked / full,
+    }
+
+
+# --------------------------------------------------------------------- the stage code under test: cache reader
+def rowwise_read(files: Sequence[Path], columns: Sequence[str]) -> int:
+    """Baseline reader: every row through ``to_pydict`` Python lists into tensors of the stored dtypes (what
+    ``cache_format.CacheDataset`` yields), one tensor per row and column; returns tokens read."""
+    tokens = 0
+    for path in files:
+        table = pq.read_table(path, columns=list(columns))
+        meta = schema_json(Path(path), table.schema, cf.META_KEY, "cache shard")  # the table's own: no second read
+        dtypes = {}
+        for field in table.schema:
+            if pa.types.is_fixed_size_list(field.type):
+                dtypes[field.name] = cf.STORED_TORCH_DTYPES[field.type.value_type]
+            elif pa.types.is_fixed_size_binary(field.type):
+                dtypes[field.name] = cf.HIDDEN_DTYPES[meta["hidden_dtype"]]
+            else:
+                dtypes[field.name] = torch.int64
+        data = table.to_pydict()
+        for i in range(table.num_rows):
+            for name in columns:
+                value = data[name][i]
+                if isinstance(value, bytes):
+                    torch.frombuffer(bytearray(value), dtype=dtypes[name])
+                else:
+                    torch.tensor(value, dtype=dtypes[name])
+            tokens += len(data["input_ids"][i]) if "input_ids" in data else 1
+    return tokens
+
+
+def column_bytes_per_token(path: Path) -> dict[str, float]:
+    """Compressed bytes per token of each column of a shard (from the Parquet footer), plus ``total``."""
+    footer = pq.read_metadata(path)
+    meta = cf.read_cache_meta(path)
+    tokens = footer.num_rows * int(meta["seq_len"])
+    sizes: dict[str, float] = collections.defaultdict(float)
+    for g in range(footer.num_row_groups):
+        group = footer.row_group(g)
+        for c in range(group.num_columns):
+            column = group.column(c)
+            sizes[column.path_in_schema.split(".")[0]] += column.total_compressed_size
+    result = {name: size / tokens for name, size in sizes.items()}
+    result["total"] = Path(path).stat().st_size / tokens
+    return result
+
+
+def benchmark_reader(
+    files: Sequence[Path], *, batch_size: int = 8, columns: Sequence[str] | None = None, repeats: int = 3
+) -> dict[str, float]:
+    """Tokens/s of ``cache_format.CacheDataset`` vs :func:`rowwise_read` over the same shards and KD columns, both
+    yielding the stored dtypes, after one untimed pass of each (page cache, lazy imports).
+
+    Each repeat times one row-wise pass, then fresh datasets (footers read, every row group read and decoded again,
+    shuffled) back to back for at least as long: both readers are timed over windows of the same length, so a
+    pass of a few milliseconds is not judged alone right after the other reader has flushed the CPU caches, and
+    timer and scheduler noise weigh on both alike. The two alternate, so background load hits both; reported are
+    medians over ``repeats`` and the spread of the per-repeat speedups."""
+    columns = list(columns or ("input_ids", "attention_mask", "topk_ids", "topk_logprobs", "tail_logmass"))
+    meta = cf.read_cache_meta(files[0])
+    stored = [cf.stored_column(c, meta) for c in columns]
+
+    def fast_window(seconds: float) -> float:
+        tokens, start = 0, time.perf_counter()
+        while True:
+            dataset = cf.CacheDataset(files, batch_size=batch_size, columns=columns, shuffle=True)
+            tokens += sum(batch["input_ids"].numel() for batch in dataset)
+            elapsed = time.perf_counter() - start
+            if elapsed >= seconds:
+                return tokens / elapsed
+
+    def rowwise_pass() -> tuple[float, float]:
+        start = time.perf_counter()
+        tokens = rowwise_read(files, stored)
+        elapsed = time.perf_counter() - start
+        return tokens / elapsed, elapsed
+
+    rowwise_pass(), fast_window(0.0)
+    rowwise, fast = [], []
+    for _ in range(repeats):
+        speed, elapsed = rowwise_pass()
+        rowwise.append(speed)
+        fast.append(fast_window(elapsed))
+    ratios = sorted(f / r for f, r in zip(fast, rowwise, strict=True))
+    return {
+        "rowwise_tokens_per_s": statistics.median(rowwise),
+        "dataset_tokens_per_s": statistics.median(fast),
+        "speedup": statistics.median(ratios),
+        "speedup_min": ratios[0],
+        "speedup_max": ratios[-1],
+    }
+
+
+# ------------------------------------------------------------------------ the stage code under test: KD steps
+def synthetic_batch(
+    vocab: int, batch_size: int, seq_len: int, top_k: int, teacher_dim: int, layers: tuple[int, ...], seed: int = 0
+) -> dict[str, Any]:
+    """A batch shaped like ``CacheDataset``'s (random teacher top-k with a valid tail, hidden states, embeddings)."""
+    gen = torch.Generator().manual_seed(seed)
+    teacher_logits = torch.randn(batch_size, seq_len, vocab, generator=gen) * 3
+    logp = torch.log_softmax(teacher_logits, -1)
+    top, ids = logp.topk(top_k, -1)
+    tail = losses.log1mexp(torch.logsumexp(top, -1))
+    batch = {
+        "input_ids": torch.randint(0, vocab, (batch_size, seq_len), generator=gen),
+        "attention_mask": torch.ones(batch_size, seq_len, dtype=torch.long),
+        "topk_ids": ids,
+        "topk_logprobs": top,
+        "tail_logmass": tail,
+        "embed": torch.randn(batch_size, teacher_dim, generator=gen),
+    }
+    for layer in layers:
+        batch[cf.hidden_column(layer)] = torch.randn(batch_size, seq_len, teacher_dim, generator=gen)
+    return batch
+
+
+def step_time_ratios(
+    student: nn.Module,
+    *,
+    batch_size: int = 8,
+    seq_len: int = 128,
+    top_k: int = 32,
+    teacher_dim: int | None = None,
+    repeats: int = 5,
+) -> dict[str, float]:
+    """Seconds per full training step (forward, losses, backward, AdamW) of each KD family vs CE only, on the same
+    batch through the trainer's own ``train._loss_step``; returns ``{<name>_s, <name>_ratio}`` for response (the default
+    0.5·CE + 0.5·tail-bucket KL), feature (CE + one projected layer) and relation (CE + RKD), medians of
+    ``repeats`` interleaved runs after one warm-up each. Goals (issue 5): ≤ 1.10, 1.25, 1.10.
+    """
+    from pipeline.config import FeatureKDConfig, LossConfig, RelationKDConfig, ResponseKDConfig
+
+    width = int(student.config.hidden_size)
+    teacher_dim = teacher_dim or 2 * width
+    layer = int(student.config.num_hidden_layers) // 2
+    vocab = int(student.get_output_embeddings().weight.shape[0])
+    recipes = {
+        "ce": LossConfig(),
+        "response": LossConfig(ce_weight=0.5, response=ResponseKDConfig(weight=0.5)),
+        "feature": LossConfig(feature=FeatureKDConfig(weight=1.0, layer_pairs=[[layer, layer]])),
+        "relation": LossConfig(relation=RelationKDConfig(weight=1.0)),
+    }
+    batch = synthetic_batch(vocab, batch_size, seq_len, top_k, teacher_dim, (layer,))
+    on = next(student.parameters()).device
+    batch = cf.to_compute(batch, on)
+    runs = {}
+    for name, loss in recipes.items():
+        pairs = [(layer, layer)] if loss.feature.weight > 0 else []
+        recipe = train_stage.LossRecipe(name, loss, 1.0, pairs, int(student.config.num_hidden_layers))
+        projectors = losses.FeatureProjectors(pairs, width, teacher_dim) if pairs else None
+        model = train_stage.Distillee(student, projectors).to(on)
+        runs[name] = (model, recipe, torch.optim.AdamW(model.parameters(), lr=1e-6))
+    times: dict[str, list[float]] = {name: [] for name in recipes}
+    for rep in range(repeats + 1):
+        for name, (model, recipe, opt) in runs.items():
+            mdl.synchronize(on)
+            t0 = time.perf_counter()
+            total, _, _ = train_stage._loss_step(model, batch, recipe, gather=False)
+            total.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            mdl.synchronize(on)
+            if rep > 0:  # the first round warms allocators and kernels
+                times[name].append(time.perf_counter() - t0)
+    median = {name: sorted(v)[len(v) // 2] for name, v in times.items()}
+    out = {f"{name}_s": t for name, t in median.items()}
+    out.update({f"{name}_ratio": median[name] / median["ce"] for name in recipes if name != "ce"})
+    return out
+
+
 # ------------------------------------------------------------------------------------------------ assets
 def shown_path(path: Path) -> str:
     """``path`` relative to the repository when inside it (reports stay valid on another checkout)."""
@@ -298,10 +557,10 @@ def build_assets(sizes: Sizes, text_path: Path | None, on: torch.device, log: Ca
     describe: dict[str, Any] = {"text": source, "text_chars": len(text)}
     if sizes.use_demo_models and DEMO_TEACHER.is_dir():
         log(f"loading the demo teacher {DEMO_TEACHER.name}")
-        spec = ModelConfig(name_or_path=str(DEMO_TEACHER))
-        tokenizer = mdl.load_tokenizer(spec)
+        teacher_settings = ModelConfig(name_or_path=str(DEMO_TEACHER))
+        tokenizer = mdl.load_tokenizer(teacher_settings)
         stream = np.asarray(tokenizer(text)["input_ids"], dtype=np.int32)
-        teacher = mdl.load_causal_lm(spec, "teacher", on).eval()
+        teacher = mdl.load_causal_lm(teacher_settings, "teacher", on).eval()
         vocab = int(teacher.config.vocab_size)
         if DEMO_STUDENT.is_dir():
             student = mdl.load_causal_lm(ModelConfig(name_or_path=str(DEMO_STUDENT), dtype="float32"), "student", on)
@@ -338,12 +597,12 @@ def build_assets(sizes: Sizes, text_path: Path | None, on: torch.device, log: Ca
 
 # ------------------------------------------------------------------------------------------- cache shards
 def write_bench_cache(
-    assets: Assets, sizes: Sizes, out: Path, ccfg: CacheConfig | None = None
+    assets: Assets, sizes: Sizes, out: Path, cache_settings: CacheConfig | None = None
 ) -> tuple[list[Path], dict[str, Any]]:
     """Cache the token rows (default: top-k + tail, no hidden states) with the cache stage's own extraction, draws
     and writer (zstd level 3, the defaults); returns the shard paths and the first shard's metadata."""
-    ccfg = ccfg or CacheConfig(top_k=TOP_K, batch_size=sizes.batch)
-    spec, fields = cache_stage.resolve_extraction(ccfg, assets.teacher.config, sizes.seq_len, 0)
+    cache_settings = cache_settings or CacheConfig(top_k=TOP_K, batch_size=sizes.batch)
+    extraction, fields = cache_stage.resolve_extraction(cache_settings, assets.teacher.config, sizes.seq_len, 0)
     shutil.rmtree(out, ignore_errors=True)
     files = []
     for first in range(0, sizes.cache_rows, sizes.rows_per_shard):
@@ -357,10 +616,11 @@ def write_bench_cache(
         for start in range(0, len(ids), sizes.batch):
             batch = torch.from_numpy(ids[start : start + sizes.batch].astype(np.int64))
             uniforms = None
-            if spec.draws:  # the shard's number stands in for its checksum in the draws' seed
+            if extraction.draws:  # the shard's number stands in for its checksum in the draws' seed
                 rows = range(start, start + len(batch))
-                uniforms = torch.from_numpy(sampling.row_uniforms(0, len(files), rows, sizes.seq_len, spec.draws))
-            parts.append(cache_stage.extract_batch(assets.teacher, batch, torch.ones_like(batch), spec, uniforms))
+                draws = sampling.row_uniforms(0, len(files), rows, sizes.seq_len, extraction.draws)
+                uniforms = torch.from_numpy(draws)
+            parts.append(cache_stage.extract_batch(assets.teacher, batch, torch.ones_like(batch), extraction, uniforms))
         name = f"train-{len(files):05d}.parquet"
         meta = {
             "teacher": "bench",
@@ -382,7 +642,7 @@ def write_bench_cache(
 # ------------------------------------------------------------------------------------------------- rows
 def bench_reader(files: list[Path], sizes: Sizes) -> tuple[Row, dict[str, Any]]:
     """CacheDataset vs a row-wise ``to_pydict`` reader over the same shards and KD columns."""
-    runs = [cf.benchmark_reader(files, batch_size=sizes.batch) for _ in range(max(3, sizes.repeats // 2))]
+    runs = [benchmark_reader(files, batch_size=sizes.batch) for _ in range(max(3, sizes.repeats // 2))]
     speedup = statistics.median(r["speedup"] for r in runs)
     fast = statistics.median(r["dataset_tokens_per_s"] for r in runs)
     slow = statistics.median(r["rowwise_tokens_per_s"] for r in runs)
@@ -395,8 +655,10 @@ def bench_extraction(assets: Assets, sizes: Sizes, on: torch.device) -> tuple[Ro
     fraction of this machine's matmul ceiling."""
     teacher = assets.teacher
     layer = max(1, teacher.config.num_hidden_layers // 2)
-    ccfg = CacheConfig(top_k=TOP_K, hidden_layers=[layer], batch_size=sizes.batch, logits_chunk=sizes.logits_chunk)
-    spec, _ = cache_stage.resolve_extraction(ccfg, teacher.config, sizes.seq_len, 0)
+    cache_settings = CacheConfig(
+        top_k=TOP_K, hidden_layers=[layer], batch_size=sizes.batch, logits_chunk=sizes.logits_chunk
+    )
+    extraction, _ = cache_stage.resolve_extraction(cache_settings, teacher.config, sizes.seq_len, 0)
     ids = torch.from_numpy(assets.rows[: sizes.batch].astype(np.int64)).to(on)
     mask = torch.ones_like(ids)
 
@@ -405,7 +667,7 @@ def bench_extraction(assets: Assets, sizes: Sizes, on: torch.device) -> tuple[Ro
     flops = forward_flops(teacher, sizes.batch, sizes.seq_len)
     runs, ceilings = [], []
     for _ in range(sizes.repeats):  # forward pair and GEMM alternate: each fraction compares like with like
-        runs.append(cache_stage.benchmark_extraction(teacher, ids, mask, spec, repeats=1))
+        runs.append(benchmark_extraction(teacher, ids, mask, extraction, repeats=1))
         ceilings.append(gemm())
     times = {"bare": [r["bare_forward_s"] for r in runs], "extract": [r["extraction_s"] for r in runs]}
     ratio = statistics.median(r["overhead_ratio"] for r in runs)
@@ -445,7 +707,7 @@ def bench_memory(assets: Assets, sizes: Sizes, on: torch.device) -> tuple[Row, d
     B x T x V x 4 bytes of those logits alone (the stricter of the two possible denominators).
 
     The row is torch's own tensor peak (profiler memory events on CPU, the allocator's peak on GPU): exact,
-    repeatable and the same quantity on both. On CPU the detail adds ``cache.topk_peak_memory`` (resident-set
+    repeatable and the same quantity on both. On CPU the detail adds ``topk_peak_memory`` (resident-set
     peak of each variant in a fresh process), which also counts what glibc's heap keeps resident after frees and
     moves by tens of MiB between runs at these sizes.
     """
@@ -465,7 +727,7 @@ def bench_memory(assets: Assets, sizes: Sizes, on: torch.device) -> tuple[Row, d
         f"{tensors['full'] / mib:.0f} MiB materialised, logits alone {logits / mib:.0f} MiB"
     )
     if on.type == "cpu":
-        rss = cache_stage.topk_peak_memory(positions=positions, hidden=hidden, vocab=vocab, chunk=chunk, top_k=TOP_K)
+        rss = topk_peak_memory(positions=positions, hidden=hidden, vocab=vocab, chunk=chunk, top_k=TOP_K)
         raw["rss"] = rss
         detail += (
             f"; resident set: {rss['chunked_peak_bytes'] / mib:.1f} MiB chunked ({rss['ratio_to_logits']:.3f}) vs "
@@ -480,11 +742,11 @@ KD_GOALS = {"response": 1.10, "feature": 1.25, "relation": 1.10}  # step time / 
 
 
 def bench_kd_steps(assets: Assets, sizes: Sizes, calls: int = 3) -> tuple[list[Row], dict[str, Any]]:
-    """``train.step_time_ratios``: a full step (forward, losses, backward, AdamW) of each KD family vs CE only on
+    """``step_time_ratios``: a full step (forward, losses, backward, AdamW) of each KD family vs CE only on
     the same batch, through the trainer's own ``_loss_step``. Called ``calls`` times and the median ratio kept,
     because one call's ratio of medians still swings by ~20 % when other users' jobs come and go."""
     results = [
-        train_stage.step_time_ratios(
+        step_time_ratios(
             assets.student.train(),
             batch_size=sizes.batch,
             seq_len=sizes.seq_len,
@@ -506,11 +768,11 @@ def bench_kd_steps(assets: Assets, sizes: Sizes, calls: int = 3) -> tuple[list[R
 
 def bench_bytes(files: list[Path], meta: dict[str, Any], assets: Assets) -> tuple[Row, dict[str, Any]]:
     """Stored bytes per token of a cache with top-16 + tail only (zstd), per column from
-    ``cache_format.column_bytes_per_token``, with the teacher's top-k mass as evidence that the distributions
+    ``column_bytes_per_token``, with the teacher's top-k mass as evidence that the distributions
     are not uniform."""
     rows = [cf.read_cache_meta(f)["rows"] for f in files]
     tokens = sum(rows) * int(meta["seq_len"])
-    per_file = [cf.column_bytes_per_token(f) for f in files]
+    per_file = [column_bytes_per_token(f) for f in files]
     columns = {name: sum(p[name] * r for p, r in zip(per_file, rows, strict=True)) / sum(rows) for name in per_file[0]}
     dataset = cf.CacheDataset(files, batch_size=64, shuffle=False, columns=["topk_logprobs", "tail_logmass"])
     mass = torch.cat([b["topk_logprobs"].float().exp().sum(-1).flatten() for b in dataset]).mean().item()
@@ -523,10 +785,10 @@ def bench_bytes(files: list[Path], meta: dict[str, Any], assets: Assets) -> tupl
 def bench_sampled_bytes(assets: Assets, sizes: Sizes, out: Path) -> tuple[Row, dict[str, Any]]:
     """Stored bytes per token of the sampled-target columns (``sampled_ids`` + ``sampled_weights``, zstd) for
     ``SAMPLES`` draws per position from the teacher itself (``cache.targets: sampled``), on the bench vocabulary."""
-    ccfg = CacheConfig(top_k=1, batch_size=sizes.batch, targets="sampled", samples=SAMPLES)
-    files, meta = write_bench_cache(assets, sizes, out, ccfg)
+    cache_settings = CacheConfig(top_k=1, batch_size=sizes.batch, targets="sampled", samples=SAMPLES)
+    files, meta = write_bench_cache(assets, sizes, out, cache_settings)
     rows = [cf.read_cache_meta(f)["rows"] for f in files]
-    per_file = [cf.column_bytes_per_token(f) for f in files]
+    per_file = [column_bytes_per_token(f) for f in files]
     columns = {n: sum(p[n] * r for p, r in zip(per_file, rows, strict=True)) / sum(rows) for n in cf.SAMPLED_COLUMNS}
     dataset = cf.CacheDataset(files, batch_size=64, shuffle=False, columns=["sampled_weights"])
     distinct = torch.cat([(b["sampled_weights"] > 0).sum(-1).flatten().float() for b in dataset]).mean().item()
@@ -539,11 +801,11 @@ def bench_sampled_bytes(assets: Assets, sizes: Sizes, out: Path) -> tuple[Row, d
     return row, {"bytes_per_token": columns, "distinct_per_position": distinct, "draws": SAMPLES}
 
 
-def parallel_tensor_size(tcfg: Any) -> int:
+def parallel_tensor_size(teacher_config: Any) -> int:
     """The smallest tensor-parallel size > 1 the teacher allows (2 for the tiny Llama, 3 for SmolLM2's 9/3 heads)."""
     heads, kv = (
-        int(tcfg.num_attention_heads),
-        int(getattr(tcfg, "num_key_value_heads", None) or tcfg.num_attention_heads),
+        int(teacher_config.num_attention_heads),
+        int(getattr(teacher_config, "num_key_value_heads", None) or teacher_config.num_attention_heads),
     )
     return next(t for t in range(2, heads + 1) if heads % t == 0 and kv % t == 0)
 
@@ -557,12 +819,12 @@ def parallel_worker(root: Path, out: Path, tensor_parallel: int, batch: int, log
 
     on = mdl.device()
     layout = tp.setup(tensor_parallel, on)
-    spec_model = TeacherConfig(name_or_path=str(root / "teacher"), dtype="float32")
-    teacher = tp.load_teacher(spec_model, layout, on)
+    teacher_settings = TeacherConfig(name_or_path=str(root / "teacher"), dtype="float32")
+    teacher = tp.load_teacher(teacher_settings, layout, on)
     rows = np.load(root / "rows.npy")
     layer = max(1, teacher.config.num_hidden_layers // 2)
-    ccfg = CacheConfig(top_k=TOP_K, hidden_layers=[layer], batch_size=batch, logits_chunk=logits_chunk)
-    spec, fields = cache_stage.resolve_extraction(ccfg, teacher.config, rows.shape[1], 0)
+    cache_settings = CacheConfig(top_k=TOP_K, hidden_layers=[layer], batch_size=batch, logits_chunk=logits_chunk)
+    extraction, fields = cache_stage.resolve_extraction(cache_settings, teacher.config, rows.shape[1], 0)
     pieces = np.array_split(np.arange(len(rows)), shards)
     tp.barrier(layout)
     started = time.perf_counter()
@@ -571,7 +833,7 @@ def parallel_worker(root: Path, out: Path, tensor_parallel: int, batch: int, log
         parts = []
         for start in range(0, len(ids), batch):
             chunk = torch.from_numpy(ids[start : start + batch].astype(np.int64))
-            parts.append(cache_stage.extract_batch(teacher, chunk, torch.ones_like(chunk), spec))
+            parts.append(cache_stage.extract_batch(teacher, chunk, torch.ones_like(chunk), extraction))
         if layout.writer:
             packed = {"sample_id": pieces[index].astype(np.int64), "input_ids": ids,
                       "attention_mask": np.ones_like(ids, dtype=np.int8)}  # fmt: skip
@@ -772,16 +1034,16 @@ parameters.
 
 ## Method
 
-- Reader: `cache_format.benchmark_reader`: CacheDataset (fresh datasets back to back, each reading footers and
+- Reader: `bench.benchmark_reader`: CacheDataset (fresh datasets back to back, each reading footers and
   decoding every row group again) vs `to_pydict` rows turned into tensors one by one, both yielding the stored
   dtypes (int32 ids, int8 mask, fp16 log-probs; `cache_format.to_compute` widens on the device), each timed over
   windows of the same length.
-- Extraction: `cache.benchmark_extraction`: `cache.extract_batch` (body with hidden states, LM head + log-softmax +
+- Extraction: `bench.benchmark_extraction`: `cache.extract_batch` (body with hidden states, LM head + log-softmax +
   top-k + tail in chunks, one hidden layer copied out) vs `model(input_ids)` computing the full logits, same batch.
 - Memory: `cache.topk_chunked` vs full fp32 logits + log-softmax + top-k, torch's tensor peak (profiler memory events
   on CPU, `torch.cuda.max_memory_allocated` on GPU) over the B x T x V x 4 bytes of the logits. On CPU the detail adds
-  the resident-set peak of each in a fresh process (`cache.topk_peak_memory`), which includes glibc's heap policy.
-- KD steps: `train.step_time_ratios` (`_loss_step` + backward + AdamW per variant on the same batch) vs CE only.
+  the resident-set peak of each in a fresh process (`bench.topk_peak_memory`), which includes glibc's heap policy.
+- KD steps: `bench.step_time_ratios` (`train._loss_step` + backward + AdamW per variant on the same batch) vs CE only.
 - FLOP/s: model FLOPs (2 x matmul weights x tokens + 4 x layers x T x hidden x tokens) per second of the bare
   forward over the FLOP/s of a square GEMM in the model's dtype timed right after it (median over repeats).
 - Slurm: five trivial chained jobs (`afterok`), submit to last completion, through `pipeline.slurm`.

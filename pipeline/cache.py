@@ -40,8 +40,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -60,7 +58,6 @@ from pipeline.config import CacheConfig, Config, ConfigError, model_identity, se
 from pipeline.config import load as load_config
 from pipeline.jsonlog import JsonLogger
 from pipeline.rundir import (
-    REPO,
     PipelineError,
     RunDir,
     StageContext,
@@ -186,36 +183,36 @@ def extract_batch(
     model: torch.nn.Module,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
-    spec: Extraction,
+    extraction: Extraction,
     uniforms: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """One teacher pass over [B, T] rows -> CPU tensors: topk_logprobs/topk_ids [B,T,k], tail_logmass [B,T],
-    ``hidden_<i>`` [B,Tsub,H] in the storage dtype, embed [B,H] fp32; with ``spec.draws``, sampled_ids and
+    ``hidden_<i>`` [B,Tsub,H] in the storage dtype, embed [B,H] fp32; with ``extraction.draws``, sampled_ids and
     sampled_weights [B,T,n] drawn at ``uniforms`` [B,T,n] (``sampling.row_uniforms`` of these rows)."""
     body, lm_head = model.get_decoder(), model.get_output_embeddings()
     inputs = input_ids.to(model.get_input_embeddings().weight.device)
     mask = attention_mask.to(inputs.device)
-    wanted = set(spec.hidden_layers) | ({spec.embed_layer} if spec.embed_layer is not None else set())
+    wanted = set(extraction.hidden_layers) | ({extraction.embed_layer} if extraction.embed_layer is not None else set())
     with capture_hidden_states(body, wanted) as states:
         out = body(input_ids=inputs, attention_mask=mask, use_cache=False)
     states[len(decoder_layers(body))] = out.last_hidden_state  # hidden_states[L] is post-norm
     batch, seq_len = input_ids.shape
     final = out.last_hidden_state.to(lm_head.weight.device).reshape(batch * seq_len, -1)
+    head = (extraction.top_k, extraction.temperature, extraction.logits_chunk)
     drawn: list[tuple[torch.Tensor, torch.Tensor]] = []
     if tp.vocab_sharded(lm_head):
-        if spec.draws:  # validate refuses this config; a direct caller gets the reason
+        if extraction.draws:  # validate refuses this config; a direct caller gets the reason
             raise PipelineError("sampled targets need the whole vocabulary on one process (teacher.tensor_parallel 1)")
-        values, ids, tail = tp.vocab_parallel_topk(final, lm_head, spec.top_k, spec.temperature, spec.logits_chunk)
+        values, ids, tail = tp.vocab_parallel_topk(final, lm_head, *head)
     else:
         flat_uniforms = None if uniforms is None else uniforms.reshape(batch * seq_len, -1).to(final.device)
 
         def draw(start: int, logp: torch.Tensor, top_ids: torch.Tensor) -> None:
-            exclude = top_ids if spec.support == "tail" else None
+            exclude = top_ids if extraction.support == "tail" else None
             u = flat_uniforms[start : start + len(logp)]
-            drawn.append(sampling.draw(logp, u, proposal_temperature=spec.proposal_temperature, exclude=exclude))
+            drawn.append(sampling.draw(logp, u, proposal_temperature=extraction.proposal_temperature, exclude=exclude))
 
-        on_logprobs = draw if spec.draws else None
-        values, ids, tail = topk_chunked(final, lm_head, spec.top_k, spec.temperature, spec.logits_chunk, on_logprobs)
+        values, ids, tail = topk_chunked(final, lm_head, *head, draw if extraction.draws else None)
     floor = cf.LOGPROB_FLOOR
     result = {
         "topk_logprobs": values.clamp_min(floor).reshape(batch, seq_len, -1).cpu(),
@@ -225,13 +222,15 @@ def extract_batch(
     if drawn:
         result["sampled_ids"] = torch.cat([d[0] for d in drawn]).reshape(batch, seq_len, -1).cpu()
         result["sampled_weights"] = torch.cat([d[1] for d in drawn]).reshape(batch, seq_len, -1).cpu()
-    for layer in spec.hidden_layers:
+    for layer in extraction.hidden_layers:
         hidden = states[layer]
-        if spec.positions is not None:
-            hidden = hidden[:, torch.tensor(spec.positions, device=hidden.device)]
-        result[cf.hidden_column(layer)] = hidden.to(spec.hidden_dtype).cpu()
-    if spec.embed_layer is not None:
-        result["embed"] = masked_mean(states[spec.embed_layer], mask.to(states[spec.embed_layer].device)).cpu()
+        if extraction.positions is not None:
+            hidden = hidden[:, torch.tensor(extraction.positions, device=hidden.device)]
+        result[cf.hidden_column(layer)] = hidden.to(extraction.hidden_dtype).cpu()
+    if extraction.embed_layer is not None:
+        result["embed"] = masked_mean(
+            states[extraction.embed_layer], mask.to(states[extraction.embed_layer].device)
+        ).cpu()
     return result
 
 
@@ -255,134 +254,60 @@ def to_columns(parts: list[dict[str, torch.Tensor]], packed: dict[str, Any]) -> 
     return cols
 
 
-# ------------------------------------------------------------------------------------------------ measurement
-def benchmark_extraction(
-    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, spec: Extraction, repeats: int = 3
-) -> dict[str, float]:
-    """Seconds of a bare teacher forward vs :func:`extract_batch` on the same batch and model.
-
-    The bare forward is ``model(input_ids, attention_mask)`` returning full logits (no KV cache, as in the
-    extraction). After one untimed call of each they alternate ``repeats`` times, so background load hits both
-    alike; reported are medians and the spread of the per-repeat ratios."""
-    bare, extract = [], []
-
-    def forward() -> torch.Tensor:
-        return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-
-    def timed(fn: Callable[[], object]) -> float:
-        mdl.synchronize(input_ids.device)
-        start = time.perf_counter()
-        fn()
-        mdl.synchronize(input_ids.device)
-        return time.perf_counter() - start
-
-    with torch.inference_mode():
-        forward(), extract_batch(model, input_ids, attention_mask, spec)
-        for _ in range(repeats):
-            bare.append(timed(forward))
-            extract.append(timed(lambda: extract_batch(model, input_ids, attention_mask, spec)))
-    ratios = sorted(e / b for e, b in zip(extract, bare, strict=True))
-    return {
-        "bare_forward_s": statistics.median(bare),
-        "extraction_s": statistics.median(extract),
-        "overhead_ratio": statistics.median(ratios),
-        "overhead_ratio_min": ratios[0],
-        "overhead_ratio_max": ratios[-1],
-    }
-
-
-def _topk_peak_child(mode: str, positions: int, hidden: int, vocab: int, chunk: int, top_k: int) -> int:
-    """In a fresh process: bytes the resident-set peak rises by while computing top-k (``mode``: chunked/full)."""
-    torch.manual_seed(0)
-    states = torch.randn(positions, hidden)
-    head = torch.nn.Linear(hidden, vocab, bias=False)
-    page = os.sysconf("SC_PAGE_SIZE")
-    with open("/proc/self/statm") as fh:
-        before = int(fh.read().split()[1]) * page
-    with open("/proc/self/clear_refs", "w") as fh:  # "5" resets the peak RSS (VmHWM) to the current RSS
-        fh.write("5")
-    with torch.inference_mode():
-        if mode == "chunked":
-            topk_chunked(states, head, top_k, 1.0, chunk)
-        else:
-            torch.topk(torch.log_softmax(head(states), dim=-1), top_k, dim=-1)
-    with open("/proc/self/status") as fh:
-        peak = next(int(line.split()[1]) * 1024 for line in fh if line.startswith("VmHWM:"))
-    return peak - before
-
-
-def topk_peak_memory(
-    positions: int = 8 * 256, hidden: int = 576, vocab: int = 49152, chunk: int = 128, top_k: int = 16
-) -> dict[str, float]:
-    """Peak extra memory (resident set, Linux) of chunked top-k vs materialised [positions, V] logits, each in a
-    fresh process; ``ratio_to_logits`` compares the chunked peak with positions x V x 4 bytes."""
-
-    def child(mode: str) -> int:
-        code = (
-            "from pipeline.cache import _topk_peak_child; "
-            f"print(_topk_peak_child({mode!r}, {positions}, {hidden}, {vocab}, {chunk}, {top_k}))"
-        )
-        env = {**os.environ, "PYTHONPATH": str(REPO)}
-        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
-        return int(done.stdout.split()[-1])
-
-    chunked, full = child("chunked"), child("full")
-    logits = positions * vocab * 4
-    return {
-        "logits_bytes": float(logits),
-        "chunked_peak_bytes": float(chunked),
-        "full_peak_bytes": float(full),
-        "ratio_to_logits": chunked / logits,
-        "ratio_to_full": chunked / full,
-    }
-
-
 # ------------------------------------------------------------------------------------------------- planning
-def resolve_extraction(ccfg: CacheConfig, tcfg: Any, seq_len: int, seed: int) -> tuple[Extraction, dict[str, Any]]:
-    """The extraction spec and the metadata fields it implies, hidden indices normalised against the teacher's
+def resolve_extraction(
+    cache_settings: CacheConfig, teacher_config: Any, seq_len: int, seed: int
+) -> tuple[Extraction, dict[str, Any]]:
+    """What to extract and the metadata fields it implies, hidden indices normalised against the teacher's
     config (the config rules themselves, ranges included, are ``pipeline.validate``'s and ran at stage start)."""
-    count = validate.num_hidden_states(tcfg)
-    layers = [validate.hidden_index(i, count, f"cache.hidden_layers.{n}") for n, i in enumerate(ccfg.hidden_layers)]
-    embed = None if ccfg.embed_layer is None else validate.hidden_index(ccfg.embed_layer, count, "cache.embed_layer")
-    positions = cf.hidden_positions(seq_len, ccfg.hidden_every_n, ccfg.hidden_fraction, seed)
-    sampled = sampling_meta(ccfg, seed)
-    spec = Extraction(
-        top_k=ccfg.top_k,
-        temperature=ccfg.temperature,
+    count = validate.num_hidden_states(teacher_config)
+    layers = [
+        validate.hidden_index(i, count, f"cache.hidden_layers.{n}") for n, i in enumerate(cache_settings.hidden_layers)
+    ]
+    embed = (
+        None
+        if cache_settings.embed_layer is None
+        else validate.hidden_index(cache_settings.embed_layer, count, "cache.embed_layer")
+    )
+    positions = cf.hidden_positions(seq_len, cache_settings.hidden_every_n, cache_settings.hidden_fraction, seed)
+    sampled = sampling_meta(cache_settings, seed)
+    extraction = Extraction(
+        top_k=cache_settings.top_k,
+        temperature=cache_settings.temperature,
         hidden_layers=layers,
-        hidden_dtype=cf.HIDDEN_DTYPES[ccfg.hidden_dtype],
+        hidden_dtype=cf.HIDDEN_DTYPES[cache_settings.hidden_dtype],
         positions=positions,
         embed_layer=embed,
-        logits_chunk=ccfg.logits_chunk,
-        draws=0 if sampled is None else ccfg.samples,
+        logits_chunk=cache_settings.logits_chunk,
+        draws=0 if sampled is None else cache_settings.samples,
         support=None if sampled is None else sampled["support"],
-        proposal_temperature=ccfg.proposal_temperature,
+        proposal_temperature=cache_settings.proposal_temperature,
     )
     fields = {
-        "top_k": ccfg.top_k,
-        "temperature": ccfg.temperature,
+        "top_k": cache_settings.top_k,
+        "temperature": cache_settings.temperature,
         "hidden_layers": layers,
-        "hidden_dim": int(tcfg.hidden_size),
-        "hidden_dtype": ccfg.hidden_dtype,
+        "hidden_dim": int(teacher_config.hidden_size),
+        "hidden_dtype": cache_settings.hidden_dtype,
         "hidden_positions": positions,
         "hidden_index_convention": mdl.HIDDEN_INDEX_CONVENTION,
         "num_hidden_states": count,
         "embed_layer": embed,
-        "targets": ccfg.targets,
+        "targets": cache_settings.targets,
         "sampling": sampled,
         "seq_len": seq_len,
     }
-    return spec, fields
+    return extraction, fields
 
 
-def sampling_meta(ccfg: CacheConfig, seed: int) -> dict[str, Any] | None:
+def sampling_meta(cache_settings: CacheConfig, seed: int) -> dict[str, Any] | None:
     """The shards' self-description of their sampled columns (None for a top-k-only cache)."""
-    if ccfg.targets == "topk":
+    if cache_settings.targets == "topk":
         return None
     return {
-        "draws": ccfg.samples,
-        "support": "full" if ccfg.targets == "sampled" else "tail",
-        "proposal_temperature": ccfg.proposal_temperature,
+        "draws": cache_settings.samples,
+        "support": "full" if cache_settings.targets == "sampled" else "tail",
+        "proposal_temperature": cache_settings.proposal_temperature,
         "seed": seed,
         "weights": "w_v = (c_v / draws) * p(v) / q(v); q = p^(1/proposal_temperature) renormalised on the support "
         "(full: the vocabulary; tail: the tokens outside the top-k); E[w_v] = p(v)",
@@ -391,7 +316,7 @@ def sampling_meta(ccfg: CacheConfig, seed: int) -> dict[str, Any] | None:
     }
 
 
-def plan_rows(cfg: Config, manifest: dict[str, Any], tcfg: Any) -> list[dict[str, Any]]:
+def plan_rows(cfg: Config, manifest: dict[str, Any], teacher_config: Any) -> list[dict[str, Any]]:
     """Per-column size estimate of the whole cache from the schema (no model forward).
 
     ``raw`` is exact uncompressed bytes; ``est`` assumes what zstd + BYTE_STREAM_SPLIT typically achieve: ids shrink
@@ -399,12 +324,12 @@ def plan_rows(cfg: Config, manifest: dict[str, Any], tcfg: Any) -> list[dict[str
     and SmolLM2 data; real ratios vary, use ``raw`` as the upper bound).
     """
     seq_len = int(manifest["seq_len"])
-    _, fields = resolve_extraction(cfg.cache, tcfg, seq_len, cfg.seed)
+    _, fields = resolve_extraction(cfg.cache, teacher_config, seq_len, cfg.seed)
     meta = {**fields, "rows": 0}
     schema = cf.cache_schema(meta)
     rows = sum(int(manifest["splits"][s]["rows"]) for s in data_format.SPLITS)
     tokens = rows * seq_len
-    id_bytes = max(1, int(np.ceil(np.log2(max(2, int(tcfg.vocab_size))) / 8)))
+    id_bytes = max(1, int(np.ceil(np.log2(max(2, int(teacher_config.vocab_size))) / 8)))
     ratio = {"topk_ids": id_bytes / 4, "topk_logprobs": 0.85, "tail_logmass": 0.85, "input_ids": id_bytes / 4}
     table = []
     for field in schema:
@@ -552,9 +477,9 @@ def run(cfg: Config, rd: RunDir, ctx: StageContext) -> dict[str, float]:
     manifest_dir, cache_dir = rd.stage_dir("manifest"), rd.stage_dir(STAGE)
     manifest = data_format.read_manifest(manifest_dir)
     _check_tokenizer(cfg, manifest, manifest_dir / data_format.MANIFEST_FILE)
-    tcfg = mdl.load_model_config(cfg.teacher, "teacher")
-    tp.check_tensor_parallel(tcfg, cfg.teacher.tensor_parallel)
-    spec, fields = resolve_extraction(cfg.cache, tcfg, int(manifest["seq_len"]), cfg.seed)
+    teacher_config = mdl.load_model_config(cfg.teacher, "teacher")
+    tp.check_tensor_parallel(teacher_config, cfg.teacher.tensor_parallel)
+    extraction, fields = resolve_extraction(cfg.cache, teacher_config, int(manifest["seq_len"]), cfg.seed)
     fingerprint = teacher_fingerprint(cfg)
     index, count = task_split(ctx.args)
     mine = manifest_shards(manifest)[index::count]
@@ -597,7 +522,7 @@ def run(cfg: Config, rd: RunDir, ctx: StageContext) -> dict[str, float]:
             if tp.any_rank(preemption.received() is not None, layout.replica_group):
                 stopped = True
                 break
-            info = cache_one_shard(model, spec, base, split, shard, manifest_dir, cache_dir, cfg, progress,
+            info = cache_one_shard(model, extraction, base, split, shard, manifest_dir, cache_dir, cfg, progress,
                                    write=layout.writer)  # fmt: skip
             if info is not None:
                 signature = shard_signature(cfg, fingerprint, shard["sha256"])
@@ -644,7 +569,7 @@ class Progress:
 
 def cache_one_shard(
     model: torch.nn.Module,
-    spec: Extraction,
+    extraction: Extraction,
     base: dict[str, Any],
     split: str,
     shard: dict[str, Any],
@@ -669,10 +594,11 @@ def cache_one_shard(
         ids = torch.from_numpy(packed["input_ids"][start : start + batch].astype(np.int64))
         mask = torch.from_numpy(packed["attention_mask"][start : start + batch].astype(np.int64))
         uniforms = None
-        if spec.draws:  # per row, from the seed and the shard's content: the same for any batch size or resume
+        if extraction.draws:  # per row, from the seed and the shard's content: the same for any batch size or resume
             rows_here = range(start, start + len(ids))
-            uniforms = torch.from_numpy(sampling.row_uniforms(cfg.seed, key, rows_here, ids.shape[1], spec.draws))
-        parts.append(extract_batch(model, ids, mask, spec, uniforms))
+            draws = sampling.row_uniforms(cfg.seed, key, rows_here, ids.shape[1], extraction.draws)
+            uniforms = torch.from_numpy(draws)
+        parts.append(extract_batch(model, ids, mask, extraction, uniforms))
         progress.add(int(mask.sum()))
     if not write:
         progress.shards_done += 1
@@ -751,9 +677,9 @@ def plan_main(args: argparse.Namespace) -> int:
             rows = cfg.manifest.max_tokens // cfg.manifest.seq_len
             manifest = {"seq_len": cfg.manifest.seq_len, "splits": {"train": {"rows": rows}, "val": {"rows": 0}}}
             source = "manifest.max_tokens (no manifest yet)"
-        tcfg = mdl.load_model_config(cfg.teacher, "teacher")
-        tp.check_tensor_parallel(tcfg, cfg.teacher.tensor_parallel)
-        table = plan_rows(cfg, manifest, tcfg)
+        teacher_config = mdl.load_model_config(cfg.teacher, "teacher")
+        tp.check_tensor_parallel(teacher_config, cfg.teacher.tensor_parallel)
+        table = plan_rows(cfg, manifest, teacher_config)
     except (ConfigError, PipelineError) as err:
         return cli_exit_code(err)
     tokens = sum(int(manifest["splits"][s]["rows"]) for s in data_format.SPLITS) * int(manifest["seq_len"])
@@ -766,7 +692,7 @@ def plan_main(args: argparse.Namespace) -> int:
     hw = tp.Hardware(args.gpu_tflops, args.mfu, args.gpu_gb, args.allreduce_gb_s)
     dtype = cfg.teacher.dtype if cfg.teacher.dtype != "auto" else "bfloat16"  # auto is bf16 on the GPU
     layouts = tp.plan_parallel(
-        tcfg,
+        teacher_config,
         seq_len=int(manifest["seq_len"]),
         batch=cfg.cache.batch_size,
         logits_chunk=cfg.cache.logits_chunk,

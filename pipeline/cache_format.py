@@ -19,13 +19,13 @@ Columns (one row = one packed sequence of T tokens; k = top_k, H = hidden_dim, T
     hidden_<i>      fixed_size_binary[Tsub*H*2]        hidden_states[i] at the stored positions, fp16 or bf16 bytes
     embed           fixed_size_list<float32>[H]        masked mean of hidden_states[embed_layer] over real tokens
 
-Why these encodings (measured, see ``benchmark_reader``): fixed-size types decode to one contiguous numpy buffer;
-list elements are non-nullable (format v2), so Parquet stores no per-value definition levels (the two top-k columns
-decode ~25 % faster than with v1's nullable elements); dictionary encoding is off everywhere (it slows float columns
-and buys nothing on them); the id and log-prob leaves use Parquet BYTE_STREAM_SPLIT so zstd sees the (mostly zero)
-high bytes of int32 ids and the fp16 exponents as separate streams (~17 % smaller than plain, and faster to decode);
-hidden states stay fixed_size_binary, which decodes ~2x faster than a float list of the same data. Statistics are
-off (min/max of a multi-MB binary cell is useless). Log-probs below the fp16 range are stored as
+Why these encodings (measured, see ``pipeline.bench.benchmark_reader``): fixed-size types decode to one contiguous
+numpy buffer; list elements are non-nullable (format v2), so Parquet stores no per-value definition levels (the two
+top-k columns decode ~25 % faster than with v1's nullable elements); dictionary encoding is off everywhere (it slows
+float columns and buys nothing on them); the id and log-prob leaves use Parquet BYTE_STREAM_SPLIT so zstd sees the
+(mostly zero) high bytes of int32 ids and the fp16 exponents as separate streams (~17 % smaller than plain, and
+faster to decode); hidden states stay fixed_size_binary, which decodes ~2x faster than a float list of the same data.
+Statistics are off (min/max of a multi-MB binary cell is useless). Log-probs below the fp16 range are stored as
 :data:`LOGPROB_FLOOR` (exp of it is 0), so files never hold infinities; NaN/inf in a file means corruption and the
 reader refuses it naming the file and column.
 
@@ -49,8 +49,6 @@ from __future__ import annotations
 import collections
 import json
 import math
-import statistics
-import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -115,7 +113,7 @@ NONFINITE_MASK = {"float16": 0x7C00, "bfloat16": 0x7F80}
 
 
 def hidden_column(layer: int) -> str:
-    """Parquet column of hidden_states[layer]; the batch key is ``hidden.<layer>``."""
+    """Parquet column of hidden_states[layer], also its key in a :class:`CacheDataset` batch."""
     return f"hidden_{layer}"
 
 
@@ -431,8 +429,9 @@ CONSISTENT_KEYS = (
 )
 
 
-def _column_for_key(key: str, meta: dict[str, Any]) -> str:
-    """``hidden.-1`` / ``hidden.3`` / ``hidden_3`` -> ``hidden_3``; other names unchanged."""
+def stored_column(key: str, meta: dict[str, Any]) -> str:
+    """The stored column a requested name stands for: ``hidden_-1`` / ``hidden_3`` (and the older spelling
+    ``hidden.3``) -> ``hidden_3``, the layer normalised against the cached teacher; other names unchanged."""
     for prefix in ("hidden.", "hidden_"):
         if key.startswith(prefix) and key[len(prefix) :].lstrip("-").isdigit():
             return hidden_column(normalise_layer(int(key[len(prefix) :]), meta))
@@ -473,142 +472,49 @@ def _decode_group(table: pa.Table, path: Path, group: int, meta: dict[str, Any],
     return out
 
 
-class CacheDataset(IterableDataset):
-    """Batches of cached teacher signals as torch tensors, split exactly once over ranks and DataLoader workers.
+class RowSampler:
+    """Which cached rows make each of one rank's batches, epoch by epoch: row ids only, no data.
 
-    Order: for epoch ``e`` a generator seeded by ``(seed, e)`` permutes the shard order, then displaces every row by
-    a random amount below ``shuffle_buffer`` (argsort of ``position + U(0, shuffle_buffer)``), a vectorised,
-    index-only equivalent of a shuffle buffer that keeps reads local. The epoch order is cut into global batches of
-    ``batch_size`` rows; global batch ``g`` goes to rank ``g % world_size`` (ranks' counts differ by at most one
-    batch; the last batch of an epoch may be short). A rank's batch stream (epochs chained when ``infinite``) is
-    dealt round-robin to its DataLoader workers starting at the resume point, which is exactly the order in which a
-    ``DataLoader(ds, batch_size=None, num_workers=W)`` returns them — so ``start_from(epoch, batches_consumed)``
-    with the number of batches the DataLoader has yielded reproduces the remaining sequence exactly.
-
-    Use ``batch_size=None`` in the DataLoader and ``persistent_workers=False`` (workers copy the dataset, including
-    its epoch, when an iterator is created). Each batch dict also holds ``epoch`` and ``batch_index`` (position in
-    this rank's epoch): resume with ``start_from(epoch, batch_index + 1)``. Tensors are in the stored dtypes
-    (int32 ids, int8 mask, fp16 log-probs and tail, fp16/bf16 hidden states as ``hidden.<i>``, float32 embed,
-    int64 sample_id): move and widen them with :func:`to_compute`.
-
-    Rows are read lazily per Parquet row group, only for the requested columns, and ``cached_row_groups`` decoded
-    groups stay resident per worker (LRU; more when one batch spans more groups). When row groups are smaller than
-    the window a batch is drawn from (``batch_size + shuffle_buffer`` rows), most batches span several groups, so
-    each group is copied into an arena and a batch is one ``np.take`` per column whatever the number of groups it
-    touches; otherwise, and for rows wider than :data:`ARENA_MAX_ROW_BYTES`, a batch is gathered straight from
-    the decoded groups (measured on one 256-row group: ~12 % more tokens/s than copying it; on 64-row groups with a
-    256-row window the arena is ~25 % faster). Each consumer reads the row groups its rows fall in, so I/O grows
-    with ranks x workers for wide shuffle windows.
+    Rows are numbered globally in file order. For epoch ``e`` a generator seeded by ``(seed, e)`` permutes the file
+    order, then displaces every row by a random amount below ``shuffle_buffer`` (argsort of ``position +
+    U(0, shuffle_buffer)``), a vectorised, index-only equivalent of a shuffle buffer that keeps reads local. The
+    epoch order is cut into global batches of ``batch_size`` rows; global batch ``g`` goes to rank
+    ``g % world_size`` (ranks' counts differ by at most one batch; the last batch of an epoch may be short).
     """
 
     def __init__(
         self,
-        files: Sequence[Path],
+        file_rows: Sequence[int],
         *,
         batch_size: int,
-        seed: int = 0,
-        shuffle: bool = True,
-        shuffle_buffer: int = 256,
-        rank: int = 0,
-        world_size: int = 1,
-        columns: Sequence[str] | None = None,
-        infinite: bool = False,
-        memory_map: bool = False,
-        check_finite: bool = True,
-        cached_row_groups: int = 4,
+        seed: int,
+        shuffle: bool,
+        shuffle_buffer: int,
+        rank: int,
+        world_size: int,
+        infinite: bool,
     ) -> None:
-        super().__init__()
-        if not files:
-            raise PipelineError("CacheDataset: no cache shards given (is the cache split empty?)")
-        if batch_size <= 0 or not 0 <= rank < world_size or shuffle_buffer < 0:
-            raise ValueError(f"batch_size={batch_size}, rank={rank}/{world_size}, shuffle_buffer={shuffle_buffer}")
-        self.files = [Path(f) for f in files]
-        self.metas, self.footers = map(list, zip(*(_read_footer(f) for f in self.files), strict=True))
-        first = self.metas[0]
-        for meta in self.metas[1:]:
-            for key in CONSISTENT_KEYS:
-                if meta[key] != first[key]:
-                    raise PipelineError(
-                        f"{meta['path']}: {key}={meta[key]!r} differs from {first['path']} ({first[key]!r}); "
-                        "shards from different cache runs cannot be mixed"
-                    )
-        self.meta = first
-        available = list(BASE_COLUMNS) + optional_columns(first)
-        wanted = available if columns is None else [_column_for_key(c, first) for c in columns if c != "epoch"]
-        for name in wanted:
-            if name not in available:
-                raise PipelineError(f"{first['path']}: requested column {name!r} not in the cache (has {available})")
-        self.columns = ["sample_id"] + [c for c in dict.fromkeys(wanted) if c != "sample_id"]
         self.batch_size, self.seed, self.shuffle, self.shuffle_buffer = batch_size, seed, shuffle, shuffle_buffer
         self.rank, self.world_size, self.infinite = rank, world_size, infinite
-        self.memory_map, self.check_finite, self.cached_row_groups = memory_map, check_finite, cached_row_groups
-        self.file_offsets = np.concatenate([[0], np.cumsum([m["rows"] for m in self.metas])]).astype(np.int64)
-        # every row group of every file numbered in file order: global row -> (group number, first row of it)
-        self.group_keys = [(f, g) for f, m in enumerate(self.metas) for g in range(len(m["row_groups"]))]
-        group_rows = np.array([n for m in self.metas for n in m["row_groups"]], dtype=np.int64)
-        self.group_first_row = np.concatenate([[0], np.cumsum(group_rows)[:-1]]).astype(np.int64)
-        # 4 bytes per row (epoch_order holds 8): ~2 % faster per batch than a searchsorted
-        self.row_group = np.repeat(np.arange(len(group_rows), dtype=np.int32), group_rows)
+        self.file_offsets = np.concatenate([[0], np.cumsum(file_rows)]).astype(np.int64)  # file -> its first row
         self.num_rows = int(self.file_offsets[-1])
-        self.slot_rows = int(group_rows.max()) if len(group_rows) else 1
-        self.direct = self.slot_rows >= batch_size + (shuffle_buffer if shuffle else 0)  # no arena (see above)
-        self._convert = [self._conversion(name) for name in self.columns]
-        positions = first["hidden_positions"]
-        self._hidden_positions = None
-        if positions is not None and any(name.startswith("hidden_") for name in self.columns):
-            self._hidden_positions = torch.tensor(positions, dtype=torch.long)
-        global_batches = math.ceil(self.num_rows / batch_size)
-        self.batches_per_epoch = len(range(rank, global_batches, world_size))
-        if infinite and self.batches_per_epoch == 0:
-            raise PipelineError(
-                f"{first['path']}: {self.num_rows} cached rows make {global_batches} batches of {batch_size}, "
-                f"fewer than world_size={world_size}; use a smaller batch or more data"
-            )
-        self.epoch, self.start_batch = 0, 0
-        self._reset_state()
+        self.global_batches = math.ceil(self.num_rows / batch_size)
+        self.batches_per_epoch = len(range(rank, self.global_batches, world_size))
+        self._forget_order()
 
-    def _conversion(self, name: str) -> tuple[str, str, torch.dtype | None]:
-        """(column, batch key, dtype to view the stored 2-byte patterns as, for hidden states) of one column."""
-        if name.startswith("hidden_"):
-            return name, "hidden." + name[len("hidden_") :], HIDDEN_DTYPES[self.meta["hidden_dtype"]]
-        return name, name, None
-
-    def _reset_state(self) -> None:
+    def _forget_order(self) -> None:
         self._order_epoch: int | None = None
         self._order = np.zeros(0, np.int64)
-        self._handles: dict[int, pq.ParquetFile] = {}
-        self._arena: dict[str, np.ndarray] = {}  # column -> [slots * slot_rows, ...] decoded rows
-        self._direct: dict[str, dict[int, np.ndarray]] = {}  # column -> slot -> decoded row group (no arena)
-        self._slots = self.cached_row_groups
-        self._lru: collections.OrderedDict[int, int] = collections.OrderedDict()  # group number -> slot
-        self._slot_start = np.full(len(self.group_keys), -1, dtype=np.int64)  # group number -> first arena row
 
-    def __getstate__(self) -> dict[str, Any]:
+    def __getstate__(self) -> dict[str, Any]:  # DataLoader workers recompute the order (8 bytes per row)
         state = dict(self.__dict__)
-        for key in ("_order_epoch", "_order", "_handles", "_arena", "_direct", "_slots", "_lru", "_slot_start"):
-            del state[key]
+        del state["_order_epoch"], state["_order"]
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-        self._reset_state()
+        self._forget_order()
 
-    # ------------------------------------------------------------------ position
-    def set_epoch(self, epoch: int) -> None:
-        """Start the next iteration at the beginning of ``epoch``."""
-        self.start_from(epoch, 0)
-
-    def start_from(self, epoch: int, batches_consumed: int) -> None:
-        """Resume: the next iteration yields this rank's batch ``batches_consumed`` of ``epoch`` onwards."""
-        if epoch < 0 or batches_consumed < 0:
-            raise ValueError(f"start_from({epoch}, {batches_consumed}): expected non-negative values")
-        self.epoch, self.start_batch = int(epoch), int(batches_consumed)
-
-    def __len__(self) -> int:
-        """Batches per epoch on this rank (for finite iteration from the start of an epoch)."""
-        return self.batches_per_epoch
-
-    # ------------------------------------------------------------------ order (indices only, no data)
     def epoch_order(self, epoch: int) -> np.ndarray:
         """Global row ids of ``epoch`` in reading order (all ranks); cheap, cached for the current epoch."""
         if self._order_epoch == epoch:
@@ -617,7 +523,7 @@ class CacheDataset(IterableDataset):
             order = np.arange(self.num_rows, dtype=np.int64)
         else:
             rng = np.random.default_rng([self.seed, epoch])
-            perm = rng.permutation(len(self.files))
+            perm = rng.permutation(len(self.file_offsets) - 1)
             stream = np.concatenate([np.arange(self.file_offsets[f], self.file_offsets[f + 1]) for f in perm])
             keys = np.arange(self.num_rows) + rng.random(self.num_rows) * self.shuffle_buffer
             order = stream[np.argsort(keys, kind="stable")]
@@ -629,9 +535,10 @@ class CacheDataset(IterableDataset):
         g = batch_index * self.world_size + self.rank
         return self.epoch_order(epoch)[g * self.batch_size : (g + 1) * self.batch_size]
 
-    def _schedule(self, worker: int, workers: int) -> Iterator[tuple[int, int]]:
-        """(epoch, batch_index) pairs for one worker: round-robin from the resume point, epochs chained."""
-        epoch, index, position = self.epoch, self.start_batch, 0
+    def schedule(self, epoch: int, start_batch: int, worker: int, workers: int) -> Iterator[tuple[int, int]]:
+        """(epoch, batch_index) pairs of one DataLoader worker: this rank's batches from ``start_batch`` of
+        ``epoch`` on, dealt round-robin to ``workers`` (epochs chained when ``infinite``)."""
+        index, position = start_batch, 0
         while True:
             if index >= self.batches_per_epoch:
                 if not self.infinite:
@@ -643,13 +550,87 @@ class CacheDataset(IterableDataset):
             position += 1
             index += 1
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        for epoch, index in self._schedule(worker, workers):
-            yield self._batch(self.batch_rows(epoch, index), epoch, index)
 
-    # ------------------------------------------------------------------ data
+class RowGroupArena:
+    """Decoded Parquet row groups of a set of cache shards kept resident per consumer, and the gather of any rows
+    from them: the data side of :class:`CacheDataset`.
+
+    Row groups are read lazily, only for ``columns``, and ``cached_row_groups`` decoded groups stay resident (LRU;
+    more when one batch spans more groups). When row groups are smaller than the window a batch is drawn from
+    (``window`` rows: batch plus shuffle buffer), most batches span several groups, so each group is copied into an
+    arena and a batch is one ``np.take`` per column whatever the number of groups it touches; otherwise, and for
+    rows wider than :data:`ARENA_MAX_ROW_BYTES`, a batch is gathered straight from the decoded groups (measured on
+    one 256-row group: ~12 % more tokens/s than copying it; on 64-row groups with a 256-row window the arena is
+    ~25 % faster). Open files and decoded groups are per process: a pickled copy (a DataLoader worker) starts empty.
+    """
+
+    def __init__(
+        self,
+        files: Sequence[Path],
+        footers: Sequence[pq.FileMetaData],
+        metas: Sequence[dict[str, Any]],
+        columns: Sequence[str],
+        *,
+        window: int,
+        memory_map: bool,
+        check_finite: bool,
+        cached_row_groups: int,
+    ) -> None:
+        self.files, self.footers, self.meta, self.columns = list(files), list(footers), metas[0], list(columns)
+        self.memory_map, self.check_finite, self.cached_row_groups = memory_map, check_finite, cached_row_groups
+        # every row group of every file numbered in file order: global row -> (group number, first row of it)
+        self.group_keys = [(f, g) for f, m in enumerate(metas) for g in range(len(m["row_groups"]))]
+        group_rows = np.array([n for m in metas for n in m["row_groups"]], dtype=np.int64)
+        self.group_first_row = np.concatenate([[0], np.cumsum(group_rows)[:-1]]).astype(np.int64)
+        # 4 bytes per row (epoch_order holds 8): ~2 % faster per batch than a searchsorted
+        self.row_group = np.repeat(np.arange(len(group_rows), dtype=np.int32), group_rows)
+        self.slot_rows = int(group_rows.max()) if len(group_rows) else 1
+        self.direct = self.slot_rows >= window  # no arena (see above)
+        self._reset_state()
+
+    def _reset_state(self) -> None:
+        self._handles: dict[int, pq.ParquetFile] = {}
+        self._arena: dict[str, np.ndarray] = {}  # column -> [slots * slot_rows, ...] decoded rows
+        self._direct: dict[str, dict[int, np.ndarray]] = {}  # column -> slot -> decoded row group (no arena)
+        self._slots = self.cached_row_groups
+        self._lru: collections.OrderedDict[int, int] = collections.OrderedDict()  # group number -> slot
+        self._slot_start = np.full(len(self.group_keys), -1, dtype=np.int64)  # group number -> first arena row
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        for key in ("_handles", "_arena", "_direct", "_slots", "_lru", "_slot_start"):
+            del state[key]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._reset_state()
+
+    def gather(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+        """{column: values of ``rows`` (global ids) in that order}: one ``np.take`` per column from the arena (or
+        one per group touched, straight from the decoded groups), in the stored dtypes."""
+        groups = self.row_group[rows]
+        needed = sorted(set(groups.tolist()))
+        if len(needed) > self._slots:
+            self._grow(len(needed))
+        missing = []
+        for number in needed:  # resident ones first become the most recent, so loading the rest cannot evict them
+            if number in self._lru:
+                self._lru.move_to_end(number)
+            else:
+                missing.append(number)
+        for number in missing:
+            self._load(number)
+        local = rows - self.group_first_row[groups]
+        take = self._slot_start[groups] + local
+        out = {}
+        for name in self.columns:
+            if name in self._direct:
+                out[name] = self._gather_direct(self._direct[name], groups, local, needed)
+            else:
+                out[name] = self._arena[name].take(take, axis=0)
+        return out
+
     def _load(self, number: int) -> None:
         """Read and decode row group ``number`` (file order) into the arena slot of the least recently used group."""
         file, group = self.group_keys[number]
@@ -703,32 +684,125 @@ class CacheDataset(IterableDataset):
             out[where] = slots[self._lru[number]][local[where]]
         return out
 
+
+class CacheDataset(IterableDataset):
+    """Batches of cached teacher signals as torch tensors, split exactly once over ranks and DataLoader workers.
+
+    The torch side of the reader: it checks the shards belong together and hold the requested columns, asks a
+    :class:`RowSampler` which rows make each batch and a :class:`RowGroupArena` for their values, and turns those
+    into tensors. A rank's batch stream (epochs chained when ``infinite``) is dealt round-robin to its DataLoader
+    workers starting at the resume point, which is exactly the order in which a ``DataLoader(ds, batch_size=None,
+    num_workers=W)`` returns them — so ``start_from(epoch, batches_consumed)`` with the number of batches the
+    DataLoader has yielded reproduces the remaining sequence exactly.
+
+    Use ``batch_size=None`` in the DataLoader and ``persistent_workers=False`` (workers copy the dataset, including
+    its epoch, when an iterator is created). Each batch dict also holds ``epoch`` and ``batch_index`` (position in
+    this rank's epoch): resume with ``start_from(epoch, batch_index + 1)``. Tensors are in the stored dtypes
+    (int32 ids, int8 mask, fp16 log-probs and tail, fp16/bf16 hidden states as ``hidden_<i>``, float32 embed,
+    int64 sample_id): move and widen them with :func:`to_compute`. Each consumer reads the row groups its rows fall
+    in, so I/O grows with ranks x workers for wide shuffle windows.
+    """
+
+    def __init__(
+        self,
+        files: Sequence[Path],
+        *,
+        batch_size: int,
+        seed: int = 0,
+        shuffle: bool = True,
+        shuffle_buffer: int = 256,
+        rank: int = 0,
+        world_size: int = 1,
+        columns: Sequence[str] | None = None,
+        infinite: bool = False,
+        memory_map: bool = False,
+        check_finite: bool = True,
+        cached_row_groups: int = 4,
+    ) -> None:
+        super().__init__()
+        if not files:
+            raise PipelineError("CacheDataset: no cache shards given (is the cache split empty?)")
+        if batch_size <= 0 or not 0 <= rank < world_size or shuffle_buffer < 0:
+            raise ValueError(f"batch_size={batch_size}, rank={rank}/{world_size}, shuffle_buffer={shuffle_buffer}")
+        self.files = [Path(f) for f in files]
+        metas, footers = map(list, zip(*(_read_footer(f) for f in self.files), strict=True))
+        first = metas[0]
+        for meta in metas[1:]:
+            for key in CONSISTENT_KEYS:
+                if meta[key] != first[key]:
+                    raise PipelineError(
+                        f"{meta['path']}: {key}={meta[key]!r} differs from {first['path']} ({first[key]!r}); "
+                        "shards from different cache runs cannot be mixed"
+                    )
+        self.meta = first
+        available = list(BASE_COLUMNS) + optional_columns(first)
+        wanted = available if columns is None else [stored_column(c, first) for c in columns if c != "epoch"]
+        for name in wanted:
+            if name not in available:
+                raise PipelineError(f"{first['path']}: requested column {name!r} not in the cache (has {available})")
+        self.columns = ["sample_id"] + [c for c in dict.fromkeys(wanted) if c != "sample_id"]
+        self.sampler = RowSampler(
+            [m["rows"] for m in metas],
+            batch_size=batch_size,
+            seed=seed,
+            shuffle=shuffle,
+            shuffle_buffer=shuffle_buffer,
+            rank=rank,
+            world_size=world_size,
+            infinite=infinite,
+        )
+        if infinite and self.sampler.batches_per_epoch == 0:
+            raise PipelineError(
+                f"{first['path']}: {self.sampler.num_rows} cached rows make {self.sampler.global_batches} batches of "
+                f"{batch_size}, fewer than world_size={world_size}; use a smaller batch or more data"
+            )
+        self.arena = RowGroupArena(
+            self.files,
+            footers,
+            metas,
+            self.columns,
+            window=batch_size + (shuffle_buffer if shuffle else 0),
+            memory_map=memory_map,
+            check_finite=check_finite,
+            cached_row_groups=cached_row_groups,
+        )
+        # hidden states are stored as 2-byte patterns: viewed as the cached dtype, no copy
+        hidden_dtype = HIDDEN_DTYPES[self.meta["hidden_dtype"]]
+        self._views = {name: hidden_dtype if name.startswith("hidden_") else None for name in self.columns}
+        positions = first["hidden_positions"]
+        self._hidden_positions = None
+        if positions is not None and any(name.startswith("hidden_") for name in self.columns):
+            self._hidden_positions = torch.tensor(positions, dtype=torch.long)
+        self.epoch, self.start_batch = 0, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start the next iteration at the beginning of ``epoch``."""
+        self.start_from(epoch, 0)
+
+    def start_from(self, epoch: int, batches_consumed: int) -> None:
+        """Resume: the next iteration yields this rank's batch ``batches_consumed`` of ``epoch`` onwards."""
+        if epoch < 0 or batches_consumed < 0:
+            raise ValueError(f"start_from({epoch}, {batches_consumed}): expected non-negative values")
+        self.epoch, self.start_batch = int(epoch), int(batches_consumed)
+
+    def __len__(self) -> int:
+        """Batches per epoch on this rank (for finite iteration from the start of an epoch)."""
+        return self.sampler.batches_per_epoch
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        for epoch, index in self.sampler.schedule(self.epoch, self.start_batch, worker, workers):
+            yield self._batch(self.sampler.batch_rows(epoch, index), epoch, index)
+
     def _batch(self, rows: np.ndarray, epoch: int, index: int) -> dict[str, Any]:
-        """Gather ``rows`` (global ids, batch order): one ``np.take`` per column from the arena (or one per group
-        touched, straight from the decoded groups), shared with torch by ``from_numpy``; no dtype conversion here
-        (see :func:`to_compute`)."""
-        groups = self.row_group[rows]
-        needed = sorted(set(groups.tolist()))
-        if len(needed) > self._slots:
-            self._grow(len(needed))
-        missing = []
-        for number in needed:  # resident ones first become the most recent, so loading the rest cannot evict them
-            if number in self._lru:
-                self._lru.move_to_end(number)
-            else:
-                missing.append(number)
-        for number in missing:
-            self._load(number)
-        local = rows - self.group_first_row[groups]
-        take = self._slot_start[groups] + local
+        """The tensors of ``rows`` (global ids, batch order), shared with the gathered arrays by ``from_numpy``; no
+        dtype conversion here (see :func:`to_compute`) beyond viewing 2-byte hidden patterns as fp16/bf16."""
+        values = self.arena.gather(rows)
         batch: dict[str, Any] = {}
-        for name, key, view in self._convert:
-            if name in self._direct:
-                values = self._gather_direct(self._direct[name], groups, local, needed)
-            else:
-                values = self._arena[name].take(take, axis=0)
-            tensor = torch.from_numpy(values)
-            batch[key] = tensor if view is None else tensor.view(view)
+        for name, view in self._views.items():
+            tensor = torch.from_numpy(values[name])
+            batch[name] = tensor if view is None else tensor.view(view)
         if self._hidden_positions is not None:
             batch["hidden_positions"] = self._hidden_positions.clone()
         batch["epoch"], batch["batch_index"] = epoch, index
@@ -749,93 +823,3 @@ def to_compute(batch: dict[str, Any], device: torch.device | str) -> dict[str, A
             value = value if wide is None else value.to(wide)
         out[key] = value
     return out
-
-
-# ------------------------------------------------------------------------------------------------ measurement
-def rowwise_read(files: Sequence[Path], columns: Sequence[str]) -> int:
-    """Baseline reader: every row through ``to_pydict`` Python lists into tensors of the stored dtypes (what
-    :class:`CacheDataset` yields), one tensor per row and column; returns tokens read."""
-    tokens = 0
-    for path in files:
-        table = pq.read_table(path, columns=list(columns))
-        meta = schema_json(Path(path), table.schema, META_KEY, "cache shard")  # the table's own: no second read
-        dtypes = {}
-        for field in table.schema:
-            if pa.types.is_fixed_size_list(field.type):
-                dtypes[field.name] = STORED_TORCH_DTYPES[field.type.value_type]
-            elif pa.types.is_fixed_size_binary(field.type):
-                dtypes[field.name] = HIDDEN_DTYPES[meta["hidden_dtype"]]
-            else:
-                dtypes[field.name] = torch.int64
-        data = table.to_pydict()
-        for i in range(table.num_rows):
-            for name in columns:
-                value = data[name][i]
-                if isinstance(value, bytes):
-                    torch.frombuffer(bytearray(value), dtype=dtypes[name])
-                else:
-                    torch.tensor(value, dtype=dtypes[name])
-            tokens += len(data["input_ids"][i]) if "input_ids" in data else 1
-    return tokens
-
-
-def column_bytes_per_token(path: Path) -> dict[str, float]:
-    """Compressed bytes per token of each column of a shard (from the Parquet footer), plus ``total``."""
-    footer = pq.read_metadata(path)
-    meta = _meta_from_schema(Path(path), footer.schema.to_arrow_schema())
-    tokens = footer.num_rows * int(meta["seq_len"])
-    sizes: dict[str, float] = collections.defaultdict(float)
-    for g in range(footer.num_row_groups):
-        group = footer.row_group(g)
-        for c in range(group.num_columns):
-            column = group.column(c)
-            sizes[column.path_in_schema.split(".")[0]] += column.total_compressed_size
-    result = {name: size / tokens for name, size in sizes.items()}
-    result["total"] = Path(path).stat().st_size / tokens
-    return result
-
-
-def benchmark_reader(
-    files: Sequence[Path], *, batch_size: int = 8, columns: Sequence[str] | None = None, repeats: int = 3
-) -> dict[str, float]:
-    """Tokens/s of :class:`CacheDataset` vs :func:`rowwise_read` over the same shards and KD columns, both yielding
-    the stored dtypes, after one untimed pass of each (page cache, lazy imports).
-
-    Each repeat times one row-wise pass, then fresh datasets (footers read, every row group read and decoded again,
-    shuffled) back to back for at least as long: both readers are timed over windows of the same length, so a
-    pass of a few milliseconds is not judged alone right after the other reader has flushed the CPU caches, and
-    timer and scheduler noise weigh on both alike. The two alternate, so background load hits both; reported are
-    medians over ``repeats`` and the spread of the per-repeat speedups."""
-    columns = list(columns or ("input_ids", "attention_mask", "topk_ids", "topk_logprobs", "tail_logmass"))
-    meta = read_cache_meta(files[0])
-    stored = [_column_for_key(c, meta) for c in columns]
-
-    def fast_window(seconds: float) -> float:
-        tokens, start = 0, time.perf_counter()
-        while True:
-            dataset = CacheDataset(files, batch_size=batch_size, columns=columns, shuffle=True)
-            tokens += sum(batch["input_ids"].numel() for batch in dataset)
-            elapsed = time.perf_counter() - start
-            if elapsed >= seconds:
-                return tokens / elapsed
-
-    def rowwise_pass() -> tuple[float, float]:
-        start = time.perf_counter()
-        tokens = rowwise_read(files, stored)
-        elapsed = time.perf_counter() - start
-        return tokens / elapsed, elapsed
-
-    rowwise_pass(), fast_window(0.0)
-    rowwise, fast = [], []
-    for _ in range(repeats):
-        speed, elapsed = rowwise_pass()
-        rowwise.append(speed)
-        fast.append(fast_window(elapsed))
-    ratios = sorted(f / r for f, r in zip(fast, rowwise, strict=True))
-    return {
-        "rowwise_tokens_per_s": statistics.median(rowwise),
-        "dataset_tokens_per_s": statistics.median(fast),
-        "speedup": statistics.median(ratios),
-        "speedup_min": ratios[0],
-        "speedup_max": ratios[-1],
-    }

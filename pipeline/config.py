@@ -83,9 +83,9 @@ class TeacherConfig(ModelConfig):
 EXECUTION_ONLY_MODEL_KEYS = ("tensor_parallel",)
 
 
-def model_identity(spec: ModelConfig) -> dict[str, Any]:
+def model_identity(settings: ModelConfig) -> dict[str, Any]:
     """The model section as hashed into markers and shard signatures (execution-only keys left out)."""
-    return {k: v for k, v in dataclasses.asdict(spec).items() if k not in EXECUTION_ONLY_MODEL_KEYS}
+    return {k: v for k, v in dataclasses.asdict(settings).items() if k not in EXECUTION_ONLY_MODEL_KEYS}
 
 
 # ------------------------------------------------------------------------------------------------- manifest

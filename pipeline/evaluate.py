@@ -283,7 +283,7 @@ def git_hash() -> str | None:
     return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
-def model_spec(cfg: Config, rd: RunDir, unit: str) -> tuple[ModelConfig, int | None]:
+def evaluated_model(cfg: Config, rd: RunDir, unit: str) -> tuple[ModelConfig, int | None]:
     """The model to load for a unit and its training step (None for the teacher)."""
     if unit == TEACHER:
         # evaluate is one process: a teacher the cache split over several GPUs is spread over the job's GPUs here
@@ -297,8 +297,8 @@ def model_spec(cfg: Config, rd: RunDir, unit: str) -> tuple[ModelConfig, int | N
         step = int(json.loads(summary_path.read_text())["steps"])
     except (OSError, ValueError, KeyError, TypeError):
         step = None
-    spec = dataclasses.replace(cfg.student, name_or_path=str(final), tokenizer=None, revision=None, gguf_file=None)
-    return spec, step
+    settings = dataclasses.replace(cfg.student, name_or_path=str(final), tokenizer=None, revision=None, gguf_file=None)
+    return settings, step
 
 
 # ------------------------------------------------------------------------------------------------------ stage
@@ -306,14 +306,14 @@ def run(cfg: Config, rd: RunDir, ctx: StageContext) -> dict[str, float]:
     """Evaluate one model (``ctx.unit``) and write its results.json; returns the intrinsic metrics."""
     unit = ctx.unit or TEACHER
     out = rd.stage_dir("evaluate", unit)
-    spec, step = model_spec(cfg, rd, unit)
+    settings, step = evaluated_model(cfg, rd, unit)
     key = TEACHER if unit == TEACHER else "student"
     started = time.monotonic()
     tasks = task_list(cfg)
     # task names were checked with the config (pipeline.validate) before anything ran
     include = prepare_local_tasks(cfg, rd, load_tokenizer(cfg.teacher)) if tasks and cfg.evaluate.local_tasks else None
-    tokenizer = load_tokenizer(spec, key)
-    model = load_causal_lm(spec, key, device())
+    tokenizer = load_tokenizer(settings, key)
+    model = load_causal_lm(settings, key, device())
     model.eval()
 
     intrinsic = intrinsic_metrics(model, tokenizer, cfg, rd)
@@ -322,12 +322,12 @@ def run(cfg: Config, rd: RunDir, ctx: StageContext) -> dict[str, float]:
     ctx.begin_writes()  # the model loaded and its held-out metrics computed: now replace the earlier result
     lm_eval_info: dict[str, Any] = {}
     if tasks:
-        lm_eval_info = run_lm_eval(model, tokenizer, spec.name_or_path, tasks, cfg, out / "lm_eval", include)
+        lm_eval_info = run_lm_eval(model, tokenizer, settings.name_or_path, tasks, cfg, out / "lm_eval", include)
         ctx.log.info("lm_eval", f"{unit}: {len(lm_eval_info['versions'])} tasks", files=lm_eval_info["files"])
 
     results = {
         "model": unit,
-        "model_path": spec.name_or_path,
+        "model_path": settings.name_or_path,
         "step": step,
         "intrinsic": intrinsic,
         "intrinsic_higher_is_better": {m.name: m.higher_is_better for m in INTRINSIC_METRICS.values()},

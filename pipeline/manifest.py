@@ -135,8 +135,14 @@ def _field_mapping(i: int, src: SourceConfig, columns: list[str], label: str) ->
 
 def _patterns(src: SourceConfig) -> list[str]:
     """The data_files patterns of a source, flattened (a string, a list, or a mapping split -> either)."""
-    spec = src.data_files
-    items = spec if isinstance(spec, list) else list(spec.values()) if isinstance(spec, dict) else [spec]
+    data_files = src.data_files
+    items = (
+        data_files
+        if isinstance(data_files, list)
+        else list(data_files.values())
+        if isinstance(data_files, dict)
+        else [data_files]
+    )
     return [p for item in items if item for p in (item if isinstance(item, list) else [item])]
 
 

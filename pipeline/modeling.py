@@ -48,8 +48,8 @@ def resolve_dtype(name: str, on: torch.device) -> torch.dtype:
     return getattr(torch, name)
 
 
-def _describe_load_error(key: str, spec: ModelConfig, err: Exception) -> PipelineError:
-    where = spec.name_or_path
+def _describe_load_error(key: str, settings: ModelConfig, err: Exception) -> PipelineError:
+    where = settings.name_or_path
     if not Path(where).exists() and "/" not in where.strip("./"):
         hint = "no such local directory"
     elif Path(where).exists():
@@ -59,38 +59,40 @@ def _describe_load_error(key: str, spec: ModelConfig, err: Exception) -> Pipelin
     return PipelineError(f"{key}.name_or_path: cannot load {where!r} ({hint})")
 
 
-def load_model_config(spec: ModelConfig, key: str) -> Any:
+def load_model_config(settings: ModelConfig, key: str) -> Any:
     """The model's ``config.json`` through ``AutoConfig`` (no weights): sizes for the config rules and plans, and the
     hub commit for fingerprints. The one loader of model configs; ``key`` (teacher/student) names the config key in
     the error."""
     from transformers import AutoConfig
 
-    kwargs: dict[str, Any] = {"revision": spec.revision, "trust_remote_code": spec.trust_remote_code}
-    if spec.gguf_file:
-        kwargs["gguf_file"] = spec.gguf_file
+    kwargs: dict[str, Any] = {"revision": settings.revision, "trust_remote_code": settings.trust_remote_code}
+    if settings.gguf_file:
+        kwargs["gguf_file"] = settings.gguf_file
     try:
-        return AutoConfig.from_pretrained(spec.name_or_path, **kwargs)
+        return AutoConfig.from_pretrained(settings.name_or_path, **kwargs)
     except (OSError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise PipelineError(f"{key}.name_or_path: cannot load the config of {spec.name_or_path!r} ({first})") from None
+        raise PipelineError(
+            f"{key}.name_or_path: cannot load the config of {settings.name_or_path!r} ({first})"
+        ) from None
 
 
-def load_tokenizer(spec: ModelConfig, key: str = "teacher") -> Any:
-    """The tokenizer of ``spec`` (``spec.tokenizer`` when set)."""
+def load_tokenizer(settings: ModelConfig, key: str = "teacher") -> Any:
+    """The tokenizer of ``settings`` (``settings.tokenizer`` when set)."""
     from transformers import AutoTokenizer
 
-    source = spec.tokenizer or spec.name_or_path
-    kwargs: dict[str, Any] = {"revision": spec.revision, "trust_remote_code": spec.trust_remote_code}
-    if spec.gguf_file and not spec.tokenizer:
-        kwargs["gguf_file"] = spec.gguf_file
+    source = settings.tokenizer or settings.name_or_path
+    kwargs: dict[str, Any] = {"revision": settings.revision, "trust_remote_code": settings.trust_remote_code}
+    if settings.gguf_file and not settings.tokenizer:
+        kwargs["gguf_file"] = settings.gguf_file
     try:
         return AutoTokenizer.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as err:
-        raise _describe_load_error(key, spec, err) from None
+        raise _describe_load_error(key, settings, err) from None
 
 
 def load_causal_lm(
-    spec: ModelConfig, key: str, on: torch.device | None = None, distributed_config: Any = None
+    settings: ModelConfig, key: str, on: torch.device | None = None, distributed_config: Any = None
 ) -> torch.nn.Module:
     """``AutoModelForCausalLM.from_pretrained`` with the config's dtype and placement.
 
@@ -102,23 +104,23 @@ def load_causal_lm(
 
     on = on or device()
     kwargs: dict[str, Any] = {
-        "revision": spec.revision,
-        "dtype": resolve_dtype(spec.dtype, on),
-        "trust_remote_code": spec.trust_remote_code,
+        "revision": settings.revision,
+        "dtype": resolve_dtype(settings.dtype, on),
+        "trust_remote_code": settings.trust_remote_code,
     }
-    if spec.gguf_file:
-        kwargs["gguf_file"] = spec.gguf_file
-    if spec.attn_implementation:
-        kwargs["attn_implementation"] = spec.attn_implementation
-    if spec.device_map:
-        kwargs["device_map"] = spec.device_map
+    if settings.gguf_file:
+        kwargs["gguf_file"] = settings.gguf_file
+    if settings.attn_implementation:
+        kwargs["attn_implementation"] = settings.attn_implementation
+    if settings.device_map:
+        kwargs["device_map"] = settings.device_map
     if distributed_config is not None:
         kwargs["distributed_config"] = distributed_config
     try:
-        model = AutoModelForCausalLM.from_pretrained(spec.name_or_path, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(settings.name_or_path, **kwargs)
     except (OSError, ValueError) as err:
-        raise _describe_load_error(key, spec, err) from None
-    if not spec.device_map and distributed_config is None:
+        raise _describe_load_error(key, settings, err) from None
+    if not settings.device_map and distributed_config is None:
         model.to(on)
     return model
 
@@ -134,15 +136,15 @@ def vocab_size(tokenizer: Any) -> int:
     return len(tokenizer.get_vocab())
 
 
-def weights_fingerprint(spec: ModelConfig, key: str) -> str:
+def weights_fingerprint(settings: ModelConfig, key: str) -> str:
     """Cheap identity of a checkpoint: for a local directory its config and weight files' sizes plus the first MiB of
     each (reading every byte of a 140 GB teacher to fingerprint it is not worth it), for a hub name the commit its
     revision resolves to in the local cache (``config.json`` only)."""
     digest = hashlib.sha256()
-    digest.update(spec.name_or_path.encode())
-    root = Path(spec.name_or_path)
+    digest.update(settings.name_or_path.encode())
+    root = Path(settings.name_or_path)
     if root.is_dir():
-        names = ("config.json", spec.gguf_file or "")
+        names = ("config.json", settings.gguf_file or "")
         files = sorted(p for p in root.iterdir() if p.suffix in (".safetensors", ".bin", ".gguf") or p.name in names)
         for path in files:
             digest.update(path.name.encode())
@@ -150,6 +152,6 @@ def weights_fingerprint(spec: ModelConfig, key: str) -> str:
             with open(path, "rb") as fh:
                 digest.update(fh.read(1 << 20))
     else:
-        commit = getattr(load_model_config(spec, key), "_commit_hash", None)
-        digest.update(str(commit or spec.revision or "").encode())
+        commit = getattr(load_model_config(settings, key), "_commit_hash", None)
+        digest.update(str(commit or settings.revision or "").encode())
     return digest.hexdigest()[:16]

@@ -140,19 +140,19 @@ def barrier(layout: Layout) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ loading
-def check_tensor_parallel(tcfg: Any, tensor_parallel: int) -> None:
+def check_tensor_parallel(teacher_config: Any, tensor_parallel: int) -> None:
     """Decidable from the teacher's config.json: a TP plan exists and T divides the attention and KV heads."""
     if tensor_parallel == 1:
         return
-    arch = (getattr(tcfg, "architectures", None) or [type(tcfg).__name__])[0]
-    if not getattr(tcfg, "base_model_tp_plan", None):
+    arch = (getattr(teacher_config, "architectures", None) or [type(teacher_config).__name__])[0]
+    if not getattr(teacher_config, "base_model_tp_plan", None):
         raise ConfigError(
             f"teacher.tensor_parallel: {tensor_parallel} needs a tensor-parallel plan, and {arch} has none "
             "(config.base_model_tp_plan); use teacher.tensor_parallel: 1 with teacher.device_map: auto instead"
         )
     heads = {
-        "num_attention_heads": getattr(tcfg, "num_attention_heads", None),
-        "num_key_value_heads": getattr(tcfg, "num_key_value_heads", None),
+        "num_attention_heads": getattr(teacher_config, "num_attention_heads", None),
+        "num_key_value_heads": getattr(teacher_config, "num_key_value_heads", None),
     }
     for name, count in heads.items():
         if count is not None and count % tensor_parallel:
@@ -175,19 +175,19 @@ def _replicas_of_tp(tensor_parallel: int, replicas: int) -> Any:
     return ReplicasOfTP(tp_size=tensor_parallel, dp_replicate_size=replicas)
 
 
-def load_teacher(spec: TeacherConfig, layout: Layout, on: torch.device) -> torch.nn.Module:
+def load_teacher(settings: TeacherConfig, layout: Layout, on: torch.device) -> torch.nn.Module:
     """This rank's teacher: whole (T = 1, on ``on`` or spread by ``device_map``) or its tensor-parallel shards."""
     if layout.tensor_parallel == 1:
-        if spec.device_map and layout.world > 1:
+        if settings.device_map and layout.world > 1:
             raise PipelineError(
-                f"teacher.device_map: {spec.device_map!r} spreads one teacher over every GPU of the process, but "
+                f"teacher.device_map: {settings.device_map!r} spreads one teacher over every GPU of the process, but "
                 f"this task runs {layout.world} processes; use teacher.tensor_parallel (device_map: null) or run "
                 "one process per node"
             )
-        model = mdl.load_causal_lm(spec, "teacher", on)
+        model = mdl.load_causal_lm(settings, "teacher", on)
     else:
         distributed = _replicas_of_tp(layout.tensor_parallel, layout.replicas)
-        model = mdl.load_causal_lm(spec, "teacher", on, distributed_config=distributed)
+        model = mdl.load_causal_lm(settings, "teacher", on, distributed_config=distributed)
     model.eval()
     return model
 
@@ -362,15 +362,15 @@ class Hardware:
     headroom: float = 0.9  # a layout fits when it needs at most this share of the GPU (fragmentation, bigger batches)
 
 
-def teacher_shape(tcfg: Any) -> dict[str, int]:
+def teacher_shape(teacher_config: Any) -> dict[str, int]:
     """Sizes of a Llama-family decoder from its config.json, and its parameter count (embeddings, layers, head)."""
-    hidden, layers = int(tcfg.hidden_size), int(tcfg.num_hidden_layers)
-    heads = int(tcfg.num_attention_heads)
-    kv = int(getattr(tcfg, "num_key_value_heads", None) or heads)
-    head_dim = int(getattr(tcfg, "head_dim", None) or hidden // heads)
-    inter, vocab = int(tcfg.intermediate_size), int(tcfg.vocab_size)
+    hidden, layers = int(teacher_config.hidden_size), int(teacher_config.num_hidden_layers)
+    heads = int(teacher_config.num_attention_heads)
+    kv = int(getattr(teacher_config, "num_key_value_heads", None) or heads)
+    head_dim = int(getattr(teacher_config, "head_dim", None) or hidden // heads)
+    inter, vocab = int(teacher_config.intermediate_size), int(teacher_config.vocab_size)
     per_layer = hidden * head_dim * (2 * heads + 2 * kv) + 3 * hidden * inter + 2 * hidden
-    tied = bool(getattr(tcfg, "tie_word_embeddings", False))
+    tied = bool(getattr(teacher_config, "tie_word_embeddings", False))
     params = vocab * hidden * (1 if tied else 2) + layers * per_layer + hidden
     matmul = params - (0 if tied else vocab * hidden)  # the embedding lookup is no matmul; the LM head is
     return {"hidden": hidden, "layers": layers, "heads": heads, "kv_heads": kv, "head_dim": head_dim,
@@ -378,7 +378,14 @@ def teacher_shape(tcfg: Any) -> dict[str, int]:
 
 
 def plan_parallel(
-    tcfg: Any, *, seq_len: int, batch: int, logits_chunk: int, dtype_bytes: int, gpus_per_node: int, hw: Hardware
+    teacher_config: Any,
+    *,
+    seq_len: int,
+    batch: int,
+    logits_chunk: int,
+    dtype_bytes: int,
+    gpus_per_node: int,
+    hw: Hardware,
 ) -> list[dict[str, Any]]:
     """Per-GPU memory and per-node throughput of the teacher pass for every tensor-parallel size T that divides the
     node's GPUs and the heads, plus ``device_map: auto`` (one copy over the node's GPUs, one GPU busy at a time).
@@ -388,7 +395,7 @@ def plan_parallel(
     time/token  = FLOPs/token / (T x peak x MFU) + two all-reduces per layer of hidden x bytes at 2(T-1)/T / bandwidth
     (transformers' TP does not overlap them). FLOPs/token = 2 x matmul weights + 4 x layers x S x hidden (PaLM).
     A layout fits when it needs at most ``hw.headroom`` of the GPU's memory."""
-    shape = teacher_shape(tcfg)
+    shape = teacher_shape(teacher_config)
     h, layers, inter, vocab = shape["hidden"], shape["layers"], shape["intermediate"], shape["vocab"]
     flops = 2.0 * shape["matmul_params"] + 4.0 * layers * seq_len * h
     positions = batch * seq_len

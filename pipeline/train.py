@@ -66,7 +66,6 @@ from pipeline.modeling import (
     load_causal_lm,
     load_model_config,
     load_tokenizer,
-    synchronize,
     vocab_hash,
     vocab_size,
     weights_fingerprint,
@@ -184,7 +183,7 @@ class LossRecipe:
         if self.needs_sampled:
             cols += list(cache_format.SAMPLED_COLUMNS)
         if self.loss.feature.weight > 0:
-            cols += [f"hidden.{t}" for t in dict.fromkeys(t for _, t in self.feature_pairs)]
+            cols += [cache_format.hidden_column(t) for t in dict.fromkeys(t for _, t in self.feature_pairs)]
         if self.loss.relation.weight > 0:
             cols.append("embed")
         return cols
@@ -345,7 +344,7 @@ def _loss_step(
     if config.feature.weight > 0:
         sub_mask = kd_mask if positions is None else kd_mask[:, positions]
         terms = [
-            losses.feature_distance(proj, batch[f"hidden.{t}"], sub_mask, config.feature.metric)
+            losses.feature_distance(proj, batch[cache_format.hidden_column(t)], sub_mask, config.feature.metric)
             for (_, t), proj in projected.items()
         ]
         components["kd_feature"] = torch.stack(terms).mean()
@@ -975,83 +974,6 @@ def _save_final(acc: Any, model: nn.Module, cfg: Config, tokenizer: Any, out: Pa
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
     acc.wait_for_everyone()
-
-
-# ---------------------------------------------------------------------------------------------------- bench
-def synthetic_batch(
-    vocab: int, batch_size: int, seq_len: int, top_k: int, teacher_dim: int, layers: tuple[int, ...], seed: int = 0
-) -> dict[str, Any]:
-    """A batch shaped like ``CacheDataset``'s (random teacher top-k with a valid tail, hidden states, embeddings)."""
-    gen = torch.Generator().manual_seed(seed)
-    teacher_logits = torch.randn(batch_size, seq_len, vocab, generator=gen) * 3
-    logp = torch.log_softmax(teacher_logits, -1)
-    top, ids = logp.topk(top_k, -1)
-    tail = losses.log1mexp(torch.logsumexp(top, -1))
-    batch = {
-        "input_ids": torch.randint(0, vocab, (batch_size, seq_len), generator=gen),
-        "attention_mask": torch.ones(batch_size, seq_len, dtype=torch.long),
-        "topk_ids": ids,
-        "topk_logprobs": top,
-        "tail_logmass": tail,
-        "embed": torch.randn(batch_size, teacher_dim, generator=gen),
-    }
-    for layer in layers:
-        batch[f"hidden.{layer}"] = torch.randn(batch_size, seq_len, teacher_dim, generator=gen)
-    return batch
-
-
-def step_time_ratios(
-    student: nn.Module,
-    *,
-    batch_size: int = 8,
-    seq_len: int = 128,
-    top_k: int = 32,
-    teacher_dim: int | None = None,
-    repeats: int = 5,
-) -> dict[str, float]:
-    """Seconds per full training step (forward, losses, backward, AdamW) of each KD family vs CE only, on the same
-    batch through the trainer's own ``_loss_step``; returns ``{<name>_s, <name>_ratio}`` for response (the default
-    0.5·CE + 0.5·tail-bucket KL), feature (CE + one projected layer) and relation (CE + RKD), medians of
-    ``repeats`` interleaved runs after one warm-up each. Goals (issue 5): ≤ 1.10, 1.25, 1.10.
-    """
-    from pipeline.config import FeatureKDConfig, RelationKDConfig, ResponseKDConfig
-
-    width = int(student.config.hidden_size)
-    teacher_dim = teacher_dim or 2 * width
-    layer = int(student.config.num_hidden_layers) // 2
-    vocab = int(student.get_output_embeddings().weight.shape[0])
-    recipes = {
-        "ce": LossConfig(),
-        "response": LossConfig(ce_weight=0.5, response=ResponseKDConfig(weight=0.5)),
-        "feature": LossConfig(feature=FeatureKDConfig(weight=1.0, layer_pairs=[[layer, layer]])),
-        "relation": LossConfig(relation=RelationKDConfig(weight=1.0)),
-    }
-    batch = synthetic_batch(vocab, batch_size, seq_len, top_k, teacher_dim, (layer,))
-    on = next(student.parameters()).device
-    batch = cache_format.to_compute(batch, on)
-    runs = {}
-    for name, loss in recipes.items():
-        pairs = [(layer, layer)] if loss.feature.weight > 0 else []
-        recipe = LossRecipe(name, loss, 1.0, pairs, int(student.config.num_hidden_layers))
-        projectors = losses.FeatureProjectors(pairs, width, teacher_dim) if pairs else None
-        model = Distillee(student, projectors).to(on)
-        runs[name] = (model, recipe, torch.optim.AdamW(model.parameters(), lr=1e-6))
-    times: dict[str, list[float]] = {name: [] for name in recipes}
-    for rep in range(repeats + 1):
-        for name, (model, recipe, opt) in runs.items():
-            synchronize(on)
-            t0 = time.perf_counter()
-            total, _, _ = _loss_step(model, batch, recipe, gather=False)
-            total.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            synchronize(on)
-            if rep > 0:  # the first round warms allocators and kernels
-                times[name].append(time.perf_counter() - t0)
-    median = {name: sorted(v)[len(v) // 2] for name, v in times.items()}
-    out = {f"{name}_s": t for name, t in median.items()}
-    out.update({f"{name}_ratio": median[name] / median["ce"] for name in recipes if name != "ce"})
-    return out
 
 
 # ---------------------------------------------------------------------------------------------------- stage

@@ -239,12 +239,12 @@ def _check_tokenizers(cfg: Config, modeling: Any) -> None:
 
 def _check_context(cfg: Config, teacher: Any, student: Any) -> None:
     seq_len = cfg.manifest.seq_len
-    for key, model_config, spec in (("teacher", teacher, cfg.teacher), ("student", student, cfg.student)):
+    for key, model_config, settings in (("teacher", teacher, cfg.teacher), ("student", student, cfg.student)):
         limit = getattr(model_config, "max_position_embeddings", None)
         if limit is not None and seq_len > limit:
             raise ConfigError(
                 f"manifest.seq_len: {seq_len} exceeds the {key}'s max_position_embeddings {limit} "
-                f"({spec.name_or_path}); lower manifest.seq_len"
+                f"({settings.name_or_path}); lower manifest.seq_len"
             )
     vocab = int(teacher.vocab_size)
     rows = getattr(student, "vocab_size", None)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import shutil
 import subprocess
 
@@ -133,3 +134,14 @@ def test_teacher_parallel_rows_compare_dp_and_tp_caches_with_one_process(tmp_pat
     assert by_key["parallel_tp"].status == "pass" and raw["tp"]["within_rounding"]
     assert all(raw["results"][mode]["tokens_per_s"] > 0 for mode in ("single", "dp", "tp"))
     assert raw["results"]["tp"]["processes"] == 2 and "tokens/s" in by_key["parallel_speed"].detail
+
+
+def test_step_time_ratios_measures_every_kd_family(tiny_assets):
+    from transformers import AutoModelForCausalLM
+
+    student = AutoModelForCausalLM.from_pretrained(tiny_assets["student"])
+    result = bench.step_time_ratios(student, batch_size=2, seq_len=16, top_k=4, teacher_dim=64, repeats=1)
+    assert set(result) == {f"{n}_s" for n in ("ce", "response", "feature", "relation")} | {
+        f"{n}_ratio" for n in ("response", "feature", "relation")
+    }
+    assert all(math.isfinite(v) and v > 0 for v in result.values())

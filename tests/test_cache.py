@@ -157,8 +157,8 @@ def test_stage_writes_shards_records_marker_and_reader_feeds_student(run_config,
         assert torch.equal(batch["topk_ids"][rows], ref["topk_ids"])
         assert torch.equal(batch["topk_logprobs"][rows], ref["topk_logprobs"].half().float())
         assert torch.equal(batch["tail_logmass"][rows], ref["tail_logmass"].half().float())
-        assert torch.equal(batch["hidden.1"][rows], ref["hidden_1"].float())
-    assert batch["hidden.3"].shape == (6, 16, 64) and batch["hidden_positions"].tolist() == meta["hidden_positions"]
+        assert torch.equal(batch["hidden_1"][rows], ref["hidden_1"].float())
+    assert batch["hidden_3"].shape == (6, 16, 64) and batch["hidden_positions"].tolist() == meta["hidden_positions"]
     # rerun: the wrapper sees a matching marker and does nothing
     before = shard_bytes(out)
     assert cache.main(["--config", str(config)]) == 0

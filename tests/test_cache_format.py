@@ -104,19 +104,19 @@ def test_round_trip_values_dtypes_and_shapes(tmp_path):
         "topk_ids": torch.int32,
         "topk_logprobs": torch.float16,
         "tail_logmass": torch.float16,
-        "hidden.1": torch.float16,
-        "hidden.3": torch.float16,
+        "hidden_1": torch.float16,
+        "hidden_3": torch.float16,
         "embed": torch.float32,
     }
-    assert got["topk_ids"].shape == (9, T, K) and got["hidden.1"].shape == (9, T, H)
+    assert got["topk_ids"].shape == (9, T, K) and got["hidden_1"].shape == (9, T, H)
     for name in ("sample_id", "input_ids", "attention_mask", "topk_ids", "topk_logprobs", "tail_logmass", "embed"):
         np.testing.assert_array_equal(got[name].numpy(), merged[name])
-    np.testing.assert_array_equal(got["hidden.3"].numpy(), merged["hidden_3"])
+    np.testing.assert_array_equal(got["hidden_3"].numpy(), merged["hidden_3"])
     # to_compute widens on the device: int64 ids and mask, float32 floats, same values; non-tensors pass through
     wide = cf.to_compute({**batches[0], "hidden_positions": torch.arange(3)}, "cpu")
     assert {k: v.dtype for k, v in wide.items() if isinstance(v, torch.Tensor)} == {
         **{k: torch.int64 for k in ("sample_id", "input_ids", "attention_mask", "topk_ids", "hidden_positions")},
-        **{k: torch.float32 for k in ("topk_logprobs", "tail_logmass", "hidden.1", "hidden.3", "embed")},
+        **{k: torch.float32 for k in ("topk_logprobs", "tail_logmass", "hidden_1", "hidden_3", "embed")},
     }
     assert torch.equal(wide["topk_logprobs"], batches[0]["topk_logprobs"].float())
     assert torch.equal(wide["topk_ids"], batches[0]["topk_ids"].long()) and wide["epoch"] == 0
@@ -125,6 +125,23 @@ def test_round_trip_values_dtypes_and_shapes(tmp_path):
     assert meta["row_groups"] == [2, 2, 1] and meta["format_version"] == cf.FORMAT_VERSION
     leaf = pq.ParquetFile(paths[0]).metadata.row_group(0).column(3)
     assert "BYTE_STREAM_SPLIT" in leaf.encodings and not leaf.has_dictionary_page
+
+
+def test_row_sampler_deals_every_row_once_per_epoch_over_ranks_and_workers_from_row_counts_alone():
+    samplers = [
+        cf.RowSampler(
+            [7, 9, 4], batch_size=3, seed=5, shuffle=True, shuffle_buffer=4, rank=rank, world_size=2, infinite=False
+        )  # fmt: skip
+        for rank in range(2)
+    ]
+    for epoch in (0, 1):
+        dealt = [(s, e, i) for s in samplers for worker in range(3) for e, i in s.schedule(epoch, 0, worker, 3)]
+        assert {e for _, e, _ in dealt} == {epoch}
+        rows = np.concatenate([s.batch_rows(e, i) for s, e, i in dealt])
+        assert sorted(rows.tolist()) == list(range(20))
+    assert samplers[0].epoch_order(0).tolist() != samplers[0].epoch_order(1).tolist()
+    assert [s.batches_per_epoch for s in samplers] == [4, 3]  # 20 rows: 7 batches, the last (rank 0's) short
+    assert [len(s.batch_rows(0, s.batches_per_epoch - 1)) for s in samplers] == [2, 3]
 
 
 @pytest.mark.parametrize("mode", ["arena", "wide", "direct"])
@@ -144,24 +161,24 @@ def test_batches_spanning_more_row_groups_than_cached_slots(tmp_path, monkeypatc
         assert sorted(ids) == list(range(16)) and list(ids) != list(range(16))
         for batch in batches:
             rows = batch["sample_id"].numpy()
-            spans.append(len(set(ds.row_group[ds.file_offsets[0] + rows].tolist())))
+            spans.append(len(set(ds.arena.row_group[ds.sampler.file_offsets[0] + rows].tolist())))
             np.testing.assert_array_equal(batch["topk_ids"].numpy(), merged["topk_ids"][rows])
-            np.testing.assert_array_equal(batch["hidden.1"].numpy(), merged["hidden_1"][rows])
+            np.testing.assert_array_equal(batch["hidden_1"].numpy(), merged["hidden_1"][rows])
             np.testing.assert_array_equal(batch["embed"].numpy(), merged["embed"][rows])
-    assert ds._slots > 1 and max(spans) > 1
+    assert ds.arena._slots > 1 and max(spans) > 1
     direct = {"arena": [], "wide": ["hidden_1", "hidden_3", "topk_ids"], "direct": sorted(ds.columns)}[mode]
-    assert ds.direct == (mode == "direct") and sorted(ds._direct) == direct
+    assert ds.arena.direct == (mode == "direct") and sorted(ds.arena._direct) == direct
 
 
 def test_bf16_hidden_subsampled_positions_and_column_selection(tmp_path):
     positions = cf.hidden_positions(T, every_n=2)
     assert positions == [0, 2, 4]
     paths, written = write_shards(tmp_path, [4], hidden_dtype="bfloat16", hidden_positions=positions, embed_layer=None)
-    ds = cf.CacheDataset(paths, batch_size=4, shuffle=False, columns=["topk_logprobs", "hidden.-1"])
+    ds = cf.CacheDataset(paths, batch_size=4, shuffle=False, columns=["topk_logprobs", "hidden_-1"])
     (batch,) = list(ds)
-    assert set(batch) == {"sample_id", "topk_logprobs", "hidden.3", "hidden_positions", "epoch", "batch_index"}
+    assert set(batch) == {"sample_id", "topk_logprobs", "hidden_3", "hidden_positions", "epoch", "batch_index"}
     expected = torch.from_numpy(written[0]["hidden_3"]).view(torch.bfloat16)
-    assert torch.equal(batch["hidden.3"], expected) and batch["hidden.3"].shape == (4, 3, H)
+    assert torch.equal(batch["hidden_3"], expected) and batch["hidden_3"].shape == (4, 3, H)
     assert batch["hidden_positions"].tolist() == positions
     fraction = cf.hidden_positions(100, fraction=0.25, seed=1)
     assert len(fraction) == 25 and fraction == sorted(set(fraction)) == cf.hidden_positions(100, fraction=0.25, seed=1)
@@ -264,7 +281,7 @@ def test_metadata_errors(tmp_path):
     with pytest.raises(PipelineError, match="hidden layer 2 is not cached"):
         cf.validate_for_student(good, vocab_hash="vocabhash", vocab_size=V, need_hidden_layers=[2])
     with pytest.raises(PipelineError, match="requested column 'hidden_2'"):
-        cf.CacheDataset(paths, batch_size=2, columns=["hidden.2"])
+        cf.CacheDataset(paths, batch_size=2, columns=["hidden_2"])
     other, _ = write_shards(tmp_path / "other", [3], top_k=K, teacher_fingerprint="different")
     with pytest.raises(PipelineError, match="teacher_fingerprint.*cannot be mixed"):
         cf.CacheDataset(paths + other, batch_size=2)

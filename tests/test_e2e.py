@@ -89,7 +89,7 @@ def test_cache_mirrors_manifest_with_finite_teacher_signals(run):
         for batch in cache_format.CacheDataset(files, batch_size=4, shuffle=False):
             b, t = batch["input_ids"].shape
             assert t == cfg["manifest"]["seq_len"] and batch["topk_ids"].shape == (b, t, k)
-            assert batch["hidden.1"].shape[0] == b and batch["hidden.1"].shape[-1] == 64  # teacher hidden size
+            assert batch["hidden_1"].shape[0] == b and batch["hidden_1"].shape[-1] == 64  # teacher hidden size
             assert torch.isfinite(batch["topk_logprobs"]).all() and (batch["topk_logprobs"] <= 0).all()
             assert (batch["topk_logprobs"][..., :-1] >= batch["topk_logprobs"][..., 1:]).all(), "top-k sorted"
             assert (batch["tail_logmass"] <= 0).all() and batch["embed"].shape == (b, 64)

@@ -138,7 +138,7 @@ def test_evaluate_stage_end_to_end(upstream, capsys):
         res = json.loads((mdir / "results.json").read_text())
         assert (mdir / "_COMPLETE.json").exists() and (mdir / "config.yaml").exists()
         assert res["step"] == (None if model == "teacher" else 6)
-        assert res["task_versions"]["kd_heldout_mc"] == 1.0 and res["limits"]["kd_heldout_mc"] == 6
+        assert res["task_versions"]["kd_heldout_mc"] == 2.0 and res["limits"]["kd_heldout_mc"] == 6
         assert set(res["provenance"]["packages"]) >= {"torch", "transformers", "lm_eval", "datasets"}
         assert res["provenance"]["git_hash"] and res["provenance"]["config_hash"]
         (result_file,) = res["lm_eval_files"]

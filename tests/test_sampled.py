@@ -289,8 +289,8 @@ def test_extraction_draws_equal_a_draw_on_the_full_logits(tiny_assets, support):
     exclude = logp.topk(8, -1).indices if support == "tail" else None
     want_ids, want_w = sampling.draw(logp, u.reshape(40, 16), exclude=exclude)
     for chunk in (40, 7):
-        spec = cache.Extraction(8, 1.0, [], torch.float16, None, None, chunk, draws=16, support=support)
-        got = cache.extract_batch(model, ids, mask, spec, u)
+        extraction = cache.Extraction(8, 1.0, [], torch.float16, None, None, chunk, draws=16, support=support)
+        got = cache.extract_batch(model, ids, mask, extraction, u)
         assert torch.equal(got["sampled_ids"].reshape(40, 16), want_ids)
         torch.testing.assert_close(got["sampled_weights"].reshape(40, 16), want_w, rtol=1e-5, atol=0)
         if support == "tail":
@@ -318,10 +318,10 @@ def test_stage_stores_self_described_draws_that_the_reader_yields(run_config, ti
     model = load_causal_lm(ModelConfig(name_or_path=str(tiny_assets["teacher"])), "teacher", torch.device("cpu"))
     rows = cf.CacheDataset(shards[:1], batch_size=4, shuffle=False, columns=["input_ids"])
     first = cf.to_compute(next(iter(rows)), "cpu")["input_ids"]
-    spec, _ = cache.resolve_extraction(load_config(str(config)).cache, model.config, 32, 0)
+    extraction, _ = cache.resolve_extraction(load_config(str(config)).cache, model.config, 32, 0)
     key = sampling.shard_key(meta["manifest_sha256"])
     u = torch.from_numpy(sampling.row_uniforms(0, key, range(4), 32, 8))
-    ref = cache.extract_batch(model, first, torch.ones_like(first), spec, u)
+    ref = cache.extract_batch(model, first, torch.ones_like(first), extraction, u)
     assert torch.equal(batch["sampled_ids"][:4].long(), ref["sampled_ids"])
     vocab = {"vocab_hash": meta["vocab_hash"], "vocab_size": meta["vocab_size"]}
     cf.validate_for_student(meta, **vocab, need_sampled=["full"])
@@ -392,9 +392,9 @@ def test_sampled_hybrid_and_online_students_train_and_online_depends_on_the_teac
     # another teacher makes the online student stale, not the cached ones (their teacher is the cache's)
     other = load_config(str(config), ["teacher.revision=other"])
     rd = RunDir.from_config(other)
-    spec = stage_spec("train")
-    assert unit_state(spec, cfg, RunDir.from_config(cfg), "online").complete
-    assert "teacher" in unit_state(spec, other, rd, "online").reason
+    stage = stage_spec("train")
+    assert unit_state(stage, cfg, RunDir.from_config(cfg), "online").complete
+    assert "teacher" in unit_state(stage, other, rd, "online").reason
     # the online recipe reads no cached targets, the sampled ones the draws (and the head for the hybrid)
     meta = cf.read_cache_meta(cf.list_cache_shards(tmp_path / "runs" / "tiny" / "cache", "train")[0])
     student = load_causal_lm(ModelConfig(name_or_path=str(cfg.student.name_or_path)), "student", torch.device("cpu"))

@@ -68,10 +68,10 @@ def test_layout_of_ranks_into_replicas(monkeypatch):
 def test_config_checks_name_the_key(tiny_assets):
     from transformers import AutoConfig
 
-    tcfg = AutoConfig.from_pretrained(tiny_assets["teacher"])  # 4 attention heads, 2 KV heads
-    tp.check_tensor_parallel(tcfg, 2)
+    teacher_config = AutoConfig.from_pretrained(tiny_assets["teacher"])  # 4 attention heads, 2 KV heads
+    tp.check_tensor_parallel(teacher_config, 2)
     with pytest.raises(ConfigError, match="teacher.tensor_parallel: 4 does not divide the teacher's num_key_value"):
-        tp.check_tensor_parallel(tcfg, 4)
+        tp.check_tensor_parallel(teacher_config, 4)
     no_plan = types.SimpleNamespace(architectures=["OddLM"], num_attention_heads=8, num_key_value_heads=8)
     with pytest.raises(ConfigError, match="OddLM has none .* teacher.device_map: auto"):
         tp.check_tensor_parallel(no_plan, 2)
@@ -133,18 +133,21 @@ def test_parallel_plan_for_llama_70b_on_8x80gb_nodes():
     """The README's planning arithmetic: Llama-3.1-70B's config.json sizes, bf16, 4 x 4096 tokens per batch."""
     from transformers import LlamaConfig
 
-    tcfg = LlamaConfig(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
-                       num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False)  # fmt: skip
-    assert tp.teacher_shape(tcfg)["params"] == 70_553_706_496
+    teacher_config = LlamaConfig(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                                 num_attention_heads=64, num_key_value_heads=8, vocab_size=128256,
+                                 tie_word_embeddings=False)  # fmt: skip
+    assert tp.teacher_shape(teacher_config)["params"] == 70_553_706_496
     hw = tp.Hardware()
-    rows = tp.plan_parallel(tcfg, seq_len=4096, batch=4, logits_chunk=2048, dtype_bytes=2, gpus_per_node=8, hw=hw)
+    rows = tp.plan_parallel(
+        teacher_config, seq_len=4096, batch=4, logits_chunk=2048, dtype_bytes=2, gpus_per_node=8, hw=hw
+    )
     by = {r["tensor_parallel"]: r for r in rows}
     assert list(by) == [1, 2, 4, 8, "auto"]
     assert not by[1]["fits"] and not by[2]["fits"] and by[4]["fits"] and by[8]["fits"]  # T=2: 77 of 80 GB
     assert by[4]["weights_gb"] == pytest.approx(141.1 / 4, rel=1e-3) and 35 < by[4]["memory_gb"] < 45
     assert by[4]["replicas"] == 2 and by[8]["comm_share"] > by[4]["comm_share"] > 0
     assert by[4]["node_tokens_per_s"] > by[8]["node_tokens_per_s"] > 6 * by["auto"]["node_tokens_per_s"]
-    flops = 2 * tp.teacher_shape(tcfg)["matmul_params"] + 4 * 80 * 4096 * 8192  # ~152 GFLOP per token
+    flops = 2 * tp.teacher_shape(teacher_config)["matmul_params"] + 4 * 80 * 4096 * 8192  # ~152 GFLOP per token
     assert by[1]["node_tokens_per_s"] == pytest.approx(8 * 989e12 * 0.4 / flops)
     assert by[4]["gpu_hours_per_1b_tokens"] == pytest.approx(1e9 / by[4]["node_tokens_per_s"] * 8 / 3600)
     text = tp.format_parallel_plan(rows, 2_000_000_000, 16, 8, 4, hw)

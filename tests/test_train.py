@@ -19,8 +19,8 @@ import pytest
 import torch
 from conftest import REPO, write_config
 
+from pipeline import bench, train
 from pipeline import config as config_mod
-from pipeline import train
 
 BASE = {"manifest.max_samples": 90, "train.threads": 1}
 
@@ -116,7 +116,7 @@ def test_loss_step_computes_exactly_the_components_the_recipe_names(tiny_assets,
     recipe = train.resolve_recipe(variant, loss, meta, student.config)
     projectors = train.losses.FeatureProjectors(recipe.feature_pairs, 32, 64) if recipe.feature_pairs else None
     vocab = int(student.get_output_embeddings().weight.shape[0])
-    batch = train.synthetic_batch(vocab, 2, 8, 4, 64, (3,))
+    batch = bench.synthetic_batch(vocab, 2, 8, 4, 64, (3,))
     _, components, normalisers = train._loss_step(train.Distillee(student, projectors), batch, recipe, gather=False)
     assert tuple(components) == recipe.components and set(normalisers) >= set(components)
     assert recipe.components[0] == "ce"
@@ -422,14 +422,3 @@ def test_unknown_variant_is_a_config_error(tmp_path, tiny_assets, tiny_cache, ca
     cfg = make_run(tmp_path, tiny_assets, tiny_cache)
     assert train.main(["--config", str(cfg), "--variant", "nope"]) == 2
     assert "--variant" in capsys.readouterr().err
-
-
-def test_step_time_ratios_measures_every_kd_family(tiny_assets):
-    from transformers import AutoModelForCausalLM
-
-    student = AutoModelForCausalLM.from_pretrained(tiny_assets["student"])
-    result = train.step_time_ratios(student, batch_size=2, seq_len=16, top_k=4, teacher_dim=64, repeats=1)
-    assert set(result) == {f"{n}_s" for n in ("ce", "response", "feature", "relation")} | {
-        f"{n}_ratio" for n in ("response", "feature", "relation")
-    }
-    assert all(math.isfinite(v) and v > 0 for v in result.values())

@@ -175,4 +175,4 @@ def test_negative_indices_mean_the_same_layer_everywhere(tiny_config):
     student = load_model_config(cfg.student, "student")
     meta = {"num_hidden_states": 4, "temperature": 1.0}
     recipe = train.resolve_recipe("feature", cfg.train.variants["feature"], meta, student)
-    assert recipe.feature_pairs == [(2, 3)] and recipe.columns()[-1] == "hidden.3"
+    assert recipe.feature_pairs == [(2, 3)] and recipe.columns()[-1] == "hidden_3"
