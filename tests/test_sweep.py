@@ -1,5 +1,6 @@
-"""The recipe sweep tool: every grid setting is a valid config, rows come from the real train and evaluate stages,
-the table compares each row with its own CE baseline, and the README section between the markers is replaced."""
+"""The recipe sweep tool: every grid setting is a valid config, rows come from the real train stage and the evaluate
+stage's metrics, the table compares each row with its own CE baseline, the README section between the markers is
+replaced, and a setting named and made like a trained variant is measured without training again."""
 
 from __future__ import annotations
 
@@ -48,21 +49,23 @@ def test_readme_section_between_the_markers_is_replaced(tmp_path):
 
 @pytest.mark.slow
 def test_sweep_trains_and_evaluates_each_setting_through_the_stages(tiny_assets, tmp_path):
-    from pipeline import cache, manifest
+    from pipeline import cache, evaluate, manifest
 
     config = write_config(tmp_path, tiny_assets, {"manifest.max_tokens": 2000, "train.max_steps": 2,
                                                   "train.threads": 1, "cache.targets": "sampled"})  # fmt: skip
     assert manifest.main(["--config", str(config)]) == 0 and cache.main(["--config", str(config)]) == 0
     readme = tmp_path / "README.md"
     readme.write_text(f"{sweep.BEGIN}\n{sweep.END}\n")
-    assert sweep.main(["--config", str(config), "--only", "ce,sampled", "--readme", str(readme)]) == 0
+    assert sweep.main(["--config", str(config), "--only", "ce,kd_sampled", "--readme", str(readme)]) == 0
     saved = json.loads((tmp_path / "runs" / "tiny" / "sweep" / "sweep.json").read_text())
-    assert [r["name"] for r in saved["rows"]] == ["ce", "sampled"]
+    assert [r["name"] for r in saved["rows"]] == ["ce", "kd_sampled"]
     assert all(r["steps"] == 2 and r["heldout_ppl"] > 1 for r in saved["rows"])
-    assert "| `sampled` | 0.5 CE + 0.5 sampled" in readme.read_text()
-    results = tmp_path / "runs" / "tiny" / "evaluate" / "sweep_sampled" / "results.json"
-    assert json.loads(results.read_text())["intrinsic"]["heldout_ppl"] == saved["rows"][1]["heldout_ppl"]
-    summary = tmp_path / "runs" / "tiny" / "train" / "sweep_ce" / "summary.json"
+    assert "| `kd_sampled` | 0.5 CE + 0.5 sampled" in readme.read_text()
+    # the evaluate stage computes the same numbers for that student
+    assert evaluate.main(["--config", str(config), "--model", "ce", "evaluate.local_tasks=false"]) == 0
+    results = json.loads((tmp_path / "runs" / "tiny" / "evaluate" / "ce" / "results.json").read_text())
+    assert results["intrinsic"]["heldout_ppl"] == pytest.approx(saved["rows"][0]["heldout_ppl"], rel=1e-9)
+    summary = tmp_path / "runs" / "tiny" / "train" / "ce" / "summary.json"
     before = summary.stat().st_mtime_ns
     shutil.rmtree(tmp_path / "runs" / "tiny" / "sweep")
     assert sweep.main(["--config", str(config), "--only", "ce"]) == 0
