@@ -192,19 +192,29 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             parser.error(f"--only: unknown settings {unknown} (known: {', '.join(s.name for s in GRID)})")
         grid = tuple(s for s in GRID if s.name in wanted)
-    rows = []
+    rd = RunDir.from_config(load_config(args.config, list(args.overrides)))
+    command = ("python -m pipeline.sweep " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
+    table = ""
     for setting in grid:
         print(f"sweep: {setting.name}: {setting.recipe}", file=sys.stderr, flush=True)
-        rows.append(measure(setting, args.config, list(args.overrides)))
-        print(f"sweep: {setting.name}: held-out ppl {rows[-1]['heldout_ppl']:.1f}", file=sys.stderr, flush=True)
-    rd = RunDir.from_config(load_config(args.config, list(args.overrides)))
-    command = "python -m pipeline.sweep " + " ".join(argv if argv is not None else sys.argv[1:])
-    atomic_write_json(rd.root / "sweep" / "sweep.json", {"command": command, "rows": rows})
-    table = format_table(rows)
+        row = measure(setting, args.config, list(args.overrides))
+        print(f"sweep: {setting.name}: held-out ppl {row['heldout_ppl']:.1f}", file=sys.stderr, flush=True)
+        table = format_table(record(rd.root / "sweep" / "sweep.json", row, command))
+        if args.readme:  # after every row: a long sweep that is stopped keeps what it measured
+            write_readme(args.readme, table, "python -m pipeline.sweep --config " + str(args.config))
     print(table)
-    if args.readme:
-        write_readme(args.readme, table, command.strip())
     return 0
+
+
+def record(path: Path, row: dict[str, Any], command: str) -> list[dict[str, Any]]:
+    """Add ``row`` to the sweep file (replacing a row of the same setting), rows in grid order; returns them all.
+    Separate invocations (``--only``) thus build one table."""
+    rows = json.loads(path.read_text())["rows"] if path.exists() else []
+    by_name = {r["name"]: r for r in rows} | {row["name"]: row}
+    order = [s.name for s in GRID]
+    rows = sorted(by_name.values(), key=lambda r: order.index(r["name"]) if r["name"] in order else len(order))
+    atomic_write_json(path, {"last_command": command, "rows": rows})
+    return rows
 
 
 if __name__ == "__main__":

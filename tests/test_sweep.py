@@ -70,3 +70,12 @@ def test_sweep_trains_and_evaluates_each_setting_through_the_stages(tiny_assets,
     shutil.rmtree(tmp_path / "runs" / "tiny" / "sweep")
     assert sweep.main(["--config", str(config), "--only", "ce"]) == 0
     assert summary.stat().st_mtime_ns == before, "a finished setting is reused, not trained again"
+
+
+def test_rows_of_separate_invocations_build_one_table_in_grid_order(tmp_path):
+    path = tmp_path / "sweep.json"
+    sweep.record(path, {"name": "kd", "heldout_ppl": 2.0}, "a")
+    sweep.record(path, {"name": "ce", "heldout_ppl": 3.0}, "b")
+    rows = sweep.record(path, {"name": "kd", "heldout_ppl": 1.0}, "c")
+    assert [(r["name"], r["heldout_ppl"]) for r in rows] == [("ce", 3.0), ("kd", 1.0)]
+    assert json.loads(path.read_text())["last_command"] == "c"
