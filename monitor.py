@@ -4,10 +4,11 @@ Writes ``logs/<run>/<stage>/telemetry_<host>_<job>.jsonl`` (pipeline.jsonlog sch
 is ``<array job>_<task>`` for array tasks, ``local`` outside Slurm) and, at exit, the per-stage summary
 ``telemetry_summary_<host>_<job>[_restart<n>].json`` {duration_s, gpu_util_mean, gpu_util_max, gpu_mem_peak_gb,
 energy_wh, ...}, one per attempt of a requeued job.
-Samples follow a fixed cadence on absolute deadlines (no drift). The monitor stops cleanly on SIGTERM/SIGINT and
-when the process given by ``--pid`` (the stage) has ended; SIGUSR1 (the preemption warning meant for the stage) is
-ignored. Without NVML it warns once and keeps sampling the host. The slurm/*.sbatch scripts start it once per node;
-a stage run outside Slurm starts it itself (``pipeline.telemetry.LocalMonitor``); by hand::
+Samples follow a fixed cadence on absolute deadlines (no drift). The monitor stops cleanly on SIGTERM/SIGINT/SIGUSR2
+and when the process given by ``--pid`` (the stage) has ended (SIGUSR2: what slurm/job.sh sends a monitor started
+with srun, which forwards it, where a SIGTERM to srun SIGKILLs the step); SIGUSR1 (the preemption warning meant for
+the stage) is ignored. Without NVML it warns once and keeps sampling the host. The slurm/*.sbatch scripts start it
+once per node; a stage run outside Slurm starts it itself (``pipeline.telemetry.LocalMonitor``); by hand::
 
     python monitor.py --run tiny --stage train --interval 1 --pid 12345
 """
@@ -99,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"monitor.py: --interval: expected seconds > 0, got {args.interval}", file=sys.stderr)
         return 2
     stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2):
         signal.signal(sig, lambda signum, frame: stop.set())
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     host, ref = socket.gethostname(), job_ref()

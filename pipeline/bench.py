@@ -14,10 +14,11 @@ the cached distributions have realistic, non-uniform entropy; full mode uses the
 shapes and is meant for a GPU (peak memory then comes from ``torch.cuda.max_memory_allocated``).
 
 The measured code is the pipeline's own: ``cache.extract_batch``/``cache.topk_chunked`` for extraction,
-``cache_format.write_shard``/``CacheDataset`` for storage and reading, ``train._loss_step`` for KD steps and
-``slurm`` for the chain. The code that times it is here and only here (``benchmark_extraction``,
-``topk_peak_memory``, ``benchmark_reader``, ``column_bytes_per_token``, ``step_time_ratios``): stage modules hold
-only their stage. The bench is a tool, not a stage: it imports stage modules, stages never import it.
+``cache_format.write_shard``/``CacheDataset`` for storage and reading, ``train._loss_step`` for KD steps (with
+``pipeline.lm_head``'s chunked head for the student-step rows) and ``slurm`` for the chain. The code that times it
+is here and only here (``benchmark_extraction``, ``topk_peak_memory``, ``benchmark_reader``,
+``column_bytes_per_token``, ``step_time_ratios``, ``bench_student_step``): stage modules hold only their stage. The
+bench is a tool, not a stage: it imports stage modules, stages never import it.
 """
 
 from __future__ import annotations
@@ -87,13 +88,23 @@ class Sizes:
     use_demo_models: bool = False
     parallel_rows: int = 64  # rows cached by each teacher-parallel mode (1 process, DP=2, TP)
     parallel_shards: int = 4  # ... in this many shards, so data-parallel replicas split them
+    # student KD step, chunked LM head vs whole logits (issue 16): Llama-3's vocabulary on a small body
+    step_vocab: int = 128_256
+    step_hidden: int = 64
+    step_batch: int = 2  # sequences per micro-batch
+    step_seq_len: int = 512
+    # positions per LM-head chunk: 64 x 128,256 x 4 B = 32.8 MB per fp32 block, under glibc's largest mmap threshold
+    # (32 MiB), so on CPU the chunks reuse heap pages where bigger blocks (and whole logits) are mmapped and faulted
+    # in afresh at every step (sys time); on a GPU the caching allocator makes the size matter little
+    step_chunk: int = 64
 
 
 # The cache is one shard of one row group (256 or 512 rows): real shards hold thousands of rows
 # (configs/llama70b_to_8b.yaml: 2048 per shard), and toy 64-row shards would time the per-file and per-row-group
 # fixed costs of opening and decoding (footer, per-column setup) far more than any real cache run pays them.
 QUICK = Sizes("quick", 400_000, 4096, 128, 4, 80, 64, 2, 128, 256, 256, 8, 4096, 256, 1024, 7, 1)
-FULL = Sizes("full", 3_000_000, 4096, 128, 4, 120, 256, 4, 512, 512, 512, 8, 16384, 1024, 4096, 15, None, True)
+FULL = Sizes("full", 3_000_000, 4096, 128, 4, 120, 256, 4, 512, 512, 512, 8, 16384, 1024, 4096, 15, None, True,
+             step_batch=4, step_seq_len=1024, step_chunk=512)  # fmt: skip
 # Quick shapes on the demo's real teacher and student (make demo's assets): CPU figures for realistic models, where
 # the tiny models of quick mode overstate fixed per-step costs (LM head share, relation triplets).
 DEMO = dataclasses.replace(QUICK, name="demo-models", repeats=5, use_demo_models=True, parallel_rows=32)
@@ -739,6 +750,124 @@ def bench_memory(assets: Assets, sizes: Sizes, on: torch.device) -> tuple[Row, d
 
 
 KD_GOALS = {"response": 1.10, "feature": 1.25, "relation": 1.10}  # step time / CE-only step (issue 5)
+STUDENT_STEP_GOALS = {"memory": 0.25, "time": 1.10}  # chunked LM head / whole logits (issue 16)
+
+
+def student_step_setup(sizes: Sizes, chunk: int, on: torch.device) -> tuple[nn.Module, Any, dict, Any]:
+    """(model, recipe, batch, optimizer) of a KD training step (0.5·CE + 0.5·tail-bucket KL, top-16 + tail) on a
+    tiny Llama body with ``sizes.step_vocab`` outputs, the head computed in chunks of ``chunk`` positions (0: whole
+    logits). The teacher's top-k is random: the step's cost does not depend on its values."""
+    from pipeline.config import LossConfig, ResponseKDConfig
+
+    student = tiny_llama(sizes.step_vocab, sizes.step_hidden, 2, sizes.step_seq_len, 3).to(on).train()
+    model = train_stage.Distillee(student, None, chunk)
+    recipe = train_stage.LossRecipe("kd", LossConfig(ce_weight=0.5, response=ResponseKDConfig(weight=0.5)), 1.0, [], 2)
+    gen = torch.Generator().manual_seed(0)
+    shape = (sizes.step_batch, sizes.step_seq_len)
+    top = torch.log_softmax(torch.randn(*shape, TOP_K, generator=gen) * 2, -1).sort(-1, descending=True).values
+    batch = {
+        "input_ids": torch.randint(0, sizes.step_vocab, shape, generator=gen),
+        "attention_mask": torch.ones(shape, dtype=torch.long),
+        "topk_ids": torch.randint(0, sizes.step_vocab, (*shape, TOP_K), generator=gen),
+        "topk_logprobs": top + torch.log(torch.tensor(0.9)),  # 90 % of the mass in the top-k, 10 % in the tail
+        "tail_logmass": torch.full(shape, float(torch.log(torch.tensor(0.1)))),
+    }
+    return model, recipe, cf.to_compute(batch, on), torch.optim.AdamW(model.parameters(), lr=1e-6)
+
+
+def student_step(model: nn.Module, recipe: Any, batch: dict, optimizer: Any) -> None:
+    """One training step through the trainer's own ``_loss_step``: forward, losses, backward, AdamW."""
+    total, _, _ = train_stage._loss_step(model, batch, recipe, gather=False)
+    total.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def student_step_peak_child(sizes_json: str, chunk: int) -> dict[str, int]:
+    """In a fresh process: the resident-set peak of one steady-state KD step (after a warm-up step, so AdamW's state
+    exists) above the resident set before it, and the process's peak overall (``VmHWM``, Linux)."""
+    sizes = Sizes(**json.loads(sizes_json))
+    if sizes.threads:
+        torch.set_num_threads(sizes.threads)
+    setup = student_step_setup(sizes, chunk, torch.device("cpu"))
+    student_step(*setup)
+    page = os.sysconf("SC_PAGE_SIZE")
+    with open("/proc/self/statm") as fh:
+        before = int(fh.read().split()[1]) * page
+    with open("/proc/self/clear_refs", "w") as fh:  # "5" resets the peak RSS (VmHWM) to the current RSS
+        fh.write("5")
+    student_step(*setup)
+    with open("/proc/self/status") as fh:
+        peak = next(int(line.split()[1]) * 1024 for line in fh if line.startswith("VmHWM:"))
+    return {"step_rise_bytes": peak - before, "before_bytes": before, "peak_bytes": peak}
+
+
+def student_step_peaks(sizes: Sizes, chunk: int, on: torch.device) -> dict[str, int]:
+    """``student_step_peak_child``'s figures on CPU (a fresh process each); on GPU the caching allocator's peak of
+    the same steady-state step above what was allocated before it."""
+    if on.type == "cuda":
+        setup = student_step_setup(sizes, chunk, on)
+        student_step(*setup)
+        mdl.synchronize(on)
+        before = torch.cuda.memory_allocated(on)
+        torch.cuda.reset_peak_memory_stats(on)
+        student_step(*setup)
+        mdl.synchronize(on)
+        peak = torch.cuda.max_memory_allocated(on)
+        return {"step_rise_bytes": peak - before, "before_bytes": before, "peak_bytes": peak}
+    code = (
+        "import json; from pipeline.bench import student_step_peak_child; "
+        f"print(json.dumps(student_step_peak_child({json.dumps(dataclasses.asdict(sizes))!r}, {chunk})))"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+def bench_student_step(sizes: Sizes, on: torch.device) -> tuple[list[Row], dict[str, Any]]:
+    """A student KD step with the chunked LM head (``pipeline.lm_head``) vs whole [B, T, V] logits, side by side:
+    the step's peak memory (resident set of a fresh process on CPU) and its time (medians of ``sizes.repeats``
+    alternating steps on one model after a warm-up each)."""
+    chunk, positions = sizes.step_chunk, sizes.step_batch * sizes.step_seq_len
+    peaks = {"chunked": student_step_peaks(sizes, chunk, on), "whole": student_step_peaks(sizes, 0, on)}
+    model, recipe, batch, optimizer = student_step_setup(sizes, chunk, on)
+    models = {"chunked": model, "whole": train_stage.Distillee(model.student, None, 0)}  # one student, one AdamW
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for rep in range(sizes.repeats + 1):
+        for name, variant in models.items():
+            mdl.synchronize(on)
+            started = time.perf_counter()
+            student_step(variant, recipe, batch, optimizer)
+            mdl.synchronize(on)
+            if rep > 0:  # the first round warms allocators and kernels
+                times[name].append(time.perf_counter() - started)
+    median = {name: statistics.median(t) for name, t in times.items()}
+    mib = 2**20
+    rise = {name: p["step_rise_bytes"] for name, p in peaks.items()}
+    where = "GPU allocator" if on.type == "cuda" else "resident set of a fresh process"
+    shape = f"V={sizes.step_vocab}, hidden {sizes.step_hidden}, {sizes.step_batch}x{sizes.step_seq_len} positions"
+    memory = Row(
+        "student_step_memory",
+        "student KD step peak memory: chunked LM head / whole logits",
+        rise["chunked"] / rise["whole"],
+        "",
+        STUDENT_STEP_GOALS["memory"],
+        "<=",
+        f"{where}, rise during a step: {rise['chunked'] / mib:.0f} MiB chunked vs {rise['whole'] / mib:.0f} MiB "
+        f"whole (process peaks {peaks['chunked']['peak_bytes'] / mib:.0f} vs {peaks['whole']['peak_bytes'] / mib:.0f}"
+        f" MiB); {shape}, chunk {chunk}",
+    )
+    step_time = Row(
+        "student_step_time",
+        "student KD step time: chunked LM head / whole logits",
+        median["chunked"] / median["whole"],
+        "x",
+        STUDENT_STEP_GOALS["time"],
+        "<=",
+        f"{median['chunked'] * 1e3:.0f} ms vs {median['whole'] * 1e3:.0f} ms ({'GPU' if on.type == 'cuda' else 'CPU'},"
+        f" forward + backward + AdamW, chunks recomputed in backward); {shape}",
+    )
+    return [memory, step_time], {"peaks": peaks, "times_s": times, "positions": positions, "chunk": chunk}
 
 
 def bench_kd_steps(assets: Assets, sizes: Sizes, calls: int = 3) -> tuple[list[Row], dict[str, Any]]:
@@ -976,10 +1105,13 @@ def bench_slurm(out: Path, log: Callable[[str], None], timeout_s: float = 120.0)
 
 
 # ----------------------------------------------------------------------------------------------- output
+MEMORY_ROWS = ("memory", "student_step_memory")  # fractions shown as 1/n
+
+
 def format_value(row: Row) -> str:
     if row.value is None:
         return "—"
-    if row.key == "memory":
+    if row.key in MEMORY_ROWS:
         return f"{row.value:.3f} (1/{1 / row.value:.0f})" if 0 < row.value < 1 else f"{row.value:.3f}"
     return f"{row.value:.3g}{row.unit}" if row.unit != "B" else f"{row.value:.1f} B"
 
@@ -987,8 +1119,8 @@ def format_value(row: Row) -> str:
 def format_goal(row: Row) -> str:
     if row.goal is None:
         return "—"
-    if row.key == "memory":
-        return f"{row.op} 1/8"
+    if row.key in MEMORY_ROWS:
+        return f"{row.op} 1/{1 / row.goal:.0f}"
     return f"{row.op} {row.goal:g}{row.unit if row.unit != 'B' else ' B'}"
 
 
@@ -1044,6 +1176,11 @@ parameters.
   on CPU, `torch.cuda.max_memory_allocated` on GPU) over the B x T x V x 4 bytes of the logits. On CPU the detail adds
   the resident-set peak of each in a fresh process (`bench.topk_peak_memory`), which includes glibc's heap policy.
 - KD steps: `bench.step_time_ratios` (`train._loss_step` + backward + AdamW per variant on the same batch) vs CE only.
+- Student step: `bench.bench_student_step`: a KD step (0.5 CE + 0.5 tail-bucket KL, `train._loss_step` + backward +
+  AdamW) of a tiny Llama body with Llama-3's 128,256-token vocabulary, LM head in chunks (`pipeline.lm_head`,
+  recomputed in the backward pass) vs whole logits. Memory: the rise of the resident-set peak during a steady-state
+  step (after a warm-up step), each in a fresh process (CPU; `torch.cuda.max_memory_allocated` on GPU); time:
+  alternating steps on one model, medians.
 - FLOP/s: model FLOPs (2 x matmul weights x tokens + 4 x layers x T x hidden x tokens) per second of the bare
   forward over the FLOP/s of a square GEMM in the model's dtype timed right after it (median over repeats).
 - Slurm: five trivial chained jobs (`afterok`), submit to last completion, through `pipeline.slurm`.
@@ -1085,6 +1222,9 @@ def run_bench(
     log("KD steps")
     kd_rows, raw["kd_steps"] = bench_kd_steps(assets, sizes)
     rows += kd_rows
+    log("student step: chunked LM head vs whole logits")
+    step_rows, raw["student_step"] = bench_student_step(sizes, on)
+    rows += step_rows
     row, raw["bytes"] = bench_bytes(files, meta, assets)
     rows.append(row)
     log(f"sampled targets ({SAMPLES} draws per position)")

@@ -51,12 +51,12 @@ import pyarrow as pa
 import torch
 
 from pipeline import cache_format as cf
-from pipeline import data_format, definition, preemption, sampling, validate
+from pipeline import data_format, definition, losses, preemption, sampling, validate
 from pipeline import modeling as mdl
 from pipeline import teacher_parallel as tp
 from pipeline.config import CacheConfig, Config, ConfigError, model_identity, section_hash
 from pipeline.config import load as load_config
-from pipeline.jsonlog import JsonLogger
+from pipeline.jsonlog import JsonLogger, console_progress
 from pipeline.rundir import (
     PipelineError,
     RunDir,
@@ -109,12 +109,6 @@ def topk_chunked(
         ids.append(top_ids)
         del logits
     return torch.cat(values), torch.cat(ids), torch.cat(tails)
-
-
-def masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """[B, T, H] x [B, T] -> [B, H] mean over real tokens in fp32 (an all-padding row gives zeros)."""
-    weights = mask.to(torch.float32).unsqueeze(-1)
-    return (hidden.float() * weights).sum(1) / weights.sum(1).clamp_min(1.0)
 
 
 @dataclasses.dataclass
@@ -228,7 +222,7 @@ def extract_batch(
             hidden = hidden[:, torch.tensor(extraction.positions, device=hidden.device)]
         result[cf.hidden_column(layer)] = hidden.to(extraction.hidden_dtype).cpu()
     if extraction.embed_layer is not None:
-        result["embed"] = masked_mean(
+        result["embed"] = losses.pool_hidden(  # the pooling the relation loss applies to the student
             states[extraction.embed_layer], mask.to(states[extraction.embed_layer].device)
         ).cpu()
     return result
@@ -367,10 +361,13 @@ def format_plan(table: list[dict[str, Any]], tokens: int) -> str:
 
 # --------------------------------------------------------------------------------------------- bookkeeping
 def task_split(args: argparse.Namespace) -> tuple[int, int]:
-    """(task index, task count) from the flags, else the Slurm array, else (0, 1)."""
+    """(task index, task count) from the flags, else the Slurm array, else (0, 1). With ``--task-count`` given
+    (``slurm submit`` always gives it, and a resubmit queues only the tasks with shards left, e.g. ``--array=1,3``
+    of 4) the array task id is the index itself; without it, the id counts from the array's first task."""
     index, count = getattr(args, "task_index", None), getattr(args, "task_count", None)
     if index is None and os.environ.get("SLURM_ARRAY_TASK_ID", "").isdigit():
-        index = int(os.environ["SLURM_ARRAY_TASK_ID"]) - int(os.environ.get("SLURM_ARRAY_TASK_MIN", "0") or 0)
+        first = 0 if count is not None else int(os.environ.get("SLURM_ARRAY_TASK_MIN", "0") or 0)
+        index = int(os.environ["SLURM_ARRAY_TASK_ID"]) - first
     if count is None and os.environ.get("SLURM_ARRAY_TASK_COUNT", "").isdigit():
         count = int(os.environ["SLURM_ARRAY_TASK_COUNT"])
     index, count = index or 0, count or 1
@@ -382,6 +379,28 @@ def task_split(args: argparse.Namespace) -> tuple[int, int]:
 def manifest_shards(manifest: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     """(split, shard entry) of every manifest shard, train then val, in manifest order."""
     return [(split, s) for split in data_format.SPLITS for s in manifest["splits"][split]["shards"]]
+
+
+def task_shards(manifest: dict[str, Any], index: int, count: int) -> list[tuple[str, dict[str, Any]]]:
+    """The shards task ``index`` of ``count`` owns: every ``count``-th of the train+val list, from ``index``."""
+    return manifest_shards(manifest)[index::count]
+
+
+def pending_tasks(cfg: Config, rd: RunDir, count: int) -> list[int]:
+    """The tasks of ``count`` that own a shard without a matching record (``shard_done``, as each task decides for
+    itself): what ``slurm submit`` queues of the array when the manifest is complete and the cache is not. Task 0
+    alone when every shard is done but the stage marker is not (it writes the marker, computing nothing)."""
+    manifest = data_format.read_manifest(rd.stage_dir("manifest"))
+    fingerprint, cache_dir = teacher_fingerprint(cfg), rd.stage_dir(STAGE)
+    tasks = [
+        index
+        for index in range(count)
+        if not all(
+            shard_done(cache_dir, s["file"], shard_signature(cfg, fingerprint, s["sha256"]))
+            for _, s in task_shards(manifest, index, count)
+        )
+    ]
+    return tasks or [0]
 
 
 def output_sections(cfg: Config) -> tuple:
@@ -434,7 +453,8 @@ def remove_strays(cache_dir: Path, manifest: dict[str, Any]) -> list[str]:
 # ------------------------------------------------------------------------------------------------------ stage
 def _add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--task-index", type=int, default=None, help="this task's index (default: Slurm array id)")
-    parser.add_argument("--task-count", type=int, default=None, help="number of tasks (default: Slurm array size)")
+    count_help = "number of tasks (default: the Slurm array's size; given, the array task id is the index)"
+    parser.add_argument("--task-count", type=int, default=None, help=count_help)
     parser.add_argument("--plan", action="store_true", help="print the size and parallel plan, exit (no forward)")
     hw = tp.Hardware()
     parser.add_argument("--gpu-tflops", type=float, default=hw.gpu_tflops, help="--plan: dense bf16 peak per GPU")
@@ -482,7 +502,7 @@ def run(cfg: Config, rd: RunDir, ctx: StageContext) -> dict[str, float]:
     extraction, fields = resolve_extraction(cfg.cache, teacher_config, int(manifest["seq_len"]), cfg.seed)
     fingerprint = teacher_fingerprint(cfg)
     index, count = task_split(ctx.args)
-    mine = manifest_shards(manifest)[index::count]
+    mine = task_shards(manifest, index, count)
     on = mdl.device()
     layout = tp.setup(cfg.teacher.tensor_parallel, on)
     ctx.begin_writes()
@@ -513,7 +533,7 @@ def run(cfg: Config, rd: RunDir, ctx: StageContext) -> dict[str, float]:
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         **fields,
     }
-    progress = Progress(ctx.log, cfg.cache.log_every_s, len(ours))
+    progress = Progress(ctx.log, cfg.cache.log_every_s, len(ours), sum(int(shard["rows"]) for _, shard in ours))
     done = {k: 0.0 for k in ("shards_computed", "rows", "tokens", "bytes")}
     with preemption.deferred(preemption.WARNING):  # the warning lets the shard in hand finish; SIGTERM stops at once
         stopped = False
@@ -535,6 +555,7 @@ def run(cfg: Config, rd: RunDir, ctx: StageContext) -> dict[str, float]:
         if tp.any_rank(stopped, layout.control):  # every rank stops together, after its replica's last shard
             where = f"{progress.shards_done} of {len(ours)} shards of this replica written"
             raise preemption.Interrupted(preemption.received() or preemption.WARNING, where, **progress.metrics())
+    progress.bar.close()
     totals.update(tp.sum_over_ranks(done, layout))
     totals["tokens_per_s"] = totals["tokens"] / max(progress.elapsed(), 1e-9)
     totals["bytes_per_token"] = totals["bytes"] / max(totals["tokens"], 1.0)
@@ -542,12 +563,14 @@ def run(cfg: Config, rd: RunDir, ctx: StageContext) -> dict[str, float]:
 
 
 class Progress:
-    """Token counter that logs ``progress`` lines with tokens/s every ``every_s`` seconds."""
+    """Token counter that logs ``progress`` lines with tokens/s every ``every_s`` seconds, and moves the console's
+    progress bar over the rows of this replica's shards (``jsonlog.console_progress``: interactive terminals only)."""
 
-    def __init__(self, log: JsonLogger, every_s: float, shards_total: int) -> None:
+    def __init__(self, log: JsonLogger, every_s: float, shards_total: int, rows_total: int) -> None:
         self.log, self.every_s, self.shards_total = log, every_s, shards_total
         self.start = self.last = time.monotonic()
         self.tokens, self.shards_done = 0, 0
+        self.bar = console_progress(log, rows_total, "cache", "row")
 
     def elapsed(self) -> float:
         return time.monotonic() - self.start
@@ -560,8 +583,9 @@ class Progress:
             "shards_total": self.shards_total,
         }
 
-    def add(self, tokens: int) -> None:
+    def add(self, tokens: int, rows: int) -> None:
         self.tokens += tokens
+        self.bar.update(rows)
         if time.monotonic() - self.last >= self.every_s:
             self.last = time.monotonic()
             self.log.info("progress", "", **self.metrics())
@@ -599,7 +623,7 @@ def cache_one_shard(
             draws = sampling.row_uniforms(cfg.seed, key, rows_here, ids.shape[1], extraction.draws)
             uniforms = torch.from_numpy(draws)
         parts.append(extract_batch(model, ids, mask, extraction, uniforms))
-        progress.add(int(mask.sum()))
+        progress.add(int(mask.sum()), len(ids))
     if not write:
         progress.shards_done += 1
         return None

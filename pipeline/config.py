@@ -245,10 +245,19 @@ class TrainConfig:
         "ddp", "ddp: full copy per rank; fsdp: FSDP2 shards weights, grads and AdamW state (student too big for one)"
     )
     gradient_checkpointing: bool = _opt(False, "trade compute for activation memory")
+    logits_chunk: int = _opt(
+        1024,
+        "positions per student LM-head chunk: logits, CE and KD computed and recomputed chunk by chunk, never "
+        "[B, T, V] whole (~1/6 of the step's peak at V=128k); 0: whole logits (the unchunked path)",
+        NON_NEGATIVE,
+    )
     lora: LoraConfig = _opt(LoraConfig(), "parameter-efficient fine-tuning")
     num_workers: int = _opt(0, "DataLoader workers per rank", NON_NEGATIVE)
     shuffle_buffer: int = _opt(256, "rows in the shuffle buffer", POSITIVE)
     threads: int | None = _opt(None, "torch CPU threads (None: torch default)", POSITIVE)
+    trackers: list[Literal["tensorboard", "wandb"]] = _opt(
+        [], "experiment trackers fed every logged metric through accelerate (logs/<run>/train/trackers/<variant>)"
+    )
 
 
 # ------------------------------------------------------------------------------------------------- evaluate
@@ -267,6 +276,9 @@ class EvaluateConfig:
     include_teacher: bool = _opt(True, "evaluate the teacher too (result reused while unchanged)")
     ece_bins: int = _opt(15, "bins of the expected calibration error", POSITIVE)
     intrinsic_batches: int | None = _opt(None, "held-out micro-batches for intrinsic metrics (None: all)", POSITIVE)
+    logits_chunk: int = _opt(
+        1024, "positions per LM-head chunk of the intrinsic metrics (0: whole [B, T, V] logits)", NON_NEGATIVE
+    )
     local_task_docs: int = _opt(500, "held-out documents per offline task (the first N, in manifest order)", POSITIVE)
     mc_choices: int = _opt(4, "choices per offline multiple-choice item (chance: 1/n)", (lambda v: v >= 2, ">= 2"))
     mc_passage_words: int = _opt(32, "words per offline multiple-choice item (passages of the held-out documents)",

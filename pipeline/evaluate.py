@@ -29,24 +29,28 @@ tokenizer, split at EOS) and a ``random.Random(seed)`` draw, so every model of a
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import importlib.metadata
 import json
+import logging
 import random
 import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from pipeline import definition
+from pipeline import definition, lm_head
 from pipeline.config import Config, ConfigError, EvalTaskConfig, ModelConfig, model_identity, section_hash
 from pipeline.data_format import read_manifest, read_packed_shard, shard_paths
+from pipeline.jsonlog import JsonLogger
 from pipeline.metrics import INTRINSIC_METRICS, IntrinsicAccumulator
 from pipeline.modeling import device, load_causal_lm, load_tokenizer, vocab_hash, vocab_size, weights_fingerprint
 from pipeline.rundir import (
@@ -66,6 +70,18 @@ LOCAL_TASKS = ("kd_heldout_mc", "kd_heldout_ppl")
 MIN_MC_WORDS = 4  # a context and a continuation of at least two words each
 PACKAGES = ("torch", "transformers", "lm_eval", "datasets", "accelerate", "peft")
 CACHE_COLUMNS = ("input_ids", "attention_mask", "topk_ids", "topk_logprobs", "tail_logmass")
+# lm-eval warnings that do not apply to how this stage calls it: dropped, and explained once in the stage log
+EXPECTED_LM_EVAL_WARNINGS = {
+    "`pretrained` model kwarg is not of type `str`": (
+        "lm-eval warns that `pretrained` is not a string: expected, evaluate hands it the model it already loaded "
+        "for the intrinsic metrics (one load, no launcher), so the arguments it says it ignores are not used"
+    ),
+    "instruct or chat variant but chat template is not applied": (
+        "lm-eval advises applying the chat template: not for the offline kd_heldout tasks, which score plain "
+        "held-out text (a chat template would change the text being scored); shown for other tasks"
+    ),
+}
+_EXPLAINED: set[str] = set()
 
 
 # ------------------------------------------------------------------------------------------- offline tasks
@@ -185,6 +201,7 @@ def run_lm_eval(
     cfg: Config,
     out_dir: Path,
     include_path: Path | None,
+    log: JsonLogger,
 ) -> dict[str, Any]:
     """Run lm-eval through its Python API, one ``simple_evaluate`` per (few-shot, limit) group, writing its own
     layout (``<out_dir>/<sanitized model>/results_<timestamp>.json`` + samples) via ``EvaluationTracker``.
@@ -197,50 +214,80 @@ def run_lm_eval(
     from lm_eval.models.huggingface import HFLM
 
     manager = task_manager(include_path, tasks)
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=cfg.evaluate.batch_size)
-    groups: dict[tuple[int, int | None], list[str]] = {}
-    for task in tasks:
-        groups.setdefault((task.num_fewshot, task.limit), []).append(task.name)
+    offline_only = all(task.name.startswith("kd_heldout") for task in tasks)
+    with expected_lm_eval_warnings(log, offline_only):
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=cfg.evaluate.batch_size)
+        groups: dict[tuple[int, int | None], list[str]] = {}
+        for task in tasks:
+            groups.setdefault((task.num_fewshot, task.limit), []).append(task.name)
 
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    info: dict[str, Any] = {"versions": {}, "n_shot": {}, "n_samples": {}, "limits": {}, "files": []}
-    for (num_fewshot, limit), names in groups.items():
-        tracker = EvaluationTracker(output_path=str(tmp))
-        results = simple_evaluate(
-            model=lm,
-            model_args={"pretrained": model_path},  # names the tracker's output directory and is recorded
-            tasks=names,
-            num_fewshot=num_fewshot,
-            limit=limit,
-            batch_size=cfg.evaluate.batch_size,
-            task_manager=manager,
-            evaluation_tracker=tracker,
-            log_samples=True,
-            bootstrap_iters=cfg.evaluate.bootstrap_iters,
-            random_seed=cfg.seed,
-            numpy_random_seed=cfg.seed,
-            torch_random_seed=cfg.seed,
-            fewshot_random_seed=cfg.seed,
-        )
-        samples = results.pop("samples")
-        tracker.save_results_aggregated(results=results, samples=samples)
-        for name in results["configs"]:
-            tracker.save_results_samples(task_name=name, samples=samples[name])
-        info["versions"].update(results.get("versions", {}))
-        info["n_shot"].update(results.get("n-shot", {}))
-        info["n_samples"].update(results.get("n-samples", {}))
-        info["limits"].update({name: limit for name in results["configs"]})
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tmp.rename(out_dir)
-    info["files"] = sorted(str(p.relative_to(out_dir.parent)) for p in out_dir.rglob("results_*.json"))
+        tmp = out_dir.with_name(f".{out_dir.name}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        info: dict[str, Any] = {"versions": {}, "n_shot": {}, "n_samples": {}, "limits": {}, "files": []}
+        for (num_fewshot, limit), names in groups.items():
+            tracker = EvaluationTracker(output_path=str(tmp))
+            results = simple_evaluate(
+                model=lm,
+                model_args={"pretrained": model_path},  # names the tracker's output directory and is recorded
+                tasks=names,
+                num_fewshot=num_fewshot,
+                limit=limit,
+                batch_size=cfg.evaluate.batch_size,
+                task_manager=manager,
+                evaluation_tracker=tracker,
+                log_samples=True,
+                bootstrap_iters=cfg.evaluate.bootstrap_iters,
+                random_seed=cfg.seed,
+                numpy_random_seed=cfg.seed,
+                torch_random_seed=cfg.seed,
+                fewshot_random_seed=cfg.seed,
+            )
+            samples = results.pop("samples")
+            tracker.save_results_aggregated(results=results, samples=samples)
+            for name in results["configs"]:
+                tracker.save_results_samples(task_name=name, samples=samples[name])
+            info["versions"].update(results.get("versions", {}))
+            info["n_shot"].update(results.get("n-shot", {}))
+            info["n_samples"].update(results.get("n-samples", {}))
+            info["limits"].update({name: limit for name in results["configs"]})
+        shutil.rmtree(out_dir, ignore_errors=True)
+        tmp.rename(out_dir)
+        info["files"] = sorted(str(p.relative_to(out_dir.parent)) for p in out_dir.rglob("results_*.json"))
     return info
+
+
+@contextlib.contextmanager
+def expected_lm_eval_warnings(log: JsonLogger, offline_only: bool) -> Iterator[None]:
+    """While lm-eval runs, drop its warnings of :data:`EXPECTED_LM_EVAL_WARNINGS` that do not apply here (the
+    chat-template advice only when every task is an offline ``kd_heldout`` one) and explain each once per process
+    in the stage log instead; every other lm-eval message passes unchanged."""
+    dropped = {k: v for k, v in EXPECTED_LM_EVAL_WARNINGS.items() if offline_only or "chat template" not in k}
+
+    def keep(record: logging.LogRecord) -> bool:
+        text = " ".join(record.getMessage().split())  # lm-eval wraps its advice over several indented lines
+        for phrase, why in dropped.items():
+            if phrase in text:
+                if phrase not in _EXPLAINED:
+                    _EXPLAINED.add(phrase)
+                    log.info("lm_eval_note", why)
+                return False
+        return True
+
+    loggers = [logging.getLogger(name) for name in ("lm_eval.evaluator", "lm_eval.models.huggingface")]
+    for logger in loggers:
+        logger.addFilter(keep)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(keep)
 
 
 # ------------------------------------------------------------------------------------------ intrinsic metrics
 @torch.inference_mode()
 def intrinsic_metrics(model: torch.nn.Module, tokenizer: Any, cfg: Config, rd: RunDir) -> dict[str, float]:
-    """Held-out perplexity, top-1 agreement, KL(teacher‖student) and ECE over the held-out cache (see metrics)."""
+    """Held-out perplexity, top-1 agreement, KL(teacher‖student) and ECE over the held-out cache (see metrics),
+    the LM head applied ``evaluate.logits_chunk`` positions at a time."""
     from pipeline.cache_format import CacheDataset, list_cache_shards, read_cache_meta, to_compute, validate_for_student
 
     files = list_cache_shards(rd.stage_dir("cache"), "val")
@@ -251,13 +298,18 @@ def intrinsic_metrics(model: torch.nn.Module, tokenizer: Any, cfg: Config, rd: R
     data = CacheDataset(files, batch_size=cfg.evaluate.batch_size, shuffle=False, columns=list(CACHE_COLUMNS))
     acc = IntrinsicAccumulator(cfg.evaluate.ece_bins, temperature=float(meta.get("temperature", 1.0)))
     on = next(model.parameters()).device
+    chunk = cfg.evaluate.logits_chunk
+    body, head = lm_head.body_and_head(model)
     model.eval()
     for i, batch in enumerate(data):
         if cfg.evaluate.intrinsic_batches is not None and i >= cfg.evaluate.intrinsic_batches:
             break
         batch = to_compute(batch, on)
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        acc.update(logits, batch)
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        if chunk:  # the LM head chunk by chunk: no [B, T, V] logits (pipeline.lm_head)
+            acc.update_chunks(batch, lm_head.logits_in_chunks(body(**inputs).last_hidden_state, head, chunk))
+        else:
+            acc.update(model(**inputs).logits, batch)
     return acc.result()
 
 
@@ -322,7 +374,9 @@ def run(cfg: Config, rd: RunDir, ctx: StageContext) -> dict[str, float]:
     ctx.begin_writes()  # the model loaded and its held-out metrics computed: now replace the earlier result
     lm_eval_info: dict[str, Any] = {}
     if tasks:
-        lm_eval_info = run_lm_eval(model, tokenizer, settings.name_or_path, tasks, cfg, out / "lm_eval", include)
+        lm_eval_info = run_lm_eval(
+            model, tokenizer, settings.name_or_path, tasks, cfg, out / "lm_eval", include, ctx.log
+        )
         ctx.log.info("lm_eval", f"{unit}: {len(lm_eval_info['versions'])} tasks", files=lm_eval_info["files"])
 
     results = {

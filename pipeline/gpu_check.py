@@ -43,6 +43,7 @@ from typing import Any
 import torch
 
 from pipeline import bench
+from pipeline.jsonlog import parse_jsonl
 from pipeline.rundir import REPO, atomic_write_json
 
 EXIT_FAILED, EXIT_NO_GPU = 1, 2
@@ -74,7 +75,7 @@ GPU = CheckSizes(512, 1 << 19, 0.02, 128, 16, 4096, 60, 8, SMOLLM2_SHAPE, bench.
 SMOKE_BENCH = dataclasses.replace(
     bench.QUICK, name="smoke", text_chars=60_000, vocab=300, teacher_hidden=32, teacher_layers=2, teacher_steps=2,
     student_hidden=32, student_layers=2, seq_len=32, cache_rows=16, rows_per_shard=8, batch=4, memory_positions=256,
-    logits_chunk=64, gemm_n=64, repeats=1,
+    logits_chunk=64, gemm_n=64, repeats=1, step_vocab=3000, step_hidden=32, step_seq_len=64, step_chunk=16,
 )  # fmt: skip
 SMOKE = CheckSizes(32, 2500, 0.3, 8, 4, 64, 4, 4, TINY_SHAPE, SMOKE_BENCH, 300)
 
@@ -301,7 +302,7 @@ def check_train(config: Path, out: Path, sizes: CheckSizes) -> dict[str, Any]:
 
     run_module(["pipeline.train", "--config", str(config)], sizes.timeout_s, out / "logs_stdout" / "train.txt")
     variant = out / "runs" / "gpu_check" / "train" / "kd"
-    rows = [json.loads(line) for line in (variant / "metrics.jsonl").read_text().splitlines()]
+    rows = list(parse_jsonl((variant / "metrics.jsonl").read_text().splitlines()))
     losses = [r["loss"] for r in rows if r["split"] == "train"]
     checkpoint = sorted((variant / "checkpoints").glob("step_*"))[-1]
     AutoModelForCausalLM.from_pretrained(variant / "final")

@@ -6,7 +6,8 @@ Each line is one JSON object with the fixed keys
 
 ``job``/``task`` are the Slurm job id and array task id (null outside Slurm). Metric names carry their unit
 (``tokens_per_s``, ``power_w``, ``mem_gb``). Files live at ``logs/<run>/<stage>/rank_<rank:05d>.jsonl``; only rank 0
-also prints a readable line to the console. Values of secret-looking environment variables (HF tokens and the
+also prints a readable line to the console, above the progress bar of a long loop (:func:`console_progress`,
+interactive terminals only). Values of secret-looking environment variables (HF tokens and the
 like) are replaced by ``***`` in everything written, so a token in the environment never reaches a log.
 """
 
@@ -20,6 +21,8 @@ import re
 import socket
 import sys
 import threading
+import weakref
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -127,7 +130,13 @@ class JsonLogger:
             if self._file is not None:
                 self._file.write(line + "\n")
             if self.console:
-                self.stream.write(redact(format_console(rec)) + "\n")
+                text = redact(format_console(rec))
+                if len(_BARS):  # above the open bar, which tqdm then redraws below the line
+                    from tqdm import tqdm
+
+                    tqdm.write(text, file=self.stream)
+                else:
+                    self.stream.write(text + "\n")
                 self.stream.flush()
 
     def debug(self, event: str, message: str = "", **metrics: Any) -> None:
@@ -147,6 +156,23 @@ class JsonLogger:
             if self._file is not None:
                 self._file.close()
                 self._file = None
+
+
+def parse_jsonl(lines: Iterable[str], malformed: list[str] | None = None) -> Iterator[dict]:
+    """The JSON objects of JSON-lines text, the one reader of the pipeline's own JSONL files (logs, metrics, sample
+    audit trails). Blank lines and non-objects are skipped; so is a line that does not parse (one still being
+    written, or torn by kill -9), which is also appended to ``malformed`` when given."""
+    for line in lines:
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if malformed is not None:
+                malformed.append(line)
+            continue
+        if isinstance(record, dict):
+            yield record
 
 
 def format_console(rec: dict) -> str:
@@ -172,3 +198,21 @@ def open_logger(run: str, stage: str, logs_root: Path, rank: int | None = None) 
     """The logger a stage uses: ``logs/<run>/<stage>/rank_<rank>.jsonl`` plus console on rank 0."""
     rank = env_rank() if rank is None else rank
     return JsonLogger(run, stage, rank_log_path(logs_root, stage, rank), rank=rank)
+
+
+# ------------------------------------------------------------------------------------------------ progress bar
+_BARS: weakref.WeakSet = weakref.WeakSet()  # open console bars: log lines are written above them, not through them
+
+
+def console_progress(log: JsonLogger, total: float, desc: str, unit: str, initial: float = 0) -> Any:
+    """A tqdm bar (percent, rate, ETA) for a long loop, shown only on ``log``'s console when that is an interactive
+    terminal (rank 0 run by hand): under Slurm, in pipes and on other ranks it is disabled, and it never reaches
+    the JSON log file, whose ``progress``/``step`` events stay the record. Use it as a context manager."""
+    from tqdm import tqdm
+
+    interactive = log.console and getattr(log.stream, "isatty", lambda: False)()
+    bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, file=log.stream, disable=not interactive,
+               leave=False, dynamic_ncols=True, smoothing=0.1)  # fmt: skip
+    if interactive:
+        _BARS.add(bar)
+    return bar

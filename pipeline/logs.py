@@ -15,14 +15,13 @@ import json
 import os
 import sys
 import time
-from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline import config as config_mod
 from pipeline.config import ConfigError
 from pipeline.definition import STAGES
-from pipeline.jsonlog import LEVELS, format_console
+from pipeline.jsonlog import LEVELS, format_console, parse_jsonl
 
 TELEMETRY_EVENTS = {"telemetry"}
 
@@ -51,19 +50,6 @@ def log_files(run_dir: Path, stages: set[str] | None = None) -> list[Path]:
     return sorted(p for p in run_dir.glob("*/*.jsonl") if not stages or p.parent.name in stages)
 
 
-def parse_lines(lines: Iterable[str]) -> Iterator[dict]:
-    for line in lines:
-        line = line.strip()
-        if not line:
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line still being written, or not ours
-        if isinstance(rec, dict):
-            yield rec
-
-
 def tail_records(path: Path, max_bytes: int = 1 << 20) -> list[dict]:
     """The records in the last ``max_bytes`` of a log (a cut first line is dropped)."""
     with open(path, "rb") as fh:
@@ -71,7 +57,7 @@ def tail_records(path: Path, max_bytes: int = 1 << 20) -> list[dict]:
         size = fh.tell()
         fh.seek(max(0, size - max_bytes))
         lines = fh.read().decode("utf-8", errors="replace").splitlines()
-    return list(parse_lines(lines[1:] if size > max_bytes else lines))
+    return list(parse_jsonl(lines[1:] if size > max_bytes else lines))
 
 
 def format_record(rec: dict) -> str:
@@ -113,7 +99,7 @@ class Follower:
             complete, _, rest = text.rpartition("\n")
             if rest:
                 self.partial[path] = rest  # the writer has not finished this line yet
-            new += [r for r in parse_lines(complete.splitlines()) if self.flt.match(r)]
+            new += [r for r in parse_jsonl(complete.splitlines()) if self.flt.match(r)]
         return sorted(new, key=lambda r: r.get("ts", ""))
 
 

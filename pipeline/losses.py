@@ -2,9 +2,10 @@
 
 Three families, combined by weight with hard-label cross-entropy (``combine``):
 
-- **Response-based** on the cache's top-k teacher log-probs (``response_kd``; ``ce_and_response_kd`` computes the
-  student's full-vocabulary log_softmax once and shares it between the CE and KD terms — computing the
-  normaliser twice made a tail-bucket KD step ~25 % slower than CE on a 49k vocabulary).
+- **Response-based** on the cache's top-k teacher log-probs (``response_kd``; ``ce_and_response_terms`` computes
+  the student's full-vocabulary log_softmax once and shares it between the CE and KD terms), its options one
+  frozen ``ResponseOptions`` checked when built. The per-position terms are what ``pipeline.lm_head`` sums chunk
+  by chunk over positions and what evaluation's KL metric is made of, so train and eval compute the same thing.
 - **Sampled targets** (``sampled_kd``, ``ce_and_sampled_kd``, ``head_and_sampled_tail``): cross-entropy of the
   student's full softmax against tokens drawn from the teacher (``pipeline.sampling``), unbiased for the gradient of
   the full-vocabulary forward KL (Anshumann et al., ACL 2025); the same function on dense targets (k = V) is the
@@ -35,6 +36,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -46,14 +48,17 @@ TAIL_MODES = ("tail_bucket", "renormalize")
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
-def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
-    """Mean of ``values`` over positions where ``mask`` is true; 0 (attached to the graph) when none is.
+def masked_sum(values: Tensor, mask: Tensor) -> Tensor:
+    """Float32 sum of ``values`` over positions where ``mask`` is true (0, attached to the graph, when none is).
 
     ``torch.where`` rather than multiplication, so non-finite values at masked positions cannot leak in as nan.
     """
-    mask = mask.to(torch.bool)
-    kept = torch.where(mask, values.float(), values.new_zeros((), dtype=torch.float32))
-    return kept.sum() / mask.sum().clamp(min=1)
+    return torch.where(mask.to(torch.bool), values.float(), values.new_zeros((), dtype=torch.float32)).sum()
+
+
+def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
+    """Mean of ``values`` over positions where ``mask`` is true; 0 (attached to the graph) when none is."""
+    return masked_sum(values, mask) / mask.to(torch.bool).sum().clamp(min=1)
 
 
 def log1mexp(x: Tensor) -> Tensor:
@@ -114,48 +119,68 @@ DIVERGENCES: dict[str, Callable[..., Tensor]] = {
 
 
 # ------------------------------------------------------------------------------------------- response-based
-def check_response_options(
-    divergence: str, temperature: float, tail: str, capture_temperature: float, jsd_beta: float
-) -> None:
-    """Refuse meaningless combinations with a ValueError that says what to change."""
-    if divergence not in DIVERGENCES:
-        raise ValueError(f"divergence: expected one of {', '.join(DIVERGENCES)}, got {divergence!r}")
-    if tail not in TAIL_MODES:
-        raise ValueError(f"tail: expected one of {', '.join(TAIL_MODES)}, got {tail!r}")
-    if temperature <= 0 or capture_temperature <= 0:
-        raise ValueError(f"temperature: expected > 0, got {temperature} (capture {capture_temperature})")
-    if tail == "tail_bucket" and not math.isclose(temperature, capture_temperature, rel_tol=1e-6):
-        raise ValueError(
-            f"temperature: tail_bucket needs the capture temperature of the cache ({capture_temperature}), got "
-            f"{temperature}; a lumped tail cannot be re-tempered (use tail=renormalize, or re-cache at τ={temperature})"
-        )
-    if divergence == "jsd" and not 0.0 < jsd_beta < 1.0:
-        raise ValueError(f"jsd_beta: expected a value in (0, 1) for divergence jsd, got {jsd_beta}")
+@dataclass(frozen=True)
+class ResponseOptions:
+    """How response KD compares the student with the cached teacher; checked once, when constructed.
+
+    divergence: a ``DIVERGENCES`` name. temperature: τ (the loss is multiplied by τ²). tail: the classes compared
+    (``TAIL_MODES``, module docstring). capture_temperature: τ_c, the temperature the cache stored its log-probs at.
+    jsd_beta: β of the generalized JSD (only read by ``jsd``). An impossible combination is a ValueError that
+    starts with the option's name and says what to change (``pipeline.validate`` prefixes the config key path).
+    """
+
+    divergence: str = "forward_kl"
+    temperature: float = 1.0
+    tail: str = "tail_bucket"
+    capture_temperature: float = 1.0
+    jsd_beta: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.divergence not in DIVERGENCES:
+            raise ValueError(f"divergence: expected one of {', '.join(DIVERGENCES)}, got {self.divergence!r}")
+        if self.tail not in TAIL_MODES:
+            raise ValueError(f"tail: expected one of {', '.join(TAIL_MODES)}, got {self.tail!r}")
+        if self.temperature <= 0 or self.capture_temperature <= 0:
+            raise ValueError(f"temperature: expected > 0, got {self.temperature} (capture {self.capture_temperature})")
+        if self.tail == "tail_bucket" and not math.isclose(self.temperature, self.capture_temperature, rel_tol=1e-6):
+            raise ValueError(
+                f"temperature: tail_bucket needs the capture temperature of the cache ({self.capture_temperature}), "
+                f"got {self.temperature}; a lumped tail cannot be re-tempered (use tail=renormalize, or re-cache at "
+                f"τ={self.temperature})"
+            )
+        if self.divergence == "jsd" and not 0.0 < self.jsd_beta < 1.0:
+            raise ValueError(f"jsd_beta: expected a value in (0, 1) for divergence jsd, got {self.jsd_beta}")
+
+    @property
+    def scale(self) -> float:
+        """τ², the factor on the mean divergence (Hinton et al., 2015)."""
+        return self.temperature**2
+
+    @property
+    def needs_tempered_lse(self) -> bool:
+        """Whether the student's full-vocabulary logsumexp at τ is needed beyond its log_softmax at 1."""
+        return self.tail == "tail_bucket" and self.temperature != 1.0
 
 
 def response_class_logprobs(
     student_topk_logits: Tensor,
-    student_lse: Tensor | None,
+    student_lse: Tensor,
     teacher_topk_logprobs: Tensor,
     tail_logmass: Tensor,
-    *,
-    temperature: float = 1.0,
-    tail: str = "tail_bucket",
-    capture_temperature: float = 1.0,
+    options: ResponseOptions,
 ) -> tuple[Tensor, Tensor]:
     """(student, teacher) log-probs over the classes the divergence compares: [..., k+1] or [..., k].
 
     student_topk_logits [..., k]: the student's raw logits at the teacher's top-k ids.
-    student_lse [...]: ``logsumexp(student_logits / τ)`` over the full vocabulary (needed for tail_bucket only;
+    student_lse [...]: ``logsumexp(student_logits / τ)`` over the full vocabulary (read by tail_bucket only;
     passing log-probs as ``student_topk_logits`` with ``student_lse = 0`` is the same at τ = 1).
     teacher_topk_logprobs [..., k], tail_logmass [...]: the cache's columns (log-probs at ``capture_temperature``).
     """
-    s_logits = student_topk_logits.float() / temperature
+    tau, tau_c = options.temperature, options.capture_temperature
+    s_logits = student_topk_logits.float() / tau
     t_logp = teacher_topk_logprobs.float()
-    if tail == "renormalize":
-        return torch.log_softmax(s_logits, -1), torch.log_softmax(t_logp * (capture_temperature / temperature), -1)
-    if student_lse is None:
-        raise ValueError("tail_bucket needs the student's full-vocabulary logsumexp (student_lse)")
+    if options.tail == "renormalize":
+        return torch.log_softmax(s_logits, -1), torch.log_softmax(t_logp * (tau_c / tau), -1)
     s_topk = s_logits - student_lse.float().unsqueeze(-1)
     s_tail = log1mexp(torch.logsumexp(s_topk, -1))
     t_tail = torch.nan_to_num(tail_logmass.float(), nan=LOG_FLOOR).clamp(min=LOG_FLOOR)
@@ -164,37 +189,81 @@ def response_class_logprobs(
     return torch.cat([s_topk, s_tail.unsqueeze(-1)], -1), teacher
 
 
-def response_kd_from_parts(
+def response_divergence(
     student_topk_logits: Tensor,
-    student_lse: Tensor | None,
+    student_lse: Tensor,
     teacher_topk_logprobs: Tensor,
     tail_logmass: Tensor,
-    mask: Tensor,
-    *,
-    divergence: str = "forward_kl",
-    temperature: float = 1.0,
-    tail: str = "tail_bucket",
-    capture_temperature: float = 1.0,
-    jsd_beta: float = 0.5,
+    valid: Tensor,
+    options: ResponseOptions,
 ) -> Tensor:
-    """τ² · masked mean over positions of D(p_T ‖ p_S) on the top-k (+ tail) classes; see ``response_kd``."""
-    check_response_options(divergence, temperature, tail, capture_temperature, jsd_beta)
-    valid = mask.to(torch.bool)
-    # Padded positions may hold anything in the cache; neutral values keep nan out of the backward pass too.
+    """D(p_T,t ‖ p_S,t) per position [...] over the top-k (+ tail) classes (no τ², no mean; see ``response_kd``).
+
+    Positions where ``valid`` is false get a finite value that callers mask out: padded positions may hold anything
+    in the cache, and neutral values keep nan out of the backward pass too.
+    """
+    valid = valid.to(torch.bool)
     teacher_topk_logprobs = torch.where(valid.unsqueeze(-1), teacher_topk_logprobs.float(), -1.0)
     tail_logmass = torch.where(valid, tail_logmass.float(), -1.0)
     student, teacher = response_class_logprobs(
-        student_topk_logits,
-        student_lse,
-        teacher_topk_logprobs,
-        tail_logmass,
-        temperature=temperature,
-        tail=tail,
-        capture_temperature=capture_temperature,
+        student_topk_logits, student_lse, teacher_topk_logprobs, tail_logmass, options
     )
-    fn = DIVERGENCES[divergence]
-    per_position = fn(student, teacher, jsd_beta) if divergence == "jsd" else fn(student, teacher)
-    return masked_mean(per_position, valid) * temperature**2
+    fn = DIVERGENCES[options.divergence]
+    return fn(student, teacher, options.jsd_beta) if options.divergence == "jsd" else fn(student, teacher)
+
+
+def token_cross_entropy(student_logits: Tensor, labels: Tensor) -> Tensor:
+    """−log p_S(y_t) per position: logits [..., V] (any dtype; float32 log_softmax), labels [...] -> [...]."""
+    logp = torch.log_softmax(student_logits.float(), -1)
+    return -logp.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+
+
+def ce_and_response_terms(
+    student_logits: Tensor,
+    labels: Tensor,
+    topk_ids: Tensor,
+    topk_logprobs: Tensor,
+    tail_logmass: Tensor,
+    kd_valid: Tensor,
+    options: ResponseOptions,
+) -> tuple[Tensor, Tensor]:
+    """Per position [...]: (−log p_S(y_t), D(p_T,t ‖ p_S,t)) from one float32 log_softmax and one gather.
+
+    The log_softmax is the one cross-entropy computes anyway (``F.cross_entropy`` = log_softmax + gather); the
+    label and top-k ids are gathered together, so the backward pass has one scatter. Only a tail bucket at τ ≠ 1
+    needs a second full-vocabulary pass (the student tempered at τ). Computing the normaliser twice made a
+    tail-bucket KD step ~25 % slower than CE on a 49k vocabulary. Shapes: student_logits [..., V], labels [...],
+    topk_ids [..., k], topk_logprobs [..., k], tail_logmass [...], kd_valid [...].
+    """
+    logp = torch.log_softmax(student_logits.float(), -1)  # [..., V]; float32 like HF's own causal-LM loss
+    picked = logp.gather(-1, torch.cat([labels.unsqueeze(-1), topk_ids], -1))
+    if options.needs_tempered_lse:
+        student_topk, lse = student_logits.gather(-1, topk_ids), logsumexp_fp32(student_logits, options.temperature)
+    else:  # log-probs are logits shifted by their logsumexp: lse 0; renormalising ignores the shift anyway
+        student_topk, lse = picked[..., 1:], torch.zeros_like(picked[..., 0])
+    kd = response_divergence(student_topk, lse, topk_logprobs, tail_logmass, kd_valid, options)
+    return -picked[..., 0], kd
+
+
+def cross_entropy(student_logits: Tensor, labels: Tensor, mask: Tensor) -> Tensor:
+    """Hard-label CE = (1/|M|) Σ_{t∈M} −log p_S(y_t); shapes logits [..., V], labels [...], mask [...]."""
+    return masked_mean(token_cross_entropy(student_logits, labels), mask)
+
+
+def ce_and_response_kd(
+    student_logits: Tensor,
+    labels: Tensor,
+    ce_mask: Tensor,
+    topk_ids: Tensor,
+    topk_logprobs: Tensor,
+    tail_logmass: Tensor,
+    kd_mask: Tensor,
+    options: ResponseOptions,
+) -> tuple[Tensor, Tensor]:
+    """(CE, response KD) as ``cross_entropy`` and ``response_kd`` give them, from one log_softmax
+    (``ce_and_response_terms``)."""
+    ce, kd = ce_and_response_terms(student_logits, labels, topk_ids, topk_logprobs, tail_logmass, kd_mask, options)
+    return masked_mean(ce, ce_mask), masked_mean(kd, kd_mask) * options.scale
 
 
 def response_kd(
@@ -203,12 +272,7 @@ def response_kd(
     topk_logprobs: Tensor,
     tail_logmass: Tensor,
     mask: Tensor,
-    *,
-    divergence: str = "forward_kl",
-    temperature: float = 1.0,
-    tail: str = "tail_bucket",
-    capture_temperature: float = 1.0,
-    jsd_beta: float = 0.5,
+    options: ResponseOptions = ResponseOptions(),  # frozen: one shared default is safe
 ) -> Tensor:
     """Response-based KD on cached top-k teacher log-probs.
 
@@ -220,44 +284,8 @@ def response_kd(
     torchtune ``ForwardKLLoss`` (torchtune/modules/loss/kd_losses.py) for the full-vocabulary special case.
     """
     labels = torch.zeros_like(topk_ids[..., 0])
-    options = {"divergence": divergence, "temperature": temperature, "tail": tail}
-    options.update(capture_temperature=capture_temperature, jsd_beta=jsd_beta)
-    return ce_and_response_kd(student_logits, labels, torch.zeros_like(mask), topk_ids, topk_logprobs, tail_logmass,
-                              mask, **options)[1]  # fmt: skip
-
-
-def cross_entropy(student_logits: Tensor, labels: Tensor, mask: Tensor) -> Tensor:
-    """Hard-label CE = (1/|M|) Σ_{t∈M} −log p_S(y_t); shapes logits [..., V], labels [...], mask [...]."""
-    logp = torch.log_softmax(student_logits.float(), -1)
-    return masked_mean(-logp.gather(-1, labels.unsqueeze(-1)).squeeze(-1), mask)
-
-
-def ce_and_response_kd(
-    student_logits: Tensor,
-    labels: Tensor,
-    ce_mask: Tensor,
-    topk_ids: Tensor,
-    topk_logprobs: Tensor,
-    tail_logmass: Tensor,
-    kd_mask: Tensor,
-    **kd_options: object,
-) -> tuple[Tensor, Tensor]:
-    """(CE, response KD) from one float32 log_softmax and one gather of the student's logits.
-
-    The log_softmax is the one cross-entropy computes anyway (``F.cross_entropy`` = log_softmax + gather); the
-    label and top-k ids are gathered together, so the backward pass has one scatter. Only a tail bucket at τ ≠ 1
-    needs a second full-vocabulary pass (the student tempered at τ). ``kd_options`` are ``response_kd``'s keywords.
-    """
-    temperature = float(kd_options.get("temperature", 1.0))
-    logp = torch.log_softmax(student_logits.float(), -1)  # [..., V]; float32 like HF's own causal-LM loss
-    picked = logp.gather(-1, torch.cat([labels.unsqueeze(-1), topk_ids], -1))
-    ce = masked_mean(-picked[..., 0], ce_mask)
-    if kd_options.get("tail", "tail_bucket") == "tail_bucket" and temperature != 1.0:
-        student_topk, lse = student_logits.gather(-1, topk_ids), logsumexp_fp32(student_logits, temperature)
-    else:  # log-probs are logits shifted by their logsumexp: lse 0; renormalising ignores the shift anyway
-        student_topk, lse = picked[..., 1:], torch.zeros_like(picked[..., 0])
-    kd = response_kd_from_parts(student_topk, lse, topk_logprobs, tail_logmass, kd_mask, **kd_options)
-    return ce, kd
+    _, kd = ce_and_response_terms(student_logits, labels, topk_ids, topk_logprobs, tail_logmass, mask, options)
+    return masked_mean(kd, mask) * options.scale
 
 
 # ------------------------------------------------------------------------ sampled targets (unbiased sparse KD)
@@ -265,10 +293,12 @@ def sparse_cross_entropy(student_logp: Tensor, target_ids: Tensor | None, target
     """H(w, p_S) = −Σ_j w_j · log p_S(id_j) per position: [...].
 
     student_logp [..., V]; target_ids [..., m] long with target_weights [..., m] (a sparse target: padding slots
-    have weight 0), or target_ids None with target_weights [..., V] (a dense target over the vocabulary, k = V).
+    have weight 0), or target_ids None with target_weights [..., V'] (a dense target over ids 0..V'-1, k = V'; a
+    student with more output rows than the teacher's vocabulary, V ≥ V', has no target on the extra ones).
     """
     if target_ids is None:
-        return -(target_weights.float() * student_logp.clamp(min=LOG_FLOOR)).sum(-1)
+        dense = student_logp[..., : target_weights.shape[-1]].clamp(min=LOG_FLOOR)
+        return -(target_weights.float() * dense).sum(-1)
     picked = student_logp.gather(-1, target_ids).clamp(min=LOG_FLOOR)
     return -(target_weights.float() * picked).sum(-1)
 
@@ -296,16 +326,50 @@ def sampled_kd(
     [..., m] (or [..., V]); mask [...]. Padded positions may hold anything; the result is 0 when M is empty. τ must
     be the temperature the targets were drawn at (``check_sampled_options``).
     """
-    logp = torch.log_softmax(student_logits.float() / temperature, -1)
-    return _masked_sparse_ce(logp, target_ids, target_weights, mask) * temperature**2
+    labels = torch.zeros_like(mask, dtype=torch.long)
+    _, kd = ce_and_sampled_terms(student_logits, labels, target_ids, target_weights, mask, SampledOptions(temperature))
+    return masked_mean(kd, mask) * temperature**2
 
 
-def _masked_sparse_ce(logp: Tensor, target_ids: Tensor | None, target_weights: Tensor, mask: Tensor) -> Tensor:
-    valid = mask.to(torch.bool)
-    weights = torch.where(valid.unsqueeze(-1), target_weights.float(), 0.0)  # padded positions: no target
-    weights = torch.nan_to_num(weights, nan=0.0, posinf=0.0, neginf=0.0)
-    ids = None if target_ids is None else torch.where(valid.unsqueeze(-1), target_ids, 0)
-    return masked_mean(sparse_cross_entropy(logp, ids, weights), valid)
+@dataclass(frozen=True)
+class SampledOptions:
+    """Sampled targets (or the online teacher's dense ones): τ, the temperature they were drawn at (the loss is
+    multiplied by τ²); checked when constructed. Their divergence is the forward KL (``check_sampled_options``)."""
+
+    temperature: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.temperature <= 0:
+            raise ValueError(f"temperature: expected > 0, got {self.temperature}")
+
+    @property
+    def scale(self) -> float:
+        return self.temperature**2
+
+
+def ce_and_sampled_terms(
+    student_logits: Tensor,
+    labels: Tensor,
+    target_ids: Tensor | None,
+    target_weights: Tensor,
+    kd_valid: Tensor,
+    options: SampledOptions,
+) -> tuple[Tensor, Tensor]:
+    """Per position [...]: (−log p_S(y_t), −Σ_j w_{t,j} log p_S,τ(id_{t,j})), one float32 log_softmax when τ = 1.
+
+    The per-position terms of ``sampled_kd`` (no τ², no mean), as ``ce_and_response_terms`` for the top-k: what
+    ``pipeline.lm_head`` sums chunk by chunk. Positions where ``kd_valid`` is false get no target (their cached
+    values may be anything). Shapes: student_logits [..., V], labels [...], target_ids [..., m] or None,
+    target_weights [..., m] or [..., V], kd_valid [...].
+    """
+    logp = torch.log_softmax(student_logits.float(), -1)
+    ce = -logp.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    if options.temperature != 1.0:
+        logp = torch.log_softmax(student_logits.float() / options.temperature, -1)
+    valid = kd_valid.to(torch.bool).unsqueeze(-1)
+    weights = torch.nan_to_num(torch.where(valid, target_weights.float(), 0.0), nan=0.0, posinf=0.0, neginf=0.0)
+    ids = None if target_ids is None else torch.where(valid, target_ids, 0)
+    return ce, sparse_cross_entropy(logp, ids, weights)
 
 
 def ce_and_sampled_kd(
@@ -318,12 +382,10 @@ def ce_and_sampled_kd(
     *,
     temperature: float = 1.0,
 ) -> tuple[Tensor, Tensor]:
-    """(CE, ``sampled_kd``) sharing one float32 log_softmax of the student when τ = 1 (as ``ce_and_response_kd``)."""
-    logp = torch.log_softmax(student_logits.float(), -1)
-    ce = masked_mean(-logp.gather(-1, labels.unsqueeze(-1)).squeeze(-1), ce_mask)
-    if temperature != 1.0:
-        logp = torch.log_softmax(student_logits.float() / temperature, -1)
-    return ce, _masked_sparse_ce(logp, target_ids, target_weights, kd_mask) * temperature**2
+    """(CE, ``sampled_kd``) from ``ce_and_sampled_terms`` (as ``ce_and_response_kd`` for the top-k)."""
+    options = SampledOptions(temperature)
+    ce, kd = ce_and_sampled_terms(student_logits, labels, target_ids, target_weights, kd_mask, options)
+    return masked_mean(ce, ce_mask), masked_mean(kd, kd_mask) * options.scale
 
 
 def head_and_sampled_tail(

@@ -3,7 +3,7 @@
 Shapes: ``B`` sequences, ``T`` positions, ``V`` student vocabulary, ``k`` cached teacher ids per position.
 Alignment (the cache's): ``topk_*[:, t]`` and ``tail_logmass[:, t]`` describe the teacher's distribution of the token
 at ``t + 1`` given tokens ``0..t``, exactly like ``student_logits[:, t]``. A position ``t`` counts when both ``t`` and
-``t + 1`` are real tokens, so the label ``input_ids[:, t + 1]`` exists (see :func:`next_token_mask`).
+``t + 1`` are real tokens, so the label ``input_ids[:, t + 1]`` exists (``lm_head.causal_targets``' CE mask).
 
 Every metric is reduced over counted positions of the whole held-out set (sums accumulated batch by batch, divided
 once at the end), so the result does not depend on the batch size.
@@ -13,16 +13,20 @@ name                   higher_is_better   definition
 =====================  =================  ===============================================================
 heldout_ppl            False              exp(mean NLL of the true next token under the student)
 top1_agreement         True               mean[argmax_v q(v) == teacher top-1 id]
-kl_teacher_student     False              mean KL(p_T || q) over k+1 buckets (teacher top-k + tail)
+kl_teacher_student     False              mean KL(p_T || q) over k+1 buckets (teacher top-k + tail), as trained
 ece                    False              expected calibration error of the student's top-1 prediction
 =====================  =================  ===============================================================
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
+
+from pipeline import losses
+from pipeline.lm_head import TEACHER_COLUMNS, causal_targets
 
 
 @dataclass(frozen=True)
@@ -45,53 +49,36 @@ INTRINSIC_METRICS: dict[str, MetricInfo] = {
 }
 
 
-def next_token_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """[B, T] bool: position ``t`` has a real token and a real next token (the last position never counts)."""
-    real = attention_mask.bool()
-    out = torch.zeros_like(real)
-    out[:, :-1] = real[:, :-1] & real[:, 1:]
-    return out
-
-
-def token_nll(student_logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-    """[B, T] float32: −log q(input_ids[:, t+1]) at position t (0 at the last position, which has no label)."""
-    logp = torch.log_softmax(student_logits.float(), dim=-1)
-    nll = torch.zeros(input_ids.shape, dtype=torch.float32, device=student_logits.device)
-    nll[:, :-1] = -logp[:, :-1].gather(-1, input_ids[:, 1:].unsqueeze(-1).long()).squeeze(-1)
-    return nll
-
-
-def top1_agreement(student_logits: torch.Tensor, teacher_topk_ids: torch.Tensor) -> torch.Tensor:
-    """[B, T] bool: the student's argmax equals the teacher's top-1 id (``topk_ids[..., 0]``, sorted descending)."""
-    return student_logits.argmax(dim=-1) == teacher_topk_ids[..., 0].long()
-
-
-def kl_topk_tail(
+def nll_and_kl(
     student_logits: torch.Tensor,
+    labels: torch.Tensor,
     teacher_topk_ids: torch.Tensor,
     teacher_topk_logprobs: torch.Tensor,
     teacher_tail_logmass: torch.Tensor,
+    counted: torch.Tensor,
     temperature: float = 1.0,
-) -> torch.Tensor:
-    """[B, T] float32: KL(p_T || q) over k + 1 buckets, the teacher's top-k ids and "everything else".
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per position [...] float32: (−log q(label), KL(p_T || q_τ) over k + 1 buckets: the teacher's top-k ids and
+    "everything else").
 
-    p_T(i) = exp(topk_logprobs_i), p_T(tail) = exp(tail_logmass); q(i) = softmax(student_logits / τ)[id_i],
-    q(tail) = 1 − Σ_i q(i). KL = Σ_b p_T(b) (log p_T(b) − log q(b)), with 0·log 0 = 0. τ is the cache's capture
-    temperature, so both distributions are compared at the temperature the teacher's were stored at. Bucketing the
-    tail makes this a lower bound of the full-vocabulary KL (data processing inequality) that is exact when the
-    teacher's tail mass is zero. Computed in float32.
+    Both come from the training loss's own functions (``losses.ce_and_response_terms``: forward KL, tail bucket,
+    same clamps), so evaluation and training measure the same divergence: p_T(i) = exp(topk_logprobs_i),
+    p_T(tail) = exp(tail_logmass), q_τ = softmax(student_logits / τ), q_τ(tail) = 1 − Σ_i q_τ(id_i),
+    KL = Σ_b p_T(b) (log p_T(b) − log q_τ(b)), without the loss's τ² factor. τ is the cache's capture temperature,
+    so both distributions are compared at the temperature the teacher's were stored at. Bucketing the tail makes
+    this a lower bound of the full-vocabulary KL (data processing inequality) that is exact when the teacher's tail
+    mass is zero. Shapes: student_logits [..., V], labels [...], teacher_topk_* [..., k], teacher_tail_logmass and
+    counted [...] (values at positions not counted are finite and meaningless).
     """
-    logq = torch.log_softmax(student_logits.float() / temperature, dim=-1)  # [B, T, V]
-    logq_top = logq.gather(-1, teacher_topk_ids.long())  # [B, T, k]
-    # log(1 − Σ q_top) through log1p(−exp(logsumexp)), clamped so a student putting all mass on the top-k is finite
-    mass_top = torch.logsumexp(logq_top, dim=-1).exp().clamp(max=1.0 - 1e-7)
-    logq_tail = torch.log1p(-mass_top)
-    logp_top = teacher_topk_logprobs.float()
-    logp_tail = teacher_tail_logmass.float()
-    kl_top = torch.special.xlogy(logp_top.exp(), logp_top.exp()) - logp_top.exp() * logq_top
-    p_tail = logp_tail.exp()
-    kl_tail = torch.special.xlogy(p_tail, p_tail) - p_tail * logq_tail
-    return kl_top.sum(-1) + kl_tail
+    options = losses.ResponseOptions("forward_kl", temperature, "tail_bucket", temperature)
+    return losses.ce_and_response_terms(
+        student_logits, labels, teacher_topk_ids, teacher_topk_logprobs, teacher_tail_logmass, counted, options
+    )
+
+
+def top1_agreement(student_logits: torch.Tensor, teacher_topk_ids: torch.Tensor) -> torch.Tensor:
+    """[...] bool: the student's argmax equals the teacher's top-1 id (``topk_ids[..., 0]``, sorted descending)."""
+    return student_logits.argmax(dim=-1) == teacher_topk_ids[..., 0].long()
 
 
 def calibration_bins(
@@ -133,26 +120,27 @@ class IntrinsicAccumulator:
         self.bins = [torch.zeros(ece_bins, dtype=torch.float64) for _ in range(3)]
 
     def update(self, student_logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> None:
-        """Add one batch: ``student_logits`` [B, T, V] and the cache batch (input_ids, attention_mask, topk_ids,
+        """Add one batch from whole logits [B, T, V] and the cache batch (input_ids, attention_mask, topk_ids,
         topk_logprobs, tail_logmass)."""
-        mask = next_token_mask(batch["attention_mask"]).to(student_logits.device)
-        input_ids = batch["input_ids"].to(student_logits.device)
-        topk_ids = batch["topk_ids"].to(student_logits.device)
-        logits = student_logits.float()
-        nll = token_nll(logits, input_ids)
-        agree = top1_agreement(logits, topk_ids)
-        kl = kl_topk_tail(
-            logits,
-            topk_ids,
-            batch["topk_logprobs"].to(logits.device),
-            batch["tail_logmass"].to(logits.device),
-            self.temperature,
-        )
-        probs = torch.softmax(logits, dim=-1)
-        confidence, predicted = probs.max(dim=-1)
-        labels = torch.zeros_like(input_ids)
-        labels[:, :-1] = input_ids[:, 1:]
-        correct = predicted == labels
+        self.update_chunks(batch, [(slice(None), student_logits.reshape(-1, student_logits.shape[-1]))])
+
+    def update_chunks(self, batch: dict[str, torch.Tensor], chunks: Iterable[tuple[slice, torch.Tensor]]) -> None:
+        """Add one batch from its logits chunk by chunk: ``chunks`` yields (rows, logits [c, V]) over the batch's
+        B·T positions flattened (``lm_head.logits_in_chunks``), so [B, T, V] never exists."""
+        labels, counted, _ = causal_targets(batch["input_ids"], batch["attention_mask"])
+        flat = {"labels": labels, "counted": counted, **{k: batch[k] for k in TEACHER_COLUMNS}}
+        flat = {k: v.reshape(-1, *v.shape[2:]) for k, v in flat.items()}
+        for rows, logits in chunks:
+            part = {k: v[rows].to(logits.device) for k, v in flat.items()}
+            self._add(logits.float(), part)
+
+    def _add(self, logits: torch.Tensor, t: dict[str, torch.Tensor]) -> None:
+        mask = t["counted"]
+        ids = t["topk_ids"]
+        nll, kl = nll_and_kl(logits, t["labels"], ids, t["topk_logprobs"], t["tail_logmass"], mask, self.temperature)
+        agree = top1_agreement(logits, ids)
+        confidence, predicted = torch.softmax(logits, dim=-1).max(dim=-1)
+        correct = predicted == t["labels"]
         self.tokens += int(mask.sum())
         self.nll_sum += float(nll[mask].double().sum())
         self.agree_sum += float(agree[mask].double().sum())

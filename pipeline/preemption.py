@@ -49,16 +49,22 @@ class Interrupted(BaseException):  # noqa: N818 (a control-flow signal like Keyb
 
 
 class _State:
-    """The process-wide record of what was received and which signals are deferred right now."""
+    """The process-wide record of what was received, which signals are deferred right now, and whether the stage is
+    already stopping."""
 
     def __init__(self) -> None:
         self.received: int | None = None
         self.deferred: frozenset[int] = frozenset()
+        # Set once the stage acts on a signal. From then on signals are only recorded: a torchrun worker gets
+        # SIGTERM from the Slurm step and again from the agent (also when a peer exits first), and a second
+        # Interrupted raised inside finish() would turn the orderly stop into a traceback and exit 1.
+        self.stopping = False
 
     def handle(self, signum: int, frame: object) -> None:
         if self.received != STOP:  # a stop request outranks a warning
             self.received = signum
-        if signum not in self.deferred:
+        if signum not in self.deferred and not self.stopping:
+            self.stopping = True
             raise Interrupted(signum)
 
 
@@ -68,7 +74,7 @@ _STATE = _State()
 def install() -> Callable[[], None]:
     """Put the handlers in place (first thing in every stage process) and do this node's half of the handshake;
     returns a function that puts the previous handlers back (tests run several stages in one process)."""
-    _STATE.received, _STATE.deferred = None, frozenset()
+    _STATE.received, _STATE.deferred, _STATE.stopping = None, frozenset(), False
     previous = {sig: signal.signal(sig, _STATE.handle) for sig in (WARNING, STOP)}
     signal_dir = os.environ.get(SIGNAL_DIR_ENV)
     if signal_dir:
@@ -110,11 +116,19 @@ def received() -> int | None:
 def check(where: str = "", **metrics: Any) -> None:
     """At a safe point: raise :class:`Interrupted` if a signal was received (``where``: what is saved by now)."""
     if _STATE.received is not None:
+        _STATE.stopping = True
         raise Interrupted(_STATE.received, where, **metrics)
 
 
 def finish(stop: Interrupted, log: JsonLogger) -> int:
-    """Log why the stage stops, leave the requeue request after a warning, and return the exit code."""
+    """Log why the stage stops, leave the requeue request after a warning, and return the exit code. Signals that
+    come meanwhile (the agent's SIGTERM while rank 0 asks Slurm why) are only recorded."""
+    _STATE.stopping = True
+    with deferred(WARNING, STOP):
+        return _finish(stop, log)
+
+
+def _finish(stop: Interrupted, log: JsonLogger) -> int:
     where = f" ({stop.where})" if stop.where else ""
     if stop.signum == WARNING:
         signal_dir = os.environ.get(SIGNAL_DIR_ENV)
@@ -124,7 +138,11 @@ def finish(stop: Interrupted, log: JsonLogger) -> int:
         outcome = "requeue requested" if signal_dir else "not in a Slurm job: rerun the same command to resume"
         log.warning("preempted", f"SIGUSR1 (time limit or preemption warning){where}; {outcome}", **stop.metrics)
         return EXIT_REQUEUED
-    cause = stop_cause() if env_rank() == 0 else None
+    name = signal.Signals(stop.signum).name
+    if env_rank() != 0 and os.environ.get("SLURM_JOB_ID"):  # one query per job, not one per rank
+        log.warning("stopped", f"{name}{where}; stopping with the other ranks (rank 0 logs why)", **stop.metrics)
+        return 128 + stop.signum
+    cause = stop_cause()
     if cause == "requeued":
         log.warning("requeued", f"Slurm requeued the job (scontrol requeue or preemption){where}; it will run again",
                     **stop.metrics)  # fmt: skip
@@ -132,15 +150,27 @@ def finish(stop: Interrupted, log: JsonLogger) -> int:
         why = {"cancelled": "job cancelled", "timeout": "time limit reached", "preempted": "job preempted"}.get(
             cause or "", "stop requested"
         )
-        name = signal.Signals(stop.signum).name
         log.warning("stopped", f"{name} ({why}){where}; exiting without requeue", **stop.metrics)
     return 128 + stop.signum
 
 
 def _slurm_query(cmd: list[str]) -> str:
+    """The query's output ("" on failure). It starts with SIGTERM ignored (an ignored disposition survives exec):
+    more SIGTERMs follow the one that stopped the stage (srun terminating the step after a cancel, torchrun's agent
+    stopping its workers with killpg) and reach every process of the step, the query in flight included, which
+    then answered nothing and a cancel read "stop requested"."""
+    previous = signal.signal(STOP, signal.SIG_IGN)  # only while the child is forked; finish() records, not raises
     try:
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=10).stdout
-    except (OSError, subprocess.TimeoutExpired):
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    except OSError:
+        return ""
+    finally:
+        signal.signal(STOP, previous)
+    try:
+        return proc.communicate(timeout=10)[0]
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
         return ""
 
 

@@ -4,7 +4,7 @@ recipe won", built only from result files.
 Reads (every input optional; what is missing is listed under "Not included" in the report, never a crash):
     runs/<run>/evaluate/<model>/results.json                  intrinsic metrics, provenance (evaluate stage)
     runs/<run>/evaluate/<model>/lm_eval/**/results_<ts>.json  lm-eval's own output (EvaluationTracker layout)
-    runs/<run>/train/<variant>/summary.json, metrics.jsonl    training summary and loss curves
+    runs/<run>/train/<variant>/summary.json, metrics.jsonl    training summary and CE curves (train, held-out)
     runs/<run>/{manifest,cache}/_COMPLETE.json                stage summaries (token counts for tokens per joule)
     logs/<run>/<stage>/telemetry_*.jsonl, telemetry_summary_*.json   GPU telemetry from monitor.py
 Writes:
@@ -12,7 +12,7 @@ Writes:
                                      deltas vs the CE-only baseline and vs the teacher
     runs/<run>/report/summary.json   everything above plus every lm-eval metric/filter/stderr, telemetry, notes
     runs/<run>/report/summary.md     tables, embedded plots, the primary-metric rule, notes
-    runs/<run>/report/plots/*.png    loss curves, eval scores with error bars, telemetry over time, energy
+    runs/<run>/report/plots/*.png    CE curves per variant, eval scores with error bars, telemetry over time, energy
 Run:
     python -m pipeline.report --config C
 Prints a compact per-model table to the console.
@@ -40,7 +40,8 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import definition, telemetry
-from pipeline.config import Config, flatten
+from pipeline.config import Config
+from pipeline.jsonlog import parse_jsonl
 from pipeline.metrics import INTRINSIC_METRICS
 from pipeline.rundir import (
     RunDir,
@@ -51,6 +52,7 @@ from pipeline.rundir import (
     atomic_write_text,
     stage_main,
 )
+from pipeline.telemetry import GPU_SERIES
 
 TEACHER = definition.TEACHER
 PRIMARY_METRICS = ("acc_norm", "acc", "exact_match", "f1", "mc2", "word_perplexity", "perplexity", "bits_per_byte")
@@ -72,24 +74,15 @@ def _read_json(path: Path, notes: list[str]) -> Any:
 
 def _read_jsonl(path: Path, notes: list[str]) -> list[dict]:
     """Objects of a JSON-lines file; a torn last line (a run still writing or killed) is skipped with a note."""
-    rows, bad = [], 0
     try:
         text = Path(path).read_text()
     except OSError as err:
         notes.append(f"{path}: unreadable ({err.strerror}); skipped")
-        return rows
-    for line in text.splitlines():
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError:
-            bad += 1
-            continue
-        if isinstance(obj, dict):
-            rows.append(obj)
+        return []
+    bad: list[str] = []
+    rows = list(parse_jsonl(text.splitlines(), bad))
     if bad:
-        notes.append(f"{path}: {bad} malformed line(s) skipped")
+        notes.append(f"{path}: {len(bad)} malformed line(s) skipped")
     return rows
 
 
@@ -202,7 +195,9 @@ def displayed_tasks(tasks: dict[str, dict[str, Any]]) -> list[str]:
 
 
 def collect_training(rd: RunDir, variants: list[str], notes: list[str]) -> dict[str, dict[str, Any]]:
-    """{variant: {summary, curve_train [(step, loss)], curve_val [(step, loss)]}} of the given (complete) variants."""
+    """{variant: {summary, curve_train [(step, CE)], curve_val [(step, held-out CE)]}} of the given (complete)
+    variants. The curves are cross-entropy, not ``loss``: every variant logs its CE on the same held-out rows, while
+    its ``loss`` is a weighted total of other components, so only CE compares variants with each other."""
     out = {}
     for variant in variants:
         vdir = rd.stage_dir("train", variant)
@@ -211,9 +206,9 @@ def collect_training(rd: RunDir, variants: list[str], notes: list[str]) -> dict[
         rows = _read_jsonl(metrics_path, notes) if metrics_path.exists() else []
         curves: dict[str, list[tuple[float, float]]] = {"train": [], "val": []}
         for row in rows:
-            step, loss = _number(row.get("step")), _number(row.get("loss"))
-            if step is not None and loss is not None and row.get("split", "train") in curves:
-                curves[row.get("split", "train")].append((step, loss))
+            step, ce = _number(row.get("step")), _number(row.get("ce"))
+            if step is not None and ce is not None and row.get("split", "train") in curves:
+                curves[row.get("split", "train")].append((step, ce))
         out[variant] = {
             "summary": summary if isinstance(summary, dict) else None,
             "curve_train": curves["train"],
@@ -233,40 +228,12 @@ def _timestamp(value: Any) -> float | None:
     return None
 
 
-TELEMETRY_SERIES = {  # series -> (key pattern, how per-GPU readings combine)
-    "gpu_util_pct": (re.compile(r"gpu.*util(?!.*mem)|util.*gpu", re.I), "mean"),
-    "gpu_mem_gb": (re.compile(r"gpu.*mem.*(used|gb)|mem.*used.*gpu", re.I), "sum"),
-    "gpu_power_w": (re.compile(r"gpu.*power|power_w", re.I), "sum"),
-}
-
-
 def telemetry_point(line: dict[str, Any]) -> dict[str, float] | None:
-    """One telemetry line -> {t, gpu_util_pct, gpu_mem_gb, gpu_power_w} (only the series it has), or None.
-
-    Key names are matched by pattern (``gpus.0.util_pct``, ``gpu0_util_pct``, ``metrics.gpu_util_pct`` …) so the
-    report keeps working if monitor.py nests per-GPU readings differently; memory in MiB/bytes is converted.
-    """
-    t = _timestamp(line.get("ts", line.get("time", line.get("t"))))
-    if t is None:
-        return None
-    flat = {k: v for k, v in flatten(line).items() if _number(v) is not None}
-    point: dict[str, float] = {"t": t}
-    for series, (pattern, how) in TELEMETRY_SERIES.items():
-        values = []
-        for key, value in flat.items():
-            leaf = key.lower()
-            if pattern.search(leaf) and not re.search(r"total|max|mean|limit|peak|energy", leaf):
-                value = float(value)
-                if series == "gpu_mem_gb" and "mib" in leaf:
-                    value /= 1024
-                elif series == "gpu_mem_gb" and leaf.endswith("bytes"):
-                    value /= 1024**3
-                values.append(value)
-        if values:
-            point[series] = sum(values) / len(values) if how == "mean" else sum(values)
-            if how == "mean":
-                point["gpu_count"] = len(values)  # weight of this host's mean when hosts are merged
-    return point if len(point) > 1 else None
+    """One monitor.py line -> {t, gpu_util_pct, gpu_count, gpu_mem_gb, gpu_power_w} (the series it has, as
+    ``telemetry.gpu_point`` names and combines them), or None without a time or GPU readings."""
+    t = _timestamp(line.get("ts"))
+    point = telemetry.gpu_point(line.get("metrics") or {})
+    return None if t is None or not point else {"t": t, **point}
 
 
 def collect_telemetry(logs_dir: Path, notes: list[str]) -> dict[str, dict[str, Any]]:
@@ -403,7 +370,7 @@ def build_summary(cfg: Config, rd: RunDir, missing: dict[str, str]) -> dict[str,
             "tokens_per_joule": tokens / (wh * 3600) if tokens and wh > 0 else None,
         }
     for stage, tel in telemetry.items():
-        if not any(key in point for point in tel["points"] for key in TELEMETRY_SERIES):
+        if not any(key in point for point in tel["points"] for key in GPU_SERIES):
             notes.append(f"telemetry {stage}: host metrics only, no GPU readings (no NVML); no GPU plot")
     if telemetry and not energy:
         notes.append("energy: telemetry has no energy readings (no NVML energy counter); energy plot omitted")
@@ -613,19 +580,20 @@ def make_plots(summary: dict[str, Any], plot_dir: Path) -> dict[str, str]:
 
     plots: dict[str, str] = {}
     curves = {k: v for k, v in summary["_curves"].items() if v["train"] or v["val"]}
-    if curves:
+    if curves:  # CE of each variant: the one quantity every variant logs on the same held-out rows
         fig, ax = plt.subplots(figsize=(7, 4))
         for i, (name, curve) in enumerate(sorted(curves.items())):
             color = f"C{i}"
-            if curve["train"]:
-                ax.plot(*zip(*curve["train"], strict=True), color=color, label=f"{name} train")
             if curve["val"]:
-                ax.plot(*zip(*curve["val"], strict=True), color=color, ls="--", marker="o", label=f"{name} val")
-        ax.set(xlabel="optimizer step", ylabel="loss", title="Training loss per variant")
+                ax.plot(*zip(*curve["val"], strict=True), color=color, marker="o", label=f"{name} held-out")
+            if curve["train"]:
+                ax.plot(*zip(*curve["train"], strict=True), color=color, lw=0.8, alpha=0.45, label=f"{name} train")
+        title = "Cross-entropy per variant (held-out and train)"
+        ax.set(xlabel="optimizer step", ylabel="cross-entropy (nats/token)", title=title)
         ax.legend(fontsize=8)
-        _save(fig, plot_dir / "loss_curves.png")
+        _save(fig, plot_dir / "ce_curves.png")
         plt.close(fig)
-        plots["Training loss per variant"] = "plots/loss_curves.png"
+        plots[title] = "plots/ce_curves.png"
 
     metrics = [
         m for m in summary["metric_info"] if any(mm["scores"].get(m) is not None for mm in summary["models"].values())
@@ -655,7 +623,7 @@ def make_plots(summary: dict[str, Any], plot_dir: Path) -> dict[str, str]:
         plots["Evaluation scores (error bars: lm-eval stderr)"] = "plots/eval_scores.png"
 
     for stage, points in sorted(summary["_telemetry_points"].items()):
-        series = [s for s in TELEMETRY_SERIES if any(s in p for p in points)]
+        series = [s for s in GPU_SERIES if any(s in p for p in points)]
         if not series:
             continue
         t0 = points[0]["t"]

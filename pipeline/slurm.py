@@ -8,8 +8,10 @@ plus status, cancel and the run's submission history.
 Submit queues only what is not complete: every unit of the definition is checked with ``rundir.unit_state`` (the
 check the stage wrapper itself makes before skipping a unit), downstream of a unit that will run counts as not
 complete, and the jobs that are left are chained on each other with ``afterok`` and ``--kill-on-invalid-dep=yes``
-(a failure cancels everything downstream instead of leaving it pending forever). The cache is one job array, each
-train variant its own job (side by side), evaluate one job after every train job it reads, report last.
+(a failure cancels everything downstream instead of leaving it pending forever). The cache is one job array (of
+a partly done cache only the tasks the stage module's ``pending_tasks`` names; the command carries ``--task-count``
+so that each task keeps its shards), each train variant its own job (side by side), evaluate one job after every
+train job it reads, report last.
 
 Resources and the environment have one source of truth, ``cfg.slurm`` (run-wide keys, and per stage
 ``slurm.stages.<stage>``), overridable like any key. :func:`generate_script` renders ``slurm/<stage>.sbatch`` with
@@ -34,6 +36,7 @@ import os
 import shlex
 import subprocess
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,6 +67,7 @@ class JobSpec:
     command: list[str]
     after: list[str] = field(default_factory=list)  # names of the jobs this one depends on (afterok)
     units: dict[str, str] = field(default_factory=dict)  # the units this job will run -> why they run
+    tasks: list[int] | None = None  # an array job's tasks to queue (of slurm.stages.<stage>.array_tasks)
 
     @property
     def name(self) -> str:
@@ -141,7 +145,31 @@ def stage_command(
         argv += ["--variant", unit]
     if definition.stage(stage).distributed:
         argv.append(f"--nproc-per-node={procs_per_node(cfg, stage)}")
+    if definition.stage(stage).slurm_jobs == "array":  # explicit: a resubmit may queue only some of the tasks
+        argv.append(f"--task-count={stage_resources(cfg, stage).array_tasks}")
     return argv + (["--force"] if force else []) + overrides
+
+
+def array_tasks(cfg: Config, stage: str, *, whole: bool) -> list[int]:
+    """The tasks of an array stage to queue: every one when ``whole`` (``--force``, or an upstream unit runs again
+    first, so what is left cannot be known yet), else those the stage module's ``pending_tasks`` names (the cache:
+    the tasks that own a shard without a matching record), so a resubmit after a partial cache asks for the nodes
+    of the unfinished tasks only."""
+    count = stage_resources(cfg, stage).array_tasks
+    if whole:
+        return list(range(count))
+    return importlib.import_module(f"pipeline.{stage}").pending_tasks(cfg, RunDir.from_config(cfg), count)
+
+
+def array_spec(tasks: Iterable[int]) -> str:
+    """sbatch's ``--array`` value for task ids: ``0-15``, ``1,3``, ``0-2,5``."""
+    runs: list[list[int]] = []
+    for task in sorted(tasks):
+        if runs and task == runs[-1][1] + 1:
+            runs[-1][1] = task
+        else:
+            runs.append([task, task])
+    return ",".join(f"{a}-{b}" if b > a else f"{a}" for a, b in runs)
 
 
 def plan(
@@ -166,6 +194,8 @@ def plan(
                 command = stage_command(cfg, config_path, overrides, stage.name, unit, force)
             job = JobSpec(stage.name, unit, command, units={str(u): why for u, why in group})
             direct = {job_of[up] for u, _ in group for up in definition.upstream(cfg, stage.name, u) if up in job_of}
+            if stage.slurm_jobs == "array":
+                job.tasks = array_tasks(cfg, stage.name, whole=force or bool(direct))
             # afterok on a job's upstream jobs, less those another of them already waits for (report after
             # evaluate, not also after every train job)
             implied = set().union(*(ancestors[d] for d in direct))
@@ -192,7 +222,7 @@ def sbatch_directives(cfg: Config, job: JobSpec, *, output: Path, dependency: li
     if res.gpus_per_node:
         opts.append(f"--gpus-per-node={res.gpus_per_node}")
     if stage.slurm_jobs == "array":
-        opts.append(f"--array=0-{res.array_tasks - 1}")
+        opts.append(f"--array={array_spec(job.tasks if job.tasks is not None else range(res.array_tasks))}")
     if stage.preemptible:  # to the batch shell (B:), which hands it on when the stage can take it
         opts.append(f"--signal=B:USR1@{cfg.slurm.signal_s}")
     for key in ("partition", "account", "qos", "constraint", "reservation", "mail_type", "mail_user", "export"):
@@ -349,6 +379,7 @@ def submit(
                     "units": job.units,
                     "job_id": ids[job.name],
                     "array_tasks": stage_resources(cfg, job.stage).array_tasks if pattern == "%A_%a" else None,
+                    "array": array_spec(job.tasks) if job.tasks is not None else None,  # the tasks queued
                     "after": dependency,
                     "after_jobs": job.after,
                     "script": str(script),
@@ -474,13 +505,15 @@ def summarize_job(tasks: list[dict]) -> dict:
     order = [*sorted(FAILED_STATES), "CANCELLED", "RUNNING", "REQUEUED", "PENDING", "COMPLETING", "COMPLETED"]
     state = min(counts, key=lambda s: order.index(s) if s in order else len(order))
     worst = next(t for t in tasks if t["state"] == state)
+    elapsed = [t["elapsed_s"] for t in tasks if t.get("elapsed_s") is not None]
+    started = any(t.get("started") for t in tasks)
     return {
         "state": state,
         "counts": counts,
         "exit_code": worst.get("exit_code", ""),
         "reason": worst.get("reason", ""),
-        "elapsed_s": max((t.get("elapsed_s") or 0 for t in tasks), default=0) or None,
-        "started": any(t.get("started") for t in tasks),
+        "elapsed_s": max(elapsed) if elapsed and started else None,  # a job that ran under a second shows 0:00:00
+        "started": started,
         "requeues": sum(t.get("requeues", 0) for t in tasks),
     }
 
@@ -494,12 +527,15 @@ def job_log_records(logs_dir: Path, run: str, stage: str, job_id: str) -> list[d
 
 
 def last_progress(records: list[dict], failed: bool) -> dict | None:
-    """What to show for a job: its last error when it failed (the line that says why), else its latest line."""
+    """What to show for a job: its last error when it failed (the line that says why, from whichever rank wrote
+    it), else its latest line from rank 0 (of any array task; the other ranks of a torchrun stage echo it, and
+    on a stop only rank 0 asks Slurm why)."""
     if failed:
         errors = [r for r in records if r.get("level") == "error"]
         if errors:
             return errors[-1]
-    return records[-1] if records else None
+    lead = [r for r in records if r.get("rank", 0) == 0] or records
+    return lead[-1] if lead else None
 
 
 def run_status(record: dict) -> dict:
@@ -643,7 +679,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{'complete':<9} {_unit_label(done['stage'], done['unit'])} (not queued)")
             for job in record["jobs"]:
                 after = f" after {', '.join(job['after_jobs'])}" if job["after_jobs"] else ""
-                print(f"{job['job_id']:<9} {_label(job)}{after}")
+                partial = job.get("array") and job["array"] != array_spec(range(job["array_tasks"]))
+                tasks = f" (array tasks {job['array']} of {job['array_tasks']})" if partial else ""
+                print(f"{job['job_id']:<9} {_label(job)}{tasks}{after}")
             if not record["jobs"]:
                 print(f"run '{record['run']}' is complete for this config and its inputs: nothing to queue")
             elif not args.dry_run:

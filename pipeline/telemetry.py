@@ -332,6 +332,28 @@ def merge_summaries(summaries: list[dict]) -> dict:
     return merged
 
 
+# The report's GPU series: each combines one per-GPU reading of a sample (``gpus[i][reading]``) over a host's GPUs
+GPU_SERIES = {
+    "gpu_util_pct": ("util_pct", "mean"),
+    "gpu_mem_gb": ("mem_used_gb", "sum"),
+    "gpu_power_w": ("power_w", "sum"),
+}
+
+
+def gpu_point(sample: dict[str, Any]) -> dict[str, float]:
+    """One sample's GPUs as series values ``{gpu_util_pct (mean), gpu_count, gpu_mem_gb, gpu_power_w (sums)}``, only
+    the series some GPU has a reading for (a GPU without NVML utilisation, or a host without GPUs, gives fewer)."""
+    gpus = sample.get("gpus") or []
+    point: dict[str, float] = {}
+    for series, (reading, how) in GPU_SERIES.items():
+        values = [float(g[reading]) for g in gpus if isinstance(g.get(reading), (int, float))]
+        if values:
+            point[series] = sum(values) / len(values) if how == "mean" else sum(values)
+            if how == "mean":
+                point["gpu_count"] = len(values)  # weight of this host's mean when hosts are merged
+    return point
+
+
 def merge_series(series: list[list[dict]], interval_s: float) -> list[dict]:
     """Telemetry points of several monitors on one time axis. Each series is one file's time-sorted points
     ``{t, gpu_util_pct (mean over its GPUs), gpu_count, gpu_mem_gb, gpu_power_w (sums over its GPUs)}``.

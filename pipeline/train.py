@@ -42,14 +42,14 @@ import shutil
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from pipeline import cache_format, definition, losses, preemption
+from pipeline import cache_format, definition, lm_head, losses, preemption
 from pipeline.config import (
     Config,
     ConfigError,
@@ -61,7 +61,8 @@ from pipeline.config import (
     to_dict,
 )
 from pipeline.fsdp import Fsdp2
-from pipeline.jsonlog import redact_values
+from pipeline.jsonlog import console_progress, parse_jsonl, redact_values
+from pipeline.lm_head import causal_targets
 from pipeline.modeling import (
     load_causal_lm,
     load_model_config,
@@ -89,7 +90,7 @@ CHECKPOINT_PREFIX = "step_"
 TMP_PREFIX = ".tmp-"
 # Knobs that change how a run is observed or stored, not what it computes: a resume may change them.
 OPERATIONAL_KEYS = ("checkpoint_every", "keep_checkpoints", "eval_every", "eval_batches", "log_every", "resume")
-OPERATIONAL_KEYS += ("num_workers", "threads", "variants", "baseline_variant")
+OPERATIONAL_KEYS += ("num_workers", "threads", "variants", "baseline_variant", "trackers")
 
 
 def signal_from_code(total: float) -> int | None:
@@ -139,6 +140,18 @@ class LossRecipe:
     relation_layer: int  # student hidden_states index pooled for relations
     sampled_support: str | None = None  # what the cache's draws came from ("full", "tail"; None: no draws)
     teacher: nn.Module | None = None  # the teacher run in the loop (response.targets: online), frozen, eval mode
+    # checked once here; None without response KD; SampledOptions for sampled, head + sampled tail and online targets
+    response: losses.ResponseOptions | losses.SampledOptions | None = field(init=False)
+
+    def __post_init__(self) -> None:
+        response = self.loss.response
+        if response.weight == 0:
+            self.response = None
+        elif response.targets == "topk":
+            options = (response.divergence, response.temperature, response.tail, self.capture_temperature)
+            self.response = losses.ResponseOptions(*options, response.jsd_beta)
+        else:
+            self.response = losses.SampledOptions(response.temperature)
 
     @property
     def weights(self) -> dict[str, float]:
@@ -205,12 +218,17 @@ def resolve_recipe(name: str, loss: LossConfig, meta: dict[str, Any], student_co
 
 # -------------------------------------------------------------------------------------------------- model
 class Distillee(nn.Module):
-    """The trained state: the student plus the feature projectors, one module so DDP/FSDP sync both."""
+    """The trained state: the student plus the feature projectors, one module so DDP/FSDP sync both.
 
-    def __init__(self, student: nn.Module, projectors: losses.FeatureProjectors | None) -> None:
+    ``logits_chunk`` (``train.logits_chunk``): positions per LM-head chunk (``pipeline.lm_head``); 0 computes the
+    whole [B, T, V] logits through the student's own forward.
+    """
+
+    def __init__(self, student: nn.Module, projectors: losses.FeatureProjectors | None, logits_chunk: int = 0) -> None:
         super().__init__()
         self.student = student
         self.projectors = projectors
+        self.logits_chunk = logits_chunk
 
     def forward(
         self,
@@ -219,19 +237,31 @@ class Distillee(nn.Module):
         output_hidden_states: bool,
         feature_pairs: list[tuple[int, int]],
         positions: Tensor | None,
-    ) -> tuple[Any, dict[tuple[int, int], Tensor]]:
-        """(HF output, {(s, t): projected student hidden_states[s] at ``positions``, [B, T', Ht]}).
+        targets: lm_head.HeadTargets,
+    ) -> tuple[tuple[Tensor, ...] | None, dict[tuple[int, int], Tensor], dict[str, Tensor]]:
+        """(student hidden_states, {(s, t): projected hidden_states[s] at ``positions``, [B, T', Ht]},
+        {ce, kd_response}: the logit losses against ``targets``).
 
-        Projections run inside forward so FSDP has the projector weights unsharded and DDP sees them used.
+        The LM head, its losses and the projections run inside forward, so FSDP has their weights unsharded and DDP
+        sees them used.
         """
-        out = self.student(
-            input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=output_hidden_states
-        )
+        kwargs = {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "output_hidden_states": output_hidden_states,
+        }
+        if self.logits_chunk:
+            body, head = lm_head.body_and_head(self.student)
+            out = body(**kwargs)
+            scores = lm_head.chunked_scores(out.last_hidden_state, head, targets, self.logits_chunk)
+        else:
+            out = self.student(**kwargs)
+            scores = lm_head.scores_from_logits(out.logits, targets)
         projected = {}
         for s, t in feature_pairs:
             hidden = out.hidden_states[s] if positions is None else out.hidden_states[s][:, positions]
             projected[(s, t)] = self.projectors(s, t, hidden)
-        return out, projected
+        return out.hidden_states, projected, scores
 
 
 def _student_model_config(cfg: Config) -> ModelConfig:
@@ -264,20 +294,6 @@ def build_student(cfg: Config, on: torch.device) -> nn.Module:
 
 
 # ------------------------------------------------------------------------------------------------ loss step
-def causal_targets(input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """(labels, ce_mask, kd_mask), all [B, T].
-
-    Position t predicts token t+1: labels[t] = input_ids[t+1], valid where both are real tokens (the last position
-    has no label). The teacher's distribution at t is a target wherever t is a real token (the cache stores it at
-    every position, including the last real one).
-    """
-    labels = torch.zeros_like(input_ids)
-    labels[:, :-1] = input_ids[:, 1:]
-    ce_mask = torch.zeros_like(attention_mask, dtype=torch.bool)
-    ce_mask[:, :-1] = attention_mask[:, :-1].bool() & attention_mask[:, 1:].bool()
-    return labels, ce_mask, attention_mask.bool()
-
-
 def head(batch: dict[str, Any], top_k: int | None) -> tuple[Tensor, Tensor, Tensor]:
     """The cached (top-k ids, log-probs, tail), cut to the first ``top_k`` entries when set (``response.top_k``)."""
     ids, logprobs, tail = batch["topk_ids"], batch["topk_logprobs"], batch["tail_logmass"]
@@ -286,24 +302,31 @@ def head(batch: dict[str, Any], top_k: int | None) -> tuple[Tensor, Tensor, Tens
     return losses.truncate_topk(ids, logprobs, tail, top_k)
 
 
-def response_targets(batch: dict[str, Any], recipe: LossRecipe) -> tuple[Tensor | None, Tensor]:
-    """(ids [B, T, m] or None, weights [B, T, m] or [B, T, V]) of ``losses.sampled_kd`` for the recipe's targets.
+def response_targets(batch: dict[str, Any], recipe: LossRecipe) -> dict[str, Tensor]:
+    """What the student's distributions are scored against (``lm_head.HeadTargets.teacher``) for the recipe's
+    ``response.targets``; empty without response KD.
 
-    ``sampled``: the cached draws; ``topk+sampled``: the exact top-k head plus the draws outside it
-    (``losses.head_and_sampled_tail``); ``online``: the teacher run now on the batch, its full distribution at the
-    loss temperature (k = V: the same loss, exact, as ground truth for the sparse targets).
+    ``topk``: the cached top-k (+ tail), cut to ``response.top_k``; ``sampled``: the cached draws;
+    ``topk+sampled``: the exact top-k head plus the draws outside it (``losses.head_and_sampled_tail``); ``online``:
+    the teacher run now on the batch, its full distribution at the loss temperature as dense weights (k = V: the same
+    loss, exact, the ground truth of the sparse targets).
     """
     response = recipe.loss.response
+    if recipe.response is None:
+        return {}
+    if response.targets == "topk":
+        return dict(zip(lm_head.TEACHER_COLUMNS, head(batch, response.top_k), strict=True))
     if response.targets == "sampled":
-        return batch["sampled_ids"], batch["sampled_weights"]
+        return {"target_ids": batch["sampled_ids"], "target_weights": batch["sampled_weights"]}
     if response.targets == "topk+sampled":
         head_ids, head_logprobs, _ = head(batch, response.top_k)
-        return losses.head_and_sampled_tail(
+        ids, weights = losses.head_and_sampled_tail(
             head_ids, head_logprobs, batch["sampled_ids"], batch["sampled_weights"], support=recipe.sampled_support
         )
+        return {"target_ids": ids, "target_weights": weights}
     with torch.no_grad():
         logits = recipe.teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        return None, torch.softmax(logits.float() / response.temperature, -1)
+        return {"target_weights": torch.softmax(logits.float() / response.temperature, -1)}
 
 
 def _loss_step(
@@ -317,30 +340,16 @@ def _loss_step(
     config = recipe.loss
     input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
     positions = batch.get("hidden_positions") if recipe.feature_pairs else None
-    out, projected = model(input_ids, attention_mask, recipe.needs_hidden, recipe.feature_pairs, positions)
-    logits = out.logits  # [B, T, V]
     labels, ce_mask, kd_mask = causal_targets(input_ids, attention_mask)
-    components: dict[str, Tensor] = {}
+    teacher_targets = response_targets(batch, recipe)
+    # Without a weight CE is only logged, so it builds no graph.
+    targets = lm_head.HeadTargets(
+        labels, ce_mask, kd_mask, teacher_targets, recipe.response, ce_grad=config.ce_weight > 0
+    )
+    hidden_states, projected, components = model(
+        input_ids, attention_mask, recipe.needs_hidden, recipe.feature_pairs, positions, targets
+    )
     normalisers = {"ce": float(ce_mask.sum()), "kd_response": float(kd_mask.sum())}
-    if config.response.weight > 0 and config.response.targets != "topk":
-        ids, weights = response_targets(batch, recipe)
-        if ids is None and weights.shape[-1] < logits.shape[-1]:  # a student with padded output rows
-            weights = torch.nn.functional.pad(weights, (0, logits.shape[-1] - weights.shape[-1]))
-        components["ce"], components["kd_response"] = losses.ce_and_sampled_kd(
-            logits, labels, ce_mask, ids, weights, kd_mask, temperature=config.response.temperature
-        )
-    elif config.response.weight > 0:
-        response = config.response
-        components["ce"], components["kd_response"] = losses.ce_and_response_kd(
-            logits, labels, ce_mask, *head(batch, response.top_k), kd_mask,
-            divergence=response.divergence, temperature=response.temperature, tail=response.tail,
-            capture_temperature=recipe.capture_temperature, jsd_beta=response.jsd_beta,
-        )  # fmt: skip
-    else:
-        # Without a weight CE is only logged, so it builds no graph.
-        with torch.set_grad_enabled(torch.is_grad_enabled() and config.ce_weight > 0):
-            components["ce"] = losses.cross_entropy(logits, labels, ce_mask)
-    del logits
     if config.feature.weight > 0:
         sub_mask = kd_mask if positions is None else kd_mask[:, positions]
         terms = [
@@ -351,7 +360,7 @@ def _loss_step(
         normalisers["kd_feature"] = float(sub_mask.sum())
     if config.relation.weight > 0:
         relation = config.relation
-        pooled = losses.pool_hidden(out.hidden_states[recipe.relation_layer], attention_mask)
+        pooled = losses.pool_hidden(hidden_states[recipe.relation_layer], attention_mask)
         teacher = batch["embed"]
         if gather and relation.gather_across_ranks:
             pooled, teacher = losses.gather_across_ranks(pooled), losses.gather_across_ranks(teacher)
@@ -368,9 +377,13 @@ def _loss_step(
 def _train_variant(cfg: Config, rd: RunDir, ctx: StageContext, variant: str) -> dict[str, float]:
     """Setup, resume, loop, finish: the whole run of one variant; returns its summary numbers."""
     setup = _setup(cfg, rd, ctx, variant)
-    progress, batches = _resume(cfg, ctx, setup)
-    last_train, val = _train_loop(cfg, ctx, setup, progress, batches)
-    return _finish(cfg, setup, progress, last_train, val)
+    try:
+        progress, batches = _resume(cfg, ctx, setup)
+        last_train, val = _train_loop(cfg, ctx, setup, progress, batches)
+        return _finish(cfg, setup, progress, last_train, val)
+    finally:
+        for tracker in setup.accelerator.trackers:  # not end_training(): it ends the process group too
+            tracker.finish()
 
 
 # ---------------------------------------------------------------------------------------------------- setup
@@ -414,7 +427,7 @@ def _setup(cfg: Config, rd: RunDir, ctx: StageContext, variant: str) -> Training
     meta = cache_format.read_cache_meta(train_files[0])  # what the student must match
 
     recipe = resolve_recipe(variant, train.variants[variant], meta, load_model_config(cfg.student, "student"))
-    acc = _setup_accelerator(cfg, recipe)
+    acc = _setup_accelerator(cfg, recipe, rd.logs / STAGE / "trackers" / variant)
     if recipe.online:
         recipe = dataclasses.replace(recipe, teacher=_setup_online_teacher(cfg, acc.device))
     torch.manual_seed(cfg.seed)  # identical projector init on every rank (DDP also broadcasts rank 0's)
@@ -422,7 +435,7 @@ def _setup(cfg: Config, rd: RunDir, ctx: StageContext, variant: str) -> Training
     tokenizer = _setup_tokenizer(cfg, meta, recipe, student)
     if train.gradient_checkpointing:
         student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = Distillee(student, _setup_projectors(recipe, student, meta)).to(acc.device)
+    model = Distillee(student, _setup_projectors(recipe, student, meta), train.logits_chunk).to(acc.device)
     model.train()
     model = acc.prepare(model)  # before the optimizer: FSDP2 replaces the parameters by their shards
     optimizer = acc.prepare(_setup_optimizer(model, train))
@@ -433,6 +446,8 @@ def _setup(cfg: Config, rd: RunDir, ctx: StageContext, variant: str) -> Training
     # every shard's footer checked (one cache run, the columns this recipe reads) before anything is written
     train_data = _setup_data(train_files, recipe, cfg, acc.process_index, acc.num_processes, train=True)
 
+    identity = resume_identity(cfg, variant, ctx.state.inputs)
+    _setup_trackers(acc, cfg, variant, identity)
     world, seq_len = acc.num_processes, int(meta["seq_len"])
     sequences = train.micro_batch_size * train.grad_accum_steps * world
     ctx.log.info(
@@ -454,12 +469,13 @@ def _setup(cfg: Config, rd: RunDir, ctx: StageContext, variant: str) -> Training
         val_files=cache_format.list_cache_shards(cache_dir, "val"),
         seq_len=seq_len,
         trainable_params=trainable,
-        resume_identity=resume_identity(cfg, variant, ctx.state.inputs),
+        resume_identity=identity,
     )
 
 
-def _setup_accelerator(cfg: Config, recipe: LossRecipe) -> Any:
-    """Accelerator: DDP, or FSDP2 (``pipeline.fsdp``, on CPU too) across processes; bf16 on GPU, fp32 on CPU.
+def _setup_accelerator(cfg: Config, recipe: LossRecipe, trackers_dir: Path) -> Any:
+    """Accelerator: DDP, or FSDP2 (``pipeline.fsdp``, on CPU too) across processes; bf16 on GPU, fp32 on CPU; the
+    experiment trackers of ``train.trackers`` writing under ``trackers_dir``.
 
     The LR scheduler is NOT handed to accelerate: its wrapper steps a scheduler once per process, which would run
     the schedule ``world_size`` times too fast; the loop steps it exactly once per optimizer step.
@@ -469,11 +485,23 @@ def _setup_accelerator(cfg: Config, recipe: LossRecipe) -> Any:
     on_gpu = torch.cuda.is_available()
     precision = cfg.train.mixed_precision
     mixed = ("bf16" if on_gpu else "no") if precision == "auto" else precision
+    trackers = {"log_with": list(cfg.train.trackers), "project_dir": str(trackers_dir)} if cfg.train.trackers else {}
     if cfg.train.distributed == "fsdp":  # FSDP2 casts to bf16 itself (MixedPrecisionPolicy): no autocast on top
-        return Fsdp2(Accelerator(cpu=not on_gpu, mixed_precision="no"), mixed)
+        return Fsdp2(Accelerator(cpu=not on_gpu, mixed_precision="no", **trackers), mixed)
     # Without logits in the loss the LM head (and layers past the last distilled one) get no gradient.
     ddp = DistributedDataParallelKwargs(find_unused_parameters=not recipe.uses_logits)
-    return Accelerator(cpu=not on_gpu, mixed_precision=mixed, kwargs_handlers=[ddp])
+    return Accelerator(cpu=not on_gpu, mixed_precision=mixed, kwargs_handlers=[ddp], **trackers)
+
+
+def _setup_trackers(acc: Any, cfg: Config, variant: str, identity: dict[str, Any]) -> None:
+    """TensorBoard / Weights & Biases runs (accelerate's tracker support, main process only) named after the run
+    and the variant, with what the resume identity covers as hyperparameters; the loop logs every metrics.jsonl
+    line to them as ``train/<name>`` and ``val/<name>``."""
+    if not cfg.train.trackers:
+        return
+    hparams = {k: v if isinstance(v, (bool, int, float, str)) else json.dumps(v) for k, v in identity.items()}
+    wandb = {"name": variant, "group": cfg.run_name}
+    acc.init_trackers(cfg.run_name, config=hparams, init_kwargs={"wandb": wandb})
 
 
 def _setup_online_teacher(cfg: Config, on: torch.device) -> nn.Module:
@@ -668,15 +696,9 @@ def _truncate_jsonl(path: Path, max_step: int) -> None:
         return
     if not path.exists():
         return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line)["step"] <= max_step:
-                kept.append(line)
-        except (ValueError, KeyError, TypeError):  # a line torn by kill -9
-            continue
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
+    kept = [r for r in parse_jsonl(path.read_text().splitlines()) if r.get("step", math.inf) <= max_step]
+    tmp = path.with_name(path.name + ".tmp")  # a line torn by kill -9 does not parse: dropped
+    tmp.write_text("".join(json.dumps(record, sort_keys=True) + "\n" for record in kept))
     os.replace(tmp, path)
 
 
@@ -695,7 +717,8 @@ def _train_loop(
     val: dict[str, float] = {}
     window_tokens, window_s = 0.0, 0.0  # throughput since the last logged step
     progress.started = time.monotonic()
-    with preemption.deferred(preemption.WARNING, preemption.STOP):  # both wait for a checkpoint at the step's end
+    bar = console_progress(ctx.log, train.max_steps, variant, "step", initial=progress.step)
+    with preemption.deferred(preemption.WARNING, preemption.STOP), bar:  # signals wait for the step's end
         while progress.step < train.max_steps:
             t0 = time.perf_counter()
             result = _optimizer_step(setup, batches, train, progress)
@@ -706,6 +729,7 @@ def _train_loop(
             window_tokens, window_s = window_tokens + result.tokens, window_s + time.perf_counter() - t0
             progress.tokens += result.tokens
             last_train = result.losses
+            bar.update(1)
             if step % train.log_every == 0 or step == train.max_steps:
                 record = {
                     "step": step, "split": "train", **last_train, "lr": result.lr, "grad_norm": result.grad_norm,
@@ -715,11 +739,13 @@ def _train_loop(
                 window_tokens, window_s = 0.0, 0.0
                 if acc.is_main_process:
                     _append_jsonl(setup.metrics_path, record)
+                acc.log({f"train/{k}": v for k, v in record.items() if k not in ("step", "split")}, step=step)
                 ctx.log.info("step", f"{variant} step {step}/{train.max_steps}", **record)
             if setup.val_files and (step % train.eval_every == 0 or step == train.max_steps):
                 val = _validate(setup, cfg)
                 if acc.is_main_process:
                     _append_jsonl(setup.metrics_path, {"step": step, "split": "val", **val})
+                acc.log({f"val/{k}": v for k, v in val.items()}, step=step)
                 ctx.log.info("val", f"{variant} step {step}", **val)
             if step % train.checkpoint_every == 0 or step == train.max_steps or result.signal:
                 _save_checkpoint(setup, progress, train.keep_checkpoints)
@@ -991,7 +1017,8 @@ def _units(cfg: Config, args: Any) -> list[str | None]:
 
 
 def _sections(cfg: Config, unit: str | None) -> dict[str, Any]:
-    train = {k: v for k, v in to_dict(cfg.train).items() if k not in ("variants", "baseline_variant")}
+    # trackers only mirror metrics.jsonl elsewhere: adding one does not make a trained variant stale
+    train = {k: v for k, v in to_dict(cfg.train).items() if k not in ("variants", "baseline_variant", "trackers")}
     variant = cfg.train.variants[unit]
     sections = {"student": cfg.student, f"train.variants.{unit}": variant, "train": train, "seed": cfg.seed}
     if _online(cfg, unit):  # its targets come from the teacher itself, not from the cache

@@ -8,12 +8,14 @@ span keys or need the models' configs, so that one call refuses a config before 
   that breaks them, and it imports nothing heavy (``slurm status`` and ``cancel`` load configs on a login node).
 - :func:`check` — :func:`check_config` plus the rules of a whole run: at least one data source, the response-KD
   options (the tail-bucket temperature against the cache's capture temperature ``cache.temperature``, through the
-  loss's own check, which needs torch), and everything decidable from the teacher's and the student's
+  loss's own check, which needs torch), chunked LM heads only for models whose head output is the logits, and
+  everything decidable from the teacher's and the student's
   ``config.json`` and tokenizer files (no weights are loaded): every hidden-state index in range for its model,
   ``seq_len`` within both models' context, ``cache.top_k`` within the vocabulary, the student's tokenizer equal to
-  the teacher's, LoRA target modules present in the student, lm-eval task names that exist. Every stage runs it at
-  start (``rundir.stage_main``), and so do the local executor (``pipeline.run``) and ``slurm submit`` (with or
-  without ``--dry-run``) before anything starts: a config any stage would refuse never reaches the queue.
+  the teacher's, LoRA target modules present in the student, lm-eval task names that exist, the package of each
+  experiment tracker installed. Every stage runs it at start (``rundir.stage_main``), and so do the local executor
+  (``pipeline.run``) and ``slurm submit`` (with or without ``--dry-run``) before anything starts: a config any stage
+  would refuse never reaches the queue.
 
 A broken rule raises :class:`~pipeline.config.ConfigError` naming the key path (exit code 2); a model whose config
 cannot be read at all is an input problem (:class:`~pipeline.rundir.PipelineError`, exit code 1).
@@ -186,6 +188,7 @@ def check(cfg: Config) -> None:
 
     check_tensor_parallel(teacher, cfg.teacher.tensor_parallel)
     _check_context(cfg, teacher, student)
+    _check_logits_chunk(cfg, teacher, student)
     cached = _check_cache_layers(cfg, teacher)
     for name, loss in cfg.train.variants.items():
         _check_response(cfg, f"train.variants.{name}.response", loss)
@@ -194,11 +197,12 @@ def check(cfg: Config) -> None:
         _check_lora_targets(cfg, student)
     if cfg.evaluate.tasks:
         _check_task_names(cfg)
+    _check_trackers(cfg)
 
 
 def _check_response(cfg: Config, key: str, loss: LossConfig) -> None:
-    """The loss's own option check (pipeline.losses, which needs torch: kept out of ``check_config`` so that
-    ``config.load`` stays light for status/cancel on a login node). The cache stores log-probs at
+    """The loss's own option check (``losses.ResponseOptions``, which needs torch: kept out of ``check_config`` so
+    that ``config.load`` stays light for status/cancel on a login node). The cache stores log-probs at
     ``cache.temperature``, and a cache made with another one is never read (lineage), so that is the capture
     temperature a tail bucket must match."""
     from pipeline import losses
@@ -209,7 +213,7 @@ def _check_response(cfg: Config, key: str, loss: LossConfig) -> None:
         capture = rc.temperature if rc.targets == "online" else cfg.cache.temperature
         try:
             if rc.targets == "topk":
-                losses.check_response_options(rc.divergence, rc.temperature, rc.tail, capture, rc.jsd_beta)
+                losses.ResponseOptions(rc.divergence, rc.temperature, rc.tail, capture, rc.jsd_beta)
             else:
                 losses.check_sampled_options(rc.divergence, rc.temperature, capture)
         except ValueError as err:
@@ -253,6 +257,25 @@ def _check_context(cfg: Config, teacher: Any, student: Any) -> None:
             f"student.name_or_path: the student has {rows} output rows but the teacher's token ids go up to "
             f"{vocab - 1} ({cfg.student.name_or_path}); resize its embeddings or use another student"
         )
+
+
+def _check_logits_chunk(cfg: Config, teacher: Any, student: Any) -> None:
+    """A chunked LM head (``pipeline.lm_head``) calls the head module alone: a model that transforms its logits
+    after the head (soft-capping, a logit scale) needs whole logits there."""
+    from pipeline.lm_head import post_head_transform
+
+    uses = [("train.logits_chunk", "student", student, cfg.student)]
+    uses.append(("evaluate.logits_chunk", "student", student, cfg.student))
+    if cfg.evaluate.include_teacher:
+        uses.append(("evaluate.logits_chunk", "teacher", teacher, cfg.teacher))
+    for key, who, model_config, spec in uses:
+        section, name = key.split(".")
+        transform = post_head_transform(model_config)
+        if getattr(getattr(cfg, section), name) and transform:
+            raise ConfigError(
+                f"{key}: the {who} ({spec.name_or_path}) applies {transform} to its logits after the LM head, "
+                f"which a chunked head would skip; set {key}: 0"
+            )
 
 
 def _check_cache_layers(cfg: Config, teacher: Any) -> set[int]:
@@ -301,6 +324,20 @@ def _check_lora_targets(cfg: Config, student: Any) -> None:
             raise ConfigError(
                 f"train.lora.target_modules.{i}: no module named {target!r} in the student "
                 f"({cfg.student.name_or_path}; module names end in: {', '.join(leaves)})"
+            )
+
+
+TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}  # train.trackers value -> module accelerate needs
+
+
+def _check_trackers(cfg: Config) -> None:
+    """Each experiment tracker's package is installed (accelerate would only fail at the first step otherwise)."""
+    import importlib.util
+
+    for i, name in enumerate(cfg.train.trackers):
+        if importlib.util.find_spec(TRACKER_PACKAGES[name]) is None:
+            raise ConfigError(
+                f"train.trackers.{i}: {name!r} needs the {TRACKER_PACKAGES[name]} package (pip install it)"
             )
 
 

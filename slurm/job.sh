@@ -16,7 +16,8 @@
 #   the stage started requeues at once.
 # - The environment hook (slurm.setup/env, per stage too), SLURM_EXPORT_ENV=ALL so the step inherits what the
 #   hook set up even under sbatch --export=NONE, and the rendezvous address of node 0 for multi-node torchrun.
-# - monitor.py beside the stage (once per node), stopped when the stage ends.
+# - monitor.py beside the stage (once per node; on other nodes or in a container through srun), stopped with USR2
+#   when the stage ends, so that it writes its summary.
 #
 # Command substitutions below are `...`, not $(...): bash 5.2 parses $(...) while it reads a function definition,
 # and a trap that runs during that parse breaks it ("trap: unexpected EOF while looking for matching `)'", exit 2;
@@ -74,8 +75,8 @@ start_monitor() { # telemetry beside the stage: one monitor per node, stopped wh
   MONITOR_PID=$!
 }
 
-stop_monitor() {
-  if [ -n "$MONITOR_PID" ]; then kill -TERM "$MONITOR_PID" 2>/dev/null || true; wait "$MONITOR_PID" || true; fi
+stop_monitor() { # USR2: srun forwards it to the monitor on every node; a TERM to srun would SIGKILL the step
+  if [ -n "$MONITOR_PID" ]; then kill -USR2 "$MONITOR_PID" 2>/dev/null || true; wait "$MONITOR_PID" || true; fi
   MONITOR_PID=""
 }
 
@@ -123,7 +124,7 @@ wait_stage() { # the stage's exit status; a pending warning is forwarded meanwhi
   done
 }
 
-run_stage() { # run_stage CMD...: the stage step in the background (traps run while it works), its status returned
+run_stage() { # run_stage CMD...: the stage step in the background (traps run while it works); exits with its status
   if [ -e "$PIPELINE_SIGNAL_DIR/warning" ]; then requeue "the warning came before the stage started"; fi
   "$@" &
   STAGE_PID=$!
@@ -133,5 +134,5 @@ run_stage() { # run_stage CMD...: the stage step in the background (traps run wh
   stop_monitor
   say "stage $PIPELINE_STAGE${PIPELINE_UNIT:+ $PIPELINE_UNIT} exited with $rc"
   if [ -e "$PIPELINE_SIGNAL_DIR/requeue" ]; then requeue "the stage saved its state after the warning"; fi
-  return "$rc"
+  exit "$rc" # not return: the ERR trap is for the hook and this shell's own commands, the stage's status is said above
 }

@@ -32,19 +32,13 @@ TINY = bench.Sizes(
     gemm_n=64,
     repeats=2,
     threads=1,
+    step_vocab=3000,
+    step_hidden=32,
+    step_seq_len=64,
+    step_chunk=16,
 )
-ROWS = (
-    "reader",
-    "extraction",
-    "memory",
-    "kd_response",
-    "kd_feature",
-    "kd_relation",
-    "bytes",
-    "sampled_bytes_per_token",
-    "flops",
-    "slurm",
-)
+ROWS = ("reader", "extraction", "memory", "kd_response", "kd_feature", "kd_relation", "student_step_memory",
+        "student_step_time", "bytes", "sampled_bytes_per_token", "flops", "slurm")  # fmt: skip
 
 
 def test_quick_machinery_writes_json_table_and_markdown(tmp_path, tiny_assets, capsys):
@@ -68,6 +62,9 @@ def test_quick_machinery_writes_json_table_and_markdown(tmp_path, tiny_assets, c
     assert saved["raw"]["bytes"]["tokens"] == TINY.cache_rows * TINY.seq_len
     assert saved["machine"]["torch"] == torch.__version__ and saved["machine"]["cores"] >= 1
     assert len(list((out / "cache").glob("train-*.parquet"))) == TINY.cache_rows // TINY.rows_per_shard
+    step = saved["raw"]["student_step"]
+    assert len(step["times_s"]["chunked"]) == len(step["times_s"]["whole"]) == TINY.repeats
+    assert step["peaks"]["whole"]["step_rise_bytes"] > 0 and step["positions"] == TINY.step_batch * TINY.step_seq_len
 
     for row in result["rows"]:  # one table line per row, in the terminal and in the report
         assert f"| {row['name']} |" in table

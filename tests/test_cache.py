@@ -206,6 +206,8 @@ def test_task_split_is_disjoint_and_marker_waits_for_all_tasks(run_config, monke
     monkeypatch.setenv("SLURM_ARRAY_TASK_MIN", "4")
     monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "3")
     assert cache.task_split(types.SimpleNamespace(task_index=None, task_count=None)) == (2, 3)
+    # slurm submit passes the count: a resubmit's --array=6 of 8 tasks is task 6, whatever the array's first id
+    assert cache.task_split(types.SimpleNamespace(task_index=None, task_count=8)) == (6, 8)
     with pytest.raises(PipelineError, match="--task-index 3"):
         cache.task_split(types.SimpleNamespace(task_index=3, task_count=3))
 

@@ -201,3 +201,31 @@ def test_evaluate_errors(upstream):
         evaluate.units(load(cfg_path, ["train.variants={ce: {}, teacher: {}}"]), None)
     shutil.rmtree(rd.stage_dir("train", "kd") / "final")
     assert evaluate.main(["--config", str(cfg_path), "evaluate.local_tasks=false", "--model", "kd"]) == 1
+
+
+def test_lm_eval_warnings_that_do_not_apply_are_dropped_and_explained_once(caplog):
+    import io
+    import logging
+
+    from pipeline.jsonlog import JsonLogger
+
+    console = io.StringIO()
+    log = JsonLogger("tiny", "evaluate", None, rank=0, stream=console)
+    evaluate._EXPLAINED.clear()
+    model_logger, evaluator_logger = (
+        logging.getLogger("lm_eval.models.huggingface"),
+        logging.getLogger("lm_eval.evaluator"),
+    )
+    chat = "pretrained=/m appears to be an\n    instruct or chat variant but chat template is not applied.\n  Recommend"
+    for offline_only in (True, True, False):  # the last group includes a task of lm-eval's own
+        caplog.clear()
+        with evaluate.expected_lm_eval_warnings(log, offline_only), caplog.at_level(logging.WARNING):
+            model_logger.warning("`pretrained` model kwarg is not of type `str`. Many other model arguments ...")
+            evaluator_logger.warning(chat)
+            evaluator_logger.warning("a warning of its own")
+        passed = [r.getMessage() for r in caplog.records]
+        assert passed == (["a warning of its own"] if offline_only else [chat, "a warning of its own"])
+    notes = [line for line in console.getvalue().splitlines() if "lm_eval_note" in line]
+    assert len(notes) == 2 and "evaluate hands it the model" in notes[0] and "kd_heldout" in notes[1]
+    evaluator_logger.warning(chat)  # outside a run nothing is filtered
+    assert caplog.records[-1].getMessage() == chat

@@ -7,7 +7,16 @@ import io
 import json
 import math
 
-from pipeline.jsonlog import JsonLogger, env_rank, open_logger, rank_log_path, redact, slurm_ids
+from pipeline.jsonlog import (
+    JsonLogger,
+    console_progress,
+    env_rank,
+    open_logger,
+    parse_jsonl,
+    rank_log_path,
+    redact,
+    slurm_ids,
+)
 
 SCHEMA = ["ts", "level", "run", "stage", "job", "task", "host", "rank", "event", "message", "metrics"]
 
@@ -66,3 +75,34 @@ def test_secrets_never_reach_file_or_console(tmp_path, monkeypatch):
     text = (tmp_path / "s.jsonl").read_text() + stream.getvalue()
     assert token not in text and text.count("***") == 4  # message + metric, in the file and on the console
     assert redact("1 step") == "1 step"
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_bar_only_on_an_interactive_console_with_log_lines_above_it_and_never_in_the_file(tmp_path):
+    for stream, shown in ((Terminal(), True), (io.StringIO(), False)):
+        log = JsonLogger("tiny", "train", tmp_path / f"{shown}.jsonl", rank=0, stream=stream)
+        with console_progress(log, 4, "kd", "step", initial=1) as bar:
+            bar.update(1)
+            log.info("step", "kd step 2/4", loss=2.5)
+            bar.update(2)
+        log.close()
+        console = stream.getvalue()
+        assert ("kd step 2/4 loss=2.5\n" in console) and ("50%" in console and "2/4" in console) == shown
+        assert "kd:" not in console or shown  # the bar's own text
+        assert [r["event"] for r in _lines(tmp_path / f"{shown}.jsonl")] == ["step"]
+    quiet = JsonLogger("tiny", "train", None, rank=1, console=False, stream=Terminal())
+    with console_progress(quiet, 4, "kd", "step") as bar:  # another rank: no console, no bar
+        bar.update(4)
+    assert quiet.stream.getvalue() == ""
+
+
+def test_parse_jsonl_skips_blank_lines_non_objects_and_a_torn_line_which_it_reports():
+    malformed: list[str] = []
+    lines = ['{"step": 1}', "", "  ", "[1, 2]", '{"step": 2, "loss": 2.5}', '{"step": 3, "lo']
+    assert list(parse_jsonl(lines, malformed)) == [{"step": 1}, {"step": 2, "loss": 2.5}]
+    assert malformed == ['{"step": 3, "lo']
+    assert list(parse_jsonl(['{"a": 1}', "{"])) == [{"a": 1}]  # without a list: skipped silently

@@ -71,10 +71,8 @@ def test_response_kd_matches_full_softmax(name, tail_mode, temperature, capture)
     z, s = torch.randn(2, 5, V) * 2, torch.randn(2, 5, V) * 2
     ids, logp, tail = teacher_cache(z, K, capture)
     mask = torch.tensor([[1, 1, 1, 0, 0], [1, 0, 1, 1, 1]])
-    got = losses.response_kd(
-        s, ids, logp, tail, mask, divergence=name, temperature=temperature, tail=tail_mode,
-        capture_temperature=capture, jsd_beta=0.3 if name == "jsd" else 0.5,
-    )  # fmt: skip
+    options = losses.ResponseOptions(name, temperature, tail_mode, capture, 0.3 if name == "jsd" else 0.5)
+    got = losses.response_kd(s, ids, logp, tail, mask, options)
     want = reference_response(z, s, ids, mask, name, tail_mode, temperature, capture, 0.3 if name == "jsd" else 0.5)
     assert got.item() == pytest.approx(want, rel=1e-4, abs=1e-6)
 
@@ -83,9 +81,9 @@ def test_temperature_scales_by_tau_squared():
     z, s = torch.randn(3, V), torch.randn(3, V)
     ids, logp, tail = teacher_cache(z, K)
     mask = torch.ones(3)
-    at2 = losses.response_kd(s, ids, logp, tail, mask, temperature=2.0, tail="renormalize").item()
+    at2 = losses.response_kd(s, ids, logp, tail, mask, losses.ResponseOptions(temperature=2.0, tail="renormalize"))
     p, q = reference_classes(z, s, ids, "renormalize", 2.0, 1.0)
-    assert at2 == pytest.approx(4.0 * float(reference_divergence(p, q, "forward_kl").mean()), rel=1e-4)
+    assert at2.item() == pytest.approx(4.0 * float(reference_divergence(p, q, "forward_kl").mean()), rel=1e-4)
 
 
 def test_full_vocabulary_topk_equals_plain_kl_and_its_gradient():
@@ -107,7 +105,8 @@ def test_all_masked_is_zero_with_zero_gradient_even_with_garbage_at_padding():
     tail = torch.full((2, 3), math.nan)
     for tail_mode in losses.TAIL_MODES:
         for name in losses.DIVERGENCES:
-            loss = losses.response_kd(s, ids, logp, tail, torch.zeros(2, 3), divergence=name, tail=tail_mode)
+            options = losses.ResponseOptions(name, tail=tail_mode)
+            loss = losses.response_kd(s, ids, logp, tail, torch.zeros(2, 3), options)
             loss.backward()
             assert loss.item() == 0.0
             assert torch.equal(s.grad, torch.zeros_like(s.grad))
@@ -142,15 +141,21 @@ def test_loss_is_a_mean_not_a_sum_over_positions():
     assert tiled.item() == pytest.approx(once, rel=1e-5)
 
 
-def test_invalid_combinations_are_refused_with_a_reason():
-    z, s = torch.randn(2, V), torch.randn(2, V)
-    ids, logp, tail = teacher_cache(z, K)
-    with pytest.raises(ValueError, match="tail_bucket needs the capture temperature"):
-        losses.response_kd(s, ids, logp, tail, torch.ones(2), temperature=2.0, tail="tail_bucket")
-    with pytest.raises(ValueError, match="jsd_beta"):
-        losses.response_kd(s, ids, logp, tail, torch.ones(2), divergence="jsd", jsd_beta=1.0)
-    with pytest.raises(ValueError, match="divergence"):
-        losses.response_kd(s, ids, logp, tail, torch.ones(2), divergence="kl")
+def test_invalid_combinations_are_refused_once_with_a_reason():
+    with pytest.raises(ValueError, match="^temperature: tail_bucket needs the capture temperature"):
+        losses.ResponseOptions(temperature=2.0, tail="tail_bucket")
+    with pytest.raises(ValueError, match="^jsd_beta"):
+        losses.ResponseOptions(divergence="jsd", jsd_beta=1.0)
+    with pytest.raises(ValueError, match="^divergence"):
+        losses.ResponseOptions(divergence="kl")
+    with pytest.raises(ValueError, match="^tail"):
+        losses.ResponseOptions(tail="drop")
+    with pytest.raises(ValueError, match="^temperature: expected > 0"):
+        losses.ResponseOptions(temperature=0.0, tail="renormalize")
+    options = losses.ResponseOptions(temperature=2.0, capture_temperature=2.0)
+    assert options.scale == 4.0 and options.needs_tempered_lse
+    with pytest.raises(AttributeError):  # frozen: checked once, never changed after
+        options.temperature = 3.0
 
 
 def test_cross_entropy_matches_torch():
@@ -160,7 +165,7 @@ def test_cross_entropy_matches_torch():
     assert losses.cross_entropy(s, labels, mask).item() == pytest.approx(want.item(), rel=1e-6)
 
 
-@pytest.mark.parametrize("tail_mode,temperature", [("tail_bucket", 1.0), ("renormalize", 2.0)])
+@pytest.mark.parametrize("tail_mode,temperature", [("tail_bucket", 1.0), ("tail_bucket", 2.0), ("renormalize", 2.0)])
 def test_shared_logsumexp_equals_separate_losses(tail_mode, temperature):
     z = torch.randn(2, 6, V)
     s1 = torch.randn(2, 6, V, requires_grad=True)
@@ -168,9 +173,9 @@ def test_shared_logsumexp_equals_separate_losses(tail_mode, temperature):
     ids, logp, tail = teacher_cache(z, K)
     labels, ce_mask, kd_mask = torch.randint(0, V, (2, 6)), torch.ones(2, 6), torch.ones(2, 6)
     ce_mask[:, -1] = 0
-    opts = {"tail": tail_mode, "temperature": temperature}
-    ce, kd = losses.ce_and_response_kd(s1, labels, ce_mask, ids, logp, tail, kd_mask, **opts)
-    ce_ref, kd_ref = losses.cross_entropy(s2, labels, ce_mask), losses.response_kd(s2, ids, logp, tail, kd_mask, **opts)
+    opts = losses.ResponseOptions(temperature=temperature, tail=tail_mode, capture_temperature=temperature)
+    ce, kd = losses.ce_and_response_kd(s1, labels, ce_mask, ids, logp, tail, kd_mask, opts)
+    ce_ref, kd_ref = losses.cross_entropy(s2, labels, ce_mask), losses.response_kd(s2, ids, logp, tail, kd_mask, opts)
     assert (ce.item(), kd.item()) == pytest.approx((ce_ref.item(), kd_ref.item()), rel=1e-6)
     (ce + kd).backward()
     (ce_ref + kd_ref).backward()
@@ -191,7 +196,8 @@ def test_gradient_step_moves_student_toward_teacher(name):
     z, s = torch.randn(4, V) * 3, torch.randn(4, V)
     ids, logp, tail = teacher_cache(z, K)
     s.requires_grad_(True)
-    before = losses.response_kd(s, ids, logp, tail, torch.ones(4), divergence=name)
+    options = losses.ResponseOptions(name)
+    before = losses.response_kd(s, ids, logp, tail, torch.ones(4), options)
     before.backward()
     top1 = ids[:, 0]
     # The teacher's most likely token: the student is pushed up there wherever it under-predicts it.
@@ -200,7 +206,7 @@ def test_gradient_step_moves_student_toward_teacher(name):
     under = q < p
     assert (s.grad.gather(-1, top1[:, None]).squeeze(-1)[under] < 0).all()
     with torch.no_grad():
-        after = losses.response_kd(s - 0.5 * s.grad, ids, logp, tail, torch.ones(4), divergence=name)
+        after = losses.response_kd(s - 0.5 * s.grad, ids, logp, tail, torch.ones(4), options)
     assert after.item() < before.item()
 
 

@@ -7,16 +7,25 @@ import math
 import pytest
 import torch
 
+from pipeline import lm_head, losses
 from pipeline.metrics import (
     INTRINSIC_METRICS,
     IntrinsicAccumulator,
     calibration_bins,
     expected_calibration_error,
-    kl_topk_tail,
-    next_token_mask,
-    token_nll,
+    nll_and_kl,
     top1_agreement,
 )
+
+
+def next_token_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    return lm_head.causal_targets(torch.zeros_like(attention_mask), attention_mask)[1]
+
+
+def kl_topk_tail(logits, ids, logp, tail, temperature=1.0):
+    """The KL alone, at every position (labels 0: the NLL half is not looked at)."""
+    labels = torch.zeros(logits.shape[:-1], dtype=torch.long)
+    return nll_and_kl(logits, labels, ids, logp, tail, torch.ones_like(labels, dtype=torch.bool), temperature)[1]
 
 
 def test_every_metric_declares_direction():
@@ -33,10 +42,12 @@ def test_next_token_mask_needs_a_real_next_token():
 def test_token_nll_by_hand():
     logits = torch.tensor([[[0.0, math.log(3.0)], [math.log(4.0), 0.0], [0.0, 0.0]]])  # q = [1/4, 3/4], [4/5, 1/5]
     ids = torch.tensor([[0, 1, 0]])
-    nll = token_nll(logits, ids)
+    labels, counted, _ = lm_head.causal_targets(ids, torch.ones_like(ids))
+    teacher = torch.zeros(1, 3, 1, dtype=torch.long), torch.zeros(1, 3, 1), torch.full((1, 3), -math.inf)
+    nll, _ = nll_and_kl(logits, labels, *teacher, counted)
     assert nll[0, 0].item() == pytest.approx(-math.log(3 / 4))  # label at t=0 is ids[1] = 1
     assert nll[0, 1].item() == pytest.approx(-math.log(4 / 5))  # label at t=1 is ids[2] = 0
-    assert nll[0, 2].item() == 0.0
+    assert counted.tolist() == [[True, True, False]]  # the last position has no label
 
 
 def test_top1_agreement():
@@ -64,6 +75,18 @@ def test_kl_is_zero_for_identical_distributions_and_handles_zero_tail():
     kl = kl_topk_tail(logits, ids, logp, torch.tensor([[float("-inf")]]))
     assert torch.isfinite(kl).all()
     assert kl.item() == pytest.approx(0.0, abs=1e-5)
+
+
+def test_kl_is_the_training_loss_without_tau_squared():
+    """Eval's KL is the forward-KL response loss at the capture temperature (same clamps, same tail handling)."""
+    g = torch.Generator().manual_seed(3)
+    logits, teacher = torch.randn(2, 5, 13, generator=g), torch.randn(2, 5, 13, generator=g)
+    top, ids = torch.log_softmax(teacher / 2.0, -1).topk(4, -1)
+    tail = losses.log1mexp(torch.logsumexp(top, -1))
+    mask = torch.ones(2, 5)
+    options = losses.ResponseOptions(temperature=2.0, capture_temperature=2.0)
+    loss = losses.response_kd(logits, ids, top, tail, mask, options)
+    assert kl_topk_tail(logits, ids, top, tail, 2.0).mean().item() == pytest.approx(loss.item() / 4.0, rel=1e-6)
 
 
 def test_kl_with_temperature_tempers_the_student():
@@ -106,9 +129,13 @@ def test_accumulator_is_batch_size_invariant_and_matches_direct_math():
     split = IntrinsicAccumulator(ece_bins=4)
     for rows in (slice(0, 1), slice(1, 4)):
         split.update(logits[rows], {key: v[rows] for key, v in batch.items()})
+    chunked = IntrinsicAccumulator(ece_bins=4)  # the LM head's chunks (7 positions each) over the flat batch
+    flat = logits.reshape(B * T, V)
+    chunked.update_chunks(batch, ((slice(i, i + 7), flat[i : i + 7]) for i in range(0, B * T, 7)))
     a, b = whole.result(), split.result()
     for key in a:
         assert a[key] == pytest.approx(b[key], rel=1e-9)
+        assert a[key] == pytest.approx(chunked.result()[key], rel=1e-9)
 
     # direct math over the counted positions
     mask = next_token_mask(attention)

@@ -8,12 +8,17 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from pipeline import preemption, validate
 from pipeline.rundir import RunDir, StageSpec, stage_main
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def _events(logs: Path, stage: str) -> list[dict]:
@@ -116,3 +121,77 @@ def test_interrupted_passes_through_except_exception():
         assert preemption.received() == signal.SIGTERM
     finally:
         restore()
+
+
+def test_a_second_stop_while_the_stage_says_why_it_stops_is_only_recorded(tmp_path, job_shell, monkeypatch):
+    """Under torchrun a worker gets SIGTERM twice (from Slurm's step and again from the torchrun agent, which also
+    sends it when a peer exits 143 first); the second can land while rank 0 asks Slurm why the job stops. It must
+    not turn the orderly stop into a traceback and exit 1."""
+    monkeypatch.setenv("SLURM_JOB_ID", "7")
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("SLURM_PROCID", raising=False)
+
+    def asking_slurm() -> str:
+        os.kill(os.getpid(), signal.SIGTERM)  # the agent's SIGTERM, while scontrol/sacct run
+        return "cancelled"
+
+    monkeypatch.setattr(preemption, "stop_cause", asking_slurm)
+
+    def work(cfg, rd, ctx):
+        os.kill(os.getpid(), signal.SIGTERM)  # not deferred: the stage stops at once
+
+    spec, argv = _toy(tmp_path, work)
+    assert stage_main(spec, argv) == 128 + signal.SIGTERM
+    (event,) = [e for e in _events(tmp_path / "logs", "toy") if e["event"] == "stopped"]
+    assert "SIGTERM (job cancelled)" in event["message"] and not (job_shell / "requeue").exists()
+
+
+def test_only_rank_0_asks_slurm_why_the_job_stops(tmp_path, monkeypatch):
+    """Every rank of a stopped torchrun job logs its stop; only rank 0 runs scontrol/sacct (32 ranks x 2 queries
+    per node at once would load the controller while it is ending the job)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "calls"
+    for tool in ("scontrol", "sacct"):
+        (bin_dir / tool).write_text(f'#!/bin/sh\necho "{tool} $RANK" >> {calls}\n')
+        (bin_dir / tool).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    monkeypatch.setenv("SLURM_JOB_ID", "7")
+    for rank in (1, 0, 2):
+        monkeypatch.setenv("RANK", str(rank))
+        log = preemption.JsonLogger("tiny", "toy", tmp_path / f"rank{rank}.jsonl")
+        assert preemption.finish(preemption.Interrupted(signal.SIGTERM), log) == 128 + signal.SIGTERM
+        log.close()
+    assert calls.read_text().split("\n")[:-1] == ["scontrol 0", "sacct 0"]
+    rank1 = json.loads((tmp_path / "rank1.jsonl").read_text())
+    assert rank1["event"] == "stopped" and "rank 0 logs why" in rank1["message"]
+
+
+def test_more_sigterms_to_the_step_spare_rank_0s_question_to_slurm(tmp_path):
+    """After the SIGTERM that stops a stage more follow to every process of the step (srun terminating the step,
+    torchrun's agent stopping its workers with killpg); a scontrol/sacct that rank 0 runs at that moment must survive
+    them, or the log says "stop requested" where Slurm would have said "job cancelled"."""
+    bin_dir, asked = tmp_path / "bin", tmp_path / "asked"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text("#!/bin/sh\necho JobId=7 JobState=CANCELLED Restarts=0\n")
+    (bin_dir / "sacct").write_text(f"#!/bin/sh\ntouch {asked}\nsleep 2\necho 'CANCELLED by 0'\n")
+    for tool in ("scontrol", "sacct"):
+        (bin_dir / tool).chmod(0o755)
+    worker = (
+        "import signal, sys; from pathlib import Path; from pipeline import preemption; "
+        "preemption.install(); log = preemption.JsonLogger('tiny', 'toy', Path(sys.argv[1])); "
+        "sys.exit(preemption.finish(preemption.Interrupted(signal.SIGTERM), log))"
+    )
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "7", "PYTHONPATH": str(REPO)}
+    env.pop("RANK", None)
+    env.pop("SLURM_PROCID", None)
+    out = str(tmp_path / "rank0.jsonl")
+    proc = subprocess.Popen([sys.executable, "-c", worker, out], env=env, start_new_session=True)  # as torchrun's
+    deadline = time.monotonic() + 60
+    while not asked.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, "the worker never asked sacct"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGTERM)  # to the worker and its children, while sacct answers
+    assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    event = json.loads((tmp_path / "rank0.jsonl").read_text())
+    assert event["event"] == "stopped" and "SIGTERM (job cancelled)" in event["message"], event

@@ -118,8 +118,11 @@ def make_run(root: Path, cfg, *, models=(*VARIANTS, "teacher"), trained=VARIANTS
     for variant in trained:
         vdir = rd.stage_dir("train", variant)
         vdir.mkdir(parents=True)
-        lines = [{"step": s, "split": "train", "loss": 5.0 - 0.3 * s - quality[variant]} for s in range(1, 7)]
-        lines += [{"step": 3, "split": "val", "loss": 4.5}, {"step": 6, "split": "val", "loss": 4.0}]
+        # loss is each variant's weighted total (not comparable across variants), ce the comparable part
+        lines = [{"step": s, "split": "train", "loss": 5.0 - 0.3 * s - quality[variant], "ce": 6.0 - 0.2 * s}
+                 for s in range(1, 7)]  # fmt: skip
+        lines += [{"step": 3, "split": "val", "loss": 4.5, "ce": 5.5 - quality[variant]},
+                  {"step": 6, "split": "val", "loss": 4.0, "ce": 5.0 - quality[variant]}]  # fmt: skip
         (vdir / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines) + '{"step": 7, "lo')
         summary = {
             "variant": variant,
@@ -219,13 +222,26 @@ def test_report_complete_inputs(tmp_path, tiny_config, capsys):
     assert [r["model"] for r in rows] == [*VARIANTS, "teacher"]
     assert float(rows[1]["kd_heldout_ppl"]) == pytest.approx(200.0)
     md = (out / "summary.md").read_text()
-    for name in ("loss_curves", "eval_scores", "telemetry_cache", "telemetry_train", "energy"):
+    for name in ("ce_curves", "eval_scores", "telemetry_cache", "telemetry_train", "energy"):
         assert f"](plots/{name}.png)" in md
         assert _png_ok(out / "plots" / f"{name}.png")
     assert "## Deltas vs ce" in md and "## Deltas vs teacher" in md and "acc_norm,none" in md
     printed = capsys.readouterr().out
     assert "ppl↓" in printed and "top1↑" in printed and "kd_heldout_mc↑" in printed
     assert any(line.split()[0] == "kd" and "12.5" in line for line in printed.splitlines())
+
+
+def test_training_curves_compare_variants_on_cross_entropy_not_their_weighted_loss(tmp_path, tiny_config):
+    cfg = load(tiny_config())
+    rd = make_run(tmp_path, cfg, models=("ce", "kd"), trained=("ce", "kd"), telemetry=False)
+    curves = report.collect_training(rd, ["ce", "kd"], [])
+    assert curves["kd"]["curve_val"] == [
+        (3, pytest.approx(5.0)),
+        (6, pytest.approx(4.5)),
+    ]  # held-out CE (loss: 4.5, 4.0)
+    assert curves["ce"]["curve_val"] == [(3, pytest.approx(5.2)), (6, pytest.approx(4.7))]
+    assert [s for s, _ in curves["kd"]["curve_train"]] == list(range(1, 7))
+    assert curves["kd"]["curve_train"][0][1] == pytest.approx(5.8)
 
 
 def test_report_partial_inputs(tmp_path, tiny_config, capsys):
@@ -257,7 +273,7 @@ def test_report_partial_inputs(tmp_path, tiny_config, capsys):
     md = (out / "summary.md").read_text()
     assert "## Not included" in md and "model feature: no evaluation" in md
     assert "## Deltas vs teacher" not in md and "plots/telemetry_" not in md
-    assert _png_ok(out / "plots" / "eval_scores.png") and _png_ok(out / "plots" / "loss_curves.png")
+    assert _png_ok(out / "plots" / "eval_scores.png") and _png_ok(out / "plots" / "ce_curves.png")
     assert "note: model teacher: no evaluation" in capsys.readouterr().out
 
 

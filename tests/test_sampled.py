@@ -110,8 +110,8 @@ def test_dense_targets_give_the_full_cross_entropy_and_sparse_equals_dense(tempe
     assert float(sparse) == pytest.approx(float(dense), rel=1e-6)
     # the CE minus the teacher's entropy is the forward KL of the existing loss on k = V classes
     entropy = float(-(p * p.log()).sum(-1)[mask.bool()].mean()) * temperature**2
-    kl = losses.response_kd(s.float(), ids, p.log().float(), torch.full((P,), -1e4), mask, tail="renormalize",
-                            temperature=temperature, capture_temperature=temperature)  # fmt: skip
+    options = losses.ResponseOptions(temperature=temperature, tail="renormalize", capture_temperature=temperature)
+    kl = losses.response_kd(s.float(), ids, p.log().float(), torch.full((P,), -1e4), mask, options)
     assert float(dense) - entropy == pytest.approx(float(kl), rel=1e-4, abs=1e-6)
 
 
@@ -418,10 +418,10 @@ def test_online_targets_are_the_teachers_full_distribution(run_config, tiny_asse
     recipe = dataclasses.replace(recipe, teacher=teacher)
     ids = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(1))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    none, probs = train.response_targets(batch, recipe)
+    targets = train.response_targets(batch, recipe)
     with torch.no_grad():
         want = torch.softmax(teacher(input_ids=ids).logits / 2.0, -1)
-    assert none is None and torch.allclose(probs, want, atol=1e-6)
+    assert list(targets) == ["target_weights"] and torch.allclose(targets["target_weights"], want, atol=1e-6)
     _, comps, _ = train._loss_step(train.Distillee(student, None), batch, recipe, gather=False)
     logits = student(input_ids=ids).logits
     expected = losses.sampled_kd(logits, None, want, torch.ones_like(ids), temperature=2.0)
@@ -434,3 +434,31 @@ def test_a_truncated_topk_equals_the_smaller_cache():
     ids4, logp4, tail4 = losses.truncate_topk(ids, top_p.log().float(), torch.log1p(-top_p.sum(-1)).float(), 4)
     assert torch.equal(ids4, ids[:, :4]) and torch.allclose(logp4.exp(), top_p[:, :4].float())
     torch.testing.assert_close(tail4.double(), torch.log1p(-top_p[:, :4].sum(-1)), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dense", [False, True], ids=["sampled", "online"])
+def test_the_chunked_lm_head_scores_sampled_and_dense_targets_like_whole_logits(dense):
+    """``lm_head`` sums ``losses.ce_and_sampled_terms`` chunk by chunk: the same CE and KD (and gradients) as
+    ``losses.ce_and_sampled_kd`` on the whole logits."""
+    from pipeline import lm_head
+
+    gen = torch.Generator().manual_seed(5)
+    hidden = torch.randn(2, 6, 8, generator=gen, requires_grad=True)
+    head = torch.nn.Linear(8, V, bias=False)
+    teacher = torch.log_softmax(torch.randn(12, V, generator=gen) * 2, -1)
+    labels, ce_mask, kd_mask = lm_head.causal_targets(torch.randint(0, V, (2, 6), generator=gen), torch.ones(2, 6))
+    if dense:
+        ids, weights = None, teacher.exp().view(2, 6, V)
+        cached = {"target_weights": weights}
+    else:
+        ids, weights = (t.view(2, 6, -1) for t in sampling.draw(teacher, torch.rand(12, 8, generator=gen)))
+        cached = {"target_ids": ids, "target_weights": weights}
+    targets = lm_head.HeadTargets(labels, ce_mask, kd_mask, cached, losses.SampledOptions(2.0))
+    chunked = lm_head.chunked_scores(hidden, head, targets, chunk=5)
+    (chunked["ce"] + chunked["kd_response"]).backward()
+    grad, hidden.grad = hidden.grad.clone(), None
+    ce, kd = losses.ce_and_sampled_kd(head(hidden), labels, ce_mask, ids, weights, kd_mask, temperature=2.0)
+    (ce + kd).backward()
+    assert float(chunked["ce"]) == pytest.approx(float(ce), rel=1e-5)
+    assert float(chunked["kd_response"]) == pytest.approx(float(kd), rel=1e-5)
+    torch.testing.assert_close(grad, hidden.grad, rtol=1e-4, atol=1e-6)

@@ -5,6 +5,7 @@ the chain overhead. Without sbatch the cluster tests skip with the reason; with 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -13,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from pipeline import config as config_mod
@@ -121,7 +123,8 @@ def test_a_resubmit_queues_only_what_is_not_complete(tiny_config):
     config = tiny_config()
     cfg = config_mod.load(config, overrides())
     rd = RunDir.from_config(cfg)
-    for spec, unit in ((manifest.SPEC, None), (cache.SPEC, None), (train.SPEC, "kd")):
+    assert manifest.main(["--config", str(config), *overrides()]) == 0  # the real one: the cache array's plan reads it
+    for spec, unit in ((cache.SPEC, None), (train.SPEC, "kd")):
         state = unit_state(spec, cfg, rd, unit)
         rd.write_marker(spec.name, unit, state, {}, {})
     record = _dry_run(config, overrides())
@@ -136,6 +139,8 @@ def test_a_resubmit_queues_only_what_is_not_complete(tiny_config):
     changed = _dry_run(config, overrides(**{"cache.top_k": 4}))  # the cache must be redone: all of it downstream
     assert [slurm._label(j) for j in changed["jobs"]][:2] == ["cache", "train[ce]"]
     assert changed["jobs"][0]["units"] == {"None": "cache: its configuration changed: cache.top_k (was 8, now 4)"}
+    assert "#SBATCH --array=0\n" in Path(changed["jobs"][0]["script"]).read_text()  # no shard has a record
+    assert [slurm.array_spec(t) for t in ([0, 1, 2, 3], [1, 3], [0, 1, 2, 5], [7])] == ["0-3", "1,3", "0-2,5", "7"]
     assert len(_dry_run(config, overrides(**{"cache.top_k": 4}))["jobs"]) == 8 - 1  # manifest still complete
 
 
@@ -153,22 +158,52 @@ def test_slurm_config_errors(tiny_config, capsys):
         assert message in capsys.readouterr().err, override
 
 
+def test_status_and_cancel_exit_2_on_a_config_error_and_1_without_a_record(tiny_config, capsys):
+    """status and cancel read the config only for its run_name and logs_dir, with the same rules and exit codes."""
+    for cmd in ("status", "cancel"):
+        assert slurm.main([cmd, "--config", str(tiny_config()), "train.lrr=1"]) == 2, cmd
+        assert "config error: train.lrr: unknown key" in capsys.readouterr().err
+        assert slurm.main([cmd, "--config", str(tiny_config()), "slurm.signal_s=x"]) == 2, cmd
+        assert 'slurm.signal_s: expected int > 0, got "x"' in capsys.readouterr().err
+        assert slurm.main([cmd, "--logs-dir", "/tmp"]) == 2, cmd  # neither --run nor --config
+        assert "--run: expected a run name" in capsys.readouterr().err
+        assert slurm.main([cmd, "--config", str(tiny_config())]) == 1, cmd  # never submitted
+        err = capsys.readouterr().err
+        assert "logs/tiny/slurm/submission.json: no submission record for run 'tiny'" in err, err
+
+
 def test_status_reads_every_attempt_and_one_elapsed_format(monkeypatch):
     answers = {
         "sacct": [  # a job that ran, was requeued and completed; one that never ran
             ("41", "REQUEUED", "0:0", "00:00:07", "None", "2026-01-01T10:00:05", "2026-01-01T10:00:00"),
             ("41", "COMPLETED", "0:0", "1-00:00:14", "None", "2026-01-01T10:01:00", "2026-01-01T10:00:30"),
             ("42", "CANCELLED by 0", "0:0", "00:00:00", "Dependency", "None", "2026-01-01T10:00:00"),
+            ("44", "COMPLETED", "0:0", "00:00:00", "None", "2026-01-01T10:00:01", "2026-01-01T10:00:00"),
         ],
         "squeue": [("43", "43", "RUNNING", "None", "1:02:03")],
     }
     monkeypatch.setattr(slurm, "_query", lambda argv: answers[argv[0]])
-    states = {j: slurm.summarize_job(t) for j, t in slurm.slurm_states(["41", "42", "43"]).items()}
+    states = {j: slurm.summarize_job(t) for j, t in slurm.slurm_states(["41", "42", "43", "44"]).items()}
     assert states["41"]["state"] == "COMPLETED" and states["41"]["requeues"] == 1
     assert slurm.format_elapsed(states["41"]["elapsed_s"]) == "1-00:00:14"
     assert states["42"]["state"] == "CANCELLED" and not states["42"]["started"]
+    assert slurm.format_elapsed(states["42"]["elapsed_s"]) == "-"  # never ran
+    assert slurm.format_elapsed(states["44"]["elapsed_s"]) == "0:00:00"  # ran, for less than a second
     assert states["43"]["started"] and slurm.format_elapsed(states["43"]["elapsed_s"]) == "1:02:03"
     assert slurm.elapsed_s("05:09") == 309 and slurm.elapsed_s("2-01:00:00") == 176400
+
+
+def test_status_shows_rank_0s_latest_line_and_any_ranks_error():
+    """The other ranks of a torchrun stage echo rank 0 (on a stop they do not ask Slurm why); an error is shown from
+    whichever rank wrote it."""
+    records = [
+        {"ts": "1", "rank": 0, "level": "warning", "event": "stopped", "message": "SIGTERM (job cancelled)"},
+        {"ts": "2", "rank": 1, "level": "warning", "event": "stopped", "message": "SIGTERM; (rank 0 logs why)"},
+    ]
+    assert slurm.last_progress(records, failed=False)["rank"] == 0
+    crash = {"ts": "0", "rank": 1, "level": "error", "event": "crashed", "message": "RuntimeError: boom"}
+    assert slurm.last_progress([crash, *records], failed=True) is crash
+    assert slurm.last_progress(records[1:], failed=False)["rank"] == 1  # no rank 0 line: whatever there is
 
 
 def test_an_array_cancelled_before_it_was_split_keeps_its_final_state(monkeypatch):
@@ -204,9 +239,23 @@ def cluster():
         pytest.skip(problem)
 
 
+SUBMITTED: list[str] = []  # job ids of the running test
+
+
+@pytest.fixture(autouse=True)
+def _cancel_leftovers():
+    """A test that fails half way must not leave its jobs (perhaps a frozen stage) holding the cluster's 2 cores."""
+    yield
+    if SUBMITTED:
+        subprocess.run(["scancel", *SUBMITTED], capture_output=True, check=False)
+        SUBMITTED.clear()
+
+
 def _submit(config: Path, extra: list[str], commands: dict[str, str] | None = None) -> dict:
     cfg = config_mod.load(config, extra)
-    return slurm.submit(cfg, config, extra, commands=commands)
+    record = slurm.submit(cfg, config, extra, commands=commands)
+    SUBMITTED.extend(j["job_id"] for j in record["jobs"])
+    return record
 
 
 def _wait(record: dict, timeout_s: float) -> dict:
@@ -268,7 +317,8 @@ def test_chain_overhead_five_trivial_stages(cluster, tiny_config):
 def test_failed_stage_cancels_downstream_and_status_says_which(cluster, tiny_config):
     config = tiny_config()
     commands = {**STANDIN, "manifest": f"{_log_line('manifest', 'packing done')} && sleep 1.2", "cache": "exit 3"}
-    record = _submit(config, overrides(), commands)
+    # srun_args (a container's --container-image): the monitor runs through srun too, and still writes its summary
+    record = _submit(config, overrides(**{"slurm.stages.manifest.srun_args": ["--overlap"]}), commands)
     status = _wait(record, 60)
     states = {slurm._label(r): r["state"] for r in status["jobs"]}
     assert states["manifest"] == "COMPLETED" and states["cache"] == "FAILED"
@@ -283,7 +333,7 @@ def test_failed_stage_cancels_downstream_and_status_says_which(cluster, tiny_con
     assert "FAILED: cache" in out and "exit 3:0" in out
     assert "cancelled downstream (dependency never satisfied): train[ce], train[kd]" in out
     assert "packing done" in out  # the manifest's last progress line from its JSON log
-    # telemetry ran beside the manifest job and wrote its summary when the stage ended
+    # telemetry ran beside the manifest job (through srun) and wrote its summary when the stage ended
     manifest_job = record["jobs"][0]["job_id"]
     host = os.uname().nodename
     summary_path = Path(record["logs_dir"], "tiny", "manifest", f"telemetry_summary_{host}_{manifest_job}.json")
@@ -366,46 +416,94 @@ def _running(job_id: str) -> bool:
     return "RUNNING" in out
 
 
-def _nothing_left(record: dict, within_s: float = 60) -> dict:
-    """Every job of the record is over within ``within_s`` and stays so (no requeue brings one back)."""
-    status = _wait(record, within_s)
-    time.sleep(3)
-    again = slurm.run_status(record)
-    assert again["done"], slurm.format_status(again)
+def _queued(record: dict) -> str:
+    """squeue's lines for the record's jobs that are pending, running or completing (a requeued job is pending at
+    once, with its id; squeue leaves out ids it no longer knows instead of failing on the list)."""
     ids = ",".join(j["job_id"] for j in record["jobs"])
-    left = subprocess.run(["squeue", "-h", "-j", ids, "-o", "%i %T"], capture_output=True, text=True).stdout
-    assert not left.strip(), left
+    out = subprocess.run(["squeue", "-h", "-j", ids, "-o", "%i %T"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip()
+
+
+def _nothing_left(record: dict, within_s: float = 60) -> dict:
+    """Every job of the record is over within ``within_s``: no process of it is left that could requeue it."""
+    status = _wait(record, within_s)
+    assert not _queued(record), _queued(record)
     return status
+
+
+def _still_nothing(record: dict, cancelled_at: float, after_s: float) -> None:
+    """``after_s`` after the cancel the jobs are still over: none ran again (sacct keeps every attempt, so a
+    requeued one counts), the output shows no requeue by job.sh, and nothing is queued. On this cluster a requeued
+    job is pending at once and runs again ~12.5 s later (slurm/local_cluster.sh, cred_expire=10)."""
+    time.sleep(max(0.0, cancelled_at + after_s - time.monotonic()))
+    assert not _queued(record), _queued(record)
+    status = slurm.run_status(record)
+    assert status["done"] and not any(r["requeues"] for r in status["jobs"]), slurm.format_status(status)
+    for job in record["jobs"]:
+        assert all("requeueing job" not in out.read_text() for out in slurm.job_outputs(job)), job["output"]
+
+
+def _freeze_stage(job_id: str, stage: str) -> list[int]:
+    """SIGSTOP the stage processes of a running job (each torchrun worker, or the one process), which then stay
+    mid-stage as a full-size teacher pass or training would for hours, until Slurm's cancel sends SIGCONT and
+    SIGTERM to every process of the job: the cancel lands during the stage however fast the tiny models are and
+    however slowly the test's commands start."""
+    frozen = []
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            env, cmdline = proc.environ(), proc.info["cmdline"] or []
+        except psutil.Error:
+            continue
+        module = cmdline[cmdline.index("-m") + 1] if "-m" in cmdline[:3] else None  # srun and torchrun: not ours
+        if module == f"pipeline.{stage}" and job_id in (env.get("SLURM_ARRAY_JOB_ID"), env.get("SLURM_JOB_ID")):
+            proc.suspend()
+            frozen.append(proc.pid)
+    assert frozen, f"no pipeline.{stage} process of job {job_id}"
+    return frozen
 
 
 @pytest.mark.slurm
 @pytest.mark.slow
 def test_cancel_during_cache_resubmit_after_a_failure_and_cancel_during_train(cluster, tiny_config, tmp_path):
-    """scancel stops a running stage instead of letting it requeue itself; a resubmit queues only what is left and
-    keeps the earlier submissions; make status/logs/cancel find the run through its config (logs_dir in tmp)."""
+    """scancel stops a running stage instead of letting it requeue itself (every torchrun rank of the cache; rank 0
+    alone asks Slurm why), and no job of the run is running or pending a minute later; a resubmit queues only what
+    is left and keeps the earlier submissions; make status/logs/cancel find the run through its config (logs_dir
+    in tmp)."""
     config = tiny_config()
     kd = {"kd": {"ce_weight": 0.5, "response": {"weight": 0.5}}}
     extra = overrides(**{"cache.batch_size": 1, "train.variants": kd, "train.baseline_variant": "kd",
                          "train.max_steps": 2000, "train.checkpoint_every": 1000})  # fmt: skip
-    # 1. cancel while the cache runs: it stops (no requeue) and nothing of the run is left a minute later
-    first = _submit(config, extra, {k: v for k, v in STANDIN.items() if k not in ("manifest", "cache")})
+    two_ranks = [*extra, "slurm.stages.cache.nproc_per_node=2"]  # the first cache only: torchrun starts slowly
+    cache_dir = tmp_path / "runs" / "tiny" / "cache"
+    # 1. cancel while the cache runs, once its first shard is written: it stops without a requeue
+    first = _submit(config, two_ranks, {k: v for k, v in STANDIN.items() if k not in ("manifest", "cache")})
     cache_job = first["jobs"][1]
-    _wait_for("cache start", lambda: _has_event(first, cache_job, "plan"), first)
+    _wait_for("the first cache shard", lambda: any((cache_dir / "_shards").glob("*.json")), first)
+    assert len(_freeze_stage(cache_job["job_id"], "cache")) == 2  # both torchrun workers
     out = subprocess.run([PY, "-m", "pipeline.slurm", "cancel", "--config", str(config), *extra],
                          capture_output=True, text=True, cwd=REPO)  # fmt: skip
+    cache_cancelled = time.monotonic()
     assert out.returncode == 0 and "cancelled 5 jobs" in out.stdout, out.stderr
     status = _nothing_left(first)
     row = status["jobs"][1]
     assert row["state"] == "CANCELLED" and row["requeues"] == 0, slurm.format_status(status)
     stopped = [e for e in _events(first, cache_job) if e["event"] in ("stopped", "requeued", "preempted", "crashed")]
-    assert [e["event"] for e in stopped] in ([], ["stopped"]), stopped  # [] if SIGTERM came before the handlers
-    assert all("job cancelled" in e["message"] for e in stopped)
+    assert sorted((e["rank"], e["event"]) for e in stopped) == [(0, "stopped"), (1, "stopped")], stopped
+    by_rank = {e["rank"]: e["message"] for e in stopped}
+    assert "SIGTERM (job cancelled)" in by_rank[0] and "without requeue" in by_rank[0], by_rank
+    assert "rank 0 logs why" in by_rank[1], by_rank
+    shards = len(list((tmp_path / "runs" / "tiny" / "manifest").glob("*.parquet")))
+    done = len(list((cache_dir / "_shards").glob("*.json")))
+    assert 1 <= done < shards and not (cache_dir / "_COMPLETE.json").exists(), done  # stopped mid-cache
     # 2. resubmit: manifest is complete (not queued); the cache completes; a failing train cancels the rest
     second = _submit(config, extra, {"train": "exit 3", "evaluate": "true", "report": "true"})  # the real cache
     assert [c["stage"] for c in second["complete"]] == ["manifest"]
     assert [slurm._label(j) for j in second["jobs"]] == ["cache", "train[kd]", "evaluate", "report"]
     status = _wait(second, 240)
     assert status["failed"] == ["train[kd]"], slurm.format_status(status)
+    (plan,) = [e for e in _events(second, second["jobs"][0]) if e["event"] == "plan" and e["rank"] == 0]
+    assert f"{shards - done} to compute" in plan["message"], plan  # the shards written before the cancel are kept
     # 3. resubmit after the failure: only train and what follows; cancel during training
     third = _submit(config, extra, {k: v for k, v in STANDIN.items() if k != "train"})
     assert [c["stage"] for c in third["complete"]] == ["manifest", "cache"]
@@ -413,20 +511,26 @@ def test_cancel_during_cache_resubmit_after_a_failure_and_cancel_during_train(cl
     assert third["jobs"][0]["after"] == []  # nothing queued before it: it starts at once
     train_job = third["jobs"][0]
     _wait_for("a training step", lambda: _has_event(third, train_job, "step"), third)
+    _freeze_stage(train_job["job_id"], "train")
     out = _make("status", config)
     assert out.returncode == 0 and "train[kd]" in out.stdout and "complete, not queued" in out.stdout, out.stderr
     assert _make("logs", config, "STAGE=train").stdout.count("[train]") >= 1
     out = _make("cancel", config)
+    train_cancelled = time.monotonic()
     assert out.returncode == 0 and "cancelled 3 jobs" in out.stdout, out.stderr
     status = _nothing_left(third)
     assert status["jobs"][0]["state"] == "CANCELLED" and status["jobs"][0]["requeues"] == 0
     (stop,) = [e for e in _events(third, train_job) if e["event"] == "stopped"]
     assert "SIGTERM (job cancelled)" in stop["message"] and "checkpoint at step" in stop["message"], stop
+    assert 0 < stop["metrics"]["step"] < 2000, stop
     assert list((tmp_path / "runs" / "tiny" / "train" / "kd" / "checkpoints").glob("step_*"))
     slurm_dir = tmp_path / "logs" / "tiny" / "slurm"  # every submission kept: scripts, outputs, record
     assert sorted(p.name for p in slurm_dir.glob("[0-9][0-9][0-9]")) == ["001", "002", "003"]
     assert (slurm_dir / "001" / "cache.sbatch").is_file() and (slurm_dir / "002" / "train-kd.sbatch").is_file()
     assert json.loads((slurm_dir / "submission.json").read_text())["submission"] == "003"
+    # a minute after the cache's cancel nothing of that chain came back; the train job neither, 15 s after its own
+    _still_nothing(first, cache_cancelled, 60)
+    _still_nothing(third, train_cancelled, 15)
 
 
 @pytest.mark.slurm
@@ -455,7 +559,27 @@ def test_cache_job_launches_torchrun_and_array_tasks_split_shards(cluster, tiny_
     assert sorted(by_task) == ["0", "1"]
     assert not (by_task["0"] & by_task["1"]), by_task  # disjoint
     assert by_task["0"] | by_task["1"] == manifest_shards  # and together they cover every shard
-    assert (tmp_path / "runs" / "tiny" / "cache" / "_COMPLETE.json").is_file()
+    cache_dir = tmp_path / "runs" / "tiny" / "cache"
+    assert (cache_dir / "_COMPLETE.json").is_file()
+    # a shard of task 1 lost: the resubmit queues array task 1 alone (task 0 has nothing left), the rest after it
+    lost = sorted(by_task["1"])[0]
+    recorded = json.loads((cache_dir / "_shards" / lost.replace(".parquet", ".json")).read_text())["sha256"]
+    (cache_dir / lost).unlink()
+    one_process = overrides(**{"slurm.stages.cache.array_tasks": 2})  # torchrun is tested above; it starts slowly
+    again = _submit(config, one_process, {k: v for k, v in STANDIN.items() if k != "cache"})
+    cache_again = again["jobs"][0]
+    assert cache_again["stage"] == "cache" and cache_again["array"] == "1", cache_again
+    script = Path(cache_again["script"]).read_text()
+    assert "#SBATCH --array=1\n" in script and "--task-count=2" in script and "--nproc-per-node=1" in script
+    assert [slurm._label(j) for j in again["jobs"]][1:] == ["train[ce]", "train[kd]", "train[feature]",
+                                                            "train[relation]", "evaluate", "report"]  # fmt: skip
+    assert all(j["after_jobs"] == ["cache"] for j in again["jobs"][1:5])
+    status = _wait(again, 300)
+    assert status["complete"] and status["jobs"][0]["counts"] == {"COMPLETED": 1}, slurm.format_status(status)
+    (plan,) = [e for e in _events(again, cache_again) if e["event"] == "plan" and e["rank"] == 0]
+    assert plan["task"] == "1" and "task 1/2" in plan["message"] and "1 to compute" in plan["message"], plan
+    assert hashlib.sha256((cache_dir / lost).read_bytes()).hexdigest() == recorded  # the same bytes again
+    assert (cache_dir / "_COMPLETE.json").is_file()
 
 
 MAX_STEPS = 1200  # enough that the requeues below happen while it trains

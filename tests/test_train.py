@@ -196,6 +196,35 @@ def test_lora_checkpoints_hold_only_trainable_weights_and_resume_exactly(tmp_pat
         assert torch.allclose(got[name], want[name], rtol=0, atol=1e-6), name
 
 
+def test_tensorboard_tracker_receives_every_logged_metric_offline(tmp_path, tiny_assets, tiny_cache):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = make_run(tmp_path, tiny_assets, tiny_cache, {"train.trackers": ["tensorboard"], "train.max_steps": 4})
+    assert train.main(["--config", str(cfg), "--variant", "kd"]) == 0
+    run = tmp_path / "logs" / "tiny" / "train" / "trackers" / "kd" / "tiny"  # <variant>/<run_name>
+    assert len(list(run.rglob("events.out.tfevents.*"))) == 2  # the metrics, and the hyperparameters in a sub-run
+    board = EventAccumulator(str(run))
+    board.Reload()
+    rows = read_jsonl(variant_dir(cfg, "kd") / "metrics.jsonl")
+    for split in ("train", "val"):
+        for name in ("loss", "ce", "kd_response") + (("lr", "grad_norm") if split == "train" else ()):
+            logged = [(r["step"], r[name]) for r in rows if r["split"] == split]
+            scalars = [(e.step, e.value) for e in board.Scalars(f"{split}/{name}")]
+            assert [s for s, _ in scalars] == [s for s, _ in logged] and logged
+            assert [v for _, v in scalars] == pytest.approx([v for _, v in logged], rel=1e-6)  # stored as float32
+
+
+def test_a_tracker_whose_package_is_missing_is_refused_before_training(tmp_path, tiny_assets, tiny_cache, capsys,
+                                                                        monkeypatch):  # fmt: skip
+    from pipeline import validate
+
+    monkeypatch.setitem(validate.TRACKER_PACKAGES, "wandb", "wandb_not_installed_here")
+    cfg = make_run(tmp_path, tiny_assets, tiny_cache, {"train.trackers": ["wandb"]})
+    assert train.main(["--config", str(cfg), "--variant", "kd"]) == 2
+    assert "train.trackers.0" in capsys.readouterr().err
+    assert not variant_dir(cfg, "kd").exists()
+
+
 # --------------------------------------------------------------------------------------- resume, preemption
 RESUME = {"train.max_steps": 24, "train.checkpoint_every": 4, "train.eval_every": 8, "train.log_every": 4}
 

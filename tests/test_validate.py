@@ -176,3 +176,29 @@ def test_negative_indices_mean_the_same_layer_everywhere(tiny_config):
     meta = {"num_hidden_states": 4, "temperature": 1.0}
     recipe = train.resolve_recipe("feature", cfg.train.variants["feature"], meta, student)
     assert recipe.feature_pairs == [(2, 3)] and recipe.columns()[-1] == "hidden_3"
+
+
+def test_chunked_heads_are_refused_for_models_that_transform_their_logits_after_the_head(
+    tiny_config, tiny_assets, tmp_path
+):
+    """A soft-capping student or teacher (Gemma-2 style): the chunked head would skip the cap, so each chunked use
+    is refused naming its key; whole logits (``logits_chunk: 0``) pass."""
+    import json
+    import shutil
+
+    capped = {}
+    for who in ("student", "teacher"):
+        capped[who] = tmp_path / f"capped_{who}"
+        shutil.copytree(tiny_assets[who], capped[who])
+        config_json = capped[who] / "config.json"
+        config_json.write_text(json.dumps({**json.loads(config_json.read_text()), "final_logit_softcapping": 30.0}))
+    student = {"student.name_or_path": str(capped["student"])}
+    with pytest.raises(ConfigError, match=r"^train\.logits_chunk: the student .* applies final_logit_softcapping"):
+        validate.check(load(tiny_config(**student)))
+    with pytest.raises(ConfigError, match=r"^evaluate\.logits_chunk: the student"):
+        validate.check(load(tiny_config(**student, **{"train.logits_chunk": 0})))
+    validate.check(load(tiny_config(**student, **{"train.logits_chunk": 0, "evaluate.logits_chunk": 0})))
+    teacher = {"teacher.name_or_path": str(capped["teacher"])}
+    with pytest.raises(ConfigError, match=r"^evaluate\.logits_chunk: the teacher"):
+        validate.check(load(tiny_config(**teacher)))
+    validate.check(load(tiny_config(**teacher, **{"evaluate.include_teacher": False})))
