@@ -150,11 +150,11 @@ def test_loss_step_of_every_variant_equals_the_whole_logits_path():
 
     student = tiny_student(tied=False)
     b = batch()
-    b["hidden.1"], b["embed"] = torch.randn(B, T, 24), torch.randn(B, 24)
+    b["hidden_1"], b["embed"] = torch.randn(B, T, 24), torch.randn(B, 24)
     loss = LossConfig(ce_weight=0.5, response=ResponseKDConfig(weight=0.5),
                       feature=FeatureKDConfig(weight=1.0, layer_pairs=[[1, 1]]),
                       relation=RelationKDConfig(weight=1.0))  # fmt: skip
-    recipe = train.Recipe("all", loss, 1.0, [(1, 1)], 2)
+    recipe = train.LossRecipe("all", loss, 1.0, [(1, 1)], 2)
     torch.manual_seed(0)
     projectors = losses.FeatureProjectors([(1, 1)], 16, 24)
     results = []
@@ -174,8 +174,8 @@ def test_recipe_checks_response_options_once():
 
     bad = LossConfig(response=ResponseKDConfig(weight=0.5, temperature=2.0))  # tail bucket at τ ≠ τ_c
     with pytest.raises(ValueError, match="tail_bucket needs the capture temperature"):
-        train.Recipe("kd", bad, 1.0, [], 2)
-    assert train.Recipe("ce", LossConfig(), 1.0, [], 2).response is None  # unused options are not checked
+        train.LossRecipe("kd", bad, 1.0, [], 2)
+    assert train.LossRecipe("ce", LossConfig(), 1.0, [], 2).response is None  # unused options are not checked
 
 
 def test_evaluation_chunks_equal_whole_logits():
