@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     """``python -m pipeline.sweep --config C [--only a,b] [--readme FILE] [overrides]``; returns the exit code."""
     parser = argparse.ArgumentParser(prog="python -m pipeline.sweep", description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, type=Path)
-    parser.add_argument("--only", default=None, help="comma-separated setting names (default: the whole grid)")
+    parser.add_argument("--only", default=None, help="comma-separated setting names, run in this order (default: all)")
     parser.add_argument("--readme", type=Path, default=None, help="write the table between the sweep markers")
     parser.add_argument("overrides", nargs="*", help="key.path=value applied to every setting")
     args = parser.parse_args(argv)
@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         unknown = sorted(set(wanted) - {s.name for s in GRID})
         if unknown:
             parser.error(f"--only: unknown settings {unknown} (known: {', '.join(s.name for s in GRID)})")
-        grid = tuple(s for s in GRID if s.name in wanted)
+        grid = tuple(next(s for s in GRID if s.name == name) for name in wanted)  # in the order given
     rd = RunDir.from_config(load_config(args.config, list(args.overrides)))
     command = ("python -m pipeline.sweep " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
     table = ""
