@@ -47,7 +47,7 @@ from torch import nn
 
 from pipeline import cache as cache_stage
 from pipeline import cache_format as cf
-from pipeline import losses
+from pipeline import losses, sampling
 from pipeline import modeling as mdl
 from pipeline import teacher_parallel as tp
 from pipeline import train as train_stage
@@ -60,6 +60,7 @@ DEMO_TEACHER = REPO / "models" / "smollm2-135m-instruct"
 DEMO_STUDENT = REPO / "models" / "student-init"
 DEFAULT_TEXT = REPO / "data" / "shakespeare" / "train.jsonl"
 TOP_K = 16  # the k of the storage goal (issue 4: k=16 + tail <= 90 bytes/token)
+SAMPLES = 32  # draws per position of the sampled-targets row (issue 17: <= 40 bytes/token)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -606,10 +607,12 @@ def build_assets(sizes: Sizes, text_path: Path | None, on: torch.device, log: Ca
 
 
 # ------------------------------------------------------------------------------------------- cache shards
-def write_bench_cache(assets: Assets, sizes: Sizes, out: Path) -> tuple[list[Path], dict[str, Any]]:
-    """Cache the token rows (top-k + tail, no hidden states) with the cache stage's own extraction and writer
-    (zstd level 3, the defaults); returns the shard paths and the first shard's metadata."""
-    cache_settings = CacheConfig(top_k=TOP_K, batch_size=sizes.batch)
+def write_bench_cache(
+    assets: Assets, sizes: Sizes, out: Path, cache_settings: CacheConfig | None = None
+) -> tuple[list[Path], dict[str, Any]]:
+    """Cache the token rows (default: top-k + tail, no hidden states) with the cache stage's own extraction, draws
+    and writer (zstd level 3, the defaults); returns the shard paths and the first shard's metadata."""
+    cache_settings = cache_settings or CacheConfig(top_k=TOP_K, batch_size=sizes.batch)
     extraction, fields = cache_stage.resolve_extraction(cache_settings, assets.teacher.config, sizes.seq_len, 0)
     shutil.rmtree(out, ignore_errors=True)
     files = []
@@ -623,7 +626,12 @@ def write_bench_cache(assets: Assets, sizes: Sizes, out: Path) -> tuple[list[Pat
         parts = []
         for start in range(0, len(ids), sizes.batch):
             batch = torch.from_numpy(ids[start : start + sizes.batch].astype(np.int64))
-            parts.append(cache_stage.extract_batch(assets.teacher, batch, torch.ones_like(batch), extraction))
+            uniforms = None
+            if extraction.draws:  # the shard's number stands in for its checksum in the draws' seed
+                rows = range(start, start + len(batch))
+                draws = sampling.row_uniforms(0, len(files), rows, sizes.seq_len, extraction.draws)
+                uniforms = torch.from_numpy(draws)
+            parts.append(cache_stage.extract_batch(assets.teacher, batch, torch.ones_like(batch), extraction, uniforms))
         name = f"train-{len(files):05d}.parquet"
         meta = {
             "teacher": "bench",
@@ -901,6 +909,25 @@ def bench_bytes(files: list[Path], meta: dict[str, Any], assets: Assets) -> tupl
     detail = f"{tokens:,} tokens; per column: {split}; teacher top-{TOP_K} mass {mass:.2f}, V={assets.vocab}"
     row = Row("bytes", f"cache bytes/token (k={TOP_K} + tail, zstd)", columns["total"], "B", 90.0, "<=", detail)
     return row, {"bytes_per_token": columns, "tokens": tokens, "topk_mass": mass}
+
+
+def bench_sampled_bytes(assets: Assets, sizes: Sizes, out: Path) -> tuple[Row, dict[str, Any]]:
+    """Stored bytes per token of the sampled-target columns (``sampled_ids`` + ``sampled_weights``, zstd) for
+    ``SAMPLES`` draws per position from the teacher itself (``cache.targets: sampled``), on the bench vocabulary."""
+    cache_settings = CacheConfig(top_k=1, batch_size=sizes.batch, targets="sampled", samples=SAMPLES)
+    files, meta = write_bench_cache(assets, sizes, out, cache_settings)
+    rows = [cf.read_cache_meta(f)["rows"] for f in files]
+    per_file = [column_bytes_per_token(f) for f in files]
+    columns = {n: sum(p[n] * r for p, r in zip(per_file, rows, strict=True)) / sum(rows) for n in cf.SAMPLED_COLUMNS}
+    dataset = cf.CacheDataset(files, batch_size=64, shuffle=False, columns=["sampled_weights"])
+    distinct = torch.cat([(b["sampled_weights"] > 0).sum(-1).flatten().float() for b in dataset]).mean().item()
+    value = sum(columns.values())
+    detail = (
+        f"{SAMPLES} draws per position, {distinct:.1f} distinct ids on average; ids {columns['sampled_ids']:.1f} + "
+        f"weights {columns['sampled_weights']:.1f} B; {sum(rows) * sizes.seq_len:,} tokens, V={assets.vocab}"
+    )
+    row = Row("sampled_bytes_per_token", "sampled targets bytes/token (zstd)", value, "B", 40.0, "<=", detail)
+    return row, {"bytes_per_token": columns, "distinct_per_position": distinct, "draws": SAMPLES}
 
 
 def parallel_tensor_size(teacher_config: Any) -> int:
@@ -1199,6 +1226,9 @@ def run_bench(
     step_rows, raw["student_step"] = bench_student_step(sizes, on)
     rows += step_rows
     row, raw["bytes"] = bench_bytes(files, meta, assets)
+    rows.append(row)
+    log(f"sampled targets ({SAMPLES} draws per position)")
+    row, raw["sampled_bytes"] = bench_sampled_bytes(assets, sizes, out / "cache_sampled")
     rows.append(row)
     rows.append(flops)
     if parallel:

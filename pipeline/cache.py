@@ -42,7 +42,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +51,7 @@ import pyarrow as pa
 import torch
 
 from pipeline import cache_format as cf
-from pipeline import data_format, definition, losses, preemption, validate
+from pipeline import data_format, definition, losses, preemption, sampling, validate
 from pipeline import modeling as mdl
 from pipeline import teacher_parallel as tp
 from pipeline.config import CacheConfig, Config, ConfigError, model_identity, section_hash
@@ -77,13 +77,20 @@ EXECUTION_ONLY = ("batch_size", "logits_chunk", "log_every_s")  # cache fields t
 
 # ------------------------------------------------------------------------------------------------ extraction
 def topk_chunked(
-    final_hidden: torch.Tensor, lm_head: torch.nn.Module, top_k: int, temperature: float, chunk: int
+    final_hidden: torch.Tensor,
+    lm_head: torch.nn.Module,
+    top_k: int,
+    temperature: float,
+    chunk: int,
+    on_logprobs: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-k log-probs of the full tempered distribution and the tail log-mass, ``chunk`` positions at a time.
 
     final_hidden: [N, H] (the post-norm last hidden state). Returns (values [N, k] fp32, ids [N, k] int64,
     tail [N] fp32) on the LM head's device. Per chunk the logits become log-probs and then the tail sum in place,
     so the extra peak memory is one [chunk, V] fp32 block (plus a model-dtype copy when the head is not fp32).
+    ``on_logprobs(first position, log-probs [c, V], top-k ids [c, k])`` sees each chunk's full log-probs before the
+    tail sum overwrites them (the sampled targets are drawn there).
     """
     values, ids, tails = [], [], []
     for start in range(0, final_hidden.shape[0], chunk):
@@ -92,6 +99,8 @@ def topk_chunked(
             logits.div_(temperature)
         torch.log_softmax(logits, dim=-1, out=logits)
         top_values, top_ids = torch.topk(logits, top_k, dim=-1)
+        if on_logprobs is not None:
+            on_logprobs(start, logits, top_ids)
         # the mass outside the top-k, summed in place (no [c, V] temporary): the entries are normalised
         # log-probs <= 0, so exp cannot overflow, and a tiny tail is summed directly rather than as 1 - sum(top-k)
         logits.scatter_(-1, top_ids, float("-inf")).exp_()
@@ -113,6 +122,9 @@ class Extraction:
     positions: list[int] | None
     embed_layer: int | None
     logits_chunk: int
+    draws: int = 0  # sampled tokens per position (0: top-k only)
+    support: str | None = None  # what they are drawn from: "full" vocabulary or the "tail" outside the top-k
+    proposal_temperature: float = 1.0
 
 
 def decoder_layers(body: torch.nn.Module) -> torch.nn.ModuleList:
@@ -162,10 +174,15 @@ def capture_hidden_states(body: torch.nn.Module, indices: set[int]) -> Iterator[
 
 @torch.inference_mode()
 def extract_batch(
-    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, extraction: Extraction
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    extraction: Extraction,
+    uniforms: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """One teacher pass over [B, T] rows -> CPU tensors: topk_logprobs/topk_ids [B,T,k], tail_logmass [B,T],
-    ``hidden_<i>`` [B,Tsub,H] in the storage dtype, embed [B,H] fp32."""
+    ``hidden_<i>`` [B,Tsub,H] in the storage dtype, embed [B,H] fp32; with ``extraction.draws``, sampled_ids and
+    sampled_weights [B,T,n] drawn at ``uniforms`` [B,T,n] (``sampling.row_uniforms`` of these rows)."""
     body, lm_head = model.get_decoder(), model.get_output_embeddings()
     inputs = input_ids.to(model.get_input_embeddings().weight.device)
     mask = attention_mask.to(inputs.device)
@@ -175,14 +192,30 @@ def extract_batch(
     states[len(decoder_layers(body))] = out.last_hidden_state  # hidden_states[L] is post-norm
     batch, seq_len = input_ids.shape
     final = out.last_hidden_state.to(lm_head.weight.device).reshape(batch * seq_len, -1)
-    head_topk = tp.vocab_parallel_topk if tp.vocab_sharded(lm_head) else topk_chunked
-    values, ids, tail = head_topk(final, lm_head, extraction.top_k, extraction.temperature, extraction.logits_chunk)
+    head = (extraction.top_k, extraction.temperature, extraction.logits_chunk)
+    drawn: list[tuple[torch.Tensor, torch.Tensor]] = []
+    if tp.vocab_sharded(lm_head):
+        if extraction.draws:  # validate refuses this config; a direct caller gets the reason
+            raise PipelineError("sampled targets need the whole vocabulary on one process (teacher.tensor_parallel 1)")
+        values, ids, tail = tp.vocab_parallel_topk(final, lm_head, *head)
+    else:
+        flat_uniforms = None if uniforms is None else uniforms.reshape(batch * seq_len, -1).to(final.device)
+
+        def draw(start: int, logp: torch.Tensor, top_ids: torch.Tensor) -> None:
+            exclude = top_ids if extraction.support == "tail" else None
+            u = flat_uniforms[start : start + len(logp)]
+            drawn.append(sampling.draw(logp, u, proposal_temperature=extraction.proposal_temperature, exclude=exclude))
+
+        values, ids, tail = topk_chunked(final, lm_head, *head, draw if extraction.draws else None)
     floor = cf.LOGPROB_FLOOR
     result = {
         "topk_logprobs": values.clamp_min(floor).reshape(batch, seq_len, -1).cpu(),
         "topk_ids": ids.reshape(batch, seq_len, -1).cpu(),
         "tail_logmass": tail.clamp_min(floor).reshape(batch, seq_len).cpu(),
     }
+    if drawn:
+        result["sampled_ids"] = torch.cat([d[0] for d in drawn]).reshape(batch, seq_len, -1).cpu()
+        result["sampled_weights"] = torch.cat([d[1] for d in drawn]).reshape(batch, seq_len, -1).cpu()
     for layer in extraction.hidden_layers:
         hidden = states[layer]
         if extraction.positions is not None:
@@ -204,9 +237,9 @@ def to_columns(parts: list[dict[str, torch.Tensor]], packed: dict[str, Any]) -> 
     }
     for name in parts[0]:
         merged = torch.cat([p[name] for p in parts])
-        if name == "topk_ids":
+        if name in ("topk_ids", "sampled_ids"):
             cols[name] = merged.to(torch.int32).numpy()
-        elif name in ("topk_logprobs", "tail_logmass"):
+        elif name in ("topk_logprobs", "tail_logmass", "sampled_weights"):
             cols[name] = merged.to(torch.float16).numpy()
         elif name.startswith("hidden_"):
             cols[name] = merged.view(torch.int16).numpy()  # raw 2-byte patterns of fp16/bf16
@@ -231,6 +264,7 @@ def resolve_extraction(
         else validate.hidden_index(cache_settings.embed_layer, count, "cache.embed_layer")
     )
     positions = cf.hidden_positions(seq_len, cache_settings.hidden_every_n, cache_settings.hidden_fraction, seed)
+    sampled = sampling_meta(cache_settings, seed)
     extraction = Extraction(
         top_k=cache_settings.top_k,
         temperature=cache_settings.temperature,
@@ -239,6 +273,9 @@ def resolve_extraction(
         positions=positions,
         embed_layer=embed,
         logits_chunk=cache_settings.logits_chunk,
+        draws=0 if sampled is None else cache_settings.samples,
+        support=None if sampled is None else sampled["support"],
+        proposal_temperature=cache_settings.proposal_temperature,
     )
     fields = {
         "top_k": cache_settings.top_k,
@@ -250,9 +287,27 @@ def resolve_extraction(
         "hidden_index_convention": mdl.HIDDEN_INDEX_CONVENTION,
         "num_hidden_states": count,
         "embed_layer": embed,
+        "targets": cache_settings.targets,
+        "sampling": sampled,
         "seq_len": seq_len,
     }
     return extraction, fields
+
+
+def sampling_meta(cache_settings: CacheConfig, seed: int) -> dict[str, Any] | None:
+    """The shards' self-description of their sampled columns (None for a top-k-only cache)."""
+    if cache_settings.targets == "topk":
+        return None
+    return {
+        "draws": cache_settings.samples,
+        "support": "full" if cache_settings.targets == "sampled" else "tail",
+        "proposal_temperature": cache_settings.proposal_temperature,
+        "seed": seed,
+        "weights": "w_v = (c_v / draws) * p(v) / q(v); q = p^(1/proposal_temperature) renormalised on the support "
+        "(full: the vocabulary; tail: the tokens outside the top-k); E[w_v] = p(v)",
+        "uniforms": "draw j of position t in row r is the inverse CDF of q at numpy.random.default_rng([seed, "
+        "int(manifest_sha256[:15], 16), r]).random((seq_len, draws), float32)[t, j]",
+    }
 
 
 def plan_rows(cfg: Config, manifest: dict[str, Any], teacher_config: Any) -> list[dict[str, Any]]:
@@ -351,7 +406,7 @@ def pending_tasks(cfg: Config, rd: RunDir, count: int) -> list[int]:
 def output_sections(cfg: Config) -> tuple:
     """The config that determines the cached values (execution knobs such as batch size excluded)."""
     cache = {k: v for k, v in dataclasses.asdict(cfg.cache).items() if k not in EXECUTION_ONLY}
-    seed = cfg.seed if cfg.cache.hidden_fraction is not None else None
+    seed = cfg.seed if cfg.cache.hidden_fraction is not None or cfg.cache.targets != "topk" else None
     return (model_identity(cfg.teacher), cache, seed)
 
 
@@ -558,10 +613,16 @@ def cache_one_shard(
     started = time.monotonic()
     parts = []
     batch = cfg.cache.batch_size
+    key = sampling.shard_key(shard["sha256"])
     for start in range(0, rows, batch):
         ids = torch.from_numpy(packed["input_ids"][start : start + batch].astype(np.int64))
         mask = torch.from_numpy(packed["attention_mask"][start : start + batch].astype(np.int64))
-        parts.append(extract_batch(model, ids, mask, extraction))
+        uniforms = None
+        if extraction.draws:  # per row, from the seed and the shard's content: the same for any batch size or resume
+            rows_here = range(start, start + len(ids))
+            draws = sampling.row_uniforms(cfg.seed, key, rows_here, ids.shape[1], extraction.draws)
+            uniforms = torch.from_numpy(draws)
+        parts.append(extract_batch(model, ids, mask, extraction, uniforms))
         progress.add(int(mask.sum()), len(ids))
     if not write:
         progress.shards_done += 1

@@ -13,6 +13,9 @@ Columns (one row = one packed sequence of T tokens; k = top_k, H = hidden_dim, T
     topk_ids        fixed_size_list<int32>[T*k]        row-major [T, k], most probable first
     topk_logprobs   fixed_size_list<halffloat>[T*k]    log p_tau(id) of the FULL distribution at temperature tau
     tail_logmass    fixed_size_list<halffloat>[T]      log(1 - sum of the k probabilities)
+    sampled_ids     fixed_size_list<int32>[T*n]        row-major [T, n]: distinct drawn ids, heaviest first, then
+                                                       padding (id 0, weight 0); only with sampled targets
+    sampled_weights fixed_size_list<halffloat>[T*n]    w_v = (c_v / n) * p(v) / q(v) (pipeline.sampling): E[w_v] = p(v)
     hidden_<i>      fixed_size_binary[Tsub*H*2]        hidden_states[i] at the stored positions, fp16 or bf16 bytes
     embed           fixed_size_list<float32>[H]        masked mean of hidden_states[embed_layer] over real tokens
 
@@ -25,6 +28,12 @@ faster to decode); hidden states stay fixed_size_binary, which decodes ~2x faste
 Statistics are off (min/max of a multi-MB binary cell is useless). Log-probs below the fp16 range are stored as
 :data:`LOGPROB_FLOOR` (exp of it is 0), so files never hold infinities; NaN/inf in a file means corruption and the
 reader refuses it naming the file and column.
+
+Sampled targets (``cache.targets`` sampled or topk+sampled): n = ``sampling.draws`` tokens per position drawn from a
+proposal q (p itself, or p^(1/t) with ``proposal_temperature`` t) over the whole vocabulary (support ``full``) or
+over the tokens outside the top-k (support ``tail``), stored as distinct ids with their weights. The metadata key
+``sampling`` describes them completely (draws, support, proposal temperature, seed, the weight formula and how the
+uniforms were generated); it is None for a top-k-only cache, whose shards have no sampled columns.
 
 Hidden positions: with ``hidden_every_n`` or ``hidden_fraction`` set, the same sorted position index applies to
 every row of the cache and is stored in the metadata (``hidden_positions``); the reader yields it as a [Tsub] tensor.
@@ -54,7 +63,7 @@ from pipeline.data_format import schema_json
 from pipeline.rundir import MARKER, PipelineError, atomic_path, declared_outputs, file_problem, file_sha256
 from pipeline.validate import hidden_index
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: targets + sampling metadata, optional sampled_ids / sampled_weights columns
 META_KEY = b"pipeline.cache"
 LOGPROB_FLOOR = float(np.finfo(np.float16).min)  # -65504: log-probs below it are stored as it (p == 0 in fp32)
 ROW_GROUP_TARGET_BYTES = 64 << 20  # uncompressed bytes per row group: the reader's unit of I/O and memory
@@ -79,6 +88,8 @@ META_KEYS: dict[str, type | tuple[type, ...]] = {
     "hidden_index_convention": str,
     "num_hidden_states": int,
     "embed_layer": (int, type(None)),
+    "targets": str,
+    "sampling": (dict, type(None)),
     "seq_len": int,
     "split": str,
     "manifest_shard": str,
@@ -86,7 +97,9 @@ META_KEYS: dict[str, type | tuple[type, ...]] = {
     "rows": int,
 }
 BASE_COLUMNS = ("sample_id", "input_ids", "attention_mask", "topk_ids", "topk_logprobs", "tail_logmass")
-BSS_LEAVES = ("topk_ids", "topk_logprobs", "tail_logmass", "embed")  # BYTE_STREAM_SPLIT-encoded list leaves
+SAMPLED_COLUMNS = ("sampled_ids", "sampled_weights")
+# BYTE_STREAM_SPLIT-encoded list leaves
+BSS_LEAVES = ("topk_ids", "topk_logprobs", "tail_logmass", "embed", *SAMPLED_COLUMNS)
 HIDDEN_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 # list value type -> torch dtype of the batch tensor (the reader yields what is stored)
 STORED_TORCH_DTYPES = {
@@ -125,6 +138,19 @@ def hidden_positions(seq_len: int, every_n: int = 1, fraction: float | None = No
     return None
 
 
+def sampled_width(meta: dict[str, Any]) -> int:
+    """Slots per position of the sampled columns (the number of draws: every draw may be distinct); 0 without."""
+    sampling = meta.get("sampling")
+    return 0 if sampling is None else int(sampling["draws"])
+
+
+def optional_columns(meta: dict[str, Any]) -> list[str]:
+    """Columns beyond :data:`BASE_COLUMNS` that ``meta`` promises, in schema order."""
+    names = list(SAMPLED_COLUMNS) if meta.get("sampling") is not None else []
+    names += [hidden_column(i) for i in meta["hidden_layers"]]
+    return names + (["embed"] if meta.get("embed_layer") is not None else [])
+
+
 def _list(value_type: pa.DataType, size: int) -> pa.DataType:
     """Fixed-size list with non-nullable elements: Parquet then stores no per-value definition levels, which
     makes the big top-k columns ~25 % faster to decode (nullable elements were v1)."""
@@ -142,6 +168,10 @@ def cache_schema(meta: dict[str, Any]) -> pa.Schema:
         pa.field("topk_logprobs", _list(pa.float16(), seq_len * k), nullable=False),
         pa.field("tail_logmass", _list(pa.float16(), seq_len), nullable=False),
     ]
+    if meta.get("sampling") is not None:
+        width = seq_len * sampled_width(meta)
+        fields.append(pa.field("sampled_ids", _list(pa.int32(), width), nullable=False))
+        fields.append(pa.field("sampled_weights", _list(pa.float16(), width), nullable=False))
     width = num_hidden_positions(meta) * dim * 2
     fields += [pa.field(hidden_column(i), pa.binary(width), nullable=False) for i in meta["hidden_layers"]]
     if meta.get("embed_layer") is not None:
@@ -202,7 +232,8 @@ def write_shard(
     """Write one cache shard atomically (temp + rename); return {file, rows, sha256, bytes}.
 
     ``columns`` holds numpy arrays: sample_id [N] int64, input_ids [N,T] int32, attention_mask [N,T] int8,
-    topk_ids [N,T,k] int32, topk_logprobs [N,T,k] float16, tail_logmass [N,T] float16, ``hidden_<i>``
+    topk_ids [N,T,k] int32, topk_logprobs [N,T,k] float16, tail_logmass [N,T] float16, with sampled targets
+    sampled_ids [N,T,n] int32 and sampled_weights [N,T,n] float16, ``hidden_<i>``
     [N,Tsub,H] as 2-byte values (float16, or bf16 bit patterns as int16/uint16), embed [N,H] float32.
     ``meta`` must hold :data:`META_KEYS` except format_version. Non-finite values raise PipelineError.
     """
@@ -220,6 +251,11 @@ def write_shard(
         "topk_ids": ((rows, seq_len, k), (np.dtype(np.int32),)),
         "topk_logprobs": ((rows, seq_len, k), (np.dtype(np.float16),)),
         "tail_logmass": ((rows, seq_len), (np.dtype(np.float16),)),
+        **{
+            name: ((rows, seq_len, sampled_width(meta)), (np.dtype(dt),))
+            for name, dt in zip(SAMPLED_COLUMNS, (np.int32, np.float16), strict=True)
+            if meta.get("sampling") is not None
+        },
         **{hidden_column(i): ((rows, tsub, dim), two_byte) for i in meta["hidden_layers"]},
     }
     if meta.get("embed_layer") is not None:
@@ -228,8 +264,8 @@ def write_shard(
         raise ValueError(f"columns {sorted(columns)} differ from the schema's {sorted(expected)}")
     for name, (shape, dtypes) in expected.items():
         _check_column(name, columns[name], shape, dtypes)
-    for name in ("topk_logprobs", "tail_logmass"):
-        if _nonfinite_2byte(columns[name], "float16"):
+    for name in ("topk_logprobs", "tail_logmass", "sampled_weights"):
+        if name in columns and _nonfinite_2byte(columns[name], "float16"):
             raise PipelineError(f"{path}: column {name}: teacher produced NaN/inf; refusing to write the shard")
     for layer in meta["hidden_layers"]:
         if _nonfinite_2byte(columns[hidden_column(layer)], meta["hidden_dtype"]):
@@ -281,9 +317,7 @@ def _meta_from_schema(path: Path, schema: pa.Schema, num_rows: int | None = None
             raise PipelineError(f"{path}: cache metadata key {key!r} missing; rerun the cache stage")
         if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
             raise PipelineError(f"{path}: cache metadata key {key!r} has type {type(value).__name__}")
-    wanted = list(BASE_COLUMNS) + [hidden_column(i) for i in meta["hidden_layers"]]
-    wanted += ["embed"] if meta["embed_layer"] is not None else []
-    for name in wanted:
+    for name in list(BASE_COLUMNS) + optional_columns(meta):
         if name not in schema.names:
             raise PipelineError(f"{path}: column {name!r} missing although the metadata promises it")
     if num_rows is not None and num_rows != meta["rows"]:
@@ -342,9 +376,11 @@ def validate_for_student(
     vocab_size: int,
     need_hidden_layers: Sequence[int] = (),
     need_embed: bool = False,
+    need_sampled: Sequence[str] = (),
 ) -> None:
-    """Refuse a cache that cannot feed this student: other tokenizer vocabulary, missing layers or embeddings.
-    ``vocab_hash=None``: a student with another tokenizer, which reads the cache through ``pipeline.xtok``."""
+    """Refuse a cache that cannot feed this student: other tokenizer vocabulary, missing layers, embeddings or
+    sampled targets (``need_sampled``: the draw supports that would do, e.g. ``("full",)``). ``vocab_hash=None``: a
+    student with another tokenizer, which reads the cache through ``pipeline.xtok``."""
     where = meta.get("path", "<cache shard>")
     if vocab_hash is not None and (meta["vocab_hash"] != vocab_hash or int(meta["vocab_size"]) != int(vocab_size)):
         raise PipelineError(
@@ -360,6 +396,14 @@ def validate_for_student(
             )
     if need_embed and meta["embed_layer"] is None:
         raise PipelineError(f"{where}: no pooled embeddings cached; set cache.embed_layer and rerun the cache stage")
+    support = (meta.get("sampling") or {}).get("support")
+    if need_sampled and support not in need_sampled:
+        held = f"cache.targets {meta['targets']!r}" + (f" (draws from the {support} support)" if support else "")
+        wanted = " or ".join({"full": "sampled", "tail": "topk+sampled"}[s] for s in need_sampled)
+        raise PipelineError(
+            f"{where}: these targets need draws from the {' or '.join(need_sampled)} support, the cache holds {held}; "
+            f"set cache.targets to {wanted} and rerun the cache stage"
+        )
 
 
 # ------------------------------------------------------------------------------------------------------ reader
@@ -379,6 +423,8 @@ CONSISTENT_KEYS = (
     "hidden_dtype",
     "hidden_positions",
     "embed_layer",
+    "targets",
+    "sampling",
     "vocab_hash",
     "teacher_fingerprint",
 )
@@ -408,7 +454,8 @@ def _decode_group(table: pa.Table, path: Path, group: int, meta: dict[str, Any],
             bad = check and _nonfinite_2byte(values, meta["hidden_dtype"])
         elif pa.types.is_fixed_size_list(column.type):
             values = column.flatten().to_numpy(zero_copy_only=False)
-            per_row = (int(meta["seq_len"]), -1) if name.startswith("topk_") else (-1,)  # topk: [T, k]
+            per_position = name.startswith(("topk_", "sampled_"))
+            per_row = (int(meta["seq_len"]), -1) if per_position else (-1,)  # topk: [T, k], sampled: [T, n]
             values = values.reshape(rows, *per_row)
             if values.dtype == np.float16:  # exponent-bit test: ~10x cheaper than np.isfinite on fp16
                 bad = check and _nonfinite_2byte(values, "float16")
@@ -689,8 +736,7 @@ class CacheDataset(IterableDataset):
                         "shards from different cache runs cannot be mixed"
                     )
         self.meta = first
-        available = list(BASE_COLUMNS) + [hidden_column(i) for i in first["hidden_layers"]]
-        available += ["embed"] if first["embed_layer"] is not None else []
+        available = list(BASE_COLUMNS) + optional_columns(first)
         wanted = available if columns is None else [stored_column(c, first) for c in columns if c != "epoch"]
         for name in wanted:
             if name not in available:

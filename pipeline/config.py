@@ -140,6 +140,17 @@ class ManifestConfig:
 class CacheConfig:
     top_k: int = _opt(32, "teacher log-probs kept per position", POSITIVE)
     temperature: float = _opt(1.0, "capture temperature of the stored log-probs", POSITIVE)
+    targets: Literal["topk", "sampled", "topk+sampled"] = _opt(
+        "topk",
+        "teacher targets: top-k + tail; plus draws from the whole distribution (sampled); plus draws from the tail "
+        "outside the top-k (topk+sampled); draws are unique ids with unbiased weights (pipeline.sampling)",
+    )
+    samples: int = _opt(32, "draws per position for sampled targets (a power of two keeps counts/n exact)", POSITIVE)
+    proposal_temperature: float = _opt(
+        1.0,
+        "draws from q ~ p^(1/t): 1 = the teacher itself (weights counts/n), > 1 reaches further (weights p/q)",
+        POSITIVE,
+    )
     hidden_layers: list[int] = _opt([], "teacher hidden_states indices to store (0 = embeddings, i = block i out)")
     hidden_dtype: Literal["float16", "bfloat16"] = _opt("float16", "storage dtype of hidden states")
     hidden_every_n: int = _opt(1, "store hidden states at every n-th position", POSITIVE)
@@ -164,6 +175,13 @@ class ResponseKDConfig:
         "tail_bucket",
         "student with another tokenizer: teacher top-k mass on ids it has no token for joins the tail class, or "
         "also the ULD sorted-probability distance (pipeline.xtok)",
+    )
+    top_k: int | None = _opt(None, "use the first k of the cached top-k (their dropped mass joins the tail); None: all",
+                             POSITIVE)  # fmt: skip
+    targets: Literal["topk", "sampled", "topk+sampled", "online"] = _opt(
+        "topk",
+        "what the student is distilled on: the cached top-k (+ tail); the cached draws (unbiased forward-KL "
+        "gradient); the exact top-k head + sampled tail; or the teacher run in the loop on the full vocabulary",
     )
 
 

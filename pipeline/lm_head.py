@@ -44,15 +44,17 @@ class HeadTargets:
     """What the student's next-token distributions are scored against, position by position.
 
     labels [...] long (next token), ce_mask [...] and kd_mask [...] bool, teacher: the cache's ``TEACHER_COLUMNS``
-    ([..., k], [..., k], [...]) when ``response`` is set, else empty. ``ce_grad`` False: CE is only logged, so it
-    builds no graph (a variant without CE or response weight).
+    ([..., k], [..., k], [...]) when ``response`` is ``ResponseOptions``; ``target_weights`` [..., m] and, for a
+    sparse target, ``target_ids`` [..., m] when it is ``SampledOptions`` (sampled, head + sampled tail, or the
+    online teacher's dense [..., V] distribution); empty without response KD. ``ce_grad`` False: CE is only logged,
+    so it builds no graph (a variant without CE or response weight).
     """
 
     labels: Tensor
     ce_mask: Tensor
     kd_mask: Tensor
     teacher: dict[str, Tensor] = field(default_factory=dict)
-    response: losses.ResponseOptions | None = None
+    response: losses.ResponseOptions | losses.SampledOptions | None = None
     ce_grad: bool = True
 
     @property
@@ -100,6 +102,11 @@ def _sums(logits: Tensor, targets: HeadTargets) -> Tensor:
         ce = losses.token_cross_entropy(logits, targets.labels)
         return torch.stack([losses.masked_sum(ce, targets.ce_mask), ce.new_zeros(())])
     t = targets.teacher
+    if isinstance(targets.response, losses.SampledOptions):
+        ce, kd = losses.ce_and_sampled_terms(
+            logits, targets.labels, t.get("target_ids"), t["target_weights"], targets.kd_mask, targets.response
+        )
+        return torch.stack([losses.masked_sum(ce, targets.ce_mask), losses.masked_sum(kd, targets.kd_mask)])
     ce, kd = losses.ce_and_response_terms(
         logits, targets.labels, t["topk_ids"], t["topk_logprobs"], t["tail_logmass"], targets.kd_mask,
         targets.response,

@@ -6,6 +6,10 @@ Three families, combined by weight with hard-label cross-entropy (``combine``):
   the student's full-vocabulary log_softmax once and shares it between the CE and KD terms), its options one
   frozen ``ResponseOptions`` checked when built. The per-position terms are what ``pipeline.lm_head`` sums chunk
   by chunk over positions and what evaluation's KL metric is made of, so train and eval compute the same thing.
+- **Sampled targets** (``sampled_kd``, ``ce_and_sampled_kd``, ``head_and_sampled_tail``): cross-entropy of the
+  student's full softmax against tokens drawn from the teacher (``pipeline.sampling``), unbiased for the gradient of
+  the full-vocabulary forward KL (Anshumann et al., ACL 2025); the same function on dense targets (k = V) is the
+  online teacher's full-vocabulary KD.
 - **Feature-based** on hidden states through learned projectors (``FeatureProjectors``, ``feature_distance``).
 - **Relation-based** on pooled sequence embeddings (``rkd_distance``, ``rkd_angle``, ``pairwise_relation``,
   ``relation_loss``), optionally over the global batch (``gather_across_ranks``).
@@ -331,6 +335,150 @@ def response_kd(
     labels = torch.zeros_like(topk_ids[..., 0])
     _, kd = ce_and_response_terms(student_logits, labels, topk_ids, topk_logprobs, tail_logmass, mask, options)
     return masked_mean(kd, mask) * options.scale
+
+
+# ------------------------------------------------------------------------ sampled targets (unbiased sparse KD)
+def sparse_cross_entropy(student_logp: Tensor, target_ids: Tensor | None, target_weights: Tensor) -> Tensor:
+    """H(w, p_S) = −Σ_j w_j · log p_S(id_j) per position: [...].
+
+    student_logp [..., V]; target_ids [..., m] long with target_weights [..., m] (a sparse target: padding slots
+    have weight 0), or target_ids None with target_weights [..., V'] (a dense target over ids 0..V'-1, k = V'; a
+    student with more output rows than the teacher's vocabulary, V ≥ V', has no target on the extra ones).
+    """
+    if target_ids is None:
+        dense = student_logp[..., : target_weights.shape[-1]].clamp(min=LOG_FLOOR)
+        return -(target_weights.float() * dense).sum(-1)
+    picked = student_logp.gather(-1, target_ids).clamp(min=LOG_FLOOR)
+    return -(target_weights.float() * picked).sum(-1)
+
+
+def sampled_kd(
+    student_logits: Tensor, target_ids: Tensor | None, target_weights: Tensor, mask: Tensor, *, temperature: float = 1.0
+) -> Tensor:
+    """Sampled-target KD: τ² · (1/|M|) Σ_{t∈M} −Σ_j w_{t,j} · log softmax(z_t/τ)[id_{t,j}].
+
+    With targets drawn from the teacher (``pipeline.sampling``: w_v = (c_v/n)·p(v)/q(v), so E[w_v] = p_τ(v)) this
+    is the random-sampling KD estimator of Anshumann et al., "Sparse Logit Sampling: Accelerating Knowledge
+    Distillation in LLMs" (ACL 2025, arXiv 2503.16870). Its gradient with respect to the student's logits is
+
+        ∂/∂z_v = τ · ((Σ_j w_j) · softmax(z/τ)_v − w_v)     (per position, before the mean)
+
+    whose expectation over the draws, τ · (softmax(z/τ)_v − p_τ(v)), is the gradient of the full-vocabulary forward
+    KL(p_τ‖softmax(z/τ)) × τ²: the estimator is unbiased for that gradient, unlike a top-k cache, whose tail class
+    only tells the student how much mass lies outside the head, not where (``response_kd``). The value is the
+    cross-entropy H(p_τ, p_S) = KL + H(p_τ) (the teacher's entropy is a constant the draws do not give), so it is
+    comparable with the same loss on dense targets (``target_ids`` None, k = V: the online teacher's exact
+    distribution), whose value the sampled loss estimates, but not with ``response_kd``'s KL.
+
+    The exact top-k head plus a sampled tail is the same function on the targets of ``head_and_sampled_tail``.
+    Shapes: student_logits [..., V] (any dtype, float32 math); target_ids [..., m] long or None; target_weights
+    [..., m] (or [..., V]); mask [...]. Padded positions may hold anything; the result is 0 when M is empty. τ must
+    be the temperature the targets were drawn at (``check_sampled_options``).
+    """
+    labels = torch.zeros_like(mask, dtype=torch.long)
+    _, kd = ce_and_sampled_terms(student_logits, labels, target_ids, target_weights, mask, SampledOptions(temperature))
+    return masked_mean(kd, mask) * temperature**2
+
+
+@dataclass(frozen=True)
+class SampledOptions:
+    """Sampled targets (or the online teacher's dense ones): τ, the temperature they were drawn at (the loss is
+    multiplied by τ²); checked when constructed. Their divergence is the forward KL (``check_sampled_options``)."""
+
+    temperature: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.temperature <= 0:
+            raise ValueError(f"temperature: expected > 0, got {self.temperature}")
+
+    @property
+    def scale(self) -> float:
+        return self.temperature**2
+
+
+def ce_and_sampled_terms(
+    student_logits: Tensor,
+    labels: Tensor,
+    target_ids: Tensor | None,
+    target_weights: Tensor,
+    kd_valid: Tensor,
+    options: SampledOptions,
+) -> tuple[Tensor, Tensor]:
+    """Per position [...]: (−log p_S(y_t), −Σ_j w_{t,j} log p_S,τ(id_{t,j})), one float32 log_softmax when τ = 1.
+
+    The per-position terms of ``sampled_kd`` (no τ², no mean), as ``ce_and_response_terms`` for the top-k: what
+    ``pipeline.lm_head`` sums chunk by chunk. Positions where ``kd_valid`` is false get no target (their cached
+    values may be anything). Shapes: student_logits [..., V], labels [...], target_ids [..., m] or None,
+    target_weights [..., m] or [..., V], kd_valid [...].
+    """
+    logp = torch.log_softmax(student_logits.float(), -1)
+    ce = -logp.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    if options.temperature != 1.0:
+        logp = torch.log_softmax(student_logits.float() / options.temperature, -1)
+    valid = kd_valid.to(torch.bool).unsqueeze(-1)
+    weights = torch.nan_to_num(torch.where(valid, target_weights.float(), 0.0), nan=0.0, posinf=0.0, neginf=0.0)
+    ids = None if target_ids is None else torch.where(valid, target_ids, 0)
+    return ce, sparse_cross_entropy(logp, ids, weights)
+
+
+def ce_and_sampled_kd(
+    student_logits: Tensor,
+    labels: Tensor,
+    ce_mask: Tensor,
+    target_ids: Tensor | None,
+    target_weights: Tensor,
+    kd_mask: Tensor,
+    *,
+    temperature: float = 1.0,
+) -> tuple[Tensor, Tensor]:
+    """(CE, ``sampled_kd``) from ``ce_and_sampled_terms`` (as ``ce_and_response_kd`` for the top-k)."""
+    options = SampledOptions(temperature)
+    ce, kd = ce_and_sampled_terms(student_logits, labels, target_ids, target_weights, kd_mask, options)
+    return masked_mean(ce, ce_mask), masked_mean(kd, kd_mask) * options.scale
+
+
+def head_and_sampled_tail(
+    topk_ids: Tensor, topk_logprobs: Tensor, sampled_ids: Tensor, sampled_weights: Tensor, *, support: str
+) -> tuple[Tensor, Tensor]:
+    """Targets of the hybrid estimator: the exact top-k head plus sampled weights for the tail, [..., k + m].
+
+    target(v) = p(v) for v in the head (``topk_logprobs``), w_v for sampled v outside it. Unbiased for p either way:
+    with ``support`` "tail" the draws came from the tail alone (weights already carry the tail mass); with "full"
+    they came from the whole distribution and the draws that hit the head are dropped (E[w_v] = p(v) holds for each
+    tail token by itself). Shapes: topk_ids/topk_logprobs [..., k], sampled_ids/sampled_weights [..., m].
+    """
+    if support not in ("full", "tail"):
+        raise ValueError(f"support: expected full or tail, got {support!r}")
+    weights = sampled_weights.float()
+    if support == "full":
+        in_head = (sampled_ids.unsqueeze(-1) == topk_ids.unsqueeze(-2)).any(-1)
+        weights = torch.where(in_head, 0.0, weights)
+    head = topk_logprobs.float().clamp(min=LOG_FLOOR).exp()
+    return torch.cat([topk_ids, sampled_ids.long()], -1), torch.cat([head, weights], -1)
+
+
+def truncate_topk(topk_ids: Tensor, topk_logprobs: Tensor, tail_logmass: Tensor, k: int) -> tuple[Tensor, ...]:
+    """The cache's top-k cut to its first ``k`` entries (they are sorted, most probable first): (ids [..., k],
+    log-probs [..., k], tail [...]) with the dropped entries' mass added to the exact tail,
+    log(exp(tail) + Σ_{j≥k} p_j), so a top-32 cache trains a top-8 student exactly as a top-8 cache would."""
+    dropped = topk_logprobs[..., k:].float()
+    tail = torch.logsumexp(torch.cat([tail_logmass.float().unsqueeze(-1), dropped], -1), -1)
+    return topk_ids[..., :k], topk_logprobs[..., :k], tail
+
+
+def check_sampled_options(divergence: str, temperature: float, capture_temperature: float) -> None:
+    """Sampled targets estimate the forward KL at the temperature they were drawn at (online targets: pass τ as the
+    capture temperature); refuse anything else with a ValueError that says what to change."""
+    if divergence != "forward_kl":
+        raise ValueError(
+            "divergence: sampled and online targets are distilled with the forward KL (its gradient is linear in the "
+            f"target, so draws estimate it without bias), got {divergence!r}"
+        )
+    if not math.isclose(temperature, capture_temperature, rel_tol=1e-6):
+        raise ValueError(
+            f"temperature: sampled targets were drawn at the capture temperature of the cache ({capture_temperature})"
+            f", got {temperature}; re-cache at cache.temperature={temperature}"
+        )
 
 
 def combine(components: dict[str, Tensor], weights: dict[str, float]) -> Tensor:

@@ -1,9 +1,10 @@
 """Training stage: distil the cached teacher into the student — one unit per variant of ``train.variants``.
 
 Reads   the cache shards the cache stage's marker declares (runs/<run>/cache/{train,val}-*.parquet, through
-        ``pipeline.cache_format`` only, never the teacher), and the student checkpoint ``student.name_or_path``; a
-        student with another tokenizer also the manifest rows' text (runs/<run>/manifest/, exactly the shards the
-        cache was computed from, checked by checksum; ``pipeline.xtok``).
+        ``pipeline.cache_format`` only), and the student checkpoint ``student.name_or_path``; a student with another
+        tokenizer also the manifest rows' text (runs/<run>/manifest/, exactly the shards the cache was computed from,
+        checked by checksum; ``pipeline.xtok``); the teacher only for a variant with ``response.targets: online``,
+        which runs it in the loop on each batch (full-vocabulary KD).
 Writes  runs/<run>/train/<variant>/
           checkpoints/step_<n:07d>/   model + projectors (LoRA: adapter + projectors only), optimizer, RNG
                                       (accelerate ``save_state``; FSDP: model + optimizer as per-rank DCP shards
@@ -51,7 +52,16 @@ import torch
 from torch import Tensor, nn
 
 from pipeline import cache_format, definition, lm_head, losses, preemption, xtok
-from pipeline.config import Config, ConfigError, LossConfig, ModelConfig, TrainConfig, flatten, to_dict
+from pipeline.config import (
+    Config,
+    ConfigError,
+    LossConfig,
+    ModelConfig,
+    TrainConfig,
+    flatten,
+    model_identity,
+    to_dict,
+)
 from pipeline.fsdp import Fsdp2
 from pipeline.jsonlog import console_progress, parse_jsonl, redact_values
 from pipeline.lm_head import causal_targets
@@ -130,13 +140,20 @@ class LossRecipe:
     capture_temperature: float
     feature_pairs: list[tuple[int, int]]  # (student hidden_states index, teacher cached layer), both non-negative
     relation_layer: int  # student hidden_states index pooled for relations
-    response: losses.ResponseOptions | None = field(init=False)  # checked once here; None without response KD
+    sampled_support: str | None = None  # what the cache's draws came from ("full", "tail"; None: no draws)
+    teacher: nn.Module | None = None  # the teacher run in the loop (response.targets: online), frozen, eval mode
+    # checked once here; None without response KD; SampledOptions for sampled, head + sampled tail and online targets
+    response: losses.ResponseOptions | losses.SampledOptions | None = field(init=False)
 
     def __post_init__(self) -> None:
         response = self.loss.response
-        options = (response.divergence, response.temperature, response.tail, self.capture_temperature)
-        extra = (response.jsd_beta, response.unmapped)
-        self.response = losses.ResponseOptions(*options, *extra) if response.weight > 0 else None
+        if response.weight == 0:
+            self.response = None
+        elif response.targets == "topk":
+            options = (response.divergence, response.temperature, response.tail, self.capture_temperature)
+            self.response = losses.ResponseOptions(*options, response.jsd_beta, response.unmapped)
+        else:
+            self.response = losses.SampledOptions(response.temperature)
 
     @property
     def weights(self) -> dict[str, float]:
@@ -162,10 +179,24 @@ class LossRecipe:
     def needs_hidden(self) -> bool:
         return self.loss.feature.weight > 0 or self.loss.relation.weight > 0
 
+    @property
+    def online(self) -> bool:
+        return self.loss.response.weight > 0 and self.loss.response.targets == "online"
+
+    @property
+    def needs_sampled(self) -> tuple[str, ...]:
+        """The draw supports of the cache that serve this recipe's targets (none: it reads no draws)."""
+        if self.loss.response.weight == 0:
+            return ()
+        return {"sampled": ("full",), "topk+sampled": ("full", "tail")}.get(self.loss.response.targets, ())
+
     def columns(self) -> list[str]:
         cols = ["sample_id", "input_ids", "attention_mask"]
-        if self.loss.response.weight > 0:
+        targets = self.loss.response.targets
+        if self.loss.response.weight > 0 and targets in ("topk", "topk+sampled"):
             cols += ["topk_ids", "topk_logprobs", "tail_logmass"]
+        if self.needs_sampled:
+            cols += list(cache_format.SAMPLED_COLUMNS)
         if self.loss.feature.weight > 0:
             cols += [cache_format.hidden_column(t) for t in dict.fromkeys(t for _, t in self.feature_pairs)]
         if self.loss.relation.weight > 0:
@@ -183,7 +214,8 @@ def resolve_recipe(name: str, loss: LossConfig, meta: dict[str, Any], student_co
         s_idx = hidden_index(s, count, f"{key}.feature.layer_pairs.{i}.0", "the student")
         pairs.append((s_idx, cache_format.normalise_layer(t, meta)))
     relation_layer = hidden_index(loss.relation.student_layer, count, f"{key}.relation.student_layer", "the student")
-    return LossRecipe(name, loss, float(meta["temperature"]), pairs, relation_layer)
+    support = (meta.get("sampling") or {}).get("support")
+    return LossRecipe(name, loss, float(meta["temperature"]), pairs, relation_layer, support)
 
 
 # -------------------------------------------------------------------------------------------------- model
@@ -264,6 +296,41 @@ def build_student(cfg: Config, on: torch.device) -> nn.Module:
 
 
 # ------------------------------------------------------------------------------------------------ loss step
+def head(batch: dict[str, Any], top_k: int | None) -> tuple[Tensor, Tensor, Tensor]:
+    """The cached (top-k ids, log-probs, tail), cut to the first ``top_k`` entries when set (``response.top_k``)."""
+    ids, logprobs, tail = batch["topk_ids"], batch["topk_logprobs"], batch["tail_logmass"]
+    if top_k is None or top_k >= ids.shape[-1]:
+        return ids, logprobs, tail
+    return losses.truncate_topk(ids, logprobs, tail, top_k)
+
+
+def response_targets(batch: dict[str, Any], recipe: LossRecipe) -> dict[str, Tensor]:
+    """What the student's distributions are scored against (``lm_head.HeadTargets.teacher``) for the recipe's
+    ``response.targets``; empty without response KD.
+
+    ``topk``: the cached top-k (+ tail), cut to ``response.top_k``; ``sampled``: the cached draws;
+    ``topk+sampled``: the exact top-k head plus the draws outside it (``losses.head_and_sampled_tail``); ``online``:
+    the teacher run now on the batch, its full distribution at the loss temperature as dense weights (k = V: the same
+    loss, exact, the ground truth of the sparse targets).
+    """
+    response = recipe.loss.response
+    if recipe.response is None:
+        return {}
+    if response.targets == "topk":
+        return dict(zip(lm_head.TEACHER_COLUMNS, head(batch, response.top_k), strict=True))
+    if response.targets == "sampled":
+        return {"target_ids": batch["sampled_ids"], "target_weights": batch["sampled_weights"]}
+    if response.targets == "topk+sampled":
+        head_ids, head_logprobs, _ = head(batch, response.top_k)
+        ids, weights = losses.head_and_sampled_tail(
+            head_ids, head_logprobs, batch["sampled_ids"], batch["sampled_weights"], support=recipe.sampled_support
+        )
+        return {"target_ids": ids, "target_weights": weights}
+    with torch.no_grad():
+        logits = recipe.teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return {"target_weights": torch.softmax(logits.float() / response.temperature, -1)}
+
+
 def _loss_step(
     model: nn.Module, batch: dict[str, Any], recipe: LossRecipe, gather: bool
 ) -> tuple[Tensor, dict[str, Tensor], dict[str, float]]:
@@ -278,9 +345,11 @@ def _loss_step(
     labels, ce_mask, kd_mask = causal_targets(input_ids, attention_mask)
     if "xtok_aligned" in batch:  # a student with another tokenizer: the teacher is a target where the two align
         kd_mask = batch["xtok_aligned"]
-    cached = {k: batch[k] for k in lm_head.TEACHER_COLUMNS} if recipe.response else {}
+    teacher_targets = response_targets(batch, recipe)
     # Without a weight CE is only logged, so it builds no graph.
-    targets = lm_head.HeadTargets(labels, ce_mask, kd_mask, cached, recipe.response, ce_grad=config.ce_weight > 0)
+    targets = lm_head.HeadTargets(
+        labels, ce_mask, kd_mask, teacher_targets, recipe.response, ce_grad=config.ce_weight > 0
+    )
     hidden_states, projected, components = model(
         input_ids, attention_mask, recipe.needs_hidden, recipe.feature_pairs, positions, targets
     )
@@ -365,6 +434,8 @@ def _setup(cfg: Config, rd: RunDir, ctx: StageContext, variant: str) -> Training
 
     recipe = resolve_recipe(variant, train.variants[variant], meta, load_model_config(cfg.student, "student"))
     acc = _setup_accelerator(cfg, recipe, rd.logs / STAGE / "trackers" / variant)
+    if recipe.online:
+        recipe = dataclasses.replace(recipe, teacher=_setup_online_teacher(cfg, acc.device))
     torch.manual_seed(cfg.seed)  # identical projector init on every rank (DDP also broadcasts rank 0's)
     student = build_student(cfg, acc.device)
     tokenizer, teacher_tokenizer = _setup_tokenizer(cfg, meta, recipe, student)
@@ -441,6 +512,15 @@ def _setup_trackers(acc: Any, cfg: Config, variant: str, identity: dict[str, Any
     acc.init_trackers(cfg.run_name, config=hparams, init_kwargs={"wandb": wandb})
 
 
+def _setup_online_teacher(cfg: Config, on: torch.device) -> nn.Module:
+    """The teacher for ``response.targets: online``: a whole copy per rank, frozen, in eval mode (no dropout), in its
+    configured dtype (bf16 on GPU by default); not part of the trained state or of any checkpoint."""
+    teacher = load_causal_lm(cfg.teacher, "teacher", on)
+    teacher.eval().requires_grad_(False)
+    teacher.config.use_cache = False
+    return teacher
+
+
 def _setup_tokenizer(cfg: Config, meta: dict[str, Any], recipe: LossRecipe, student: nn.Module) -> tuple[Any, Any]:
     """The student's tokenizer, after checking that the cached columns this recipe reads are there, in the ids of the
     tokenizer the student reads through (its own, or for a student with another vocabulary the teacher's, which
@@ -460,6 +540,7 @@ def _setup_tokenizer(cfg: Config, meta: dict[str, Any], recipe: LossRecipe, stud
         vocab_size=vocab_size(tokenizer),
         need_hidden_layers=[t for _, t in recipe.feature_pairs],
         need_embed=recipe.loss.relation.weight > 0,
+        need_sampled=recipe.needs_sampled,
     )
     rows = student.get_output_embeddings().weight.shape[0]
     ids = len(tokenizer) if other else int(meta["vocab_size"])
@@ -569,6 +650,8 @@ def resume_identity(cfg: Config, variant: str, inputs: dict[str, str]) -> dict[s
     trained from (the cache's shard set by content, the student's initial weights)."""
     train = {k: v for k, v in to_dict(cfg.train).items() if k not in OPERATIONAL_KEYS}
     covered = {"student": cfg.student, f"train.variants.{variant}": cfg.train.variants[variant], "train": train}
+    if _online(cfg, variant):
+        covered["teacher"] = model_identity(cfg.teacher)
     config = redact_values(flatten({**covered, "seed": cfg.seed}))  # stored in the checkpoint: no secret in it
     return {**config, **{f"inputs.{k}": v for k, v in sorted(inputs.items())}}
 
@@ -987,7 +1070,23 @@ def _sections(cfg: Config, unit: str | None) -> dict[str, Any]:
     # trackers only mirror metrics.jsonl elsewhere: adding one does not make a trained variant stale
     train = {k: v for k, v in to_dict(cfg.train).items() if k not in ("variants", "baseline_variant", "trackers")}
     variant = cfg.train.variants[unit]
-    return {"student": cfg.student, f"train.variants.{unit}": variant, "train": train, "seed": cfg.seed}
+    sections = {"student": cfg.student, f"train.variants.{unit}": variant, "train": train, "seed": cfg.seed}
+    if _online(cfg, unit):  # its targets come from the teacher itself, not from the cache
+        sections["teacher"] = model_identity(cfg.teacher)
+    return sections
+
+
+def _online(cfg: Config, variant: str) -> bool:
+    response = cfg.train.variants[variant].response
+    return response.weight > 0 and response.targets == "online"
+
+
+def _external(cfg: Config, unit: str | None) -> dict[str, str]:
+    """The weights a variant is trained from: the student's, and the teacher's when it runs in the loop."""
+    weights = {"weights:student": weights_fingerprint(cfg.student, "student")}
+    if _online(cfg, unit):
+        weights["weights:teacher"] = weights_fingerprint(cfg.teacher, "teacher")
+    return weights
 
 
 def _outputs(cfg: Config, rd: RunDir, unit: str | None) -> dict[str, str | None]:
@@ -1014,7 +1113,7 @@ SPEC = StageSpec(
     run=run,
     sections=_sections,
     upstream=lambda cfg, unit: definition.upstream(cfg, STAGE, unit),
-    external=lambda cfg, unit: {"weights:student": weights_fingerprint(cfg.student, "student")},
+    external=_external,
     outputs=_outputs,
     units=_units,
     add_args=_add_args,

@@ -96,6 +96,12 @@ def check_config(cfg: Config) -> None:
 def _check_teacher_parallel(cfg: Config) -> None:
     """How the cache runs the teacher: tensor-parallel replicas must fill the processes the cache job starts."""
     tensor_parallel, device_map = cfg.teacher.tensor_parallel, cfg.teacher.device_map
+    if tensor_parallel > 1 and cfg.cache.targets != "topk":
+        raise ConfigError(
+            f'cache.targets: "{cfg.cache.targets}" draws from the whole vocabulary on one process, but '
+            f"teacher.tensor_parallel {tensor_parallel} splits it over ranks (vocabulary-parallel sampling is not "
+            "implemented); use tensor_parallel 1 (device_map auto for a teacher too big for one GPU)"
+        )
     if tensor_parallel > 1 and device_map:
         raise ConfigError(
             f"teacher.tensor_parallel: {tensor_parallel} shards every layer over that many ranks, "
@@ -130,6 +136,23 @@ def _check_variant(cfg: Config, key: str, loss: LossConfig) -> None:
         raise ConfigError(f"{key}.feature.weight: needs cache.hidden_layers set (cached teacher hidden states)")
     if loss.relation.weight > 0 and cfg.cache.embed_layer is None:
         raise ConfigError(f"{key}.relation.weight: needs cache.embed_layer set (pooled teacher embeddings)")
+    if loss.response.top_k is not None and loss.response.top_k > cfg.cache.top_k:
+        raise ConfigError(
+            f"{key}.response.top_k: expected <= cache.top_k ({cfg.cache.top_k}), got {loss.response.top_k}"
+        )
+    if loss.response.top_k is not None and loss.response.targets == "topk+sampled" and cfg.cache.targets != "sampled":
+        raise ConfigError(
+            f"{key}.response.top_k: a head shorter than the cached top-k needs draws from the whole distribution "
+            "(the tail draws skip the cached top-k); set cache.targets: sampled"
+        )
+    targets, cached = loss.response.targets, cfg.cache.targets
+    needs = {"sampled": ("sampled",), "topk+sampled": ("sampled", "topk+sampled")}.get(targets, ())
+    if loss.response.weight > 0 and needs and cached not in needs:
+        why = "draws from the whole distribution" if targets == "sampled" else "draws (from the tail or everywhere)"
+        raise ConfigError(
+            f'{key}.response.targets: "{targets}" needs {why} in the cache, cache.targets is "{cached}"; '
+            f"set cache.targets: {' or '.join(needs)}"
+        )
 
 
 def _check_slurm(cfg: Config) -> None:
@@ -181,6 +204,11 @@ def check(cfg: Config) -> None:
                 f"train.variants.{name}.response.unmapped: {loss.response.unmapped} applies to a student with another "
                 "tokenizer; this student shares the teacher's vocabulary, so no teacher id is ever unmapped"
             )
+        if student_ids is not None and loss.response.weight > 0 and loss.response.targets != "topk":
+            raise ConfigError(
+                f"train.variants.{name}.response.targets: {loss.response.targets} targets are in the teacher's "
+                "vocabulary; a student with another tokenizer distils on the mapped top-k (targets: topk)"
+            )
         _check_variant_layers(f"train.variants.{name}", loss, teacher, student, cached)
     if cfg.train.lora.enabled:
         _check_lora_targets(cfg, student)
@@ -198,10 +226,13 @@ def _check_response(cfg: Config, key: str, loss: LossConfig) -> None:
 
     rc = loss.response
     if rc.weight > 0:
+        # drawn targets estimate the forward KL at the capture temperature; the online teacher is exact at any τ
+        capture = rc.temperature if rc.targets == "online" else cfg.cache.temperature
         try:
-            losses.ResponseOptions(
-                rc.divergence, rc.temperature, rc.tail, cfg.cache.temperature, rc.jsd_beta, rc.unmapped
-            )
+            if rc.targets == "topk":
+                losses.ResponseOptions(rc.divergence, rc.temperature, rc.tail, capture, rc.jsd_beta, rc.unmapped)
+            else:
+                losses.check_sampled_options(rc.divergence, rc.temperature, capture)
         except ValueError as err:
             raise ConfigError(f"{key}.{err}") from None
 

@@ -38,7 +38,7 @@ TINY = bench.Sizes(
     step_chunk=16,
 )
 ROWS = ("reader", "extraction", "memory", "kd_response", "kd_feature", "kd_relation", "student_step_memory",
-        "student_step_time", "bytes", "flops", "slurm")  # fmt: skip
+        "student_step_time", "bytes", "sampled_bytes_per_token", "flops", "slurm")  # fmt: skip
 
 
 def test_quick_machinery_writes_json_table_and_markdown(tmp_path, tiny_assets, capsys):

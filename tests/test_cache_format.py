@@ -35,6 +35,8 @@ def make_meta(rows: int, **over) -> dict:
         "hidden_index_convention": "hf",
         "num_hidden_states": 4,
         "embed_layer": 3,
+        "targets": "topk",
+        "sampling": None,
         "seq_len": T,
         "split": "train",
         "manifest_shard": "train-00000.parquet",

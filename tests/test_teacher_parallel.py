@@ -101,9 +101,9 @@ def test_compare_caches_matches_top_k_by_id_and_rejects_real_differences(tmp_pat
 
     meta = {"top_k": 3, "temperature": 1.0, "hidden_layers": [1], "hidden_dim": 4, "hidden_dtype": "float16",
             "hidden_positions": None, "hidden_index_convention": "x", "num_hidden_states": 3, "embed_layer": None,
-            "seq_len": 2, "teacher": "t", "teacher_fingerprint": "f", "vocab_hash": "v", "vocab_size": 50,
-            "dtype": "float32", "split": "train", "manifest_shard": "train-00000.parquet", "manifest_sha256": "s",
-            "rows": 1}  # fmt: skip
+            "targets": "topk", "sampling": None, "seq_len": 2, "teacher": "t", "teacher_fingerprint": "f",
+            "vocab_hash": "v", "vocab_size": 50, "dtype": "float32", "split": "train",
+            "manifest_shard": "train-00000.parquet", "manifest_sha256": "s", "rows": 1}  # fmt: skip
 
     def write(directory, ids, values, tokens=(5, 6)):
         cols = {"sample_id": np.array([0]), "input_ids": np.array([tokens], dtype=np.int32),

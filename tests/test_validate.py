@@ -70,6 +70,39 @@ CASES = {  # name -> (overrides, the error's start)
         {"train.variants.kd.response.unmapped": "uld"},
         "train.variants.kd.response.unmapped: uld applies to a student with another tokenizer",
     ),
+    "sampled targets from a top-k-only cache": (
+        {"train.variants.kd.response.targets": "sampled"},
+        'train.variants.kd.response.targets: "sampled" needs draws from the whole distribution in the cache, '
+        'cache.targets is "topk"; set cache.targets: sampled',
+    ),
+    "pure sampled targets from a cache of tail draws": (
+        {"cache.targets": "topk+sampled", "train.variants.kd.response.targets": "sampled"},
+        'train.variants.kd.response.targets: "sampled" needs draws from the whole distribution in the cache',
+    ),
+    "sampled targets with another divergence than the forward KL": (
+        {
+            "cache.targets": "sampled",
+            "train.variants.kd.response.targets": "sampled",
+            "train.variants.kd.response.divergence": "reverse_kl",
+        },
+        "train.variants.kd.response.divergence: sampled and online targets are distilled with the forward KL",
+    ),
+    "sampled targets at another temperature than the draws'": (
+        {
+            "cache.targets": "topk+sampled",
+            "train.variants.kd.response.targets": "topk+sampled",
+            "train.variants.kd.response.temperature": 2.0,
+        },
+        "train.variants.kd.response.temperature: sampled targets were drawn at the capture temperature of the cache",
+    ),
+    "a loss top-k above the cached top-k": (
+        {"train.variants.kd.response.top_k": 9},
+        "train.variants.kd.response.top_k: expected <= cache.top_k (8), got 9",
+    ),
+    "sampled targets with a tensor-parallel teacher": (
+        {"cache.targets": "sampled", "teacher.tensor_parallel": 2, "slurm.stages.cache.gpus_per_node": 2},
+        'cache.targets: "sampled" draws from the whole vocabulary on one process, but teacher.tensor_parallel 2',
+    ),
     "a variant named like evaluate's own directory": (
         {"train.variants.tasks": {}},
         'train.variants.tasks: the name "tasks" is reserved',

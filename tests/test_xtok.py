@@ -421,3 +421,20 @@ def test_identity_through_the_data_path_gives_todays_loss(chain):
                                         other["tail_logmass"], other["xtok_aligned"], options)  # fmt: skip
         assert torch.equal(expected[0], got[0]) and torch.equal(expected[1], got[1])
     assert same >= 0.8 * rows, f"{same} of {rows} rows re-tokenized to the teacher's ids"
+
+
+def test_sampled_targets_for_a_student_with_another_tokenizer_are_refused_at_check(tiny_assets, xtok_student, tmp_path):
+    """Draws are teacher-vocabulary ids over the whole distribution: only the top-k is mapped, so validation refuses
+    sampled (and online) targets for such a student before anything runs."""
+    from conftest import write_config
+
+    from pipeline import config, validate
+
+    overrides = {
+        "student.name_or_path": str(xtok_student),
+        "cache.targets": "sampled",
+        "train.variants": {"ce": {}, "kd": {"ce_weight": 0.5, "response": {"weight": 0.5, "targets": "sampled"}}},
+    }
+    cfg = config.load(write_config(tmp_path, tiny_assets, overrides), [])
+    with pytest.raises(config.ConfigError, match="train.variants.kd.response.targets: sampled targets are in the"):
+        validate.check(cfg)
