@@ -53,7 +53,7 @@ def write_val_cache(cfg, rd: RunDir) -> None:
             vocab_size=vocab_size(tok), top_k=k, temperature=1.0, dtype="float32", hidden_layers=[], hidden_dim=64,
             hidden_dtype="float16", hidden_positions=None, hidden_index_convention=HIDDEN_INDEX_CONVENTION,
             num_hidden_states=4, embed_layer=None, seq_len=seq_len, split="val", manifest_shard=path.name,
-            manifest_sha256=rundir.file_sha256(path), rows=rows,
+            manifest_sha256=rundir.file_sha256(path), rows=rows, targets="topk", sampling=None,
         )  # fmt: skip
         columns = {
             "sample_id": shard["sample_id"],
