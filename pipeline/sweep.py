@@ -123,7 +123,8 @@ def heldout_metrics(cfg: Any, rd: RunDir, name: str) -> dict[str, float]:
 
     student, _ = evaluate.evaluated_model(cfg, rd, name)
     model = load_causal_lm(student, "student", device())
-    return evaluate.intrinsic_metrics(model, load_tokenizer(student, "student"), cfg, rd)
+    metrics, _ = evaluate.intrinsic_metrics(model, load_tokenizer(student, "student"), cfg, rd)  # rows: xtok only
+    return metrics
 
 
 def measure(setting: Setting, config: Path, base: list[str]) -> dict[str, Any]:
