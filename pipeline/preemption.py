@@ -27,6 +27,7 @@ import contextlib
 import os
 import signal
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,9 @@ WARNING = signal.SIGUSR1  # save, requeue, exit 0
 STOP = signal.SIGTERM  # save if quick, exit without requeueing
 EXIT_REQUEUED = 0  # the stage did its part; the job shell requeues the job
 SIGNAL_DIR_ENV = "PIPELINE_SIGNAL_DIR"  # set by slurm/job.sh: the handshake and requeue-request files
+# slurmdbd records a cancel asynchronously: on a loaded controller sacct still says RUNNING for a few seconds after
+# scancel (seen in CI). Rank 0 asks again for this long; Slurm's KillWait (30 s by default) leaves the time.
+SACCT_SETTLE_S = 8.0
 
 
 class Interrupted(BaseException):  # noqa: N818 (a control-flow signal like KeyboardInterrupt, not an error)
@@ -178,7 +182,8 @@ def stop_cause() -> str | None:
     """Why Slurm is ending this job: ``requeued`` (the controller counts more restarts than this attempt has:
     scontrol requeue, preempt-requeue), ``cancelled``, ``timeout``, ``preempted``; None outside Slurm, without
     the Slurm commands (inside a container) or when it cannot tell. While a job ends, scontrol shows COMPLETING
-    for all of these, so the restart count and sacct's state tell them apart."""
+    for all of these, so the restart count and sacct's state tell them apart; sacct is asked until it names an
+    end state, for at most ``SACCT_SETTLE_S``."""
     job = os.environ.get("SLURM_JOB_ID")
     if not job:
         return None
@@ -187,5 +192,10 @@ def stop_cause() -> str | None:
         os.environ.get("SLURM_RESTART_COUNT", "0") or 0
     ):
         return "requeued"
-    state = (_slurm_query(["sacct", "-n", "-X", "-P", "-j", job, "-o", "State"]).split() or [""])[0]
-    return {"CANCELLED": "cancelled", "TIMEOUT": "timeout", "PREEMPTED": "preempted"}.get(state)
+    causes = {"CANCELLED": "cancelled", "TIMEOUT": "timeout", "PREEMPTED": "preempted"}
+    deadline = time.monotonic() + SACCT_SETTLE_S
+    while True:
+        state = (_slurm_query(["sacct", "-n", "-X", "-P", "-j", job, "-o", "State"]).split() or [""])[0]
+        if state in causes or time.monotonic() >= deadline:
+            return causes.get(state)
+        time.sleep(0.5)  # accounting has not caught up yet (RUNNING) or did not answer

@@ -157,6 +157,7 @@ def test_only_rank_0_asks_slurm_why_the_job_stops(tmp_path, monkeypatch):
         (bin_dir / tool).chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
     monkeypatch.setenv("SLURM_JOB_ID", "7")
+    monkeypatch.setattr(preemption, "SACCT_SETTLE_S", 0.0)  # the fake sacct never names an end state
     for rank in (1, 0, 2):
         monkeypatch.setenv("RANK", str(rank))
         log = preemption.JsonLogger("tiny", "toy", tmp_path / f"rank{rank}.jsonl")
@@ -165,6 +166,24 @@ def test_only_rank_0_asks_slurm_why_the_job_stops(tmp_path, monkeypatch):
     assert calls.read_text().split("\n")[:-1] == ["scontrol 0", "sacct 0"]
     rank1 = json.loads((tmp_path / "rank1.jsonl").read_text())
     assert rank1["event"] == "stopped" and "rank 0 logs why" in rank1["message"]
+
+
+def test_rank_0_waits_for_accounting_to_record_the_cancel(tmp_path, monkeypatch):
+    """slurmdbd records a cancel asynchronously: on a loaded cluster sacct still says RUNNING a few seconds after
+    scancel (a CI run logged "stop requested" for a cancel). Rank 0 asks again until sacct names the end state."""
+    bin_dir, answers = tmp_path / "bin", tmp_path / "answers"
+    bin_dir.mkdir()
+    answers.write_text("RUNNING\nRUNNING\nCANCELLED by 0\n")
+    (bin_dir / "scontrol").write_text("#!/bin/sh\necho JobId=7 JobState=COMPLETING Restarts=0\n")
+    (bin_dir / "sacct").write_text(f"#!/bin/sh\nhead -n 1 {answers}\nsed -i 1d {answers}\n")
+    for tool in ("scontrol", "sacct"):
+        (bin_dir / tool).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    monkeypatch.setenv("SLURM_JOB_ID", "7")
+    assert preemption.stop_cause() == "cancelled" and answers.read_text() == ""
+    answers.write_text("RUNNING\n" * 100)  # a SIGTERM sent by hand: the job goes on running
+    monkeypatch.setattr(preemption, "SACCT_SETTLE_S", 1.0)
+    assert preemption.stop_cause() is None
 
 
 def test_more_sigterms_to_the_step_spare_rank_0s_question_to_slurm(tmp_path):
