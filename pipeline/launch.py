@@ -43,7 +43,7 @@ def torchrun_argv(
     """The torchrun line (pure). One node: ``--standalone`` (a free local port, so jobs side by side on a node
     never collide). Several: static rendezvous at ``endpoint`` (host:port of node 0): Slurm has fixed the members
     and their order, so node ``node_rank`` gets ranks ``node_rank*nproc .. +nproc-1`` and nothing is elastic."""
-    argv = [python, "-m", "torch.distributed.run", f"--nproc-per-node={nproc_per_node}"]
+    argv = [python, "-m", "pipeline.launch", f"--nproc-per-node={nproc_per_node}"]  # torchrun, see torchrun_main
     if nnodes == 1:
         argv.append("--standalone")
     else:
@@ -96,3 +96,22 @@ def relaunch(nproc_per_node: int, argv: list[str], *, module: str, shutdown_time
     sys.stdout.flush()
     os.execv(line[0], line)
     return 1  # not reached: execv replaces the process or raises
+
+
+def torchrun_main(argv: list[str]) -> int:
+    """torchrun itself (``torch.distributed.run.main``), except that a stop request ends it as a stop: on SIGTERM its
+    agent stops the workers (each logs why) and then raises ``SignalException``, whose traceback would land in the
+    job's log at every ``scancel`` as if the launcher had crashed. Returns 128 + the signal number, like a shell."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.run import main
+
+    try:
+        main(argv)
+    except SignalException as stop:
+        print(f"launch: torchrun stopped its workers on {stop.sigval.name}", file=sys.stderr, flush=True)
+        return 128 + int(stop.sigval)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(torchrun_main(sys.argv[1:]))

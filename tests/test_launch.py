@@ -3,16 +3,20 @@ job (the real two-process runs are tests/test_train.py's DDP test and tests/test
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import time
+
 import pytest
 
 from pipeline import launch
-from pipeline.rundir import PipelineError, build_parser
+from pipeline.rundir import REPO, PipelineError, build_parser
 
 
 def test_one_node_is_standalone_and_usr1_is_left_to_the_workers():
     line = launch.torchrun_argv(nproc_per_node=2, script_args=["-m", "pipeline.cache", "--config", "c.yaml"])
     assert line[1:] == [
-        "-m", "torch.distributed.run", "--nproc-per-node=2", "--standalone", "--max-restarts=0",
+        "-m", "pipeline.launch", "--nproc-per-node=2", "--standalone", "--max-restarts=0",
         "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT", "--shutdown-timeout=30",
         "-m", "pipeline.cache", "--config", "c.yaml",
     ]  # fmt: skip
@@ -44,3 +48,24 @@ def test_only_distributed_stages_take_nproc_per_node():
     assert build_parser("train", noop).parse_args(["--config", "c"]).nproc_per_node is None
     with pytest.raises(SystemExit):
         build_parser("evaluate", noop).parse_args(["--config", "c", "--nproc-per-node", "2"])
+
+
+def test_a_stopped_launch_exits_as_a_stop_without_a_traceback(tmp_path):
+    """SIGTERM to the launcher (scancel, Ctrl-C): torchrun stops its workers and the launcher exits 143, without
+    the traceback of torchrun's SignalException that would read like a crash in the job's log."""
+    worker = tmp_path / "worker.py"
+    worker.write_text(
+        "import os, pathlib, time\n"
+        f"pathlib.Path({str(tmp_path)!r}, 'ready.' + os.environ['RANK']).touch()\n"
+        "time.sleep(600)\n"
+    )
+    line = launch.torchrun_argv(nproc_per_node=2, shutdown_timeout_s=5, script_args=[str(worker)])
+    proc = subprocess.Popen(line, cwd=REPO, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not all((tmp_path / f"ready.{rank}").exists() for rank in (0, 1)):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    stderr = proc.communicate(timeout=60)[1]
+    assert proc.returncode == 128 + signal.SIGTERM, stderr
+    assert "Traceback" not in stderr and "torchrun stopped its workers on SIGTERM" in stderr, stderr
