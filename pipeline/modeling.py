@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -100,8 +101,11 @@ def load_causal_lm(
     ``on`` is ignored; with ``distributed_config`` (tensor parallelism, see ``pipeline.teacher_parallel``)
     transformers loads each rank's shards onto its local rank's device; otherwise the model is moved to ``on``.
     """
+    import transformers
     from transformers import AutoModelForCausalLM
 
+    if not sys.stderr.isatty():  # its "Loading weights" bar is hundreds of carriage returns in a Slurm .out file
+        transformers.utils.logging.disable_progress_bar()
     on = on or device()
     kwargs: dict[str, Any] = {
         "revision": settings.revision,
