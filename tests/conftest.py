@@ -139,6 +139,19 @@ def write_config(tmp_path: Path, assets: dict[str, Path], overrides: dict | None
     return path
 
 
+SMALL_MANIFEST = {"manifest.max_tokens": 2000, "manifest.rows_per_shard": 6}  # ~2k tokens in shards of 6 x 32
+
+
+@pytest.fixture(scope="session")
+def small_manifest(tmp_path_factory, tiny_assets) -> Path:
+    """One tiny manifest (``SMALL_MANIFEST``), built once; tests copy it into their own run directory."""
+    from pipeline import manifest
+
+    root = tmp_path_factory.mktemp("small_manifest")
+    assert manifest.main(["--config", str(write_config(root, tiny_assets, SMALL_MANIFEST))]) == 0
+    return root / "runs" / "tiny" / "manifest"
+
+
 @pytest.fixture
 def tiny_config(tmp_path, tiny_assets):
     """A callable: ``tiny_config(**{"train.max_steps": 3})`` -> path of a config file under tmp_path."""

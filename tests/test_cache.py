@@ -24,28 +24,16 @@ from pipeline.config import ModelConfig
 from pipeline.config import load as load_config
 from pipeline.modeling import load_causal_lm, load_tokenizer, vocab_hash, vocab_size
 from pipeline.rundir import PipelineError
-from tests.conftest import REPO, redeclare, write_config
-
-SMALL = {"manifest.max_tokens": 2000, "manifest.rows_per_shard": 6}  # the manifest every test's config names
-
-
-@pytest.fixture(scope="module")
-def manifest_dir(tmp_path_factory, tiny_assets) -> Path:
-    """One tiny manifest (~2k tokens in shards of 6 x 32), copied into each test's run directory."""
-    from pipeline import manifest
-
-    root = tmp_path_factory.mktemp("manifest")
-    assert manifest.main(["--config", str(write_config(root, tiny_assets, SMALL))]) == 0
-    return root / "runs" / "tiny" / "manifest"
+from tests.conftest import REPO, SMALL_MANIFEST, redeclare, write_config
 
 
 @pytest.fixture
-def run_config(tmp_path, tiny_assets, manifest_dir):
+def run_config(tmp_path, tiny_assets, small_manifest):
     """``run_config(**overrides)`` -> config path whose run already holds the shared manifest."""
-    shutil.copytree(manifest_dir, tmp_path / "runs" / "tiny" / "manifest")
+    shutil.copytree(small_manifest, tmp_path / "runs" / "tiny" / "manifest")
 
     def make(**overrides) -> Path:
-        return write_config(tmp_path, tiny_assets, {**SMALL, "cache.log_every_s": 0.01, **overrides})
+        return write_config(tmp_path, tiny_assets, {**SMALL_MANIFEST, "cache.log_every_s": 0.01, **overrides})
 
     return make
 

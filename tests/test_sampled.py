@@ -27,7 +27,7 @@ from pipeline.config import ModelConfig
 from pipeline.config import load as load_config
 from pipeline.modeling import load_causal_lm
 from pipeline.rundir import PipelineError
-from tests.conftest import REPO, write_config
+from tests.conftest import REPO, SMALL_MANIFEST, write_config
 
 V, P = 16, 3  # vocabulary and positions of the probes
 
@@ -248,26 +248,14 @@ def test_bias_probe_sees_the_small_bias_of_self_normalised_importance_weights():
 
 
 # ------------------------------------------------------------------------------------------------------- cache
-SMALL = {"manifest.max_tokens": 2000, "manifest.rows_per_shard": 6}
-
-
-@pytest.fixture(scope="module")
-def manifest_dir(tmp_path_factory, tiny_assets) -> Path:
-    from pipeline import manifest
-
-    root = tmp_path_factory.mktemp("manifest")
-    assert manifest.main(["--config", str(write_config(root, tiny_assets, SMALL))]) == 0
-    return root / "runs" / "tiny" / "manifest"
-
-
 @pytest.fixture
-def run_config(tmp_path, tiny_assets, manifest_dir):
+def run_config(tmp_path, tiny_assets, small_manifest):
     """``run_config(run_name, **overrides)`` -> config path whose run already holds the shared manifest."""
 
     def make(run_name: str = "tiny", **overrides) -> Path:
-        shutil.copytree(manifest_dir, tmp_path / "runs" / run_name / "manifest", dirs_exist_ok=True)
+        shutil.copytree(small_manifest, tmp_path / "runs" / run_name / "manifest", dirs_exist_ok=True)
         sampled = {"cache.targets": "sampled", "cache.samples": 8, "cache.log_every_s": 0.01}
-        return write_config(tmp_path, tiny_assets, {**SMALL, **sampled, "run_name": run_name, **overrides})
+        return write_config(tmp_path, tiny_assets, {**SMALL_MANIFEST, **sampled, "run_name": run_name, **overrides})
 
     return make
 
