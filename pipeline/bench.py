@@ -249,14 +249,18 @@ def benchmark_extraction(
         for _ in range(repeats):
             bare.append(timed(forward))
             extract.append(timed(lambda: cache_stage.extract_batch(model, input_ids, attention_mask, extraction)))
-    ratios = sorted(e / b for e, b in zip(extract, bare, strict=True))
     return {
         "bare_forward_s": statistics.median(bare),
         "extraction_s": statistics.median(extract),
-        "overhead_ratio": statistics.median(ratios),
-        "overhead_ratio_min": ratios[0],
-        "overhead_ratio_max": ratios[-1],
+        **paired_ratio("overhead_ratio", extract, bare),
     }
+
+
+def paired_ratio(name: str, measured: list[float], reference: list[float]) -> dict[str, float]:
+    """``name``: the median of the per-repeat ratios measured/reference (each pair timed back to back, so a load
+    change on the shared machine hits both sides), and their spread as ``name_min`` / ``name_max``."""
+    ratios = sorted(m / r for m, r in zip(measured, reference, strict=True))
+    return {name: statistics.median(ratios), f"{name}_min": ratios[0], f"{name}_max": ratios[-1]}
 
 
 def _topk_peak_child(mode: str, positions: int, hidden: int, vocab: int, chunk: int, top_k: int) -> int:
@@ -385,13 +389,10 @@ def benchmark_reader(
         speed, elapsed = rowwise_pass()
         rowwise.append(speed)
         fast.append(fast_window(elapsed))
-    ratios = sorted(f / r for f, r in zip(fast, rowwise, strict=True))
     return {
         "rowwise_tokens_per_s": statistics.median(rowwise),
         "dataset_tokens_per_s": statistics.median(fast),
-        "speedup": statistics.median(ratios),
-        "speedup_min": ratios[0],
-        "speedup_max": ratios[-1],
+        **paired_ratio("speedup", fast, rowwise),
     }
 
 

@@ -14,8 +14,8 @@ keys as command-line overrides), so a row is exactly what the pipeline produces 
 metrics come from the evaluate stage's own ``intrinsic_metrics`` on ``final/`` (the offline lm-eval tasks are left
 out: they take longer than the rest and are at chance for every 64-step student). Perplexity changes are relative
 to the CE-only setting of the same batch geometry (micro-batch and steps), named in ``baseline``. ``ce``, ``kd``,
-``kd_sampled`` and ``online`` are the names and recipes of configs/demo_targets.yaml's students, so after the demo
-they are measured without training again.
+``kd_sampled``, ``kd_hybrid`` and ``online`` are the names and recipes of configs/demo_targets.yaml's students, so
+after the demo they are measured without training again.
 """
 
 from __future__ import annotations
@@ -36,12 +36,14 @@ from pipeline.config import load as load_config
 from pipeline.rundir import REPO, RunDir, atomic_write_json, atomic_write_text
 
 BEGIN, END = "<!-- sweep:begin -->", "<!-- sweep:end -->"
-KD = {"ce_weight": 0.5, "response": {"weight": 0.5}}  # the demo's recipe
 
 
 def kd(ce: float = 0.5, response: float = 0.5, **options: Any) -> dict[str, Any]:
     """A response-KD variant: ``ce`` x CE + ``response`` x KD with ``options`` for ``response``."""
     return {"ce_weight": ce, "response": {"weight": response, **options}}
+
+
+DEMO_KD = kd(targets="topk+sampled")  # configs/demo.yaml's `kd`: the best recipe this sweep found
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,46 +61,43 @@ class Setting:
 BIG = {"micro_batch_size": 32, "max_steps": 16, "warmup_steps": 3}  # same tokens as 8 x 64, relations over 32
 GRID: tuple[Setting, ...] = (
     Setting("ce", "CE only", {}),
-    Setting("kd", "0.5 CE + 0.5 KL, top-32 + tail (demo)", KD),
+    Setting("kd", "0.5 CE + 0.5 KL, top-32 + tail", kd()),
     Setting("kd_w08", "0.2 CE + 0.8 KL, top-32 + tail", kd(0.2, 0.8)),
     Setting("kd_w10", "KL only, top-32 + tail", kd(0.0, 1.0)),
     Setting("kd_k8", "0.5 CE + 0.5 KL, top-8 + tail", kd(top_k=8)),
     Setting("kd_t2", "0.5 CE + 0.5 KL, top-32 renormalised, tau 2", kd(tail="renormalize", temperature=2.0)),
-    Setting("kd_lr3", "0.5 CE + 0.5 KL, top-32 + tail, lr 3e-3", KD, {"lr": 3.0e-3}),
+    Setting("kd_lr3", "0.5 CE + 0.5 KL, top-32 + tail, lr 3e-3", kd(), {"lr": 3.0e-3}),
     Setting("kd_sampled", "0.5 CE + 0.5 sampled (32 draws)", kd(targets="sampled")),
     Setting("sampled_w08", "0.2 CE + 0.8 sampled", kd(0.2, 0.8, targets="sampled")),
     Setting("sampled_w10", "sampled only", kd(0.0, 1.0, targets="sampled")),
-    Setting("hybrid", "0.5 CE + 0.5 top-32 + sampled tail", kd(targets="topk+sampled")),
-    Setting("hybrid_w08", "0.2 CE + 0.8 top-32 + sampled tail", kd(0.2, 0.8, targets="topk+sampled")),
+    Setting("kd_hybrid", "0.5 CE + 0.5 KL, top-32 + sampled tail (demo)", DEMO_KD),
+    Setting("hybrid_w08", "0.2 CE + 0.8 KL, top-32 + sampled tail", kd(0.2, 0.8, targets="topk+sampled")),
+    Setting("hybrid_lr3", "0.5 CE + 0.5 KL, top-32 + sampled tail, lr 3e-3", DEMO_KD, {"lr": 3.0e-3}),
     Setting("online", "0.5 CE + 0.5 full-vocabulary KL (online)", kd(targets="online")),
     Setting("online_w08", "0.2 CE + 0.8 full-vocabulary KL (online)", kd(0.2, 0.8, targets="online")),
-    Setting("relation", "demo KD + 0.01 RKD, 8 sequences", {**KD, "relation": {"weight": 0.01}}),
+    Setting("relation", "demo KD + 0.01 RKD, 8 sequences", {**DEMO_KD, "relation": {"weight": 0.01}}),
     Setting("ce_b32", "CE only, 32 x 16 steps", {}, BIG, baseline="ce_b32"),
-    Setting("kd_b32", "demo KD, 32 x 16 steps", KD, BIG, baseline="ce_b32"),
+    Setting("kd_b32", "demo KD, 32 x 16 steps", DEMO_KD, BIG, baseline="ce_b32"),
     Setting(
         "relation_b32",
         "demo KD + 0.01 RKD over 32 sequences",
-        {**KD, "relation": {"weight": 0.01}},
+        {**DEMO_KD, "relation": {"weight": 0.01}},
         BIG,
         baseline="ce_b32",
     ),  # fmt: skip
     Setting(
         "relation_b32_w1",
         "demo KD + 0.1 RKD over 32 sequences",
-        {**KD, "relation": {"weight": 0.1}},
+        {**DEMO_KD, "relation": {"weight": 0.1}},
         BIG,
         baseline="ce_b32",
     ),  # fmt: skip
 )
 
 
-def variant_name(setting: Setting) -> str:
-    return setting.name
-
-
 def overrides(setting: Setting, base: list[str]) -> list[str]:
     """The command-line overrides that make ``setting`` the config's only variant (and its own baseline)."""
-    name = variant_name(setting)
+    name = setting.name
     flow = yaml.safe_dump({name: setting.variant}, default_flow_style=True, width=10_000).strip()
     extra = [f"train.{k}={json.dumps(v)}" for k, v in setting.train.items()]
     return [*base, f"train.variants={flow}", f"train.baseline_variant={name}", *extra]
@@ -130,7 +129,7 @@ def heldout_metrics(cfg: Any, rd: RunDir, name: str) -> dict[str, float]:
 def measure(setting: Setting, config: Path, base: list[str]) -> dict[str, Any]:
     """Train one setting through the train stage (skipped when complete) and measure it; returns its row."""
     args = overrides(setting, base)
-    name = variant_name(setting)
+    name = setting.name
     run_stage("train", config, [*args, "--variant", name], setting.nproc)
     cfg = load_config(config, args)
     rd = RunDir.from_config(cfg)

@@ -18,7 +18,7 @@ from tests.conftest import write_config
 def test_every_grid_setting_is_a_valid_single_variant_config(setting, tiny_assets, tmp_path):
     config = write_config(tmp_path, tiny_assets, {"cache.targets": "sampled", "cache.embed_layer": 3})
     cfg = load(config, sweep.overrides(setting, []))
-    name = sweep.variant_name(setting)
+    name = setting.name
     assert list(cfg.train.variants) == [name] and cfg.train.baseline_variant == name
     assert any(s.name == setting.baseline for s in sweep.GRID)
     for key, value in setting.train.items():
