@@ -158,16 +158,16 @@ def _finish(stop: Interrupted, log: JsonLogger) -> int:
     return 128 + stop.signum
 
 
-def _slurm_query(cmd: list[str]) -> str:
-    """The query's output ("" on failure). It starts with SIGTERM ignored (an ignored disposition survives exec):
-    more SIGTERMs follow the one that stopped the stage (srun terminating the step after a cancel, torchrun's agent
-    stopping its workers with killpg) and reach every process of the step, the query in flight included, which
-    then answered nothing and a cancel read "stop requested"."""
+def _slurm_query(cmd: list[str]) -> str | None:
+    """The query's output ("" on failure, None without the command). It starts with SIGTERM ignored (an ignored
+    disposition survives exec): more SIGTERMs follow the one that stopped the stage (srun terminating the step after
+    a cancel, torchrun's agent stopping its workers with killpg) and reach every process of the step, the query in
+    flight included, which then answered nothing and a cancel read "stop requested"."""
     previous = signal.signal(STOP, signal.SIG_IGN)  # only while the child is forked; finish() records, not raises
     try:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     except OSError:
-        return ""
+        return None
     finally:
         signal.signal(STOP, previous)
     try:
@@ -187,7 +187,10 @@ def stop_cause() -> str | None:
     job = os.environ.get("SLURM_JOB_ID")
     if not job:
         return None
-    fields = dict(f.split("=", 1) for f in _slurm_query(["scontrol", "-o", "show", "job", job]).split() if "=" in f)
+    shown = _slurm_query(["scontrol", "-o", "show", "job", job])
+    if shown is None:  # no Slurm commands here (inside a container)
+        return None
+    fields = dict(f.split("=", 1) for f in shown.split() if "=" in f)
     if fields.get("Restarts", "0").isdigit() and int(fields.get("Restarts", "0")) > int(
         os.environ.get("SLURM_RESTART_COUNT", "0") or 0
     ):
@@ -195,7 +198,7 @@ def stop_cause() -> str | None:
     causes = {"CANCELLED": "cancelled", "TIMEOUT": "timeout", "PREEMPTED": "preempted"}
     deadline = time.monotonic() + SACCT_SETTLE_S
     while True:
-        state = (_slurm_query(["sacct", "-n", "-X", "-P", "-j", job, "-o", "State"]).split() or [""])[0]
+        state = ((_slurm_query(["sacct", "-n", "-X", "-P", "-j", job, "-o", "State"]) or "").split() or [""])[0]
         if state in causes or time.monotonic() >= deadline:
             return causes.get(state)
         time.sleep(0.5)  # accounting has not caught up yet (RUNNING) or did not answer

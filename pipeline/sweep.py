@@ -76,6 +76,7 @@ GRID: tuple[Setting, ...] = (
     Setting("online", "0.5 CE + 0.5 full-vocabulary KL (online)", kd(targets="online")),
     Setting("online_w08", "0.2 CE + 0.8 full-vocabulary KL (online)", kd(0.2, 0.8, targets="online")),
     Setting("relation", "demo KD + 0.01 RKD, 8 sequences", {**DEMO_KD, "relation": {"weight": 0.01}}),
+    Setting("relation_w001", "demo KD + 0.001 RKD, 8 sequences", {**DEMO_KD, "relation": {"weight": 0.001}}),
     Setting("ce_b32", "CE only, 32 x 16 steps", {}, BIG, baseline="ce_b32"),
     Setting("kd_b32", "demo KD, 32 x 16 steps", DEMO_KD, BIG, baseline="ce_b32"),
     Setting(

@@ -184,6 +184,9 @@ def test_rank_0_waits_for_accounting_to_record_the_cancel(tmp_path, monkeypatch)
     answers.write_text("RUNNING\n" * 100)  # a SIGTERM sent by hand: the job goes on running
     monkeypatch.setattr(preemption, "SACCT_SETTLE_S", 1.0)
     assert preemption.stop_cause() is None
+    monkeypatch.setenv("PATH", str(tmp_path / "nothing"))  # inside a container: no Slurm commands, no waiting
+    started = time.monotonic()
+    assert preemption.stop_cause() is None and time.monotonic() - started < 0.5
 
 
 def test_more_sigterms_to_the_step_spare_rank_0s_question_to_slurm(tmp_path):
