@@ -263,6 +263,13 @@ def paired_ratio(name: str, measured: list[float], reference: list[float]) -> di
     return {name: statistics.median(ratios), f"{name}_min": ratios[0], f"{name}_max": ratios[-1]}
 
 
+# For the resident-set peaks measured in child processes: glibc raises its mmap threshold after each large free, so
+# later tensors come from the heap and stay resident after they are freed; the same step then measured 344-626 MiB
+# from run to run. A fixed 64 KiB threshold maps every tensor and unmaps it on free: the RSS follows live memory
+# and the figure repeats to the MiB.
+RSS_EXACT_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+
+
 def _topk_peak_child(mode: str, positions: int, hidden: int, vocab: int, chunk: int, top_k: int) -> int:
     """In a fresh process: bytes the resident-set peak rises by while computing top-k (``mode``: chunked/full)."""
     torch.manual_seed(0)
@@ -294,7 +301,7 @@ def topk_peak_memory(
             "from pipeline.bench import _topk_peak_child; "
             f"print(_topk_peak_child({mode!r}, {positions}, {hidden}, {vocab}, {chunk}, {top_k}))"
         )
-        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        env = {**os.environ, "PYTHONPATH": str(REPO), **RSS_EXACT_MALLOC}
         done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
         return int(done.stdout.split()[-1])
 
@@ -820,7 +827,7 @@ def student_step_peaks(sizes: Sizes, chunk: int, on: torch.device) -> dict[str, 
         "import json; from pipeline.bench import student_step_peak_child; "
         f"print(json.dumps(student_step_peak_child({json.dumps(dataclasses.asdict(sizes))!r}, {chunk})))"
     )
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": str(REPO), **RSS_EXACT_MALLOC}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
     return json.loads(done.stdout.splitlines()[-1])
 
