@@ -546,7 +546,7 @@ def test_cache_job_launches_torchrun_and_array_tasks_split_shards(cluster, tiny_
     assert status["jobs"][0]["counts"] == {"COMPLETED": 2}
     assert "--nproc-per-node=2" in Path(cache_job["script"]).read_text()
     for out in slurm.job_outputs(cache_job):  # each task's stage re-executed itself as torchrun with 2 processes
-        assert "torch.distributed.run --nproc-per-node=2 --standalone" in out.read_text()
+        assert "pipeline.launch --nproc-per-node=2 --standalone" in out.read_text()
     by_task: dict[str, set[str]] = {}
     ranks = set()
     for rec in _events(record, cache_job):

@@ -301,7 +301,7 @@ def test_two_process_ddp_sees_each_sample_once_with_the_single_process_lr(tmp_pa
         if proc.poll() is None:  # a hung collective: take the launcher and both ranks down
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 0, output[-4000:]
-    assert "torch.distributed.run --nproc-per-node=2 --standalone" in output  # pipeline.launch's line
+    assert "pipeline.launch --nproc-per-node=2 --standalone" in output  # pipeline.launch's line
     for variant in ("ce", "relation"):
         seen = []
         for rank in (0, 1):
