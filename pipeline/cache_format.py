@@ -372,20 +372,22 @@ def normalise_layer(layer: int, meta: dict[str, Any]) -> int:
 def validate_for_student(
     meta: dict[str, Any],
     *,
-    vocab_hash: str | None,
+    vocab_hash: str,
     vocab_size: int,
     need_hidden_layers: Sequence[int] = (),
     need_embed: bool = False,
     need_sampled: Sequence[str] = (),
+    reader: str = "student's",
 ) -> None:
     """Refuse a cache that cannot feed this student: other tokenizer vocabulary, missing layers, embeddings or
-    sampled targets (``need_sampled``: the draw supports that would do, e.g. ``("full",)``). ``vocab_hash=None``: a
-    student with another tokenizer, which reads the cache through ``pipeline.xtok``."""
+    sampled targets (``need_sampled``: the draw supports that would do, e.g. ``("full",)``). ``vocab_hash`` and
+    ``vocab_size`` are those of the tokenizer whose ids the student reads (``reader`` names it in the error): its
+    own, or the teacher's for a student with another tokenizer, which maps them (``pipeline.xtok``)."""
     where = meta.get("path", "<cache shard>")
-    if vocab_hash is not None and (meta["vocab_hash"] != vocab_hash or int(meta["vocab_size"]) != int(vocab_size)):
+    if meta["vocab_hash"] != vocab_hash or int(meta["vocab_size"]) != int(vocab_size):
         raise PipelineError(
             f"{where}: teacher vocabulary (hash {meta['vocab_hash']}, size {meta['vocab_size']}) differs from the "
-            f"student's (hash {vocab_hash}, size {vocab_size}); token ids are not interchangeable"
+            f"{reader} (hash {vocab_hash}, size {vocab_size}); token ids are not interchangeable"
         )
     stored = [int(i) for i in meta["hidden_layers"]]
     for layer in need_hidden_layers:

@@ -210,33 +210,33 @@ def _square(table: pa.Table, name: str, dtype: type, seq_len: int) -> np.ndarray
     return col.flatten().to_numpy(zero_copy_only=False).astype(dtype, copy=False).reshape(table.num_rows, seq_len)
 
 
+def _doc_starts(table: pa.Table) -> list[np.ndarray]:
+    starts = table.column("doc_starts").combine_chunks()
+    offsets = starts.offsets.to_numpy()
+    values = starts.flatten().to_numpy(zero_copy_only=False).astype(np.int32, copy=False)
+    return np.split(values, offsets[1:-1] - offsets[0]) if table.num_rows else []
+
+
 def read_packed_shard(path: Path) -> dict[str, Any]:
     """A shard's tokens as numpy arrays: {sample_id [N] int64, input_ids [N,T] int32, attention_mask [N,T] int8,
     doc_starts: list of N int32 arrays, meta: dict}. Vectorised (no per-row Python conversion); the text columns
     are left unread (:func:`read_packed_text`)."""
     table, meta = _read_table(path, TOKEN_COLUMNS)
     seq_len = int(meta["seq_len"])
-    rows = table.num_rows
-
-    def square(name: str, dtype: type) -> np.ndarray:
-        return _square(table, name, dtype, seq_len)
-
-    starts = table.column("doc_starts").combine_chunks()
-    offsets = starts.offsets.to_numpy()
-    values = starts.flatten().to_numpy(zero_copy_only=False).astype(np.int32, copy=False)
     return {
         "sample_id": table.column("sample_id").to_numpy().astype(np.int64, copy=False),
-        "input_ids": square("input_ids", np.int32),
-        "attention_mask": square("attention_mask", np.int8),
-        "doc_starts": np.split(values, offsets[1:-1] - offsets[0]) if rows else [],
+        "input_ids": _square(table, "input_ids", np.int32, seq_len),
+        "attention_mask": _square(table, "attention_mask", np.int8, seq_len),
+        "doc_starts": _doc_starts(table),
         "meta": meta,
     }
 
 
 def read_packed_text(path: Path) -> dict[str, Any]:
-    """A shard's text columns: {sample_id [N] int64, text: list of N byte strings, token_ends [N,T] int32, meta};
-    a PipelineError naming the file when the ends do not fit the text (a damaged shard)."""
-    table, meta = _read_table(path, ("sample_id", *TEXT_COLUMNS))
+    """A shard's text columns: {sample_id [N] int64, text: list of N byte strings, token_ends [N,T] int32,
+    doc_starts: list of N int32 arrays, meta} (what re-tokenizing a row needs, without its token ids); a
+    PipelineError naming the file when the ends do not fit the text (a damaged shard)."""
+    table, meta = _read_table(path, ("sample_id", "doc_starts", *TEXT_COLUMNS))
     texts = table.column("text").to_pylist()
     ends = _square(table, "token_ends", np.int32, int(meta["seq_len"]))
     problem = token_ends_problem(texts, ends)
@@ -246,6 +246,7 @@ def read_packed_text(path: Path) -> dict[str, Any]:
         "sample_id": table.column("sample_id").to_numpy().astype(np.int64, copy=False),
         "text": texts,
         "token_ends": ends,
+        "doc_starts": _doc_starts(table),
         "meta": meta,
     }
 

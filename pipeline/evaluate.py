@@ -54,7 +54,7 @@ from pipeline.config import Config, ConfigError, EvalTaskConfig, ModelConfig, mo
 from pipeline.data_format import read_manifest, read_packed_shard, shard_paths
 from pipeline.jsonlog import JsonLogger
 from pipeline.metrics import INTRINSIC_METRICS, IntrinsicAccumulator
-from pipeline.modeling import device, load_causal_lm, load_tokenizer, vocab_hash, vocab_size, weights_fingerprint
+from pipeline.modeling import device, load_causal_lm, load_tokenizer, vocab_hash, weights_fingerprint
 from pipeline.rundir import (
     REPO,
     PipelineError,
@@ -306,12 +306,10 @@ def intrinsic_metrics(
     data: Any = CacheDataset(files, batch_size=cfg.evaluate.batch_size, shuffle=False, columns=columns)
     texts, cross = xtok.RowTexts(rd.stage_dir("manifest"), files), None
     teacher_tokenizer = load_tokenizer(cfg.teacher)
-    if vocab_hash(tokenizer) == vocab_hash(teacher_tokenizer):
-        validate_for_student(meta, vocab_hash=vocab_hash(tokenizer), vocab_size=vocab_size(tokenizer))
-    else:  # another tokenizer: the cache holds the teacher's ids, which the student's rows are mapped from
-        validate_for_student(meta, vocab_hash=vocab_hash(teacher_tokenizer), vocab_size=vocab_size(teacher_tokenizer))
-        context = int(getattr(model.config, "max_position_embeddings", 0) or 1 << 20)
-        cross = xtok.setup(teacher_tokenizer, tokenizer, rd.stage_dir("manifest"), context)
+    cached = xtok.cache_ids(tokenizer, teacher_tokenizer)
+    validate_for_student(meta, vocab_hash=cached.vocab_hash, vocab_size=cached.vocab_size, reader=cached.reader)
+    if cached.other:
+        cross = xtok.setup_for_model(teacher_tokenizer, tokenizer, rd.stage_dir("manifest"), model.config)
         data = cross.wrap(data)
     acc = IntrinsicAccumulator(cfg.evaluate.ece_bins, temperature=float(meta.get("temperature", 1.0)))
     stats = torch.zeros(len(xtok.STAT_KEYS), dtype=torch.float64)

@@ -69,8 +69,6 @@ from pipeline.modeling import (
     load_causal_lm,
     load_model_config,
     load_tokenizer,
-    vocab_hash,
-    vocab_size,
     weights_fingerprint,
 )
 from pipeline.rundir import (
@@ -528,19 +526,16 @@ def _setup_tokenizer(cfg: Config, meta: dict[str, Any], recipe: LossRecipe, stud
     tokenizer, the teacher's when the two differ, else None)."""
     tokenizer = load_tokenizer(cfg.student, "student")
     teacher_tokenizer = load_tokenizer(cfg.teacher, "teacher")
-    other = vocab_hash(tokenizer) != vocab_hash(teacher_tokenizer)
-    if other and vocab_hash(teacher_tokenizer) != meta["vocab_hash"]:
-        raise PipelineError(
-            f"{meta['path']}: cached in another vocabulary (hash {meta['vocab_hash']}, size {meta['vocab_size']}) "
-            f"than the teacher's tokenizer ({vocab_hash(teacher_tokenizer)}); rerun make cache"
-        )
+    cached = xtok.cache_ids(tokenizer, teacher_tokenizer)
+    other = cached.other
     cache_format.validate_for_student(
         meta,
-        vocab_hash=None if other else vocab_hash(tokenizer),  # another tokenizer: ids are mapped (pipeline.xtok)
-        vocab_size=vocab_size(tokenizer),
+        vocab_hash=cached.vocab_hash,
+        vocab_size=cached.vocab_size,
         need_hidden_layers=[t for _, t in recipe.feature_pairs],
         need_embed=recipe.loss.relation.weight > 0,
         need_sampled=recipe.needs_sampled,
+        reader=cached.reader,
     )
     rows = student.get_output_embeddings().weight.shape[0]
     ids = len(tokenizer) if other else int(meta["vocab_size"])
@@ -560,8 +555,7 @@ def _setup_cross_tokenizer(
     (``pipeline.xtok``), each at most as long as the student's context."""
     if teacher_tokenizer is None:
         return None
-    context = int(getattr(student_config, "max_position_embeddings", 0) or 1 << 20)
-    return xtok.setup(teacher_tokenizer, tokenizer, rd.stage_dir("manifest"), context)
+    return xtok.setup_for_model(teacher_tokenizer, tokenizer, rd.stage_dir("manifest"), student_config)
 
 
 def _setup_projectors(recipe: LossRecipe, student: nn.Module, meta: dict[str, Any]) -> losses.FeatureProjectors | None:

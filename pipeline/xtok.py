@@ -44,13 +44,14 @@ import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import IterableDataset
 
+from pipeline.modeling import vocab_hash, vocab_size
 from pipeline.rundir import PipelineError
 
 BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece byte fallback
@@ -318,8 +319,7 @@ class RowTexts:
         if index not in self._loaded:
             if len(self._loaded) >= self.keep:
                 self._loaded.pop(next(iter(self._loaded)))
-            starts = data_format.read_packed_shard(self.files[index])["doc_starts"]
-            self._loaded[index] = {**data_format.read_packed_text(self.files[index]), "doc_starts": starts}
+            self._loaded[index] = data_format.read_packed_text(self.files[index])
         return self._loaded[index]
 
     def rows(self, sample_ids: Sequence[int]) -> list[tuple[bytes, np.ndarray, np.ndarray]]:
@@ -536,11 +536,38 @@ class CrossTokenizer:
         }
 
 
+class CacheIds(NamedTuple):
+    """The vocabulary whose ids a student reads in the cache: its own, or (``other``) the teacher's, which this
+    module maps to the student's; ``reader`` names it in an error."""
+
+    other: bool
+    vocab_hash: str
+    vocab_size: int
+    reader: str
+
+
+def cache_ids(student_tokenizer: Any, teacher_tokenizer: Any) -> CacheIds:
+    """Whether the student has another tokenizer than the teacher, and the vocabulary the cache must be in for it."""
+    student_hash, teacher_hash = vocab_hash(student_tokenizer), vocab_hash(teacher_tokenizer)
+    if student_hash == teacher_hash:
+        return CacheIds(False, student_hash, vocab_size(student_tokenizer), "student's")
+    return CacheIds(True, teacher_hash, vocab_size(teacher_tokenizer), "teacher's tokenizer")
+
+
 def setup(teacher_tokenizer: Any, student_tokenizer: Any, manifest_dir: Path, max_len: int) -> CrossTokenizer:
     """The student rows' builder and the teacher-to-student id map for two tokenizers."""
     teacher, student = vocabulary(teacher_tokenizer), vocabulary(student_tokenizer)
     rows = StudentRows(student_tokenizer, student, teacher.eos_id, max_len)
     return CrossTokenizer(Path(manifest_dir), rows, vocab_map(teacher, student))
+
+
+def setup_for_model(
+    teacher_tokenizer: Any, student_tokenizer: Any, manifest_dir: Path, model_config: Any
+) -> CrossTokenizer:
+    """:func:`setup` with student rows at most as long as the student model's context (``max_position_embeddings``;
+    unbounded when its config has none)."""
+    context = int(getattr(model_config, "max_position_embeddings", 0) or 1 << 20)
+    return setup(teacher_tokenizer, student_tokenizer, manifest_dir, context)
 
 
 def stats_summary(totals: Sequence[float]) -> dict[str, float]:
