@@ -47,6 +47,11 @@ DEMO_KD = kd(targets="sampled")  # configs/demo.yaml's `kd`: the best recipe at 
 HYBRID = kd(targets="topk+sampled")  # the exact top-32 head, the draws outside it for the tail
 
 
+def rkd(weight: float) -> dict[str, Any]:
+    """The demo's KD plus relation KD (RKD distance + angle on pooled embeddings) at ``weight``."""
+    return {**DEMO_KD, "relation": {"weight": weight}}
+
+
 @dataclasses.dataclass(frozen=True)
 class Setting:
     """One row of the sweep: a variant recipe plus the train keys it changes, and its CE baseline."""
@@ -79,31 +84,13 @@ GRID: tuple[Setting, ...] = (
     Setting("hybrid_lr3", "0.5 CE + 0.5 KL, top-32 + sampled tail, lr 3e-3", HYBRID, LR3, baseline="ce_lr3"),
     Setting("online", "0.5 CE + 0.5 full-vocabulary KL (online)", kd(targets="online")),
     Setting("online_w08", "0.2 CE + 0.8 full-vocabulary KL (online)", kd(0.2, 0.8, targets="online")),
-    Setting("relation", "demo KD + 0.01 RKD, 8 sequences", {**DEMO_KD, "relation": {"weight": 0.01}}),
-    Setting("relation_w001", "demo KD + 0.001 RKD, 8 sequences", {**DEMO_KD, "relation": {"weight": 0.001}}),
+    Setting("relation", "demo KD + 0.01 RKD, 8 sequences", rkd(0.01)),
+    Setting("relation_w001", "demo KD + 0.001 RKD, 8 sequences", rkd(0.001)),
     Setting("ce_b32", "CE only, 32 x 16 steps", {}, BIG, baseline="ce_b32"),
     Setting("kd_b32", "demo KD, 32 x 16 steps", DEMO_KD, BIG, baseline="ce_b32"),
-    Setting(
-        "relation_b32",
-        "demo KD + 0.01 RKD over 32 sequences",
-        {**DEMO_KD, "relation": {"weight": 0.01}},
-        BIG,
-        baseline="ce_b32",
-    ),  # fmt: skip
-    Setting(
-        "relation_b32_w001",
-        "demo KD + 0.001 RKD over 32 sequences",
-        {**DEMO_KD, "relation": {"weight": 0.001}},
-        BIG,
-        baseline="ce_b32",
-    ),  # fmt: skip
-    Setting(
-        "relation_b32_w1",
-        "demo KD + 0.1 RKD over 32 sequences",
-        {**DEMO_KD, "relation": {"weight": 0.1}},
-        BIG,
-        baseline="ce_b32",
-    ),  # fmt: skip
+    Setting("relation_b32", "demo KD + 0.01 RKD over 32 sequences", rkd(0.01), BIG, baseline="ce_b32"),
+    Setting("relation_b32_w001", "demo KD + 0.001 RKD over 32 sequences", rkd(0.001), BIG, baseline="ce_b32"),
+    Setting("relation_b32_w1", "demo KD + 0.1 RKD over 32 sequences", rkd(0.1), BIG, baseline="ce_b32"),
 )
 
 
